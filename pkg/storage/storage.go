@@ -1,0 +1,77 @@
+// Package storage defines Store, where Aetherium Core keeps its state. The
+// PostgreSQL implementation is in storage/postgres and every implementation
+// passes the shared suite in storage/storagetest.
+package storage
+
+import (
+	"context"
+	"encoding/json"
+
+	"github.com/aetherium/aetherium-core/pkg/types"
+)
+
+// VMFilter narrows ListVMs. The zero value lists every VM that is not deleted.
+type VMFilter struct {
+	Owner          string          // only VMs owned by this worker
+	States         []types.VMState // only these states
+	IncludeDeleted bool
+}
+
+// TaskUpdate changes a task. Nil fields are left as they are.
+type TaskUpdate struct {
+	State    *types.TaskState
+	Attempts *int
+	Error    *string
+	Result   json.RawMessage
+}
+
+// Store persists VMs, tasks, executions, jobs and workers.
+//
+// Missing rows return an error wrapping types.ErrNotFound; unique clashes
+// return types.ErrConflict; an unreachable database returns
+// types.ErrUnavailable. Cancelling ctx aborts the statement.
+type Store interface {
+	// CreateVM inserts a VM. Its name must be unique among VMs that are not
+	// deleted (types.ErrConflict otherwise).
+	CreateVM(ctx context.Context, vm *types.VM) error
+	GetVM(ctx context.Context, id string) (*types.VM, error)
+	ListVMs(ctx context.Context, f VMFilter) ([]*types.VM, error)
+	// UpdateVMState moves a VM to state `to`, checking the transition with
+	// types.CheckTransition atomically against the stored state. errMsg
+	// replaces the VM's error text. Moving to the current state is a no-op
+	// (besides errMsg), so retries are harmless. Returns the updated VM.
+	UpdateVMState(ctx context.Context, id string, to types.VMState, errMsg string) (*types.VM, error)
+	// ClaimVM sets the VM's owner if it has none. Claiming a VM one already
+	// owns is a no-op; a VM owned by another worker returns types.ErrConflict.
+	ClaimVM(ctx context.Context, id, owner string) error
+
+	// CreateTask inserts a task; an existing id returns types.ErrConflict.
+	CreateTask(ctx context.Context, t *types.Task) error
+	GetTask(ctx context.Context, id string) (*types.Task, error)
+	UpdateTask(ctx context.Context, id string, u TaskUpdate) (*types.Task, error)
+	// ListTasks returns a VM's tasks, newest first.
+	ListTasks(ctx context.Context, vmID string) ([]*types.Task, error)
+
+	// PutExecution inserts or replaces an execution by id (idempotent).
+	PutExecution(ctx context.Context, e *types.Execution) error
+	GetExecution(ctx context.Context, id string) (*types.Execution, error)
+	// ListExecutions returns a VM's executions in the order they started.
+	ListExecutions(ctx context.Context, vmID string) ([]*types.Execution, error)
+
+	// CreateJob inserts a job (types.ErrConflict if the id exists).
+	CreateJob(ctx context.Context, j *types.Job) error
+	// GetJob returns the job with its executions in command order.
+	GetJob(ctx context.Context, id string) (*types.Job, error)
+	UpdateJobState(ctx context.Context, id string, state types.JobState, errMsg string) error
+
+	// UpsertWorker records a worker's heartbeat.
+	UpsertWorker(ctx context.Context, w *types.Worker) error
+	ListWorkers(ctx context.Context) ([]*types.Worker, error)
+
+	// Ping checks the connection.
+	Ping(ctx context.Context) error
+	// SchemaVersion returns the applied migration version and whether a
+	// migration was left half-applied.
+	SchemaVersion(ctx context.Context) (version uint, dirty bool, err error)
+	Close()
+}

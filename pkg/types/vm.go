@@ -1,0 +1,160 @@
+package types
+
+import (
+	"fmt"
+	"regexp"
+	"time"
+)
+
+// VMState is the life-cycle state of a VM.
+type VMState string
+
+// VM states. The allowed transitions between them are in vmTransitions.
+const (
+	VMPending  VMState = "pending"  // recorded, waiting for a worker
+	VMCreating VMState = "creating" // a worker is creating and booting it
+	VMRunning  VMState = "running"  // the guest agent answers
+	VMStopping VMState = "stopping"
+	VMStopped  VMState = "stopped"
+	VMDeleting VMState = "deleting"
+	VMDeleted  VMState = "deleted" // terminal: every resource is gone
+	VMFailed   VMState = "failed"  // something broke; only delete is allowed
+)
+
+// AllVMStates lists every state, in life-cycle order.
+var AllVMStates = []VMState{VMPending, VMCreating, VMRunning, VMStopping, VMStopped, VMDeleting, VMDeleted, VMFailed}
+
+// vmTransitions is the one place the VM state machine is written down.
+var vmTransitions = map[VMState][]VMState{
+	VMPending:  {VMCreating, VMDeleting, VMFailed},
+	VMCreating: {VMRunning, VMDeleting, VMFailed},
+	VMRunning:  {VMStopping, VMDeleting, VMFailed},
+	VMStopping: {VMStopped, VMDeleting, VMFailed},
+	VMStopped:  {VMCreating, VMRunning, VMDeleting, VMFailed},
+	VMDeleting: {VMDeleted, VMFailed},
+	VMFailed:   {VMDeleting},
+	VMDeleted:  {},
+}
+
+// Valid reports whether s is a known state.
+func (s VMState) Valid() bool {
+	_, ok := vmTransitions[s]
+	return ok
+}
+
+// Terminal reports whether no transition leaves s.
+func (s VMState) Terminal() bool { return s == VMDeleted }
+
+// CheckTransition returns nil when a VM may go from `from` to `to`. Staying
+// in the same state is allowed so that retried steps are idempotent.
+func CheckTransition(from, to VMState) error {
+	if !from.Valid() || !to.Valid() {
+		return fmt.Errorf("%w: unknown vm state %q -> %q", ErrInvalid, from, to)
+	}
+	if from == to {
+		return nil
+	}
+	for _, s := range vmTransitions[from] {
+		if s == to {
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: vm cannot go from %s to %s", ErrConflict, from, to)
+}
+
+// VM is a machine as recorded in storage.
+type VM struct {
+	ID       string            `json:"id"`
+	Name     string            `json:"name"`
+	VCPUs    int               `json:"vcpus"`
+	MemoryMB int               `json:"memory_mb"`
+	State    VMState           `json:"state"`
+	Provider string            `json:"provider"`
+	Owner    string            `json:"owner,omitempty"` // id of the worker that created it
+	Labels   map[string]string `json:"labels,omitempty"`
+	Env      map[string]string `json:"env,omitempty"` // default environment of every command
+	Error    string            `json:"error,omitempty"`
+
+	CreatedAt time.Time `json:"created_at"`
+	UpdatedAt time.Time `json:"updated_at"`
+}
+
+// VMSpec is what a backend needs to create a VM.
+type VMSpec struct {
+	ID       string
+	Name     string
+	VCPUs    int
+	MemoryMB int
+	Labels   map[string]string
+	Env      map[string]string
+}
+
+// Spec returns the backend spec of a stored VM.
+func (v *VM) Spec() VMSpec {
+	return VMSpec{ID: v.ID, Name: v.Name, VCPUs: v.VCPUs, MemoryMB: v.MemoryMB, Labels: v.Labels, Env: v.Env}
+}
+
+// Limits of a VM spec that hold for every backend. A backend may narrow them
+// further through its capabilities (e.g. the host's CPU count).
+const (
+	MinMemoryMB   = 64
+	MaxNameLength = 63
+	maxLabels     = 64
+)
+
+var (
+	nameRE     = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]*[a-z0-9])?$`)
+	labelKeyRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$`)
+	envKeyRE   = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+)
+
+// ValidateName checks a VM name: 1 to 63 characters of [a-z0-9-], not
+// starting or ending with '-' (a DNS label, so it can become a hostname).
+func ValidateName(name string) error {
+	switch {
+	case name == "":
+		return fmt.Errorf("%w: vm name is empty; pass a name such as --name web-1", ErrInvalid)
+	case len(name) > MaxNameLength:
+		return fmt.Errorf("%w: vm name is %d characters long; use at most %d", ErrInvalid, len(name), MaxNameLength)
+	case !nameRE.MatchString(name):
+		return fmt.Errorf("%w: vm name %q may only hold lowercase letters, digits and '-', and must start and end with a letter or digit", ErrInvalid, name)
+	}
+	return nil
+}
+
+// ValidateEnv checks environment variable names.
+func ValidateEnv(env map[string]string) error {
+	for k := range env {
+		if !envKeyRE.MatchString(k) {
+			return fmt.Errorf("%w: environment variable name %q must match [A-Za-z_][A-Za-z0-9_]*", ErrInvalid, k)
+		}
+	}
+	return nil
+}
+
+// Validate checks a spec against the limits every backend shares. maxVCPUs
+// is the most vCPUs this deployment allows (usually the host's CPU count);
+// zero means no upper bound is checked here.
+func (s VMSpec) Validate(maxVCPUs int) error {
+	if err := ValidateName(s.Name); err != nil {
+		return err
+	}
+	if s.VCPUs < 1 {
+		return fmt.Errorf("%w: vcpus is %d; a VM needs at least 1", ErrInvalid, s.VCPUs)
+	}
+	if maxVCPUs > 0 && s.VCPUs > maxVCPUs {
+		return fmt.Errorf("%w: vcpus is %d but the host has only %d CPUs; ask for %d or fewer", ErrInvalid, s.VCPUs, maxVCPUs, maxVCPUs)
+	}
+	if s.MemoryMB < MinMemoryMB {
+		return fmt.Errorf("%w: memory is %d MiB; a VM needs at least %d MiB", ErrInvalid, s.MemoryMB, MinMemoryMB)
+	}
+	if len(s.Labels) > maxLabels {
+		return fmt.Errorf("%w: %d labels given; at most %d are allowed", ErrInvalid, len(s.Labels), maxLabels)
+	}
+	for k := range s.Labels {
+		if !labelKeyRE.MatchString(k) {
+			return fmt.Errorf("%w: label key %q must be 1-63 characters of [A-Za-z0-9._/-]", ErrInvalid, k)
+		}
+	}
+	return ValidateEnv(s.Env)
+}

@@ -1,0 +1,97 @@
+// Package vmm defines VMOrchestrator, the one interface every VM backend
+// (docker, qemu, firecracker) implements. Backends live in subpackages and
+// all pass the conformance suite in vmmtest.
+package vmm
+
+import (
+	"context"
+	"io"
+
+	"github.com/aetherium/aetherium-core/pkg/types"
+)
+
+// Capabilities tells callers what a backend offers, so that differences are
+// handled by asking rather than by type switches.
+type Capabilities struct {
+	// Provider is the backend's name as used in configuration.
+	Provider string `json:"provider"`
+	// MaxVCPUs is the most vCPUs one VM may have (the host's CPU count).
+	MaxVCPUs int `json:"max_vcpus"`
+	// Isolation describes the boundary: "container" or "vm".
+	Isolation string `json:"isolation"`
+	// PauseResume and Snapshot report optional features; calling them on a
+	// backend that lacks them returns types.ErrNotSupported.
+	PauseResume bool `json:"pause_resume"`
+	Snapshot    bool `json:"snapshot"`
+	// Networking reports whether the backend can attach VMs to a network.
+	Networking bool `json:"networking"`
+}
+
+// ExecIO carries optional live output sinks. Whatever is written to them is
+// also kept (up to the cap) in the returned ExecResult.
+type ExecIO struct {
+	Stdout io.Writer
+	Stderr io.Writer
+}
+
+// VMOrchestrator creates, runs and removes VMs and runs commands in them.
+//
+// IDs are chosen by the caller (the worker passes the stored VM's id) so that
+// every method can be retried after a crash. All methods are safe for
+// concurrent use. Cancelling ctx aborts the call; the VM is then left in
+// whatever state the backend reached and a later call resumes from there.
+type VMOrchestrator interface {
+	// CreateVM prepares the VM's resources without booting it. Calling it
+	// again for an existing id is not an error and returns the current status.
+	// Invalid specs return types.ErrInvalid and leave nothing behind.
+	CreateVM(ctx context.Context, spec types.VMSpec) (*VMStatus, error)
+
+	// StartVM boots a created or stopped VM and returns only once its guest
+	// agent answers. Starting a running VM is a no-op. An unknown id returns
+	// types.ErrNotFound.
+	StartVM(ctx context.Context, id string) error
+
+	// StopVM stops a VM, gracefully unless force is set. Stopping a stopped
+	// VM is a no-op. An unknown id returns types.ErrNotFound.
+	StopVM(ctx context.Context, id string, force bool) error
+
+	// DeleteVM stops the VM if needed and removes every resource it holds
+	// (processes, sockets, directories, containers). Deleting an unknown or
+	// already deleted VM returns nil, so the call is idempotent.
+	DeleteVM(ctx context.Context, id string) error
+
+	// ExecuteCommand runs cmd through the VM's guest agent and waits for it
+	// to end. The command's own failure is not an error: it is reported in
+	// the result's ExitCode/TimedOut. Errors mean the command could not be
+	// run: types.ErrNotFound for an unknown VM, types.ErrConflict when the VM
+	// is not running, types.ErrUnavailable when the agent cannot be reached.
+	// Cancelling ctx kills the command's process group in the guest.
+	ExecuteCommand(ctx context.Context, id string, cmd types.Command, stream ExecIO) (*types.ExecResult, error)
+
+	// GetVMStatus returns the backend's view of one VM, or types.ErrNotFound.
+	GetVMStatus(ctx context.Context, id string) (*VMStatus, error)
+
+	// ListVMs returns every VM this backend instance manages.
+	ListVMs(ctx context.Context) ([]VMStatus, error)
+
+	// Health returns nil when the backend can create VMs, or an error that
+	// says what is missing and how to fix it.
+	Health(ctx context.Context) error
+
+	// Capabilities describes the backend. It does no I/O.
+	Capabilities() Capabilities
+
+	// Close releases connections held by the orchestrator. VMs keep running.
+	Close() error
+}
+
+// VMStatus is a backend's view of a VM.
+type VMStatus struct {
+	ID    string        `json:"id"`
+	Name  string        `json:"name"`
+	State types.VMState `json:"state"`
+	// Detail explains a failed or unexpected state, e.g. an exit code.
+	Detail string `json:"detail,omitempty"`
+	// Labels are the spec's labels as the backend recorded them.
+	Labels map[string]string `json:"labels,omitempty"`
+}
