@@ -82,3 +82,32 @@ func BuildBinary(t testing.TB, name string) string {
 	buildCache[name] = out
 	return out
 }
+
+var (
+	cleanupMu sync.Mutex
+	cleanups  []func()
+)
+
+// AtExit registers f to run when Main returns, for services shared by every
+// test of one test binary. Later registrations run first.
+func AtExit(f func()) {
+	cleanupMu.Lock()
+	defer cleanupMu.Unlock()
+	cleanups = append(cleanups, f)
+}
+
+// Main runs the tests, then stops the shared services they started. Packages
+// that use shared services call it from TestMain.
+func Main(m *testing.M) {
+	code := m.Run()
+	cleanupMu.Lock()
+	for i := len(cleanups) - 1; i >= 0; i-- {
+		cleanups[i]()
+	}
+	cleanups = nil
+	cleanupMu.Unlock()
+	if buildDir != "" {
+		os.RemoveAll(buildDir)
+	}
+	os.Exit(code)
+}
