@@ -1,0 +1,333 @@
+// Package config loads Aetherium Core's configuration: one YAML file whose
+// values environment variables named AETHERIUM_<SECTION>_<KEY> override.
+// Zero values mean "use the default"; Load fills them in.
+package config
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"reflect"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/aetherium/aetherium-core/pkg/types"
+)
+
+// Config is the whole configuration file.
+type Config struct {
+	VMM     VMM     `yaml:"vmm"`
+	Queue   Queue   `yaml:"queue"`
+	Storage Storage `yaml:"storage"`
+	Worker  Worker  `yaml:"worker"`
+	Log     Log     `yaml:"log"`
+}
+
+// VMM selects and configures the VM backend.
+type VMM struct {
+	// Provider is the backend: docker (the test fallback), qemu or firecracker.
+	Provider string `yaml:"provider"`
+	// MaxOutputBytes caps what is kept of each command's stdout and stderr.
+	// Default 1 MiB.
+	MaxOutputBytes int `yaml:"max_output_bytes"`
+	// MaxVCPUs is the most vCPUs a VM may ask for. Default: the host's CPUs.
+	MaxVCPUs int `yaml:"max_vcpus"`
+	// Docker configures the docker backend.
+	Docker Docker `yaml:"docker"`
+}
+
+// Docker configures the docker backend.
+type Docker struct {
+	// Host is the Engine API address, e.g. unix:///var/run/docker.sock.
+	// Empty: DOCKER_HOST or the default socket.
+	Host string `yaml:"host"`
+	// AgentPath is the fc-agent binary baked into the base image. Empty:
+	// fc-agent next to the running executable.
+	AgentPath string `yaml:"agent_path"`
+	// BusyboxPath is a static busybox giving the image a shell. Default
+	// /bin/busybox (Debian's busybox-static).
+	BusyboxPath string `yaml:"busybox_path"`
+	// SocketDir holds one directory per VM with the agent's socket.
+	// Default /var/lib/aetherium/docker.
+	SocketDir string `yaml:"socket_dir"`
+	// Image is an existing image to run instead of the built base image.
+	Image string `yaml:"image"`
+}
+
+// Queue configures the task queue.
+type Queue struct {
+	// Provider is the queue implementation; only redis (Asynq) exists.
+	Provider string `yaml:"provider"`
+	// RedisAddr is host:port of Redis. Default 127.0.0.1:6379.
+	RedisAddr string `yaml:"redis_addr"`
+	// RedisPassword authenticates to Redis when set.
+	RedisPassword string `yaml:"redis_password"`
+	// RedisDB is the Redis database number. Default 0.
+	RedisDB int `yaml:"redis_db"`
+	// TaskCheckInterval is how often an idle worker polls Redis for tasks; it
+	// bounds the queueing delay of every task (see docs/architecture.md).
+	// Default 5ms.
+	TaskCheckInterval time.Duration `yaml:"task_check_interval"`
+}
+
+// Storage configures the state store.
+type Storage struct {
+	// Provider is the store; only postgres exists.
+	Provider string `yaml:"provider"`
+	// Host of PostgreSQL. Default localhost.
+	Host string `yaml:"host"`
+	// Port of PostgreSQL. Default 5432.
+	Port int `yaml:"port"`
+	// Database name. Default aetherium.
+	Database string `yaml:"database"`
+	// User name. Default aetherium.
+	User string `yaml:"user"`
+	// Password of User.
+	Password string `yaml:"password"`
+	// SSLMode is libpq's sslmode. Default disable.
+	SSLMode string `yaml:"sslmode"`
+}
+
+// Worker configures the worker daemon.
+type Worker struct {
+	// ID names this worker; the VMs it creates belong to it and their later
+	// tasks go to its own queue. Default: the hostname.
+	ID string `yaml:"id"`
+	// Concurrency is how many tasks run at once. Default 10.
+	Concurrency int `yaml:"concurrency"`
+	// AutoMigrate applies database migrations at start. Default false.
+	AutoMigrate bool `yaml:"auto_migrate"`
+	// ShutdownTimeout is how long SIGTERM waits for tasks in flight before
+	// they are requeued. Default 30s.
+	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
+	// HeartbeatInterval is how often the worker records itself. Default 5s.
+	HeartbeatInterval time.Duration `yaml:"heartbeat_interval"`
+	// ReadyFile, when set, is written once the worker serves tasks (used by
+	// `make up` to know the worker is ready).
+	ReadyFile string `yaml:"ready_file"`
+}
+
+// Log configures logging.
+type Log struct {
+	// Level is debug, info, warn or error. Default info.
+	Level string `yaml:"level"`
+	// Format is text or json. Default text.
+	Format string `yaml:"format"`
+}
+
+// EnvPrefix starts every overriding environment variable.
+const EnvPrefix = "AETHERIUM_"
+
+// Path finds the configuration file: explicit (from --config), then
+// $AETHERIUM_CONFIG, then ./aetherium.yaml, then
+// ~/.config/aetherium/config.yaml. It returns "" when none exists and none
+// was named explicitly.
+func Path(explicit string) string {
+	if explicit != "" {
+		return explicit
+	}
+	if p := os.Getenv("AETHERIUM_CONFIG"); p != "" {
+		return p
+	}
+	candidates := []string{"aetherium.yaml"}
+	if home, err := os.UserHomeDir(); err == nil {
+		candidates = append(candidates, filepath.Join(home, ".config", "aetherium", "config.yaml"))
+	}
+	for _, c := range candidates {
+		if _, err := os.Stat(c); err == nil {
+			return c
+		}
+	}
+	return ""
+}
+
+// Load reads the file found by Path(explicit) (none is fine: defaults and
+// environment apply), applies environment overrides, fills defaults and
+// validates. Errors wrap types.ErrInvalid.
+func Load(explicit string) (*Config, error) {
+	var c Config
+	if p := Path(explicit); p != "" {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return nil, fmt.Errorf("%w: reading config %s: %v", types.ErrInvalid, p, err)
+		}
+		dec := yaml.NewDecoder(strings.NewReader(string(b)))
+		dec.KnownFields(true)
+		// An empty file decodes to io.EOF: that is fine, defaults apply.
+		if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) {
+			return nil, fmt.Errorf("%w: parsing config %s: %v", types.ErrInvalid, p, err)
+		}
+	}
+	if err := applyEnv(reflect.ValueOf(&c).Elem(), strings.TrimSuffix(EnvPrefix, "_"), os.LookupEnv); err != nil {
+		return nil, err
+	}
+	c.setDefaults()
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+func (c *Config) setDefaults() {
+	c.VMM.Provider = cmp.Or(c.VMM.Provider, "docker")
+	c.VMM.MaxOutputBytes = cmp.Or(c.VMM.MaxOutputBytes, types.DefaultMaxOutputBytes)
+	c.VMM.Docker.BusyboxPath = cmp.Or(c.VMM.Docker.BusyboxPath, "/bin/busybox")
+	c.VMM.Docker.SocketDir = cmp.Or(c.VMM.Docker.SocketDir, "/var/lib/aetherium/docker")
+	c.Queue.Provider = cmp.Or(c.Queue.Provider, "redis")
+	c.Queue.RedisAddr = cmp.Or(c.Queue.RedisAddr, "127.0.0.1:6379")
+	c.Queue.TaskCheckInterval = cmp.Or(c.Queue.TaskCheckInterval, 5*time.Millisecond)
+	c.Storage.Provider = cmp.Or(c.Storage.Provider, "postgres")
+	c.Storage.Host = cmp.Or(c.Storage.Host, "localhost")
+	c.Storage.Port = cmp.Or(c.Storage.Port, 5432)
+	c.Storage.Database = cmp.Or(c.Storage.Database, "aetherium")
+	c.Storage.User = cmp.Or(c.Storage.User, "aetherium")
+	c.Storage.SSLMode = cmp.Or(c.Storage.SSLMode, "disable")
+	if c.Worker.ID == "" {
+		h, _ := os.Hostname()
+		c.Worker.ID = SanitizeWorkerID(h)
+	}
+	c.Worker.Concurrency = cmp.Or(c.Worker.Concurrency, 10)
+	c.Worker.ShutdownTimeout = cmp.Or(c.Worker.ShutdownTimeout, 30*time.Second)
+	c.Worker.HeartbeatInterval = cmp.Or(c.Worker.HeartbeatInterval, 5*time.Second)
+	c.Log.Level = cmp.Or(c.Log.Level, "info")
+	c.Log.Format = cmp.Or(c.Log.Format, "text")
+}
+
+var workerIDRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
+
+// SanitizeWorkerID turns a hostname into a valid worker id.
+func SanitizeWorkerID(s string) string {
+	s = regexp.MustCompile(`[^A-Za-z0-9._-]`).ReplaceAllString(s, "-")
+	s = strings.TrimLeft(s, "._-")
+	if len(s) > 63 {
+		s = s[:63]
+	}
+	return cmp.Or(s, "worker")
+}
+
+// ValidateWorkerID checks a worker id (it becomes part of a queue name).
+func ValidateWorkerID(id string) error {
+	if !workerIDRE.MatchString(id) {
+		return fmt.Errorf("%w: worker.id %q must be 1-63 characters of [A-Za-z0-9._-]", types.ErrInvalid, id)
+	}
+	return nil
+}
+
+// Validate checks values that defaults cannot fix.
+func (c *Config) Validate() error {
+	bad := func(format string, a ...any) error {
+		return fmt.Errorf("%w: config: %s", types.ErrInvalid, fmt.Sprintf(format, a...))
+	}
+	switch c.VMM.Provider {
+	case "docker", "qemu", "firecracker":
+	default:
+		return bad("vmm.provider %q is unknown; use docker, qemu or firecracker", c.VMM.Provider)
+	}
+	if c.Queue.Provider != "redis" {
+		return bad("queue.provider %q is unknown; only redis is supported", c.Queue.Provider)
+	}
+	if _, _, err := net.SplitHostPort(c.Queue.RedisAddr); err != nil {
+		return bad("queue.redis_addr %q must be host:port", c.Queue.RedisAddr)
+	}
+	if c.Storage.Provider != "postgres" {
+		return bad("storage.provider %q is unknown; only postgres is supported", c.Storage.Provider)
+	}
+	if c.Storage.Port < 1 || c.Storage.Port > 65535 {
+		return bad("storage.port %d is out of range 1-65535", c.Storage.Port)
+	}
+	if c.VMM.MaxOutputBytes < 0 || c.VMM.MaxVCPUs < 0 || c.Worker.Concurrency < 0 || c.Queue.RedisDB < 0 {
+		return bad("vmm.max_output_bytes, vmm.max_vcpus, worker.concurrency and queue.redis_db must not be negative")
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		return bad("log.level %q is unknown; use debug, info, warn or error", c.Log.Level)
+	}
+	switch c.Log.Format {
+	case "text", "json":
+	default:
+		return bad("log.format %q is unknown; use text or json", c.Log.Format)
+	}
+	return ValidateWorkerID(c.Worker.ID)
+}
+
+// DSN returns the PostgreSQL connection URL of the storage section.
+func (s Storage) DSN() string {
+	u := url.URL{
+		Scheme:   "postgres",
+		User:     url.UserPassword(s.User, s.Password),
+		Host:     net.JoinHostPort(s.Host, strconv.Itoa(s.Port)),
+		Path:     "/" + s.Database,
+		RawQuery: url.Values{"sslmode": {s.SSLMode}}.Encode(),
+	}
+	if s.Password == "" {
+		u.User = url.User(s.User)
+	}
+	return u.String()
+}
+
+// applyEnv walks the struct, overriding each yaml-tagged leaf from
+// PREFIX_<PATH> where PATH joins the yaml keys in upper case with '_'.
+func applyEnv(v reflect.Value, prefix string, lookup func(string) (string, bool)) error {
+	t := v.Type()
+	for i := 0; i < t.NumField(); i++ {
+		f := t.Field(i)
+		tag := strings.Split(f.Tag.Get("yaml"), ",")[0]
+		if tag == "" || tag == "-" {
+			continue
+		}
+		name := prefix + "_" + strings.ToUpper(tag)
+		fv := v.Field(i)
+		if fv.Kind() == reflect.Struct {
+			if err := applyEnv(fv, name, lookup); err != nil {
+				return err
+			}
+			continue
+		}
+		raw, ok := lookup(name)
+		if !ok {
+			continue
+		}
+		if err := setValue(fv, raw); err != nil {
+			return fmt.Errorf("%w: environment variable %s=%q: %v", types.ErrInvalid, name, raw, err)
+		}
+	}
+	return nil
+}
+
+func setValue(fv reflect.Value, raw string) error {
+	switch {
+	case fv.Type() == reflect.TypeOf(time.Duration(0)):
+		d, err := time.ParseDuration(raw)
+		if err != nil {
+			return fmt.Errorf("not a duration such as 5s or 100ms")
+		}
+		fv.SetInt(int64(d))
+	case fv.Kind() == reflect.String:
+		fv.SetString(raw)
+	case fv.Kind() == reflect.Int:
+		n, err := strconv.Atoi(raw)
+		if err != nil {
+			return fmt.Errorf("not a whole number")
+		}
+		fv.SetInt(int64(n))
+	case fv.Kind() == reflect.Bool:
+		b, err := strconv.ParseBool(raw)
+		if err != nil {
+			return fmt.Errorf("not a boolean (true or false)")
+		}
+		fv.SetBool(b)
+	default:
+		return fmt.Errorf("unsupported field type %s", fv.Type())
+	}
+	return nil
+}

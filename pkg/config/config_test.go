@@ -1,0 +1,97 @@
+package config
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/aetherium/aetherium-core/pkg/types"
+)
+
+func writeFile(t *testing.T, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "aetherium.yaml")
+	require.NoError(t, os.WriteFile(p, []byte(body), 0o600))
+	return p
+}
+
+func TestLoadDefaultsFileAndEnv(t *testing.T) {
+	p := writeFile(t, `
+vmm:
+  provider: docker
+  docker:
+    socket_dir: /tmp/x
+queue:
+  redis_addr: 127.0.0.1:16379
+storage:
+  port: 15432
+worker:
+  id: w1
+`)
+	t.Setenv("AETHERIUM_CONFIG", "")
+	t.Setenv("AETHERIUM_STORAGE_HOST", "db.local")
+	t.Setenv("AETHERIUM_VMM_DOCKER_HOST", "unix:///tmp/d.sock")
+	t.Setenv("AETHERIUM_QUEUE_TASK_CHECK_INTERVAL", "20ms")
+	c, err := Load(p)
+	require.NoError(t, err)
+	require.Equal(t, "docker", c.VMM.Provider)
+	require.Equal(t, "/tmp/x", c.VMM.Docker.SocketDir)
+	require.Equal(t, "unix:///tmp/d.sock", c.VMM.Docker.Host)
+	require.Equal(t, 15432, c.Storage.Port)
+	require.Equal(t, "db.local", c.Storage.Host)
+	require.Equal(t, 20*time.Millisecond, c.Queue.TaskCheckInterval)
+	require.Equal(t, types.DefaultMaxOutputBytes, c.VMM.MaxOutputBytes)
+	require.Equal(t, "postgres://aetherium@db.local:15432/aetherium?sslmode=disable", c.Storage.DSN())
+}
+
+func TestLoadRejectsBadInput(t *testing.T) {
+	cases := []struct {
+		name, file string
+		env        map[string]string
+		want       string
+	}{
+		{name: "unknown provider", file: "vmm: {provider: vbox}", want: `vmm.provider "vbox" is unknown`},
+		{name: "unknown key", file: "vmm: {provder: docker}", want: "field provder not found"},
+		{name: "bad yaml", file: "vmm: [", want: "parsing config"},
+		{name: "bad env int", env: map[string]string{"AETHERIUM_STORAGE_PORT": "abc"}, want: "AETHERIUM_STORAGE_PORT"},
+		{name: "bad env duration", env: map[string]string{"AETHERIUM_WORKER_SHUTDOWN_TIMEOUT": "5"}, want: "duration"},
+		{name: "bad worker id", env: map[string]string{"AETHERIUM_WORKER_ID": "a b"}, want: "worker.id"},
+		{name: "bad port", file: "storage: {port: 70000}", want: "storage.port"},
+		{name: "bad redis addr", file: "queue: {redis_addr: localhost}", want: "host:port"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			for k, v := range tc.env {
+				t.Setenv(k, v)
+			}
+			_, err := Load(writeFile(t, tc.file))
+			require.Error(t, err)
+			require.True(t, errors.Is(err, types.ErrInvalid), err)
+			require.Contains(t, err.Error(), tc.want)
+		})
+	}
+}
+
+func TestPathOrder(t *testing.T) {
+	dir := t.TempDir()
+	t.Chdir(dir)
+	t.Setenv("HOME", dir)
+	t.Setenv("AETHERIUM_CONFIG", "")
+	require.Equal(t, "", Path(""))
+	home := filepath.Join(dir, ".config", "aetherium", "config.yaml")
+	require.NoError(t, os.MkdirAll(filepath.Dir(home), 0o755))
+	require.NoError(t, os.WriteFile(home, nil, 0o600))
+	require.Equal(t, home, Path(""))
+	require.NoError(t, os.WriteFile("aetherium.yaml", nil, 0o600))
+	require.Equal(t, "aetherium.yaml", Path(""))
+	t.Setenv("AETHERIUM_CONFIG", "/env.yaml")
+	require.Equal(t, "/env.yaml", Path(""))
+	require.Equal(t, "/flag.yaml", Path("/flag.yaml"))
+	c, err := Load(home) // empty file: defaults
+	require.NoError(t, err)
+	require.Equal(t, "127.0.0.1:6379", c.Queue.RedisAddr)
+}
