@@ -1,0 +1,207 @@
+// Package queue carries Aetherium Core's tasks from the service to the
+// workers: the task types and their typed payloads, the Queue interface the
+// service depends on, and its Asynq-on-Redis implementation. The same Redis
+// also carries task-completion notifications and the live output of
+// streamed commands, so that waiting on a task never polls PostgreSQL.
+package queue
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"github.com/aetherium/aetherium-core/pkg/types"
+)
+
+// SharedQueue receives tasks any worker may take (VM creation).
+const SharedQueue = "aetherium"
+
+// WorkerQueue is the queue of one worker: the tasks of the VMs it owns.
+func WorkerQueue(workerID string) string { return "aetherium-worker-" + workerID }
+
+// EnqueueOptions says where and how a task runs.
+type EnqueueOptions struct {
+	Queue    string        // SharedQueue or a WorkerQueue
+	MaxRetry int           // attempts after the first
+	Timeout  time.Duration // per attempt; zero: the queue's default
+}
+
+// Queue hands tasks to workers.
+type Queue interface {
+	// Enqueue submits t. Its ID is the queue's task id: enqueueing an id that
+	// is already queued is a no-op, so a caller may retry safely.
+	Enqueue(ctx context.Context, t *types.Task, opts EnqueueOptions) error
+	// Cancel removes a task that has not started from queueName, and asks the
+	// worker running it (if any) to cancel it. Unknown ids are not an error.
+	Cancel(ctx context.Context, taskID, queueName string) error
+}
+
+// Notifier tells waiters that a task changed.
+type Notifier interface {
+	// NotifyTask wakes every watcher of taskID.
+	NotifyTask(ctx context.Context, taskID string) error
+	// WatchTask subscribes to taskID's notifications. The subscription is
+	// live when WatchTask returns, so a notification sent afterwards is never
+	// missed. stop releases it.
+	WatchTask(ctx context.Context, taskID string) (events <-chan struct{}, stop func(), err error)
+}
+
+// OutputKind says what an output chunk carries.
+type OutputKind string
+
+// Output chunk kinds.
+const (
+	OutputStdout OutputKind = "o"
+	OutputStderr OutputKind = "e"
+	OutputExit   OutputKind = "x" // the last chunk of a stream
+)
+
+// OutputChunk is one piece of a streamed command's output.
+type OutputChunk struct {
+	Kind OutputKind
+	Data []byte
+	Exit *ExitInfo // set on OutputExit
+}
+
+// ExitInfo ends a streamed command's output.
+type ExitInfo struct {
+	ExitCode int    `json:"exit_code"`
+	TimedOut bool   `json:"timed_out,omitempty"`
+	Error    string `json:"error,omitempty"` // the command could not run
+}
+
+// OutputStream carries the live output of streamed commands, keyed by task
+// id, from the worker to whoever runs the command interactively.
+type OutputStream interface {
+	// AppendOutput adds a chunk to taskID's stream.
+	AppendOutput(ctx context.Context, taskID string, c OutputChunk) error
+	// ReadOutput calls fn for every chunk of taskID's stream from the start,
+	// blocking for new ones, until the exit chunk (returned) or ctx ends.
+	ReadOutput(ctx context.Context, taskID string, fn func(OutputChunk) error) (*ExitInfo, error)
+}
+
+// Payloads of each task type. Every payload names the VM it concerns.
+
+// VMCreatePayload asks a worker to create and boot a stored VM.
+type VMCreatePayload struct {
+	VMID string `json:"vm_id"`
+}
+
+// VMExecutePayload asks the VM's owner to run a command.
+type VMExecutePayload struct {
+	VMID    string        `json:"vm_id"`
+	Command types.Command `json:"command"`
+	// Stream sends the output live through OutputStream as well.
+	Stream bool `json:"stream,omitempty"`
+}
+
+// VMDeletePayload asks the VM's owner to remove it.
+type VMDeletePayload struct {
+	VMID  string `json:"vm_id"`
+	Force bool   `json:"force,omitempty"`
+}
+
+// VMStopPayload asks the VM's owner to stop it.
+type VMStopPayload struct {
+	VMID  string `json:"vm_id"`
+	Force bool   `json:"force,omitempty"`
+}
+
+// VMStartPayload asks the VM's owner to start a stopped VM.
+type VMStartPayload struct {
+	VMID string `json:"vm_id"`
+}
+
+// JobRunPayload asks the VM's owner to run a stored job.
+type JobRunPayload struct {
+	JobID string `json:"job_id"`
+	VMID  string `json:"vm_id"`
+}
+
+// Payload is implemented by every payload type.
+type Payload interface {
+	vmID() string
+	validate() error
+}
+
+func (p VMCreatePayload) vmID() string  { return p.VMID }
+func (p VMExecutePayload) vmID() string { return p.VMID }
+func (p VMDeletePayload) vmID() string  { return p.VMID }
+func (p VMStopPayload) vmID() string    { return p.VMID }
+func (p VMStartPayload) vmID() string   { return p.VMID }
+func (p JobRunPayload) vmID() string    { return p.VMID }
+
+func (p VMCreatePayload) validate() error  { return nil }
+func (p VMExecutePayload) validate() error { return p.Command.Validate() }
+func (p VMDeletePayload) validate() error  { return nil }
+func (p VMStopPayload) validate() error    { return nil }
+func (p VMStartPayload) validate() error   { return nil }
+func (p JobRunPayload) validate() error {
+	if p.JobID == "" {
+		return fmt.Errorf("%w: job_id is empty", types.ErrInvalid)
+	}
+	return nil
+}
+
+func newTask(id string, typ types.TaskType, p Payload) (*types.Task, error) {
+	if err := checkPayload(p); err != nil {
+		return nil, err
+	}
+	b, err := json.Marshal(p)
+	if err != nil {
+		return nil, fmt.Errorf("encoding %s payload: %w", typ, err)
+	}
+	now := time.Now().UTC()
+	return &types.Task{ID: id, Type: typ, VMID: p.vmID(), Payload: b, State: types.TaskPending, CreatedAt: now, UpdatedAt: now}, nil
+}
+
+func checkPayload(p Payload) error {
+	if p.vmID() == "" {
+		return fmt.Errorf("%w: vm_id is empty", types.ErrInvalid)
+	}
+	return p.validate()
+}
+
+// NewVMCreateTask builds a vm:create task with the given id.
+func NewVMCreateTask(id string, p VMCreatePayload) (*types.Task, error) {
+	return newTask(id, types.TaskVMCreate, p)
+}
+
+// NewVMExecuteTask builds a vm:execute task.
+func NewVMExecuteTask(id string, p VMExecutePayload) (*types.Task, error) {
+	return newTask(id, types.TaskVMExecute, p)
+}
+
+// NewVMDeleteTask builds a vm:delete task.
+func NewVMDeleteTask(id string, p VMDeletePayload) (*types.Task, error) {
+	return newTask(id, types.TaskVMDelete, p)
+}
+
+// NewVMStopTask builds a vm:stop task.
+func NewVMStopTask(id string, p VMStopPayload) (*types.Task, error) {
+	return newTask(id, types.TaskVMStop, p)
+}
+
+// NewVMStartTask builds a vm:start task.
+func NewVMStartTask(id string, p VMStartPayload) (*types.Task, error) {
+	return newTask(id, types.TaskVMStart, p)
+}
+
+// NewJobRunTask builds a job:run task.
+func NewJobRunTask(id string, p JobRunPayload) (*types.Task, error) {
+	return newTask(id, types.TaskJobRun, p)
+}
+
+// Decode parses and validates a payload. Errors wrap types.ErrInvalid: such
+// a task can never succeed and must not be retried.
+func Decode[P Payload](raw []byte) (P, error) {
+	var p P
+	if err := json.Unmarshal(raw, &p); err != nil {
+		return p, fmt.Errorf("%w: malformed payload: %v", types.ErrInvalid, err)
+	}
+	if err := checkPayload(p); err != nil {
+		return p, fmt.Errorf("malformed payload: %w", err)
+	}
+	return p, nil
+}
