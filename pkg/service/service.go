@@ -1,0 +1,519 @@
+// Package service is Aetherium Core's public API: TaskService records what
+// users ask for in storage, hands the work to workers through the queue and
+// lets callers wait for, stream and inspect the results. It depends only on
+// the storage and queue interfaces, never on a VM backend.
+package service
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"runtime"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/aetherium/aetherium-core/pkg/queue"
+	"github.com/aetherium/aetherium-core/pkg/storage"
+	"github.com/aetherium/aetherium-core/pkg/types"
+)
+
+// TaskService submits and tracks VM work. It is safe for concurrent use.
+type TaskService struct {
+	queue    queue.Queue
+	notifier queue.Notifier
+	output   queue.OutputStream
+	store    storage.Store
+	opts     options
+}
+
+type options struct {
+	maxVCPUs int
+	provider string
+	logger   *slog.Logger
+}
+
+// Option configures a TaskService.
+type Option func(*options)
+
+// WithMaxVCPUs sets the most vCPUs a VM may ask for (default: this host's
+// CPU count). Workers check their own host's limit again.
+func WithMaxVCPUs(n int) Option { return func(o *options) { o.maxVCPUs = n } }
+
+// WithProvider records which VM backend new VMs are meant for.
+func WithProvider(p string) Option { return func(o *options) { o.provider = p } }
+
+// WithLogger sets the logger (default: discard).
+func WithLogger(l *slog.Logger) Option { return func(o *options) { o.logger = l } }
+
+// NewTaskService returns a service that enqueues on q and records in s. When
+// q also implements queue.Notifier and queue.OutputStream (the Redis queue
+// does), WaitTask is woken by notifications instead of polling and streamed
+// output can be read.
+func NewTaskService(q queue.Queue, s storage.Store, opts ...Option) *TaskService {
+	o := options{maxVCPUs: runtime.NumCPU(), provider: "docker", logger: slog.New(slog.DiscardHandler)}
+	for _, f := range opts {
+		f(&o)
+	}
+	svc := &TaskService{queue: q, store: s, opts: o}
+	svc.notifier, _ = q.(queue.Notifier)
+	svc.output, _ = q.(queue.OutputStream)
+	return svc
+}
+
+// Retry and timeout policy per task type.
+const (
+	createMaxRetry = 2
+	createTimeout  = 10 * time.Minute
+	execMaxRetry   = 2 // only when the agent could not be reached: see worker
+	execTimeout    = time.Hour
+	deleteMaxRetry = 5
+	deleteTimeout  = 5 * time.Minute
+)
+
+// CreateVMOptions describes a VM to create.
+type CreateVMOptions struct {
+	Name     string
+	VCPUs    int
+	MemoryMB int
+	Labels   map[string]string
+	Env      map[string]string // default environment of every command in the VM
+}
+
+// CreateVMTask submits the creation of a VM. The returned id names both the
+// task and the new VM. Invalid specs return types.ErrInvalid; a taken name
+// returns types.ErrConflict.
+func (s *TaskService) CreateVMTask(ctx context.Context, name string, vcpus, memoryMB int) (uuid.UUID, error) {
+	return s.CreateVMTaskWithOptions(ctx, CreateVMOptions{Name: name, VCPUs: vcpus, MemoryMB: memoryMB})
+}
+
+// CreateVMTaskWithOptions is CreateVMTask with labels and environment.
+func (s *TaskService) CreateVMTaskWithOptions(ctx context.Context, o CreateVMOptions) (uuid.UUID, error) {
+	id := uuid.New()
+	spec := types.VMSpec{ID: id.String(), Name: o.Name, VCPUs: o.VCPUs, MemoryMB: o.MemoryMB, Labels: o.Labels, Env: o.Env}
+	if err := spec.Validate(s.opts.maxVCPUs); err != nil {
+		return uuid.Nil, err
+	}
+	now := time.Now().UTC()
+	vm := &types.VM{ID: spec.ID, Name: o.Name, VCPUs: o.VCPUs, MemoryMB: o.MemoryMB, State: types.VMPending,
+		Provider: s.opts.provider, Labels: o.Labels, Env: o.Env, CreatedAt: now, UpdatedAt: now}
+	if err := s.store.CreateVM(ctx, vm); err != nil {
+		if errors.Is(err, types.ErrConflict) {
+			return uuid.Nil, fmt.Errorf("%w: a vm named %q already exists; pick another name or delete it first", types.ErrConflict, o.Name)
+		}
+		return uuid.Nil, fmt.Errorf("recording vm %s: %w", o.Name, err)
+	}
+	t, err := queue.NewVMCreateTask(id.String(), queue.VMCreatePayload{VMID: vm.ID})
+	if err == nil {
+		err = s.submit(ctx, t, queue.EnqueueOptions{Queue: queue.SharedQueue, MaxRetry: createMaxRetry, Timeout: createTimeout})
+	}
+	if err != nil {
+		// Nothing exists outside the database yet: retire the row so no
+		// half-created VM remains and the name is free again.
+		bg := context.WithoutCancel(ctx)
+		if _, e := s.store.UpdateVMState(bg, vm.ID, types.VMDeleting, err.Error()); e == nil {
+			_, _ = s.store.UpdateVMState(bg, vm.ID, types.VMDeleted, err.Error())
+		}
+		return uuid.Nil, err
+	}
+	return id, nil
+}
+
+// ExecOptions adds to a command how it is delivered.
+type ExecOptions struct {
+	// Stream makes the worker publish output live, for StreamOutput.
+	Stream bool
+}
+
+// ExecuteCommandTask submits a command to run in a running VM. The returned
+// id names the task and the execution it records.
+func (s *TaskService) ExecuteCommandTask(ctx context.Context, vmID, command string, args []string) (uuid.UUID, error) {
+	return s.ExecuteCommandTaskWithOptions(ctx, vmID, types.Command{Cmd: command, Args: args}, ExecOptions{})
+}
+
+// ExecuteCommandTaskWithOptions is ExecuteCommandTask with environment,
+// working directory, stdin, timeout and live streaming.
+func (s *TaskService) ExecuteCommandTaskWithOptions(ctx context.Context, vmID string, cmd types.Command, o ExecOptions) (uuid.UUID, error) {
+	if err := cmd.Validate(); err != nil {
+		return uuid.Nil, err
+	}
+	vm, err := s.runningVM(ctx, vmID, "run a command in")
+	if err != nil {
+		return uuid.Nil, err
+	}
+	if o.Stream && s.output == nil {
+		return uuid.Nil, fmt.Errorf("%w: this queue cannot stream output", types.ErrNotSupported)
+	}
+	id := uuid.New()
+	t, err := queue.NewVMExecuteTask(id.String(), queue.VMExecutePayload{VMID: vm.ID, Command: cmd, Stream: o.Stream})
+	if err != nil {
+		return uuid.Nil, err
+	}
+	timeout := execTimeout
+	if cmd.Timeout > 0 {
+		timeout = cmd.Timeout + time.Minute
+	}
+	return id, s.submit(ctx, t, queue.EnqueueOptions{Queue: queue.WorkerQueue(vm.Owner), MaxRetry: execMaxRetry, Timeout: timeout})
+}
+
+// RunJobTask submits an ordered list of commands to run in one VM. With
+// stopOnFailure, the first command that fails ends the job. The returned id
+// names the task and the job.
+func (s *TaskService) RunJobTask(ctx context.Context, vmID string, cmds []types.Command, stopOnFailure bool) (uuid.UUID, error) {
+	if len(cmds) == 0 {
+		return uuid.Nil, fmt.Errorf("%w: a job needs at least one command", types.ErrInvalid)
+	}
+	for i, c := range cmds {
+		if err := c.Validate(); err != nil {
+			return uuid.Nil, fmt.Errorf("command %d: %w", i+1, err)
+		}
+	}
+	vm, err := s.runningVM(ctx, vmID, "run a job in")
+	if err != nil {
+		return uuid.Nil, err
+	}
+	id := uuid.New()
+	now := time.Now().UTC()
+	job := &types.Job{ID: id.String(), VMID: vm.ID, TaskID: id.String(), Commands: cmds, StopOnFailure: stopOnFailure,
+		State: types.JobPending, CreatedAt: now, UpdatedAt: now}
+	if err := s.store.CreateJob(ctx, job); err != nil {
+		return uuid.Nil, fmt.Errorf("recording job: %w", err)
+	}
+	t, err := queue.NewJobRunTask(id.String(), queue.JobRunPayload{JobID: job.ID, VMID: vm.ID})
+	if err != nil {
+		return uuid.Nil, err
+	}
+	return id, s.submit(ctx, t, queue.EnqueueOptions{Queue: queue.WorkerQueue(vm.Owner), MaxRetry: execMaxRetry, Timeout: execTimeout})
+}
+
+// DeleteVMTask submits the removal of a VM and all its resources. Deleting a
+// deleted VM succeeds at once.
+func (s *TaskService) DeleteVMTask(ctx context.Context, vmID string) (uuid.UUID, error) {
+	return s.vmTask(ctx, vmID, types.TaskVMDelete)
+}
+
+// StopVMTask submits stopping a running VM.
+func (s *TaskService) StopVMTask(ctx context.Context, vmID string) (uuid.UUID, error) {
+	return s.vmTask(ctx, vmID, types.TaskVMStop)
+}
+
+// StartVMTask submits starting a stopped VM.
+func (s *TaskService) StartVMTask(ctx context.Context, vmID string) (uuid.UUID, error) {
+	return s.vmTask(ctx, vmID, types.TaskVMStart)
+}
+
+func (s *TaskService) vmTask(ctx context.Context, vmID string, typ types.TaskType) (uuid.UUID, error) {
+	id := uuid.New()
+	for attempt := 0; ; attempt++ {
+		vm, err := s.getVM(ctx, vmID)
+		if err != nil {
+			return uuid.Nil, err
+		}
+		switch {
+		case typ == types.TaskVMDelete && vm.State == types.VMDeleted:
+			return id, s.recordDone(ctx, id, typ, vm.ID, "vm was already deleted")
+		case typ == types.TaskVMDelete && vm.Owner == "" && vm.State == types.VMPending:
+			// No worker has touched it, so nothing exists outside the
+			// database: retire it here. If a worker claims it meanwhile the
+			// transition fails and the task goes to that worker instead.
+			if _, err := s.store.UpdateVMState(ctx, vm.ID, types.VMDeleting, ""); err == nil {
+				if _, err := s.store.UpdateVMState(ctx, vm.ID, types.VMDeleted, ""); err != nil {
+					return uuid.Nil, fmt.Errorf("deleting vm %s: %w", vm.ID, err)
+				}
+				return id, s.recordDone(ctx, id, typ, vm.ID, "vm was deleted before any worker created it")
+			} else if !errors.Is(err, types.ErrConflict) || attempt > 3 {
+				return uuid.Nil, fmt.Errorf("deleting vm %s: %w", vm.ID, err)
+			}
+			continue
+		case typ == types.TaskVMStop && vm.State != types.VMRunning:
+			return uuid.Nil, fmt.Errorf("%w: vm %s is %s; only a running vm can be stopped", types.ErrConflict, vm.ID, vm.State)
+		case typ == types.TaskVMStart && vm.State != types.VMStopped:
+			return uuid.Nil, fmt.Errorf("%w: vm %s is %s; only a stopped vm can be started", types.ErrConflict, vm.ID, vm.State)
+		case vm.Owner == "":
+			return uuid.Nil, fmt.Errorf("%w: vm %s is %s and no worker has claimed it yet; wait for its create task with `aether-cli task wait %s`", types.ErrConflict, vm.ID, vm.State, vm.ID)
+		}
+		var t *types.Task
+		switch typ {
+		case types.TaskVMDelete:
+			t, err = queue.NewVMDeleteTask(id.String(), queue.VMDeletePayload{VMID: vm.ID})
+		case types.TaskVMStop:
+			t, err = queue.NewVMStopTask(id.String(), queue.VMStopPayload{VMID: vm.ID})
+		default:
+			t, err = queue.NewVMStartTask(id.String(), queue.VMStartPayload{VMID: vm.ID})
+		}
+		if err != nil {
+			return uuid.Nil, err
+		}
+		return id, s.submit(ctx, t, queue.EnqueueOptions{Queue: queue.WorkerQueue(vm.Owner), MaxRetry: deleteMaxRetry, Timeout: deleteTimeout})
+	}
+}
+
+// recordDone stores a task that needed no worker.
+func (s *TaskService) recordDone(ctx context.Context, id uuid.UUID, typ types.TaskType, vmID, note string) error {
+	now := time.Now().UTC()
+	res, _ := json.Marshal(map[string]string{"vm_id": vmID, "note": note})
+	t := &types.Task{ID: id.String(), Type: typ, VMID: vmID, State: types.TaskSucceeded, Result: res,
+		CreatedAt: now, UpdatedAt: now, FinishedAt: &now}
+	if err := s.store.CreateTask(ctx, t); err != nil {
+		return fmt.Errorf("recording task: %w", err)
+	}
+	return nil
+}
+
+// submit records the task, then enqueues it. If the queue refuses, the task
+// is marked failed so that it never silently vanishes.
+func (s *TaskService) submit(ctx context.Context, t *types.Task, o queue.EnqueueOptions) error {
+	if err := s.store.CreateTask(ctx, t); err != nil {
+		return fmt.Errorf("recording %s task: %w", t.Type, err)
+	}
+	if err := s.queue.Enqueue(ctx, t, o); err != nil {
+		st, msg := types.TaskFailed, err.Error()
+		_, _ = s.store.UpdateTask(context.WithoutCancel(ctx), t.ID, storage.TaskUpdate{State: &st, Error: &msg})
+		return err
+	}
+	s.opts.logger.Debug("task submitted", "task_id", t.ID, "type", t.Type, "vm_id", t.VMID, "queue", o.Queue)
+	return nil
+}
+
+func parseID(kind, id string) (uuid.UUID, error) {
+	u, err := uuid.Parse(id)
+	if err != nil {
+		return uuid.Nil, fmt.Errorf("%w: %s id %q is not a UUID; list them with `aether-cli %s list`", types.ErrInvalid, kind, id, kind)
+	}
+	return u, nil
+}
+
+func (s *TaskService) getVM(ctx context.Context, vmID string) (*types.VM, error) {
+	u, err := parseID("vm", vmID)
+	if err != nil {
+		return nil, err
+	}
+	return s.GetVM(ctx, u)
+}
+
+func (s *TaskService) runningVM(ctx context.Context, vmID, what string) (*types.VM, error) {
+	vm, err := s.getVM(ctx, vmID)
+	if err != nil {
+		return nil, err
+	}
+	switch vm.State {
+	case types.VMRunning:
+		return vm, nil
+	case types.VMStopped:
+		return nil, fmt.Errorf("%w: cannot %s vm %s: it is stopped; start it with `aether-cli vm start %s`", types.ErrConflict, what, vm.ID, vm.ID)
+	case types.VMDeleted, types.VMDeleting:
+		return nil, fmt.Errorf("%w: cannot %s vm %s: it is %s; create a new one with `aether-cli vm create`", types.ErrConflict, what, vm.ID, vm.State)
+	case types.VMFailed:
+		return nil, fmt.Errorf("%w: cannot %s vm %s: it failed (%s); delete it and create a new one", types.ErrConflict, what, vm.ID, vm.Error)
+	default:
+		return nil, fmt.Errorf("%w: cannot %s vm %s: it is still %s; wait with `aether-cli task wait %s`", types.ErrConflict, what, vm.ID, vm.State, vm.ID)
+	}
+}
+
+// GetVM returns a VM, or an error wrapping types.ErrNotFound.
+func (s *TaskService) GetVM(ctx context.Context, vmID uuid.UUID) (*types.VM, error) {
+	vm, err := s.store.GetVM(ctx, vmID.String())
+	if errors.Is(err, types.ErrNotFound) {
+		return nil, fmt.Errorf("%w: vm %s does not exist; list VMs with `aether-cli vm list`", types.ErrNotFound, vmID)
+	}
+	return vm, err
+}
+
+// ListVMs returns every VM that is not deleted, oldest first.
+func (s *TaskService) ListVMs(ctx context.Context) ([]*types.VM, error) {
+	return s.store.ListVMs(ctx, storage.VMFilter{})
+}
+
+// GetExecutions returns a VM's executions in the order they started. An
+// unknown VM returns types.ErrNotFound.
+func (s *TaskService) GetExecutions(ctx context.Context, vmID uuid.UUID) ([]*types.Execution, error) {
+	if _, err := s.GetVM(ctx, vmID); err != nil {
+		return nil, err
+	}
+	return s.store.ListExecutions(ctx, vmID.String())
+}
+
+// GetExecution returns one execution (its id is the exec task's id).
+func (s *TaskService) GetExecution(ctx context.Context, id uuid.UUID) (*types.Execution, error) {
+	return s.store.GetExecution(ctx, id.String())
+}
+
+// GetTask returns a task, or an error wrapping types.ErrNotFound.
+func (s *TaskService) GetTask(ctx context.Context, id uuid.UUID) (*types.Task, error) {
+	t, err := s.store.GetTask(ctx, id.String())
+	if errors.Is(err, types.ErrNotFound) {
+		return nil, fmt.Errorf("%w: task %s does not exist", types.ErrNotFound, id)
+	}
+	return t, err
+}
+
+// GetJob returns a job with its executions.
+func (s *TaskService) GetJob(ctx context.Context, id uuid.UUID) (*types.Job, error) {
+	return s.store.GetJob(ctx, id.String())
+}
+
+// ListWorkers returns the workers that have reported themselves.
+func (s *TaskService) ListWorkers(ctx context.Context) ([]*types.Worker, error) {
+	return s.store.ListWorkers(ctx)
+}
+
+// waitFallback bounds how long WaitTask trusts notifications alone (they
+// can be lost if Redis restarts).
+const waitFallback = 2 * time.Second
+
+// WaitTask blocks until the task succeeds or fails, or ctx ends, and returns
+// the task as it then is. A failed task is returned without error: its
+// Error field says why.
+func (s *TaskService) WaitTask(ctx context.Context, id uuid.UUID) (*types.Task, error) {
+	var events <-chan struct{}
+	if s.notifier != nil {
+		ev, stop, err := s.notifier.WatchTask(ctx, id.String())
+		if err != nil {
+			return nil, err
+		}
+		defer stop()
+		events = ev
+	}
+	tick := time.NewTicker(waitFallback)
+	defer tick.Stop()
+	for {
+		t, err := s.GetTask(ctx, id)
+		if err != nil {
+			return nil, err
+		}
+		if t.State.Terminal() {
+			return t, nil
+		}
+		select {
+		case <-ctx.Done():
+			return t, fmt.Errorf("waiting for task %s (still %s): %w", id, t.State, ctx.Err())
+		case <-events:
+		case <-tick.C:
+		}
+	}
+}
+
+// CancelTask cancels a task: removed from its queue if it has not started,
+// its command killed if it runs. The task ends failed with "cancelled".
+func (s *TaskService) CancelTask(ctx context.Context, id uuid.UUID) error {
+	t, err := s.GetTask(ctx, id)
+	if err != nil || t.State.Terminal() {
+		return err
+	}
+	st, msg := types.TaskFailed, "cancelled"
+	if _, err := s.store.UpdateTask(ctx, t.ID, storage.TaskUpdate{State: &st, Error: &msg}); err != nil {
+		return fmt.Errorf("cancelling task %s: %w", id, err)
+	}
+	q := queue.SharedQueue
+	if t.VMID != "" {
+		if vm, err := s.store.GetVM(ctx, t.VMID); err == nil && vm.Owner != "" && t.Type != types.TaskVMCreate {
+			q = queue.WorkerQueue(vm.Owner)
+		}
+	}
+	if err := s.queue.Cancel(ctx, t.ID, q); err != nil {
+		return err
+	}
+	if s.notifier != nil {
+		_ = s.notifier.NotifyTask(ctx, t.ID)
+	}
+	return nil
+}
+
+// StreamOutput copies the live output of a task submitted with
+// ExecOptions.Stream to stdout and stderr until the command ends, and
+// returns how it ended.
+func (s *TaskService) StreamOutput(ctx context.Context, taskID uuid.UUID, stdout, stderr io.Writer) (*queue.ExitInfo, error) {
+	if s.output == nil {
+		return nil, fmt.Errorf("%w: this queue cannot stream output", types.ErrNotSupported)
+	}
+	return s.output.ReadOutput(ctx, taskID.String(), func(c queue.OutputChunk) error {
+		w := stdout
+		if c.Kind == queue.OutputStderr {
+			w = stderr
+		}
+		_, err := w.Write(c.Data)
+		return err
+	})
+}
+
+// ExecResult is how an interactive command ended.
+type ExecResult struct {
+	TaskID   uuid.UUID
+	ExitCode int
+	TimedOut bool
+	// Err is set when the command could not run at all (the task failed).
+	Err string
+}
+
+// drainGrace is how long Exec keeps reading output after its task ended
+// without an exit chunk (a worker crash), before trusting the stored state.
+const drainGrace = 2 * time.Second
+
+// Exec runs a command interactively: it submits a streamed exec task, copies
+// the output to stdout and stderr as it is produced and returns when the
+// command ends. Cancelling ctx cancels the task, which kills the command in
+// the guest. The execution is recorded in full like any other.
+func (s *TaskService) Exec(ctx context.Context, vmID string, cmd types.Command, stdout, stderr io.Writer) (*ExecResult, error) {
+	id, err := s.ExecuteCommandTaskWithOptions(ctx, vmID, cmd, ExecOptions{Stream: true})
+	if err != nil {
+		return nil, err
+	}
+	res := &ExecResult{TaskID: id}
+	readCtx, stopRead := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopRead()
+	type readOut struct {
+		exit *queue.ExitInfo
+		err  error
+	}
+	done := make(chan readOut, 1)
+	go func() {
+		ei, err := s.StreamOutput(readCtx, id, stdout, stderr)
+		done <- readOut{ei, err}
+	}()
+	taskDone := make(chan *types.Task, 1)
+	go func() {
+		t, err := s.WaitTask(readCtx, id)
+		if err == nil {
+			taskDone <- t
+		}
+	}()
+	var grace <-chan time.Time
+	for {
+		select {
+		case r := <-done:
+			if r.err != nil {
+				return res, r.err
+			}
+			res.ExitCode, res.TimedOut, res.Err = r.exit.ExitCode, r.exit.TimedOut, r.exit.Error
+			if ctx.Err() != nil {
+				return res, ctx.Err()
+			}
+			return res, nil
+		case <-ctx.Done():
+			// Kill the remote command, then keep reading until its exit chunk.
+			_ = s.CancelTask(context.WithoutCancel(ctx), id)
+			ctx = context.WithoutCancel(ctx)
+			grace = time.After(drainGrace)
+		case t := <-taskDone:
+			if grace == nil {
+				grace = time.After(drainGrace)
+			}
+			if t.State == types.TaskFailed && res.Err == "" {
+				res.Err = t.Error
+			}
+		case <-grace:
+			stopRead()
+			if e, err := s.store.GetExecution(context.WithoutCancel(ctx), id.String()); err == nil {
+				res.ExitCode, res.TimedOut = e.ExitCode, e.TimedOut
+				return res, nil
+			}
+			if res.Err == "" {
+				res.Err = "the command's task ended without a result"
+			}
+			return res, nil
+		}
+	}
+}
