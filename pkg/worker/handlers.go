@@ -1,0 +1,401 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"strconv"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/hibiken/asynq"
+
+	"github.com/aetherium/aetherium-core/pkg/queue"
+	"github.com/aetherium/aetherium-core/pkg/storage"
+	"github.com/aetherium/aetherium-core/pkg/types"
+	"github.com/aetherium/aetherium-core/pkg/vmm"
+)
+
+// permanent reports whether err can never succeed on retry.
+func permanent(err error) bool {
+	return errors.Is(err, types.ErrInvalid) || errors.Is(err, types.ErrNotFound) ||
+		errors.Is(err, types.ErrConflict) || errors.Is(err, types.ErrNotSupported) ||
+		errors.Is(err, asynq.SkipRetry)
+}
+
+// final reports whether a failing attempt is the task's last one, so the
+// handler must clean up instead of leaving the work for a retry.
+func final(ctx context.Context, err error) bool {
+	retry, _ := asynq.GetRetryCount(ctx)
+	maxRetry, _ := asynq.GetMaxRetry(ctx)
+	return permanent(err) || retry >= maxRetry
+}
+
+// track wraps a handler: it records the task's state transitions in storage,
+// notifies waiters, skips tasks that already ended (redelivery after a
+// crash) and turns permanent errors into asynq.SkipRetry.
+func (w *Worker) track(ctx context.Context, t *asynq.Task, fn func(ctx context.Context, log *slog.Logger) (any, error)) error {
+	id, _ := asynq.GetTaskID(ctx)
+	retry, _ := asynq.GetRetryCount(ctx)
+	log := w.log.With("task_id", id, "type", t.Type())
+	rec, err := w.store.GetTask(ctx, id)
+	switch {
+	case errors.Is(err, types.ErrNotFound):
+		// Enqueued without going through TaskService: record it now so it
+		// cannot vanish.
+		now := time.Now().UTC()
+		rec = &types.Task{ID: id, Type: types.TaskType(t.Type()), Payload: t.Payload(), State: types.TaskPending, CreatedAt: now, UpdatedAt: now}
+		if err := w.store.CreateTask(ctx, rec); err != nil && !errors.Is(err, types.ErrConflict) {
+			return fmt.Errorf("recording task %s: %w", id, err)
+		}
+	case err != nil:
+		return fmt.Errorf("loading task %s: %w", id, err)
+	case rec.State.Terminal():
+		log.Info("task already ended; skipping", "state", rec.State)
+		return nil
+	}
+	w.update(ctx, id, storage.TaskUpdate{State: ptr(types.TaskRunning), Attempts: ptr(retry + 1)})
+
+	res, err := fn(ctx, log)
+	bg := context.WithoutCancel(ctx)
+	if err == nil {
+		w.update(bg, id, storage.TaskUpdate{State: ptr(types.TaskSucceeded), Result: result(res), Error: ptr("")})
+		return nil
+	}
+	if ctx.Err() != nil {
+		if cur, e := w.store.GetTask(bg, id); e == nil && cur.State == types.TaskFailed {
+			log.Info("task cancelled")
+			return fmt.Errorf("task %s cancelled: %w", id, asynq.SkipRetry)
+		}
+	}
+	state := types.TaskRetrying
+	if final(ctx, err) {
+		state = types.TaskFailed
+	}
+	log.Warn("task failed", "err", err, "state", state, "attempt", retry+1)
+	w.update(bg, id, storage.TaskUpdate{State: &state, Error: ptr(err.Error())})
+	if permanent(err) {
+		return fmt.Errorf("%w (%w)", err, asynq.SkipRetry)
+	}
+	return err
+}
+
+func (w *Worker) update(ctx context.Context, id string, u storage.TaskUpdate) {
+	if _, err := w.store.UpdateTask(ctx, id, u); err != nil {
+		w.log.Error("recording task state", "task_id", id, "err", err)
+	}
+	if w.notifier != nil {
+		if err := w.notifier.NotifyTask(ctx, id); err != nil {
+			w.log.Warn("notifying task waiters", "task_id", id, "err", err)
+		}
+	}
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// ownedVM loads a VM that this worker must own.
+func (w *Worker) ownedVM(ctx context.Context, id string) (*types.VM, error) {
+	vm, err := w.store.GetVM(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	if vm.Owner != "" && vm.Owner != w.cfg.ID {
+		return nil, fmt.Errorf("%w: vm %s belongs to worker %s, not %s", types.ErrConflict, id, vm.Owner, w.cfg.ID)
+	}
+	return vm, nil
+}
+
+func (w *Worker) setState(ctx context.Context, id string, to types.VMState, msg string) error {
+	_, err := w.store.UpdateVMState(ctx, id, to, msg)
+	if err != nil {
+		return fmt.Errorf("marking vm %s %s: %w", id, to, err)
+	}
+	return nil
+}
+
+// HandleVMCreate creates and boots a VM and returns once its agent answers.
+// A retry resumes: the backend's CreateVM and StartVM are idempotent. On the
+// last failed attempt everything made is removed and the VM is marked failed.
+func (w *Worker) HandleVMCreate(ctx context.Context, t *asynq.Task) error {
+	return w.track(ctx, t, func(ctx context.Context, log *slog.Logger) (any, error) {
+		p, err := queue.Decode[queue.VMCreatePayload](t.Payload())
+		if err != nil {
+			return nil, err
+		}
+		vm, err := w.ownedVM(ctx, p.VMID)
+		if err != nil {
+			return nil, err
+		}
+		log = log.With("vm_id", vm.ID)
+		switch vm.State {
+		case types.VMDeleting, types.VMDeleted:
+			return nil, fmt.Errorf("%w: vm %s was deleted before it could be created", types.ErrConflict, vm.ID)
+		case types.VMRunning:
+			if st, err := w.vmm.GetVMStatus(ctx, vm.ID); err == nil && st.State == types.VMRunning {
+				return map[string]string{"vm_id": vm.ID}, nil
+			}
+		}
+		if err := w.store.ClaimVM(ctx, vm.ID, w.cfg.ID); err != nil {
+			return nil, err
+		}
+		if err := w.setState(ctx, vm.ID, types.VMCreating, ""); err != nil {
+			return nil, err
+		}
+		start := time.Now()
+		if err := w.createAndStart(ctx, vm.Spec()); err != nil {
+			if final(ctx, err) {
+				w.discard(context.WithoutCancel(ctx), log, vm.ID, err)
+			}
+			return nil, err
+		}
+		if err := w.setState(ctx, vm.ID, types.VMRunning, ""); err != nil {
+			return nil, err
+		}
+		log.Info("vm running", "took", time.Since(start))
+		return map[string]string{"vm_id": vm.ID}, nil
+	})
+}
+
+func (w *Worker) createAndStart(ctx context.Context, spec types.VMSpec) error {
+	if _, err := w.vmm.CreateVM(ctx, spec); err != nil {
+		return fmt.Errorf("creating vm %s: %w", spec.ID, err)
+	}
+	if err := w.vmm.StartVM(ctx, spec.ID); err != nil {
+		return fmt.Errorf("starting vm %s: %w", spec.ID, err)
+	}
+	return nil
+}
+
+// discard removes whatever the backend made for a VM that will not come up
+// and records why it failed.
+func (w *Worker) discard(ctx context.Context, log *slog.Logger, id string, cause error) {
+	if err := w.vmm.DeleteVM(ctx, id); err != nil {
+		log.Error("cleaning up failed vm", "err", err)
+	}
+	if err := w.setState(ctx, id, types.VMFailed, cause.Error()); err != nil {
+		log.Error("recording failed vm", "err", err)
+	}
+}
+
+// HandleVMExecute runs one command through the VM's agent and records the
+// execution (its id is the task id). When the command ran, the task
+// succeeds whatever its exit code; only an unreachable agent is retried.
+func (w *Worker) HandleVMExecute(ctx context.Context, t *asynq.Task) error {
+	return w.track(ctx, t, func(ctx context.Context, log *slog.Logger) (any, error) {
+		p, err := queue.Decode[queue.VMExecutePayload](t.Payload())
+		if err != nil {
+			return nil, err
+		}
+		id, _ := asynq.GetTaskID(ctx)
+		var sio vmm.ExecIO
+		var exit *queue.ExitInfo
+		if p.Stream && w.output != nil {
+			sio = vmm.ExecIO{Stdout: &chunkWriter{w, id, queue.OutputStdout}, Stderr: &chunkWriter{w, id, queue.OutputStderr}}
+			exit = &queue.ExitInfo{}
+			defer func() {
+				if err := w.output.AppendOutput(context.WithoutCancel(ctx), id, queue.OutputChunk{Kind: queue.OutputExit, Exit: exit}); err != nil {
+					log.Warn("ending output stream", "err", err)
+				}
+			}()
+		}
+		e, err := w.runCommand(ctx, log, p.VMID, id, "", p.Command, sio)
+		if exit != nil {
+			if err != nil {
+				exit.Error = err.Error()
+			} else {
+				exit.ExitCode, exit.TimedOut = e.ExitCode, e.TimedOut
+			}
+		}
+		if err != nil {
+			return nil, err
+		}
+		return map[string]any{"execution_id": e.ID, "exit_code": e.ExitCode, "timed_out": e.TimedOut}, nil
+	})
+}
+
+// runCommand runs cmd in the VM and stores the execution.
+func (w *Worker) runCommand(ctx context.Context, log *slog.Logger, vmID, execID, jobID string, cmd types.Command, sio vmm.ExecIO) (*types.Execution, error) {
+	vm, err := w.ownedVM(ctx, vmID)
+	if err != nil {
+		return nil, err
+	}
+	if vm.State != types.VMRunning {
+		return nil, fmt.Errorf("%w: vm %s is %s, not running", types.ErrConflict, vm.ID, vm.State)
+	}
+	env := maps.Clone(vm.Env)
+	if env == nil {
+		env = map[string]string{}
+	}
+	maps.Copy(env, cmd.Env)
+	cmd.Env = env
+	if cmd.MaxOutputBytes == 0 {
+		cmd.MaxOutputBytes = w.cfg.MaxOutputBytes
+	}
+	res, err := w.vmm.ExecuteCommand(ctx, vm.ID, cmd, sio)
+	if err != nil {
+		return nil, fmt.Errorf("running %q in vm %s: %w", cmd.Cmd, vm.ID, err)
+	}
+	e := types.NewExecution(execID, vm.ID, cmd, res)
+	e.JobID = jobID
+	e.TaskID, _ = asynq.GetTaskID(ctx)
+	if err := w.store.PutExecution(context.WithoutCancel(ctx), e); err != nil {
+		return nil, fmt.Errorf("recording execution %s: %w", execID, err)
+	}
+	log.Debug("command ran", "vm_id", vm.ID, "execution_id", execID, "exit_code", e.ExitCode, "took", e.Duration)
+	return e, nil
+}
+
+// chunkWriter forwards live output to the task's output stream. A Redis
+// hiccup must not kill the command: the full record is stored anyway.
+type chunkWriter struct {
+	w    *Worker
+	id   string
+	kind queue.OutputKind
+}
+
+func (c *chunkWriter) Write(p []byte) (int, error) {
+	data := append([]byte(nil), p...)
+	if err := c.w.output.AppendOutput(context.Background(), c.id, queue.OutputChunk{Kind: c.kind, Data: data}); err != nil {
+		c.w.log.Warn("streaming output", "task_id", c.id, "err", err)
+	}
+	return len(p), nil
+}
+
+// HandleVMDelete stops a VM and removes all its resources. Deleting a
+// deleted VM succeeds.
+func (w *Worker) HandleVMDelete(ctx context.Context, t *asynq.Task) error {
+	return w.track(ctx, t, func(ctx context.Context, log *slog.Logger) (any, error) {
+		p, err := queue.Decode[queue.VMDeletePayload](t.Payload())
+		if err != nil {
+			return nil, err
+		}
+		vm, err := w.ownedVM(ctx, p.VMID)
+		if err != nil {
+			return nil, err
+		}
+		if vm.State == types.VMDeleted {
+			return map[string]string{"vm_id": vm.ID}, nil
+		}
+		if err := w.setState(ctx, vm.ID, types.VMDeleting, ""); err != nil {
+			return nil, err
+		}
+		if err := w.vmm.DeleteVM(ctx, vm.ID); err != nil {
+			err = fmt.Errorf("deleting vm %s: %w", vm.ID, err)
+			if final(ctx, err) {
+				_ = w.setState(context.WithoutCancel(ctx), vm.ID, types.VMFailed, err.Error())
+			}
+			return nil, err
+		}
+		if err := w.setState(ctx, vm.ID, types.VMDeleted, ""); err != nil {
+			return nil, err
+		}
+		log.Info("vm deleted", "vm_id", vm.ID)
+		return map[string]string{"vm_id": vm.ID}, nil
+	})
+}
+
+// HandleVMStop stops a running VM.
+func (w *Worker) HandleVMStop(ctx context.Context, t *asynq.Task) error {
+	return w.track(ctx, t, func(ctx context.Context, log *slog.Logger) (any, error) {
+		p, err := queue.Decode[queue.VMStopPayload](t.Payload())
+		if err != nil {
+			return nil, err
+		}
+		vm, err := w.ownedVM(ctx, p.VMID)
+		if err != nil {
+			return nil, err
+		}
+		if vm.State == types.VMStopped {
+			return map[string]string{"vm_id": vm.ID}, nil
+		}
+		if err := w.setState(ctx, vm.ID, types.VMStopping, ""); err != nil {
+			return nil, err
+		}
+		if err := w.vmm.StopVM(ctx, vm.ID, p.Force); err != nil {
+			err = fmt.Errorf("stopping vm %s: %w", vm.ID, err)
+			if final(ctx, err) {
+				_ = w.setState(context.WithoutCancel(ctx), vm.ID, types.VMFailed, err.Error())
+			}
+			return nil, err
+		}
+		return map[string]string{"vm_id": vm.ID}, w.setState(ctx, vm.ID, types.VMStopped, "")
+	})
+}
+
+// HandleVMStart boots a stopped VM again.
+func (w *Worker) HandleVMStart(ctx context.Context, t *asynq.Task) error {
+	return w.track(ctx, t, func(ctx context.Context, log *slog.Logger) (any, error) {
+		p, err := queue.Decode[queue.VMStartPayload](t.Payload())
+		if err != nil {
+			return nil, err
+		}
+		vm, err := w.ownedVM(ctx, p.VMID)
+		if err != nil {
+			return nil, err
+		}
+		if vm.State != types.VMRunning {
+			if err := types.CheckTransition(vm.State, types.VMRunning); err != nil {
+				return nil, err
+			}
+			if err := w.vmm.StartVM(ctx, vm.ID); err != nil {
+				return nil, fmt.Errorf("starting vm %s: %w", vm.ID, err)
+			}
+		}
+		return map[string]string{"vm_id": vm.ID}, w.setState(ctx, vm.ID, types.VMRunning, "")
+	})
+}
+
+// HandleJobRun runs a job's commands in order. A retry resumes after the
+// commands already recorded (their execution ids are derived from the job).
+func (w *Worker) HandleJobRun(ctx context.Context, t *asynq.Task) error {
+	return w.track(ctx, t, func(ctx context.Context, log *slog.Logger) (any, error) {
+		p, err := queue.Decode[queue.JobRunPayload](t.Payload())
+		if err != nil {
+			return nil, err
+		}
+		job, err := w.store.GetJob(ctx, p.JobID)
+		if err != nil {
+			return nil, err
+		}
+		jobUUID, err := uuid.Parse(job.ID)
+		if err != nil {
+			return nil, fmt.Errorf("%w: job id %q is not a UUID", types.ErrInvalid, job.ID)
+		}
+		if err := w.store.UpdateJobState(ctx, job.ID, types.JobRunning, ""); err != nil {
+			return nil, err
+		}
+		state, failedAt := types.JobSucceeded, 0
+		for i, cmd := range job.Commands {
+			execID := uuid.NewSHA1(jobUUID, []byte(strconv.Itoa(i))).String()
+			e, err := w.store.GetExecution(ctx, execID)
+			if errors.Is(err, types.ErrNotFound) {
+				e, err = w.runCommand(ctx, log, job.VMID, execID, job.ID, cmd, vmm.ExecIO{})
+			}
+			if err != nil {
+				if final(ctx, err) {
+					_ = w.store.UpdateJobState(context.WithoutCancel(ctx), job.ID, types.JobFailed, err.Error())
+				}
+				return nil, err
+			}
+			if e.ExitCode != 0 || e.TimedOut {
+				if state == types.JobSucceeded {
+					failedAt = i + 1
+				}
+				state = types.JobFailed
+				if job.StopOnFailure {
+					break
+				}
+			}
+		}
+		msg := ""
+		if state == types.JobFailed {
+			msg = fmt.Sprintf("command %d failed", failedAt)
+		}
+		if err := w.store.UpdateJobState(ctx, job.ID, state, msg); err != nil {
+			return nil, err
+		}
+		return map[string]any{"job_id": job.ID, "state": state}, nil
+	})
+}

@@ -1,0 +1,241 @@
+// Package worker is the daemon that does Aetherium Core's work: an Asynq
+// server whose handlers create, run commands in and delete VMs through a
+// vmm.VMOrchestrator, recording every task and VM transition in storage.
+// It depends on the vmm, storage and queue interfaces, never on a backend.
+package worker
+
+import (
+	"cmp"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/hibiken/asynq"
+
+	"github.com/aetherium/aetherium-core/pkg/queue"
+	"github.com/aetherium/aetherium-core/pkg/storage"
+	"github.com/aetherium/aetherium-core/pkg/types"
+	"github.com/aetherium/aetherium-core/pkg/vmm"
+)
+
+// Config configures a Worker. Zero values take the defaults.
+type Config struct {
+	// ID names this worker and its queue. Required.
+	ID string
+	// Provider is recorded with the worker's heartbeat (e.g. "docker").
+	Provider string
+	// Redis is where the task queue lives.
+	Redis queue.RedisConfig
+	// Concurrency is how many tasks run at once. Default 10.
+	Concurrency int
+	// TaskCheckInterval is how often an idle worker polls for tasks.
+	// Default 5ms (Asynq's own default of 1s would add up to a second to
+	// every command; see docs/architecture.md).
+	TaskCheckInterval time.Duration
+	// ShutdownTimeout is how long Stop waits for tasks in flight before
+	// Asynq requeues them. Default 30s.
+	ShutdownTimeout time.Duration
+	// HeartbeatInterval is how often the worker records itself. Default 5s.
+	HeartbeatInterval time.Duration
+	// MaxOutputBytes caps each stream of a command. Default 1 MiB.
+	MaxOutputBytes int
+	// Logger receives the worker's logs. Default: discard.
+	Logger *slog.Logger
+}
+
+// Worker processes tasks. Start and Stop may each be called more than once.
+type Worker struct {
+	cfg      Config
+	store    storage.Store
+	vmm      vmm.VMOrchestrator
+	notifier queue.Notifier
+	output   queue.OutputStream
+	log      *slog.Logger
+
+	mu      sync.Mutex
+	srv     *asynq.Server
+	stopHB  context.CancelFunc
+	hbDone  chan struct{}
+	started bool
+}
+
+// New returns a worker. notifier and output may be nil (no wake-ups, no
+// streaming).
+func New(cfg Config, store storage.Store, orch vmm.VMOrchestrator, notifier queue.Notifier, output queue.OutputStream) (*Worker, error) {
+	if cfg.ID == "" {
+		return nil, fmt.Errorf("%w: worker id is empty", types.ErrInvalid)
+	}
+	cfg.Concurrency = cmp.Or(cfg.Concurrency, 10)
+	cfg.TaskCheckInterval = cmp.Or(cfg.TaskCheckInterval, 5*time.Millisecond)
+	cfg.ShutdownTimeout = cmp.Or(cfg.ShutdownTimeout, 30*time.Second)
+	cfg.HeartbeatInterval = cmp.Or(cfg.HeartbeatInterval, 5*time.Second)
+	cfg.MaxOutputBytes = cmp.Or(cfg.MaxOutputBytes, types.DefaultMaxOutputBytes)
+	cfg.Provider = cmp.Or(cfg.Provider, orch.Capabilities().Provider)
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	return &Worker{cfg: cfg, store: store, vmm: orch, notifier: notifier, output: output,
+		log: cfg.Logger.With("worker_id", cfg.ID)}, nil
+}
+
+// ID returns the worker's id.
+func (w *Worker) ID() string { return w.cfg.ID }
+
+// Queue returns the worker's own queue.
+func (w *Worker) Queue() string { return queue.WorkerQueue(w.cfg.ID) }
+
+// Mux returns the handler mux, for tests and embedding.
+func (w *Worker) Mux() *asynq.ServeMux {
+	mux := asynq.NewServeMux()
+	mux.HandleFunc(string(types.TaskVMCreate), w.HandleVMCreate)
+	mux.HandleFunc(string(types.TaskVMExecute), w.HandleVMExecute)
+	mux.HandleFunc(string(types.TaskVMDelete), w.HandleVMDelete)
+	mux.HandleFunc(string(types.TaskVMStop), w.HandleVMStop)
+	mux.HandleFunc(string(types.TaskVMStart), w.HandleVMStart)
+	mux.HandleFunc(string(types.TaskJobRun), w.HandleJobRun)
+	return mux
+}
+
+// Start reconciles the backend with storage, then starts taking tasks from
+// the worker's own queue (first) and the shared queue. It returns once the
+// worker serves. Calling Start on a started worker does nothing.
+func (w *Worker) Start(ctx context.Context) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.started {
+		return nil
+	}
+	if err := w.vmm.Health(ctx); err != nil {
+		return fmt.Errorf("vm backend %s is not usable: %w", w.cfg.Provider, err)
+	}
+	if err := w.Reconcile(ctx); err != nil {
+		return fmt.Errorf("reconciling: %w", err)
+	}
+	srv := asynq.NewServer(w.cfg.Redis.ConnOpt(), asynq.Config{
+		Concurrency: w.cfg.Concurrency,
+		// The worker's own queue goes first: its tasks concern VMs that only
+		// this worker can reach.
+		Queues:            map[string]int{w.Queue(): 2, queue.SharedQueue: 1},
+		StrictPriority:    true,
+		TaskCheckInterval: w.cfg.TaskCheckInterval,
+		ShutdownTimeout:   w.cfg.ShutdownTimeout,
+		Logger:            asynqLogger{w.log},
+		LogLevel:          asynq.WarnLevel,
+		// Invalid input is the caller's fault, not the worker's: it must not
+		// count against Asynq's failure metrics.
+		IsFailure: func(err error) bool { return !errors.Is(err, types.ErrInvalid) },
+	})
+	if err := srv.Start(w.Mux()); err != nil {
+		return fmt.Errorf("starting task server on Redis %s: %w", w.cfg.Redis.Addr, err)
+	}
+	w.srv = srv
+	hbCtx, stop := context.WithCancel(context.WithoutCancel(ctx))
+	w.stopHB, w.hbDone = stop, make(chan struct{})
+	go w.heartbeat(hbCtx)
+	w.started = true
+	w.log.Info("worker started", "queues", []string{w.Queue(), queue.SharedQueue}, "provider", w.cfg.Provider)
+	return nil
+}
+
+// Stop stops taking tasks, waits up to ShutdownTimeout for the tasks in
+// flight and lets Asynq requeue the rest. VMs keep running. Safe to call
+// twice.
+func (w *Worker) Stop() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.started {
+		return
+	}
+	w.srv.Shutdown()
+	w.stopHB()
+	<-w.hbDone
+	w.started = false
+	w.log.Info("worker stopped")
+}
+
+func (w *Worker) heartbeat(ctx context.Context) {
+	defer close(w.hbDone)
+	host, _ := os.Hostname()
+	beat := func() {
+		hctx, cancel := context.WithTimeout(ctx, w.cfg.HeartbeatInterval)
+		defer cancel()
+		rec := &types.Worker{ID: w.cfg.ID, Hostname: host, Provider: w.cfg.Provider, Healthy: true, LastSeen: time.Now().UTC()}
+		if err := w.vmm.Health(hctx); err != nil {
+			rec.Healthy, rec.Detail = false, err.Error()
+		}
+		if err := w.store.UpsertWorker(hctx, rec); err != nil && ctx.Err() == nil {
+			w.log.Warn("recording heartbeat", "err", err)
+		}
+	}
+	beat()
+	t := time.NewTicker(w.cfg.HeartbeatInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			beat()
+		}
+	}
+}
+
+// Reconcile makes the backend and storage agree after a crash or restart:
+// backend VMs whose rows are gone, deleted or failed are removed, and rows of
+// running VMs that the backend lost are marked failed. It is idempotent.
+func (w *Worker) Reconcile(ctx context.Context) error {
+	have, err := w.vmm.ListVMs(ctx)
+	if err != nil {
+		return fmt.Errorf("listing backend vms: %w", err)
+	}
+	seen := map[string]vmm.VMStatus{}
+	for _, st := range have {
+		seen[st.ID] = st
+		vm, err := w.store.GetVM(ctx, st.ID)
+		switch {
+		case errors.Is(err, types.ErrNotFound):
+		case err != nil:
+			return err
+		case vm.State != types.VMDeleted && vm.State != types.VMFailed:
+			continue
+		}
+		w.log.Info("removing leaked vm", "vm_id", st.ID)
+		if err := w.vmm.DeleteVM(ctx, st.ID); err != nil {
+			return fmt.Errorf("removing leaked vm %s: %w", st.ID, err)
+		}
+	}
+	mine, err := w.store.ListVMs(ctx, storage.VMFilter{Owner: w.cfg.ID, States: []types.VMState{types.VMRunning}})
+	if err != nil {
+		return err
+	}
+	for _, vm := range mine {
+		if st, ok := seen[vm.ID]; ok && st.State == types.VMRunning {
+			continue
+		}
+		w.log.Warn("running vm lost by the backend", "vm_id", vm.ID)
+		if _, err := w.store.UpdateVMState(ctx, vm.ID, types.VMFailed, "the vm was not running when its worker restarted; delete it"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// asynqLogger adapts slog to Asynq's logger.
+type asynqLogger struct{ l *slog.Logger }
+
+func (a asynqLogger) Debug(args ...any) { a.l.Debug(fmt.Sprint(args...)) }
+func (a asynqLogger) Info(args ...any)  { a.l.Info(fmt.Sprint(args...)) }
+func (a asynqLogger) Warn(args ...any)  { a.l.Warn(fmt.Sprint(args...)) }
+func (a asynqLogger) Error(args ...any) { a.l.Error(fmt.Sprint(args...)) }
+func (a asynqLogger) Fatal(args ...any) { a.l.Error(fmt.Sprint(args...)) }
+
+// result encodes a task result.
+func result(v any) json.RawMessage {
+	b, _ := json.Marshal(v)
+	return b
+}
