@@ -1,0 +1,150 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/aetherium/aetherium-core/internal/wiring"
+	"github.com/aetherium/aetherium-core/pkg/config"
+	"github.com/aetherium/aetherium-core/pkg/storage"
+	"github.com/aetherium/aetherium-core/pkg/storage/postgres"
+)
+
+// check is one line of the doctor's report.
+type check struct {
+	Name   string `json:"check"`
+	OK     bool   `json:"ok"`
+	Detail string `json:"detail"`
+	Fix    string `json:"fix,omitempty"`
+}
+
+// workerStale is how old a heartbeat may be before its worker counts as down.
+const workerStale = 30 * time.Second
+
+func (a *app) doctorCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "doctor",
+		Short: "Check PostgreSQL, Redis, the schema, the workers and the VM backend, with a fix for each failure",
+		Args:  args(cobra.NoArgs),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			checks := a.diagnose(cmd.Context())
+			failed := 0
+			for _, c := range checks {
+				if !c.OK {
+					failed++
+				}
+			}
+			if a.json {
+				if err := a.printJSON(checks); err != nil {
+					return err
+				}
+			} else {
+				tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
+				for _, c := range checks {
+					status := "ok"
+					if !c.OK {
+						status = "FAIL"
+					}
+					fmt.Fprintf(tw, "%s\t%s\t%s\n", status, c.Name, c.Detail)
+					if c.Fix != "" {
+						fmt.Fprintf(tw, "\t\tfix: %s\n", c.Fix)
+					}
+				}
+				tw.Flush()
+			}
+			if failed > 0 {
+				return exitError{1}
+			}
+			return nil
+		},
+	}
+}
+
+func (a *app) diagnose(ctx context.Context) []check {
+	var out []check
+	add := func(name string, err error, ok, fix string) bool {
+		if err != nil {
+			out = append(out, check{Name: name, Detail: err.Error(), Fix: fix})
+			return false
+		}
+		out = append(out, check{Name: name, OK: true, Detail: ok})
+		return true
+	}
+	cfg, err := a.config()
+	if !add("config", err, "loaded "+orDefaults(config.Path(a.cfgPath)), "fix the file named above; every key is documented in aetherium.example.yaml") {
+		return out
+	}
+	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+
+	store, err := wiring.OpenStore(ctx, cfg)
+	pgAt := fmt.Sprintf("%s:%d", cfg.Storage.Host, cfg.Storage.Port)
+	if add("postgresql", err, "reachable at "+pgAt, "start it with `make services-up`, or point storage.host/storage.port at a running server") {
+		defer store.Close()
+		v, dirty, err := store.SchemaVersion(ctx)
+		latest := postgres.LatestVersion()
+		switch {
+		case err != nil:
+			add("schema", err, "", "apply the schema with `make migrate-up`")
+		case dirty:
+			add("schema", fmt.Errorf("migration %d failed halfway (dirty)", v), "", "fix the cause, then `./bin/migrate down 1 && ./bin/migrate up`")
+		case v < latest:
+			add("schema", fmt.Errorf("version %d, but this build needs %d", v, latest), "", "apply the schema with `make migrate-up`")
+		default:
+			add("schema", nil, fmt.Sprintf("version %d (latest)", v), "")
+		}
+		a.checkWorkers(ctx, store, cfg, add)
+	}
+	q, err := wiring.OpenQueue(ctx, cfg)
+	if add("redis", err, "reachable at "+cfg.Queue.RedisAddr, "start it with `make services-up`, or set queue.redis_addr") {
+		q.Close()
+	}
+	add("vmm "+cfg.VMM.Provider, wiring.CheckVMM(ctx, cfg), "usable from this host",
+		"Worker can't create VMs: "+vmmFix(cfg.VMM.Provider))
+	return out
+}
+
+func (a *app) checkWorkers(ctx context.Context, store storage.Store, cfg *config.Config, add func(string, error, string, string) bool) {
+	workers, err := store.ListWorkers(ctx)
+	if err != nil {
+		add("workers", err, "", "apply the schema with `make migrate-up`")
+		return
+	}
+	alive := 0
+	for _, w := range workers {
+		if time.Since(w.LastSeen) > workerStale {
+			continue
+		}
+		alive++
+		var werr error
+		if !w.Healthy {
+			werr = fmt.Errorf("%s (%s on %s): %s", w.ID, w.Provider, w.Hostname, w.Detail)
+		}
+		add("worker "+w.ID, werr, fmt.Sprintf("%s on %s, seen %s ago", w.Provider, w.Hostname, time.Since(w.LastSeen).Round(time.Second)),
+			"Worker can't create VMs: "+vmmFix(w.Provider))
+	}
+	if alive == 0 {
+		add("workers", fmt.Errorf("no worker has reported in the last %s, so tasks will wait in the queue", workerStale), "",
+			"start one with `make up` (background) or `make run-worker`")
+	}
+}
+
+func vmmFix(provider string) string {
+	switch provider {
+	case "docker":
+		return "start a Docker engine (`make up` starts a private dockerd) or set vmm.docker.host"
+	default:
+		return "set vmm.provider to docker, or see docs/ for the " + provider + " prerequisites"
+	}
+}
+
+func orDefaults(p string) string {
+	if p == "" {
+		return "(no file: defaults and AETHERIUM_* variables)"
+	}
+	return p
+}

@@ -1,0 +1,201 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"text/tabwriter"
+
+	"github.com/google/uuid"
+	"github.com/spf13/cobra"
+
+	"github.com/aetherium/aetherium-core/pkg/service"
+	"github.com/aetherium/aetherium-core/pkg/types"
+)
+
+func (a *app) vmCmd() *cobra.Command {
+	vm := &cobra.Command{Use: "vm", Short: "Create, inspect and delete VMs"}
+	vm.AddCommand(a.vmCreateCmd(), a.vmListCmd(), a.vmGetCmd(),
+		a.vmTaskCmd("delete", "Delete a VM and everything it holds", (*service.TaskService).DeleteVMTask),
+		a.vmTaskCmd("stop", "Stop a running VM", (*service.TaskService).StopVMTask),
+		a.vmTaskCmd("start", "Start a stopped VM", (*service.TaskService).StartVMTask))
+	return vm
+}
+
+func (a *app) vmCreateCmd() *cobra.Command {
+	var (
+		o           service.CreateVMOptions
+		labels, env []string
+		wait        bool
+	)
+	cmd := &cobra.Command{
+		Use:   "create --name NAME [--vcpus N] [--memory MiB] [--wait]",
+		Short: "Create a VM and print its id",
+		Args:  args(cobra.NoArgs),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			var err error
+			if o.Labels, err = parseKV("label", labels); err != nil {
+				return err
+			}
+			if o.Env, err = parseKV("env", env); err != nil {
+				return err
+			}
+			svc, err := a.service(cmd.Context())
+			if err != nil {
+				return err
+			}
+			id, err := svc.CreateVMTaskWithOptions(cmd.Context(), o)
+			if err != nil {
+				return err
+			}
+			if wait {
+				if err := a.waitOK(cmd.Context(), svc.TaskService, id); err != nil {
+					return err
+				}
+			}
+			if a.json {
+				v, err := svc.GetVM(cmd.Context(), id)
+				if err != nil {
+					return err
+				}
+				return a.printJSON(newVMView(v))
+			}
+			fmt.Fprintln(a.stdout, id)
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.Name, "name", "", "VM name: lowercase letters, digits and '-' (required)")
+	f.IntVar(&o.VCPUs, "vcpus", 1, "virtual CPUs")
+	f.IntVar(&o.MemoryMB, "memory", 256, "memory in MiB")
+	f.StringArrayVar(&labels, "label", nil, "label KEY=VALUE (repeatable)")
+	f.StringArrayVar(&env, "env", nil, "default environment KEY=VALUE of every command (repeatable)")
+	f.BoolVar(&wait, "wait", false, "return only once the VM's agent answers")
+	return cmd
+}
+
+// waitOK waits for a task and turns its failure into an error.
+func (a *app) waitOK(ctx context.Context, svc *service.TaskService, id uuid.UUID) error {
+	t, err := svc.WaitTask(ctx, id)
+	if err != nil {
+		return err
+	}
+	if t.State == types.TaskFailed {
+		return fmt.Errorf("task %s (%s) failed: %s", t.ID, t.Type, t.Error)
+	}
+	return nil
+}
+
+func (a *app) vmListCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "list",
+		Short: "List VMs that are not deleted",
+		Args:  args(cobra.NoArgs),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			svc, err := a.service(cmd.Context())
+			if err != nil {
+				return err
+			}
+			vms, err := svc.ListVMs(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if a.json {
+				out := make([]vmView, 0, len(vms))
+				for _, v := range vms {
+					out = append(out, newVMView(v))
+				}
+				return a.printJSON(out)
+			}
+			tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "ID\tNAME\tSTATE\tVCPUS\tMEMORY\tPROVIDER\tWORKER")
+			for _, v := range vms {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%dMiB\t%s\t%s\n", v.ID, v.Name, v.State, v.VCPUs, v.MemoryMB, v.Provider, v.Owner)
+			}
+			return tw.Flush()
+		},
+	}
+}
+
+func (a *app) vmGetCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "get ID",
+		Short: "Show one VM",
+		Args:  args(cobra.ExactArgs(1)),
+		RunE: func(cmd *cobra.Command, argv []string) error {
+			svc, err := a.service(cmd.Context())
+			if err != nil {
+				return err
+			}
+			id, err := parseUUID("vm", argv[0])
+			if err != nil {
+				return err
+			}
+			v, err := svc.GetVM(cmd.Context(), id)
+			if err != nil {
+				return err
+			}
+			if a.json {
+				return a.printJSON(newVMView(v))
+			}
+			tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintf(tw, "id\t%s\nname\t%s\nstate\t%s\nvcpus\t%d\nmemory\t%d MiB\nprovider\t%s\nworker\t%s\ncreated\t%s\n",
+				v.ID, v.Name, v.State, v.VCPUs, v.MemoryMB, v.Provider, v.Owner, v.CreatedAt.Format("2006-01-02 15:04:05Z07:00"))
+			if v.Error != "" {
+				fmt.Fprintf(tw, "error\t%s\n", v.Error)
+			}
+			return tw.Flush()
+		},
+	}
+}
+
+// vmTaskCmd builds delete, stop and start: submit, optionally wait, print
+// the task id.
+func (a *app) vmTaskCmd(name, short string, submit func(*service.TaskService, context.Context, string) (uuid.UUID, error)) *cobra.Command {
+	var wait bool
+	cmd := &cobra.Command{
+		Use:   name + " ID [--wait]",
+		Short: short,
+		Args:  args(cobra.ExactArgs(1)),
+		RunE: func(cmd *cobra.Command, argv []string) error {
+			svc, err := a.service(cmd.Context())
+			if err != nil {
+				return err
+			}
+			if _, err := parseUUID("vm", argv[0]); err != nil {
+				return err
+			}
+			id, err := submit(svc.TaskService, cmd.Context(), argv[0])
+			if err != nil {
+				return err
+			}
+			if wait {
+				if err := a.waitOK(cmd.Context(), svc.TaskService, id); err != nil {
+					return err
+				}
+			}
+			return a.printTask(cmd.Context(), svc.TaskService, id)
+		},
+	}
+	cmd.Flags().BoolVar(&wait, "wait", false, "return only once the task has finished")
+	return cmd
+}
+
+func (a *app) printTask(ctx context.Context, svc *service.TaskService, id uuid.UUID) error {
+	if !a.json {
+		fmt.Fprintln(a.stdout, id)
+		return nil
+	}
+	t, err := svc.GetTask(ctx, id)
+	if err != nil {
+		return err
+	}
+	return a.printJSON(newTaskView(t))
+}
+
+func parseUUID(kind, s string) (uuid.UUID, error) {
+	id, err := uuid.Parse(s)
+	if err != nil {
+		return uuid.Nil, fmt.Errorf("%w: %s id %q is not a UUID; ids are printed by `aether-cli %s list`", types.ErrInvalid, kind, s, kind)
+	}
+	return id, nil
+}

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Builds the four binaries into bin/. fc-agent is static: it runs inside
+# guests and containers that have no libc of ours.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$REPO"
+mkdir -p bin
+CGO_ENABLED=0 go build -trimpath -o bin/fc-agent ./cmd/fc-agent
+for b in worker aether-cli migrate; do go build -o "bin/$b" "./cmd/$b"; done
+log "built bin/worker bin/fc-agent bin/aether-cli bin/migrate"

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Brings Aetherium Core up: packages, binaries, PostgreSQL and Redis, the
+# schema, a private dockerd when the docker backend has no engine to talk to,
+# and the worker. In the background by default; `up.sh --foreground` keeps
+# the worker in the foreground and stops everything on Ctrl-C (make run).
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$REPO"
+FOREGROUND=${1:-}
+
+"$REPO/scripts/setup.sh"
+"$REPO/scripts/build.sh"
+"$REPO/scripts/services.sh" up
+mkdir -p "$STATE"
+
+PG_PORT=${AETHERIUM_PG_PORT:-15432}
+REDIS_PORT=${AETHERIUM_REDIS_PORT:-16379}
+if [ ! -e aetherium.yaml ] && [ -z "${AETHERIUM_CONFIG:-}" ]; then
+  log "writing aetherium.yaml for the local services"
+  cat > aetherium.yaml <<YAML
+# Written by scripts/up.sh for the services it starts; edit freely.
+# Every key is documented in aetherium.example.yaml.
+vmm:
+  provider: docker
+  docker:
+    socket_dir: $STATE/vms
+queue:
+  provider: redis
+  redis_addr: 127.0.0.1:$REDIS_PORT
+storage:
+  provider: postgres
+  host: 127.0.0.1
+  port: $PG_PORT
+  database: aetherium
+  user: aetherium
+  password: aetherium
+worker:
+  auto_migrate: true
+YAML
+fi
+
+./bin/migrate up
+
+provider=${AETHERIUM_VMM_PROVIDER:-$(sed -n 's/^  provider: *//p' "${AETHERIUM_CONFIG:-aetherium.yaml}" | head -1)}
+provider=${provider:-docker}
+if [ "$provider" = docker ] && [ -z "${AETHERIUM_VMM_DOCKER_HOST:-}" ]; then
+  if [ -S /var/run/docker.sock ] && curl -fsS --max-time 3 --unix-socket /var/run/docker.sock http://docker/_ping >/dev/null 2>&1; then
+    log "using the Docker engine at /var/run/docker.sock"
+  else
+    d=$STATE/dockerd
+    mkdir -p "$d"
+    if ! alive "$d/dockerd.pid"; then
+      log "no Docker engine reachable: starting a private dockerd in $d"
+      # --bridge=none --iptables=false: leave the host's network alone.
+      setsid dockerd --host "unix://$d/docker.sock" --data-root "$d/data" --exec-root "$d/exec" \
+        --pidfile "$d/dockerd.pid.d" --bridge=none --iptables=false --ip-masq=false \
+        >"$d/dockerd.log" 2>&1 &
+      echo $! > "$d/dockerd.pid"
+      for _ in $(seq 300); do
+        curl -fsS --max-time 1 --unix-socket "$d/docker.sock" http://docker/_ping >/dev/null 2>&1 && break
+        alive "$d/dockerd.pid" || { tail -20 "$d/dockerd.log" >&2; die "dockerd exited; see $d/dockerd.log"; }
+        sleep 0.1
+      done
+    fi
+    export AETHERIUM_VMM_DOCKER_HOST=unix://$d/docker.sock
+  fi
+fi
+
+export AETHERIUM_WORKER_READY_FILE=$STATE/worker.ready
+if [ "$FOREGROUND" = --foreground ]; then
+  trap '"$REPO/scripts/down.sh"' EXIT
+  trap 'exit 130' INT TERM
+  log "worker running in the foreground; Ctrl-C stops everything"
+  ./bin/worker &
+  echo $! > "$STATE/worker.pid"
+  wait "$(cat "$STATE/worker.pid")"
+  exit $?
+fi
+
+if alive "$STATE/worker.pid"; then
+  log "worker already running (pid $(cat "$STATE/worker.pid"))"
+  exit 0
+fi
+rm -f "$AETHERIUM_WORKER_READY_FILE"
+setsid ./bin/worker >"$STATE/worker.log" 2>&1 &
+echo $! > "$STATE/worker.pid"
+for _ in $(seq 1200); do
+  [ -e "$AETHERIUM_WORKER_READY_FILE" ] && break
+  alive "$STATE/worker.pid" || { tail -30 "$STATE/worker.log" >&2; die "the worker exited; see $STATE/worker.log"; }
+  sleep 0.1
+done
+[ -e "$AETHERIUM_WORKER_READY_FILE" ] || die "the worker did not become ready in 120s; see $STATE/worker.log"
+log "worker ready (pid $(cat "$STATE/worker.pid"), log $STATE/worker.log). Try: ./bin/aether-cli vm create --name demo --wait"
