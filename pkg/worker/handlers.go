@@ -36,7 +36,7 @@ func final(ctx context.Context, err error) bool {
 // track wraps a handler: it records the task's state transitions in storage,
 // notifies waiters, skips tasks that already ended (redelivery after a
 // crash) and turns permanent errors into asynq.SkipRetry.
-func (w *Worker) track(ctx context.Context, t *asynq.Task, fn func(ctx context.Context, log *slog.Logger) (any, error)) error {
+func (w *Worker) track(ctx context.Context, t *asynq.Task, fn func(ctx context.Context, log *slog.Logger) (map[string]any, error)) error {
 	id, _ := asynq.GetTaskID(ctx)
 	retry, _ := asynq.GetRetryCount(ctx)
 	log := w.log.With("task_id", id, "type", t.Type())
@@ -61,6 +61,10 @@ func (w *Worker) track(ctx context.Context, t *asynq.Task, fn func(ctx context.C
 	res, err := fn(ctx, log)
 	bg := context.WithoutCancel(ctx)
 	if err == nil {
+		if res == nil {
+			res = map[string]any{}
+		}
+		res["worker_id"] = w.cfg.ID // which worker did it: ownership is observable
 		w.update(bg, id, storage.TaskUpdate{State: ptr(types.TaskSucceeded), Result: result(res), Error: ptr("")})
 		return nil
 	}
@@ -119,7 +123,7 @@ func (w *Worker) setState(ctx context.Context, id string, to types.VMState, msg 
 // A retry resumes: the backend's CreateVM and StartVM are idempotent. On the
 // last failed attempt everything made is removed and the VM is marked failed.
 func (w *Worker) HandleVMCreate(ctx context.Context, t *asynq.Task) error {
-	return w.track(ctx, t, func(ctx context.Context, log *slog.Logger) (any, error) {
+	return w.track(ctx, t, func(ctx context.Context, log *slog.Logger) (map[string]any, error) {
 		p, err := queue.Decode[queue.VMCreatePayload](t.Payload())
 		if err != nil {
 			return nil, err
@@ -134,7 +138,7 @@ func (w *Worker) HandleVMCreate(ctx context.Context, t *asynq.Task) error {
 			return nil, fmt.Errorf("%w: vm %s was deleted before it could be created", types.ErrConflict, vm.ID)
 		case types.VMRunning:
 			if st, err := w.vmm.GetVMStatus(ctx, vm.ID); err == nil && st.State == types.VMRunning {
-				return map[string]string{"vm_id": vm.ID}, nil
+				return map[string]any{"vm_id": vm.ID}, nil
 			}
 		}
 		if err := w.store.ClaimVM(ctx, vm.ID, w.cfg.ID); err != nil {
@@ -154,7 +158,7 @@ func (w *Worker) HandleVMCreate(ctx context.Context, t *asynq.Task) error {
 			return nil, err
 		}
 		log.Info("vm running", "took", time.Since(start))
-		return map[string]string{"vm_id": vm.ID}, nil
+		return map[string]any{"vm_id": vm.ID}, nil
 	})
 }
 
@@ -183,7 +187,7 @@ func (w *Worker) discard(ctx context.Context, log *slog.Logger, id string, cause
 // execution (its id is the task id). When the command ran, the task
 // succeeds whatever its exit code; only an unreachable agent is retried.
 func (w *Worker) HandleVMExecute(ctx context.Context, t *asynq.Task) error {
-	return w.track(ctx, t, func(ctx context.Context, log *slog.Logger) (any, error) {
+	return w.track(ctx, t, func(ctx context.Context, log *slog.Logger) (map[string]any, error) {
 		p, err := queue.Decode[queue.VMExecutePayload](t.Payload())
 		if err != nil {
 			return nil, err
@@ -266,7 +270,7 @@ func (c *chunkWriter) Write(p []byte) (int, error) {
 // HandleVMDelete stops a VM and removes all its resources. Deleting a
 // deleted VM succeeds.
 func (w *Worker) HandleVMDelete(ctx context.Context, t *asynq.Task) error {
-	return w.track(ctx, t, func(ctx context.Context, log *slog.Logger) (any, error) {
+	return w.track(ctx, t, func(ctx context.Context, log *slog.Logger) (map[string]any, error) {
 		p, err := queue.Decode[queue.VMDeletePayload](t.Payload())
 		if err != nil {
 			return nil, err
@@ -276,7 +280,7 @@ func (w *Worker) HandleVMDelete(ctx context.Context, t *asynq.Task) error {
 			return nil, err
 		}
 		if vm.State == types.VMDeleted {
-			return map[string]string{"vm_id": vm.ID}, nil
+			return map[string]any{"vm_id": vm.ID}, nil
 		}
 		if err := w.setState(ctx, vm.ID, types.VMDeleting, ""); err != nil {
 			return nil, err
@@ -292,13 +296,13 @@ func (w *Worker) HandleVMDelete(ctx context.Context, t *asynq.Task) error {
 			return nil, err
 		}
 		log.Info("vm deleted", "vm_id", vm.ID)
-		return map[string]string{"vm_id": vm.ID}, nil
+		return map[string]any{"vm_id": vm.ID}, nil
 	})
 }
 
 // HandleVMStop stops a running VM.
 func (w *Worker) HandleVMStop(ctx context.Context, t *asynq.Task) error {
-	return w.track(ctx, t, func(ctx context.Context, log *slog.Logger) (any, error) {
+	return w.track(ctx, t, func(ctx context.Context, log *slog.Logger) (map[string]any, error) {
 		p, err := queue.Decode[queue.VMStopPayload](t.Payload())
 		if err != nil {
 			return nil, err
@@ -308,7 +312,7 @@ func (w *Worker) HandleVMStop(ctx context.Context, t *asynq.Task) error {
 			return nil, err
 		}
 		if vm.State == types.VMStopped {
-			return map[string]string{"vm_id": vm.ID}, nil
+			return map[string]any{"vm_id": vm.ID}, nil
 		}
 		if err := w.setState(ctx, vm.ID, types.VMStopping, ""); err != nil {
 			return nil, err
@@ -320,13 +324,13 @@ func (w *Worker) HandleVMStop(ctx context.Context, t *asynq.Task) error {
 			}
 			return nil, err
 		}
-		return map[string]string{"vm_id": vm.ID}, w.setState(ctx, vm.ID, types.VMStopped, "")
+		return map[string]any{"vm_id": vm.ID}, w.setState(ctx, vm.ID, types.VMStopped, "")
 	})
 }
 
 // HandleVMStart boots a stopped VM again.
 func (w *Worker) HandleVMStart(ctx context.Context, t *asynq.Task) error {
-	return w.track(ctx, t, func(ctx context.Context, log *slog.Logger) (any, error) {
+	return w.track(ctx, t, func(ctx context.Context, log *slog.Logger) (map[string]any, error) {
 		p, err := queue.Decode[queue.VMStartPayload](t.Payload())
 		if err != nil {
 			return nil, err
@@ -343,14 +347,14 @@ func (w *Worker) HandleVMStart(ctx context.Context, t *asynq.Task) error {
 				return nil, fmt.Errorf("starting vm %s: %w", vm.ID, err)
 			}
 		}
-		return map[string]string{"vm_id": vm.ID}, w.setState(ctx, vm.ID, types.VMRunning, "")
+		return map[string]any{"vm_id": vm.ID}, w.setState(ctx, vm.ID, types.VMRunning, "")
 	})
 }
 
 // HandleJobRun runs a job's commands in order. A retry resumes after the
 // commands already recorded (their execution ids are derived from the job).
 func (w *Worker) HandleJobRun(ctx context.Context, t *asynq.Task) error {
-	return w.track(ctx, t, func(ctx context.Context, log *slog.Logger) (any, error) {
+	return w.track(ctx, t, func(ctx context.Context, log *slog.Logger) (map[string]any, error) {
 		p, err := queue.Decode[queue.JobRunPayload](t.Payload())
 		if err != nil {
 			return nil, err
