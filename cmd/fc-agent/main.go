@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/aetherium/aetherium-core/pkg/agent"
@@ -47,10 +48,13 @@ func run() int {
 		log.Error("cannot listen", "err", err)
 		return halt(log, pid1, 1)
 	}
+	// Set when a Shutdown request already tried to power off.
+	var requested atomic.Bool
 	srv := agent.NewServer(agent.ServerConfig{
 		MaxOutputBytes: *maxOutput,
 		Logger:         log,
 		OnShutdown: func(reboot bool) {
+			requested.Store(true)
 			log.Info("shut down by request", "reboot", reboot)
 		},
 	})
@@ -67,11 +71,12 @@ func run() int {
 		log.Error("agent failed", "err", err)
 		return halt(log, pid1, 1)
 	}
-	return halt(log, pid1, 0)
+	return halt(log, pid1 && !requested.Load(), 0)
 }
 
 // halt powers the guest off when the agent is init, since init exiting
-// makes the kernel panic; otherwise it returns code for the process to exit.
+// makes the kernel panic; otherwise, or if that fails (in a container), it
+// returns code for the process to exit with.
 func halt(log *slog.Logger, pid1 bool, code int) int {
 	if pid1 {
 		err := agent.Halt(false)

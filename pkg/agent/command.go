@@ -1,0 +1,204 @@
+package agent
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"io/fs"
+	"maps"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"github.com/aetherium/aetherium-core/pkg/agent/agentpb"
+	"github.com/aetherium/aetherium-core/pkg/types"
+)
+
+// defaultPath is every command's PATH unless the request sets one. The
+// agent's own environment is not inherited: as PID 1 it has next to none,
+// and commands should not depend on how the agent was started.
+const defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+// Exit codes of commands that never ran, as a shell reports them.
+const (
+	exitNotFound      = 127
+	exitCannotExecute = 126
+)
+
+// startError is a command that could not be started; the host turns it into
+// types.ErrInvalid because retrying the same request cannot help.
+type startError struct {
+	code int // exitNotFound or exitCannotExecute
+	err  error
+}
+
+func (e *startError) Error() string { return e.err.Error() }
+func (e *startError) Unwrap() error { return e.err }
+
+func cannotRun(err error) *startError {
+	code := exitCannotExecute
+	if errors.Is(err, fs.ErrNotExist) {
+		code = exitNotFound
+	}
+	return &startError{code: code, err: err}
+}
+
+// identity is who a command runs as.
+type identity struct {
+	cred *syscall.Credential // nil: the agent's own user
+	name string              // for USER and LOGNAME; may be empty
+	home string
+}
+
+// selfIdentity describes the agent's own user. A static build reads
+// /etc/passwd itself; a guest without an entry still gets a usable HOME.
+func selfIdentity() identity {
+	if u, err := user.Current(); err == nil {
+		return identity{name: u.Username, home: cmp.Or(u.HomeDir, "/")}
+	}
+	return identity{home: cmp.Or(os.Getenv("HOME"), "/")}
+}
+
+// lookupIdentity resolves a user name or numeric uid. Switching users needs
+// root; an unprivileged agent accepts only its own uid.
+func (s *Server) lookupIdentity(spec string) (identity, error) {
+	if spec == "" {
+		return s.self, nil
+	}
+	u, err := lookupUser(spec)
+	if err != nil {
+		return identity{}, err
+	}
+	uid, err1 := strconv.ParseUint(u.Uid, 10, 32)
+	gid, err2 := strconv.ParseUint(u.Gid, 10, 32)
+	if err := errors.Join(err1, err2); err != nil {
+		return identity{}, fmt.Errorf("user %q has a non-numeric uid or gid: %w", spec, err)
+	}
+	id := identity{name: u.Username, home: cmp.Or(u.HomeDir, "/")}
+	euid := os.Geteuid()
+	if euid != 0 {
+		if uint64(euid) == uid {
+			return id, nil
+		}
+		return identity{}, fmt.Errorf("the agent runs as uid %d and cannot run commands as user %q; run fc-agent as root to switch users", euid, spec)
+	}
+	id.cred = &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}
+	if gids, err := u.GroupIds(); err == nil {
+		for _, g := range gids {
+			if n, err := strconv.ParseUint(g, 10, 32); err == nil {
+				id.cred.Groups = append(id.cred.Groups, uint32(n))
+			}
+		}
+	}
+	return id, nil
+}
+
+// lookupUser accepts a name or a numeric uid. A uid without a passwd entry
+// runs with gid 0 and HOME=/, as `docker run --user` does.
+func lookupUser(spec string) (*user.User, error) {
+	if _, err := strconv.ParseUint(spec, 10, 32); err != nil {
+		u, err := user.Lookup(spec)
+		if err != nil {
+			return nil, fmt.Errorf("looking up user %q: %w", spec, err)
+		}
+		return u, nil
+	}
+	u, err := user.LookupId(spec)
+	var unknown user.UnknownUserIdError
+	if errors.As(err, &unknown) {
+		return &user.User{Uid: spec, Gid: "0", HomeDir: "/"}, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("looking up uid %s: %w", spec, err)
+	}
+	return u, nil
+}
+
+// buildCmd turns a request into a command that is ready to start, in its
+// own process group so that it and everything it spawns can be killed
+// together.
+func (s *Server) buildCmd(start *agentpb.ExecStart) (*exec.Cmd, error) {
+	if start.GetCmd() == "" {
+		return nil, &startError{code: exitCannotExecute, err: errors.New("command is empty")}
+	}
+	if err := types.ValidateEnv(start.GetEnv()); err != nil {
+		return nil, &startError{code: exitCannotExecute, err: err}
+	}
+	id, err := s.lookupIdentity(start.GetUser())
+	if err != nil {
+		return nil, &startError{code: exitCannotExecute, err: err}
+	}
+	env := map[string]string{"PATH": defaultPath, "HOME": id.home}
+	if id.name != "" {
+		env["USER"], env["LOGNAME"] = id.name, id.name
+	}
+	maps.Copy(env, start.GetEnv())
+
+	dir, err := workDir(start.GetCwd(), id.home)
+	if err != nil {
+		return nil, &startError{code: exitCannotExecute, err: err}
+	}
+	path, err := lookPath(start.GetCmd(), env["PATH"])
+	if err != nil {
+		return nil, cannotRun(err)
+	}
+	cmd := &exec.Cmd{
+		Path:        path,
+		Args:        append([]string{start.GetCmd()}, start.GetArgs()...),
+		Dir:         dir,
+		SysProcAttr: &syscall.SysProcAttr{Setpgid: true, Credential: id.cred},
+	}
+	for _, k := range slices.Sorted(maps.Keys(env)) {
+		cmd.Env = append(cmd.Env, k+"="+env[k])
+	}
+	return cmd, nil
+}
+
+// workDir checks the working directory before the fork, because a failed
+// chdir in the child is reported as a failed exec of the program, which
+// misleads.
+func workDir(cwd, home string) (string, error) {
+	if cwd == "" {
+		// Home, like a login shell, when it exists; many guests have no
+		// home directory for root.
+		if fi, err := os.Stat(home); err == nil && fi.IsDir() {
+			return home, nil
+		}
+		return "/", nil
+	}
+	if !filepath.IsAbs(cwd) {
+		return "", fmt.Errorf("working directory %q must be an absolute path", cwd)
+	}
+	fi, err := os.Stat(cwd)
+	if err != nil {
+		return "", fmt.Errorf("working directory: %w", err)
+	}
+	if !fi.IsDir() {
+		return "", fmt.Errorf("working directory %s is not a directory", cwd)
+	}
+	return cwd, nil
+}
+
+// lookPath searches the command's PATH, not the agent's as exec.LookPath
+// would. Relative PATH entries are skipped for the reason exec.ErrDot
+// exists.
+func lookPath(file, pathEnv string) (string, error) {
+	if strings.Contains(file, "/") {
+		return file, nil // relative paths are resolved against cmd.Dir
+	}
+	for _, dir := range filepath.SplitList(pathEnv) {
+		if !filepath.IsAbs(dir) {
+			continue
+		}
+		p := filepath.Join(dir, file)
+		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o111 != 0 {
+			return p, nil
+		}
+	}
+	return "", &exec.Error{Name: file, Err: exec.ErrNotFound}
+}

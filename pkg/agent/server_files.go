@@ -1,0 +1,149 @@
+package agent
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"syscall"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/aetherium/aetherium-core/pkg/agent/agentpb"
+)
+
+// defaultFileMode is the mode of written files when the request has none.
+const defaultFileMode = 0o644
+
+// WriteFile creates or truncates a file and writes the streamed data. Only
+// the permission bits of the mode are used, and they are applied even to an
+// existing file and regardless of the agent's umask. A broken stream leaves
+// what was written so far; writing again is the way to recover.
+func (s *Server) WriteFile(stream grpc.ClientStreamingServer[agentpb.WriteFileRequest, agentpb.WriteFileResponse]) error {
+	first, err := stream.Recv()
+	if err != nil {
+		return err
+	}
+	h := first.GetHeader()
+	if h == nil {
+		return status.Error(codes.InvalidArgument, "the first WriteFile message must carry the header")
+	}
+	path := h.GetPath()
+	if !filepath.IsAbs(path) {
+		return status.Errorf(codes.InvalidArgument, "file path %q must be absolute", path)
+	}
+	mode := fs.FileMode(h.GetMode()) & fs.ModePerm
+	if h.GetMode() == 0 {
+		mode = defaultFileMode
+	}
+	if h.GetMakeParents() {
+		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+			return fileStatus(err)
+		}
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, mode)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) && !h.GetMakeParents() {
+			return status.Errorf(codes.NotFound, "%v; create the directory first or set make_parents", err)
+		}
+		return fileStatus(err)
+	}
+	defer f.Close()
+	if fi, err := f.Stat(); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm() != mode {
+		if err := f.Chmod(mode); err != nil {
+			return fileStatus(err)
+		}
+	}
+	var written int64
+	for {
+		req, err := stream.Recv()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return err
+		}
+		n, err := f.Write(req.GetData())
+		written += int64(n)
+		if err != nil {
+			return fileStatus(err)
+		}
+	}
+	if err := f.Close(); err != nil {
+		return fileStatus(err)
+	}
+	s.log.Debug("file written", "path", path, "bytes", written)
+	return stream.SendAndClose(&agentpb.WriteFileResponse{BytesWritten: written})
+}
+
+// ReadFile streams a file. A file larger than max_bytes fails with
+// FailedPrecondition before anything is sent when its size is known, and
+// as soon as the limit is passed otherwise (e.g. files in /proc).
+func (s *Server) ReadFile(req *agentpb.ReadFileRequest, stream grpc.ServerStreamingServer[agentpb.ReadFileResponse]) error {
+	path, limit := req.GetPath(), req.GetMaxBytes()
+	if !filepath.IsAbs(path) {
+		return status.Errorf(codes.InvalidArgument, "file path %q must be absolute", path)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return fileStatus(err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return fileStatus(err)
+	}
+	if fi.IsDir() {
+		return status.Errorf(codes.FailedPrecondition, "%s is a directory; only files can be read", path)
+	}
+	tooBig := func(size string) error {
+		return status.Errorf(codes.FailedPrecondition, "%s is %s bytes, more than the %d allowed; raise max_bytes", path, size, limit)
+	}
+	if limit > 0 && fi.Mode().IsRegular() && fi.Size() > limit {
+		return tooBig(fmt.Sprint(fi.Size()))
+	}
+	buf := make([]byte, chunkSize)
+	var total int64
+	for {
+		n, err := f.Read(buf)
+		if n > 0 {
+			total += int64(n)
+			if limit > 0 && total > limit {
+				return tooBig(fmt.Sprintf("more than %d", limit))
+			}
+			// A fresh slice: gRPC may hold the message after Send.
+			if err := stream.Send(&agentpb.ReadFileResponse{Data: bytes.Clone(buf[:n])}); err != nil {
+				return err
+			}
+		}
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return fileStatus(err)
+		}
+	}
+}
+
+// fileStatus gives a file system error the gRPC code the client maps to an
+// error kind.
+func fileStatus(err error) error {
+	code := codes.Internal
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		code = codes.NotFound
+	case errors.Is(err, fs.ErrPermission):
+		code = codes.PermissionDenied
+	case errors.Is(err, syscall.EISDIR), errors.Is(err, syscall.ENOTDIR),
+		errors.Is(err, syscall.EROFS), errors.Is(err, syscall.ETXTBSY):
+		code = codes.FailedPrecondition
+	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
+		code = codes.ResourceExhausted
+	}
+	return status.Error(code, err.Error())
+}
