@@ -1,0 +1,150 @@
+package postgres
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/aetherium/aetherium-core/pkg/storage"
+	"github.com/aetherium/aetherium-core/pkg/types"
+)
+
+const vmColumns = `id, name, vcpus, memory_mb, state, provider, owner, labels, env, error, created_at, updated_at`
+
+func scanVM(row pgx.Row) (*types.VM, error) {
+	var (
+		v           types.VM
+		state       string
+		labels, env *string
+	)
+	err := row.Scan(&v.ID, &v.Name, &v.VCPUs, &v.MemoryMB, &state, &v.Provider, &v.Owner,
+		&labels, &env, &v.Error, &v.CreatedAt, &v.UpdatedAt)
+	if err != nil {
+		return nil, err
+	}
+	v.State = types.VMState(state)
+	if err := fromJSON(labels, &v.Labels); err != nil {
+		return nil, fmt.Errorf("vm %s labels: %w", v.ID, err)
+	}
+	if err := fromJSON(env, &v.Env); err != nil {
+		return nil, fmt.Errorf("vm %s env: %w", v.ID, err)
+	}
+	v.CreatedAt, v.UpdatedAt = utc(v.CreatedAt), utc(v.UpdatedAt)
+	return &v, nil
+}
+
+// CreateVM inserts vm. Zero CreatedAt and UpdatedAt are set to now in vm.
+func (s *Store) CreateVM(ctx context.Context, vm *types.VM) error {
+	if err := required("vm", "id", vm.ID); err != nil {
+		return fmt.Errorf("creating vm: %w", err)
+	}
+	labels, err := toJSON(vm.Labels)
+	if err != nil {
+		return fmt.Errorf("creating vm %s: %w", vm.ID, err)
+	}
+	env, err := toJSON(vm.Env)
+	if err != nil {
+		return fmt.Errorf("creating vm %s: %w", vm.ID, err)
+	}
+	stamp(&vm.CreatedAt, &vm.UpdatedAt)
+	_, err = s.pool.Exec(ctx, `INSERT INTO vms (`+vmColumns+`)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)`,
+		vm.ID, vm.Name, vm.VCPUs, vm.MemoryMB, string(vm.State), vm.Provider, vm.Owner,
+		labels, env, vm.Error, vm.CreatedAt, vm.UpdatedAt)
+	if err != nil {
+		return s.fail(err, "creating vm %s (name %q)", vm.ID, vm.Name)
+	}
+	return nil
+}
+
+// GetVM returns the VM with id, deleted or not.
+func (s *Store) GetVM(ctx context.Context, id string) (*types.VM, error) {
+	return getByID(ctx, s, "vm", id, `SELECT `+vmColumns+` FROM vms WHERE id = $1`, scanVM)
+}
+
+// ListVMs returns the VMs f selects, oldest first.
+func (s *Store) ListVMs(ctx context.Context, f storage.VMFilter) ([]*types.VM, error) {
+	q := `SELECT ` + vmColumns + ` FROM vms WHERE TRUE`
+	var args []any
+	if !f.IncludeDeleted {
+		args = append(args, string(types.VMDeleted))
+		q += fmt.Sprintf(` AND state <> $%d`, len(args))
+	}
+	if f.Owner != "" {
+		args = append(args, f.Owner)
+		q += fmt.Sprintf(` AND owner = $%d`, len(args))
+	}
+	if len(f.States) > 0 {
+		states := make([]string, len(f.States))
+		for i, st := range f.States {
+			states[i] = string(st)
+		}
+		args = append(args, states)
+		q += fmt.Sprintf(` AND state = ANY($%d)`, len(args))
+	}
+	q += ` ORDER BY created_at, id`
+	vms, err := queryAll(ctx, s, scanVM, q, args...)
+	if err != nil {
+		return nil, s.fail(err, "listing vms")
+	}
+	return vms, nil
+}
+
+// UpdateVMState locks the VM's row, checks the transition against the state
+// it holds and writes the new one, so concurrent callers cannot both move
+// the VM out of the same state. UpdatedAt only changes when the state or
+// the error text does.
+func (s *Store) UpdateVMState(ctx context.Context, id string, to types.VMState, errMsg string) (*types.VM, error) {
+	var vm *types.VM
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		var from string
+		err := tx.QueryRow(ctx, `SELECT state FROM vms WHERE id = $1 FOR UPDATE`, id).Scan(&from)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return notFound("vm", id)
+		}
+		if err != nil {
+			return err
+		}
+		if err := types.CheckTransition(types.VMState(from), to); err != nil {
+			return err
+		}
+		vm, err = scanVM(tx.QueryRow(ctx, `UPDATE vms SET state = $2, error = $3,
+				updated_at = CASE WHEN state = $2 AND error = $3 THEN updated_at ELSE $4 END
+			WHERE id = $1 RETURNING `+vmColumns,
+			id, string(to), errMsg, now()))
+		return err
+	})
+	if err != nil {
+		return nil, s.fail(err, "moving vm %s to %s", id, to)
+	}
+	return vm, nil
+}
+
+// ClaimVM sets the VM's owner if it has none. An owner, once set, never
+// changes, so the follow-up read that explains a refused claim cannot race
+// with another claim.
+func (s *Store) ClaimVM(ctx context.Context, id, owner string) error {
+	if err := required("claim", "owner", owner); err != nil {
+		return fmt.Errorf("claiming vm %s: %w", id, err)
+	}
+	tag, err := s.pool.Exec(ctx, `UPDATE vms SET owner = $2, updated_at = $3 WHERE id = $1 AND owner = ''`, id, owner, now())
+	if err != nil {
+		return s.fail(err, "claiming vm %s for %s", id, owner)
+	}
+	if tag.RowsAffected() == 1 {
+		return nil
+	}
+	var current string
+	err = s.pool.QueryRow(ctx, `SELECT owner FROM vms WHERE id = $1`, id).Scan(&current)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		return fmt.Errorf("claiming vm %s for %s: %w", id, owner, notFound("vm", id))
+	case err != nil:
+		return s.fail(err, "claiming vm %s for %s", id, owner)
+	case current != owner:
+		return fmt.Errorf("claiming vm %s for %s: %w: worker %s owns it", id, owner, types.ErrConflict, current)
+	}
+	return nil
+}

@@ -1,0 +1,46 @@
+package postgres
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/aetherium/aetherium-core/pkg/types"
+)
+
+// UpsertWorker inserts w or replaces the worker with its id. A zero
+// LastSeen is set to now in w.
+func (s *Store) UpsertWorker(ctx context.Context, w *types.Worker) error {
+	if err := required("worker", "id", w.ID); err != nil {
+		return fmt.Errorf("recording worker: %w", err)
+	}
+	w.LastSeen = orNow(w.LastSeen)
+	_, err := s.pool.Exec(ctx, `INSERT INTO workers (id, hostname, provider, healthy, detail, last_seen)
+		VALUES ($1, $2, $3, $4, $5, $6)
+		ON CONFLICT (id) DO UPDATE SET hostname = EXCLUDED.hostname, provider = EXCLUDED.provider,
+			healthy = EXCLUDED.healthy, detail = EXCLUDED.detail, last_seen = EXCLUDED.last_seen`,
+		w.ID, w.Hostname, w.Provider, w.Healthy, w.Detail, w.LastSeen)
+	if err != nil {
+		return s.fail(err, "recording worker %s", w.ID)
+	}
+	return nil
+}
+
+// ListWorkers returns every worker that ever reported, by id.
+func (s *Store) ListWorkers(ctx context.Context) ([]*types.Worker, error) {
+	ws, err := queryAll(ctx, s, scanWorker, `SELECT id, hostname, provider, healthy, detail, last_seen FROM workers ORDER BY id`)
+	if err != nil {
+		return nil, s.fail(err, "listing workers")
+	}
+	return ws, nil
+}
+
+func scanWorker(row pgx.Row) (*types.Worker, error) {
+	var w types.Worker
+	if err := row.Scan(&w.ID, &w.Hostname, &w.Provider, &w.Healthy, &w.Detail, &w.LastSeen); err != nil {
+		return nil, err
+	}
+	w.LastSeen = utc(w.LastSeen)
+	return &w, nil
+}
