@@ -16,11 +16,13 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
-const usage = `usage: migrate [--config FILE] up | down [N] | status
+const usage = `usage: migrate [--config FILE] up | down [N] | status | force V
 
   up       apply every pending migration
   down N   revert the last N migrations (default: all)
-  status   print the applied version and whether it is dirty`
+  status   print the applied version and whether it is dirty
+  force V  mark version V as applied and clean, after repairing a
+           migration that failed halfway`
 
 func main() {
 	err := run()
@@ -59,6 +61,14 @@ func run() error {
 			}
 		}
 		if err := postgres.MigrateDown(ctx, dsn, steps); err != nil {
+			return err
+		}
+	case "force":
+		v, err := strconv.ParseUint(flag.Arg(1), 10, 32)
+		if err != nil {
+			return fmt.Errorf("%w: force takes the version to mark as applied, got %q", types.ErrInvalid, flag.Arg(1))
+		}
+		if err := postgres.MigrateForce(ctx, dsn, uint(v)); err != nil {
 			return err
 		}
 	case "status":

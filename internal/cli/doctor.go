@@ -91,7 +91,7 @@ func (a *app) diagnose(ctx context.Context) []check {
 		case err != nil:
 			add("schema", err, "", "apply the schema with `make migrate-up`")
 		case dirty:
-			add("schema", fmt.Errorf("migration %d failed halfway (dirty)", v), "", "fix the cause, then `./bin/migrate down 1 && ./bin/migrate up`")
+			add("schema", fmt.Errorf("migration %d failed halfway (dirty)", v), "", fmt.Sprintf("repair what migration %d half-did, then `./bin/migrate force %d` and `./bin/migrate up`", v, v-1))
 		case v < latest:
 			add("schema", fmt.Errorf("version %d, but this build needs %d", v, latest), "", "apply the schema with `make migrate-up`")
 		default:
