@@ -2,6 +2,7 @@ package worker
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -46,7 +47,12 @@ func (w *Worker) track(ctx context.Context, t *asynq.Task, fn func(ctx context.C
 		// Enqueued without going through TaskService: record it now so it
 		// cannot vanish.
 		now := time.Now().UTC()
-		rec = &types.Task{ID: id, Type: types.TaskType(t.Type()), Payload: t.Payload(), State: types.TaskPending, CreatedAt: now, UpdatedAt: now}
+		payload := json.RawMessage(t.Payload())
+		if !json.Valid(payload) {
+			// Keep the bytes for the post-mortem, as a JSON string.
+			payload, _ = json.Marshal(string(payload))
+		}
+		rec = &types.Task{ID: id, Type: types.TaskType(t.Type()), Payload: payload, State: types.TaskPending, CreatedAt: now, UpdatedAt: now}
 		if err := w.store.CreateTask(ctx, rec); err != nil && !errors.Is(err, types.ErrConflict) {
 			return fmt.Errorf("recording task %s: %w", id, err)
 		}
