@@ -12,38 +12,15 @@ FOREGROUND=${1:-}
 "$REPO/scripts/services.sh" up
 mkdir -p "$STATE"
 
-PG_PORT=${AETHERIUM_PG_PORT:-15432}
-REDIS_PORT=${AETHERIUM_REDIS_PORT:-16379}
-if [ ! -e aetherium.yaml ] && [ -z "${AETHERIUM_CONFIG:-}" ]; then
-  log "writing aetherium.yaml for the local services"
-  cat > aetherium.yaml <<YAML
-# Written by scripts/up.sh for the services it starts; edit freely.
-# Every key is documented in aetherium.example.yaml.
-vmm:
-  provider: docker
-  docker:
-    socket_dir: $STATE/vms
-queue:
-  provider: redis
-  redis_addr: 127.0.0.1:$REDIS_PORT
-storage:
-  provider: postgres
-  host: 127.0.0.1
-  port: $PG_PORT
-  database: aetherium
-  user: aetherium
-  password: aetherium
-worker:
-  auto_migrate: true
-YAML
-fi
-
-./bin/migrate up
-
-provider=${AETHERIUM_VMM_PROVIDER:-$(sed -n 's/^  provider: *//p' "${AETHERIUM_CONFIG:-aetherium.yaml}" | head -1)}
+cfgfile=${AETHERIUM_CONFIG:-aetherium.yaml}
+provider=${AETHERIUM_VMM_PROVIDER:-$( [ -e "$cfgfile" ] && sed -n 's/^  provider: *//p' "$cfgfile" | head -1 || true)}
 provider=${provider:-docker}
-if [ "$provider" = docker ] && [ -z "${AETHERIUM_VMM_DOCKER_HOST:-}" ]; then
-  if [ -S /var/run/docker.sock ] && curl -fsS --max-time 3 --unix-socket /var/run/docker.sock http://docker/_ping >/dev/null 2>&1; then
+DOCKER_HOST_LINE=""
+configured=$( [ -e "$cfgfile" ] && sed -n 's/^    host: *//p' "$cfgfile" | tr -d '"' | head -1 || true)
+private_host=unix://$STATE/dockerd/docker.sock
+if [ "$provider" = docker ] && [ -z "${AETHERIUM_VMM_DOCKER_HOST:-}" ] &&
+   { [ -z "$configured" ] || [ "$configured" = "$private_host" ]; }; then
+  if [ -z "$configured" ] && [ -S /var/run/docker.sock ] && curl -fsS --max-time 3 --unix-socket /var/run/docker.sock http://docker/_ping >/dev/null 2>&1; then
     log "using the Docker engine at /var/run/docker.sock"
   else
     d=$STATE/dockerd
@@ -61,9 +38,39 @@ if [ "$provider" = docker ] && [ -z "${AETHERIUM_VMM_DOCKER_HOST:-}" ]; then
         sleep 0.1
       done
     fi
-    export AETHERIUM_VMM_DOCKER_HOST=unix://$d/docker.sock
+    export AETHERIUM_VMM_DOCKER_HOST=$private_host
+    DOCKER_HOST_LINE="    host: $AETHERIUM_VMM_DOCKER_HOST"
   fi
 fi
+
+PG_PORT=${AETHERIUM_PG_PORT:-15432}
+REDIS_PORT=${AETHERIUM_REDIS_PORT:-16379}
+if [ ! -e aetherium.yaml ] && [ -z "${AETHERIUM_CONFIG:-}" ]; then
+  log "writing aetherium.yaml for the local services"
+  cat > aetherium.yaml <<YAML
+# Written by scripts/up.sh for the services it starts; edit freely.
+# Every key is documented in aetherium.example.yaml.
+vmm:
+  provider: docker
+  docker:
+    socket_dir: $STATE/vms
+$DOCKER_HOST_LINE
+queue:
+  provider: redis
+  redis_addr: 127.0.0.1:$REDIS_PORT
+storage:
+  provider: postgres
+  host: 127.0.0.1
+  port: $PG_PORT
+  database: aetherium
+  user: aetherium
+  password: aetherium
+worker:
+  auto_migrate: true
+YAML
+fi
+
+./bin/migrate up
 
 export AETHERIUM_WORKER_READY_FILE=$STATE/worker.ready
 if [ "$FOREGROUND" = --foreground ]; then
