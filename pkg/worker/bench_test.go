@@ -2,13 +2,13 @@ package worker_test
 
 import (
 	"context"
-	"slices"
 	"testing"
 	"time"
 
 	"github.com/google/uuid"
 	"github.com/stretchr/testify/require"
 
+	"github.com/aetherium/aetherium-core/internal/testenv"
 	"github.com/aetherium/aetherium-core/internal/testenv/stack"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
@@ -40,10 +40,8 @@ func BenchmarkExecuteCommandTask(b *testing.B) {
 			task, err := s.Service.WaitTask(ctx, vmID)
 			require.NoError(b, err)
 			require.Equal(b, types.TaskSucceeded, task.State, task.Error)
-			durs := make([]time.Duration, 0, b.N)
 			b.ResetTimer()
-			for i := 0; i < b.N; i++ {
-				start := time.Now()
+			testenv.Measure(b, func() {
 				id, err := s.Service.ExecuteCommandTask(ctx, vmID.String(), "true", nil)
 				if err != nil {
 					b.Fatal(err)
@@ -53,10 +51,7 @@ func BenchmarkExecuteCommandTask(b *testing.B) {
 				} else if t, err := s.Service.WaitTask(ctx, id); err != nil || t.State != types.TaskSucceeded {
 					b.Fatalf("exec task: %v %+v", err, t)
 				}
-				durs = append(durs, time.Since(start))
-			}
-			b.StopTimer()
-			reportPercentiles(b, durs)
+			})
 		})
 	}
 }
@@ -68,17 +63,4 @@ func pollStored(b *testing.B, s *stack.Stack, id uuid.UUID) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-}
-
-func reportPercentiles(b *testing.B, durs []time.Duration) {
-	if len(durs) == 0 {
-		return
-	}
-	slices.Sort(durs)
-	pct := func(p float64) float64 {
-		return float64(durs[int(float64(len(durs)-1)*p)].Microseconds()) / 1000
-	}
-	b.ReportMetric(pct(0.5), "median-ms")
-	b.ReportMetric(pct(0.9), "p90-ms")
-	b.ReportMetric(pct(0.99), "p99-ms")
 }

@@ -238,16 +238,16 @@ func BenchmarkExecTrue(b *testing.B) {
 	ctx := b.Context()
 
 	b.Run("agent", func(b *testing.B) {
-		for b.Loop() {
+		testenv.Measure(b, func() {
 			res, err := o.ExecuteCommand(ctx, id, types.Command{Cmd: "true"}, vmm.ExecIO{})
 			if err != nil || res.ExitCode != 0 {
 				b.Fatalf("exec: %v %+v", err, res)
 			}
-		}
+		})
 	})
 	b.Run("docker-exec", func(b *testing.B) {
 		api := o.Client()
-		for b.Loop() {
+		testenv.Measure(b, func() {
 			ex, err := api.ContainerExecCreate(ctx, name, container.ExecOptions{Cmd: []string{"true"}, AttachStdout: true, AttachStderr: true})
 			if err != nil {
 				b.Fatal(err)
@@ -265,18 +265,18 @@ func BenchmarkExecTrue(b *testing.B) {
 			if err != nil || ins.ExitCode != 0 || ins.Running {
 				b.Fatalf("exec inspect: %v %+v", err, ins)
 			}
-		}
+		})
 	})
 	b.Run("docker-cli", func(b *testing.B) {
 		cli, err := exec.LookPath("docker")
 		if err != nil {
 			b.Skip("no docker CLI in PATH")
 		}
-		for b.Loop() {
+		testenv.Measure(b, func() {
 			if out, err := exec.Command(cli, "-H", cfg.Host, "exec", name, "true").CombinedOutput(); err != nil {
 				b.Fatalf("docker exec: %v\n%s", err, out)
 			}
-		}
+		})
 	})
 }
 
