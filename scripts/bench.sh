@@ -5,4 +5,4 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$REPO"
 "$REPO/scripts/setup.sh"
 go test -run '^$' -bench 'BenchmarkExecTrue' -benchtime 200x -count 1 ./pkg/vmm/docker ./pkg/agent
-go test -run '^$' -bench 'BenchmarkExecuteCommandTask' -benchtime 200x -count 1 ./pkg/worker
+go test -run '^$' -bench 'BenchmarkExecuteCommandTask' -benchtime 100x -count 1 ./pkg/worker
