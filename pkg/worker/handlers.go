@@ -281,28 +281,7 @@ func (w *Worker) HandleVMDelete(ctx context.Context, t *asynq.Task) error {
 		if err != nil {
 			return nil, err
 		}
-		vm, err := w.ownedVM(ctx, p.VMID)
-		if err != nil {
-			return nil, err
-		}
-		if vm.State == types.VMDeleted {
-			return map[string]any{"vm_id": vm.ID}, nil
-		}
-		if err := w.setState(ctx, vm.ID, types.VMDeleting, ""); err != nil {
-			return nil, err
-		}
-		if err := w.vmm.DeleteVM(ctx, vm.ID); err != nil {
-			err = fmt.Errorf("deleting vm %s: %w", vm.ID, err)
-			if final(ctx, err) {
-				_ = w.setState(context.WithoutCancel(ctx), vm.ID, types.VMFailed, err.Error())
-			}
-			return nil, err
-		}
-		if err := w.setState(ctx, vm.ID, types.VMDeleted, ""); err != nil {
-			return nil, err
-		}
-		log.Info("vm deleted", "vm_id", vm.ID)
-		return map[string]any{"vm_id": vm.ID}, nil
+		return w.moveVM(ctx, log, p.VMID, types.VMDeleting, types.VMDeleted, "deleting", w.vmm.DeleteVM)
 	})
 }
 
@@ -313,25 +292,38 @@ func (w *Worker) HandleVMStop(ctx context.Context, t *asynq.Task) error {
 		if err != nil {
 			return nil, err
 		}
-		vm, err := w.ownedVM(ctx, p.VMID)
-		if err != nil {
-			return nil, err
-		}
-		if vm.State == types.VMStopped {
-			return map[string]any{"vm_id": vm.ID}, nil
-		}
-		if err := w.setState(ctx, vm.ID, types.VMStopping, ""); err != nil {
-			return nil, err
-		}
-		if err := w.vmm.StopVM(ctx, vm.ID, p.Force); err != nil {
-			err = fmt.Errorf("stopping vm %s: %w", vm.ID, err)
-			if final(ctx, err) {
-				_ = w.setState(context.WithoutCancel(ctx), vm.ID, types.VMFailed, err.Error())
-			}
-			return nil, err
-		}
-		return map[string]any{"vm_id": vm.ID}, w.setState(ctx, vm.ID, types.VMStopped, "")
+		return w.moveVM(ctx, log, p.VMID, types.VMStopping, types.VMStopped, "stopping",
+			func(ctx context.Context, id string) error { return w.vmm.StopVM(ctx, id, p.Force) })
 	})
+}
+
+// moveVM takes an owned VM through state `via` to `to` while op runs. A VM
+// already in `to` is left alone; if op fails on the last attempt the VM is
+// marked failed so that only delete is left to do.
+func (w *Worker) moveVM(ctx context.Context, log *slog.Logger, id string, via, to types.VMState, what string, op func(context.Context, string) error) (map[string]any, error) {
+	vm, err := w.ownedVM(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	res := map[string]any{"vm_id": vm.ID}
+	if vm.State == to {
+		return res, nil
+	}
+	if err := w.setState(ctx, vm.ID, via, ""); err != nil {
+		return nil, err
+	}
+	if err := op(ctx, vm.ID); err != nil {
+		err = fmt.Errorf("%s vm %s: %w", what, vm.ID, err)
+		if final(ctx, err) {
+			_ = w.setState(context.WithoutCancel(ctx), vm.ID, types.VMFailed, err.Error())
+		}
+		return nil, err
+	}
+	if err := w.setState(ctx, vm.ID, to, ""); err != nil {
+		return nil, err
+	}
+	log.Info("vm "+string(to), "vm_id", vm.ID)
+	return res, nil
 }
 
 // HandleVMStart boots a stopped VM again.
