@@ -150,25 +150,17 @@ func waitPing(sock string, exited <-chan struct{}, timeout time.Duration) error 
 		}},
 	}
 	defer hc.CloseIdleConnections()
-	deadline := time.Now().Add(timeout)
-	for {
+	return waitReady("dockerd", func() error {
 		resp, err := hc.Get("http://docker/_ping")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-			err = errors.New(resp.Status)
+		if err != nil {
+			return err
 		}
-		select {
-		case <-exited:
-			return errors.New("dockerd exited before it answered")
-		case <-time.After(100 * time.Millisecond):
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return errors.New(resp.Status)
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("dockerd did not answer /_ping within %s: %v", timeout, err)
-		}
-	}
+		return nil
+	}, exited, timeout)
 }
 
 // tailFile returns the last n lines of a file, for error messages.
