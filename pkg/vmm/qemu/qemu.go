@@ -1,0 +1,895 @@
+// Package qemu is the VMOrchestrator backend that boots each VM as a QEMU
+// `microvm` machine: Debian's cloud kernel, an initramfs whose /init is
+// fc-agent, and a copy-on-write overlay of the guest image's ext4 root file
+// system on virtio-blk. The host reaches the agent over vhost-user-vsock,
+// served by one vhost-device-vsock process per VM, which speaks
+// Firecracker's hybrid vsock protocol (pkg/vsock) on its Unix socket: the
+// same host-side code the Firecracker backend uses.
+//
+// Each VM owns a run directory, <RunDir>/<id>, which is the only state:
+//
+//	vm.json            the spec and the desired state
+//	overlay.qcow2      the root disk, backed by the read-only base image
+//	qemu.pid, qmp.sock the QEMU process and its monitor
+//	vsock.pid          vhost-device-vsock
+//	vhost.sock         its vhost-user socket (QEMU side)
+//	vsock.sock         its hybrid vsock socket (host side)
+//	console.log        the guest's serial console, appended across boots
+//	qemu.log, vsock.log the two processes' own output
+//
+// VMs survive a worker restart: New finds running ones again from their
+// pidfiles, checking that each pid still belongs to that VM.
+package qemu
+
+import (
+	"cmp"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"maps"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/digitalocean/go-qemu/qmp"
+
+	"github.com/aetherium/aetherium-core/pkg/agent"
+	"github.com/aetherium/aetherium-core/pkg/types"
+	"github.com/aetherium/aetherium-core/pkg/vmm"
+	"github.com/aetherium/aetherium-core/pkg/vsock"
+)
+
+// Provider is the backend's name in configuration.
+const Provider = "qemu"
+
+// Defaults for Config's zero values.
+const (
+	DefaultBinary       = "qemu-system-x86_64"
+	DefaultVsockBinary  = "vhost-device-vsock"
+	DefaultImgBinary    = "qemu-img"
+	DefaultRunDir       = "/var/lib/aetherium/qemu"
+	DefaultReadyTimeout = 90 * time.Second
+	DefaultStopTimeout  = 10 * time.Second
+	// AgentPort is the guest vsock port fc-agent listens on.
+	AgentPort = 9999
+	// guestCID is the guest's vsock context id. Each VM has its own
+	// vhost-device-vsock, so every guest can use the same one.
+	guestCID = 3
+)
+
+// Files in a VM's run directory.
+const (
+	fileSpec     = "vm.json"
+	fileOverlay  = "overlay.qcow2"
+	fileQEMUPid  = "qemu.pid"
+	fileQMP      = "qmp.sock"
+	fileVsockPid = "vsock.pid"
+	fileVhost    = "vhost.sock"
+	fileVsock    = "vsock.sock"
+	fileConsole  = "console.log"
+	fileQEMULog  = "qemu.log"
+	fileVsockLog = "vsock.log"
+)
+
+// guestPath is the PATH commands get unless the VM or command sets one;
+// the agent starts commands with only the environment it is given.
+const guestPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+// Config configures the qemu backend. The zero value of every field selects
+// its default, except the three image paths, which are required.
+type Config struct {
+	// Binary is the QEMU system emulator. Default qemu-system-x86_64 on PATH.
+	Binary string
+	// VsockBinary is vhost-device-vsock. Default: on PATH.
+	VsockBinary string
+	// ImgBinary is qemu-img, used to make each VM's overlay. Default: on PATH.
+	ImgBinary string
+	// KernelPath is the guest kernel (a bzImage). Required.
+	KernelPath string
+	// InitrdPath is the initramfs whose /init is fc-agent. Required.
+	InitrdPath string
+	// RootfsPath is the base ext4 root file system. VMs never write to it:
+	// each gets a qcow2 overlay backed by it. Required.
+	RootfsPath string
+	// RunDir holds one directory per VM. Keep it short: Unix socket paths
+	// are limited to 107 bytes. Default /var/lib/aetherium/qemu.
+	RunDir string
+	// Accel is "auto" (KVM when the host can run stock kernels under it,
+	// TCG otherwise), "kvm" or "tcg". Default auto.
+	Accel string
+	// KernelArgs are appended to the kernel command line.
+	KernelArgs string
+	// MaxVCPUs is the most vCPUs one VM may ask for. Default: the host's
+	// CPU count.
+	MaxVCPUs int
+	// ReadyTimeout bounds how long StartVM waits for the agent to answer.
+	// Default 90s (software emulation on a loaded host is slow).
+	ReadyTimeout time.Duration
+	// StopTimeout bounds each step of a graceful stop (agent power-off,
+	// then QMP quit) before the next. Default 10s.
+	StopTimeout time.Duration
+	// Owner is the id of the worker that owns the VMs; ListVMs returns only
+	// that owner's VMs when it is set.
+	Owner string
+	// Logger receives the backend's logs. Default slog.Default().
+	Logger *slog.Logger
+}
+
+// Orchestrator runs VMs as QEMU microvm machines. It implements
+// vmm.VMOrchestrator.
+type Orchestrator struct {
+	cfg   Config
+	accel Accel
+	log   *slog.Logger
+	locks keyedMutex
+
+	mu  sync.Mutex
+	vms map[string]*vmProcs // live processes by VM id
+}
+
+// vmProcs are the processes of one running VM.
+type vmProcs struct {
+	qemu, vsock *proc
+	client      *agent.Client
+	stopping    bool // set while StopVM or DeleteVM ends it on purpose
+}
+
+// vmFile is vm.json.
+type vmFile struct {
+	Spec      types.VMSpec `json:"spec"`
+	Owner     string       `json:"owner,omitempty"`
+	CreatedAt time.Time    `json:"created_at"`
+	// Running is the desired state: true from StartVM until StopVM.
+	Running bool `json:"running"`
+	// Failed explains why the VM ended without being asked to.
+	Failed string `json:"failed,omitempty"`
+	// Boots counts StartVM calls that spawned QEMU.
+	Boots int `json:"boots"`
+}
+
+var _ vmm.VMOrchestrator = (*Orchestrator)(nil)
+
+// idRE is what a VM id may look like: it becomes a directory name.
+var idRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+
+// New checks the configuration and finds the VMs of earlier runs again.
+func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
+	cfg.Binary = cmp.Or(cfg.Binary, DefaultBinary)
+	cfg.VsockBinary = cmp.Or(cfg.VsockBinary, DefaultVsockBinary)
+	cfg.ImgBinary = cmp.Or(cfg.ImgBinary, DefaultImgBinary)
+	cfg.RunDir = cmp.Or(cfg.RunDir, DefaultRunDir)
+	cfg.MaxVCPUs = cmp.Or(cfg.MaxVCPUs, runtime.NumCPU())
+	cfg.ReadyTimeout = cmp.Or(cfg.ReadyTimeout, DefaultReadyTimeout)
+	cfg.StopTimeout = cmp.Or(cfg.StopTimeout, DefaultStopTimeout)
+	cfg.Logger = cmp.Or(cfg.Logger, slog.Default())
+	if cfg.MaxVCPUs < 0 || cfg.ReadyTimeout < 0 || cfg.StopTimeout < 0 {
+		return nil, fmt.Errorf("%w: qemu backend: max vcpus, ready timeout and stop timeout must not be negative", types.ErrInvalid)
+	}
+	accel, err := resolveAccel(cfg.Accel)
+	if err != nil {
+		return nil, fmt.Errorf("%w: qemu backend: %v", types.ErrInvalid, err)
+	}
+	for _, f := range []struct{ name, path string }{{"kernel", cfg.KernelPath}, {"initramfs", cfg.InitrdPath}, {"rootfs", cfg.RootfsPath}} {
+		if f.path == "" {
+			return nil, fmt.Errorf("%w: qemu backend: no guest %s path; build the guest image with `aether-cli image build` (or `make guest-image`)", types.ErrInvalid, f.name)
+		}
+		abs, err := filepath.Abs(f.path)
+		if err != nil {
+			return nil, fmt.Errorf("%w: guest %s %q: %v", types.ErrInvalid, f.name, f.path, err)
+		}
+		if _, err := os.Stat(abs); err != nil {
+			return nil, fmt.Errorf("%w: guest %s: %v; build the guest image with `aether-cli image build` (or `make guest-image`)", types.ErrInvalid, f.name, err)
+		}
+		switch f.name {
+		case "kernel":
+			cfg.KernelPath = abs
+		case "initramfs":
+			cfg.InitrdPath = abs
+		default:
+			cfg.RootfsPath = abs
+		}
+	}
+	for _, b := range []*string{&cfg.Binary, &cfg.VsockBinary, &cfg.ImgBinary} {
+		p, err := exec.LookPath(*b)
+		if err != nil {
+			return nil, fmt.Errorf("%w: qemu backend: %v; install it with `./scripts/setup.sh`", types.ErrUnavailable, err)
+		}
+		*b = p
+	}
+	dir, err := filepath.Abs(cfg.RunDir)
+	if err != nil {
+		return nil, fmt.Errorf("%w: run dir %q: %v", types.ErrInvalid, cfg.RunDir, err)
+	}
+	cfg.RunDir = dir
+	if n := len(filepath.Join(dir, "01234567-89ab-cdef-0123-456789abcdef", fileVhost)); n > 107 {
+		return nil, fmt.Errorf("%w: run dir %q is too long for Unix socket paths (%d > 107 bytes); choose a shorter one", types.ErrInvalid, dir, n)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("creating run dir: %w", err)
+	}
+	o := &Orchestrator{cfg: cfg, accel: accel, log: cfg.Logger.With("provider", Provider), vms: map[string]*vmProcs{}}
+	o.log.Info("qemu backend ready", "accel", accel.Name, "why", accel.Reason, "run_dir", dir)
+	if err := o.recover(ctx); err != nil {
+		return nil, err
+	}
+	return o, nil
+}
+
+// Accel reports the accelerator VMs use and why.
+func (o *Orchestrator) Accel() Accel { return o.accel }
+
+// RunDir returns the directory of VM id.
+func (o *Orchestrator) RunDir(id string) string { return filepath.Join(o.cfg.RunDir, id) }
+
+func (o *Orchestrator) path(id, name string) string { return filepath.Join(o.cfg.RunDir, id, name) }
+
+// recover finds the VMs of an earlier worker: those whose QEMU still runs
+// are watched again; those that should run but do not are marked failed and
+// their leftovers removed.
+func (o *Orchestrator) recover(ctx context.Context) error {
+	ids, err := o.listIDs()
+	if err != nil {
+		return err
+	}
+	for _, id := range ids {
+		unlock := o.locks.lock(id)
+		vf, err := o.readVM(id)
+		if err != nil {
+			unlock()
+			o.log.Warn("skipping unreadable vm directory", "vm_id", id, "err", err)
+			continue
+		}
+		dir := o.RunDir(id)
+		q := adopt(o.path(id, fileQEMUPid), dir)
+		v := adopt(o.path(id, fileVsockPid), dir)
+		switch {
+		case q != nil && v != nil:
+			p := &vmProcs{qemu: q, vsock: v}
+			o.mu.Lock()
+			o.vms[id] = p
+			o.mu.Unlock()
+			go o.watch(id, p)
+			o.log.Info("found running vm again", "vm_id", id, "qemu_pid", q.pid)
+		default:
+			if q != nil {
+				q.stop(syscall.SIGKILL, 0)
+			}
+			if v != nil {
+				v.stop(syscall.SIGTERM, time.Second)
+			}
+			o.cleanRuntime(id)
+			if vf.Running {
+				vf.Running = false
+				vf.Failed = "its VMM was gone when the worker restarted"
+				if err := o.writeVM(id, vf); err != nil {
+					o.log.Warn("cannot record failed vm", "vm_id", id, "err", err)
+				}
+				o.log.Warn("vm is gone after a restart; marked failed", "vm_id", id)
+			}
+		}
+		unlock()
+	}
+	return nil
+}
+
+// Capabilities implements vmm.VMOrchestrator.
+func (o *Orchestrator) Capabilities() vmm.Capabilities {
+	return vmm.Capabilities{Provider: Provider, MaxVCPUs: o.cfg.MaxVCPUs, Isolation: "vm"}
+}
+
+// Health implements vmm.VMOrchestrator.
+func (o *Orchestrator) Health(ctx context.Context) error {
+	for _, p := range []string{o.cfg.KernelPath, o.cfg.InitrdPath, o.cfg.RootfsPath} {
+		if _, err := os.Stat(p); err != nil {
+			return fmt.Errorf("%w: guest image file missing: %v; rebuild it with `aether-cli image build`", types.ErrUnavailable, err)
+		}
+	}
+	if _, err := Version(ctx, o.cfg.Binary); err != nil {
+		return fmt.Errorf("%w: %v", types.ErrUnavailable, err)
+	}
+	return nil
+}
+
+// Close implements vmm.VMOrchestrator. VMs keep running.
+func (o *Orchestrator) Close() error {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for _, p := range o.vms {
+		if p.client != nil {
+			p.client.Close()
+			p.client = nil
+		}
+	}
+	return nil
+}
+
+// CreateVM implements vmm.VMOrchestrator: it writes the VM's directory and
+// its overlay disk, and boots nothing.
+func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (*vmm.VMStatus, error) {
+	if err := spec.Validate(o.cfg.MaxVCPUs); err != nil {
+		return nil, err
+	}
+	if !idRE.MatchString(spec.ID) {
+		return nil, fmt.Errorf("%w: vm id %q: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit", types.ErrInvalid, spec.ID)
+	}
+	unlock := o.locks.lock(spec.ID)
+	defer unlock()
+	if _, err := o.readVM(spec.ID); err == nil {
+		return o.status(spec.ID)
+	} else if !errors.Is(err, types.ErrNotFound) {
+		return nil, err
+	}
+
+	// Build in a temporary directory and rename it into place, so a crash
+	// never leaves a half-made VM that looks whole.
+	tmp, err := os.MkdirTemp(o.cfg.RunDir, ".create-"+spec.ID+"-")
+	if err != nil {
+		return nil, fmt.Errorf("creating vm %s: %w", spec.ID, err)
+	}
+	defer os.RemoveAll(tmp)
+	overlay := filepath.Join(tmp, fileOverlay)
+	out, err := exec.CommandContext(ctx, o.cfg.ImgBinary, "create", "-q", "-f", "qcow2",
+		"-F", "raw", "-b", o.cfg.RootfsPath, overlay).CombinedOutput()
+	if err != nil {
+		return nil, fmt.Errorf("creating vm %s's overlay disk: %v: %s", spec.ID, err, strings.TrimSpace(string(out)))
+	}
+	vf := &vmFile{Spec: spec, Owner: o.cfg.Owner, CreatedAt: time.Now().UTC()}
+	b, err := json.MarshalIndent(vf, "", "  ")
+	if err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(filepath.Join(tmp, fileSpec), b, 0o600); err != nil {
+		return nil, fmt.Errorf("creating vm %s: %w", spec.ID, err)
+	}
+	if err := os.Rename(tmp, o.RunDir(spec.ID)); err != nil {
+		return nil, fmt.Errorf("creating vm %s: %w", spec.ID, err)
+	}
+	o.log.Info("created vm", "vm_id", spec.ID, "vcpus", spec.VCPUs, "memory_mb", spec.MemoryMB)
+	return o.status(spec.ID)
+}
+
+// StartVM implements vmm.VMOrchestrator.
+func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
+	if !idRE.MatchString(id) {
+		return notFound(id)
+	}
+	unlock := o.locks.lock(id)
+	defer unlock()
+	vf, err := o.readVM(id)
+	if err != nil {
+		return err
+	}
+	p := o.procs(id)
+	if p == nil || !p.qemu.alive() {
+		if p, err = o.boot(ctx, id, vf); err != nil {
+			return err
+		}
+	}
+	return o.waitAgent(ctx, id, p)
+}
+
+// boot spawns vhost-device-vsock and QEMU for a VM that does not run.
+func (o *Orchestrator) boot(ctx context.Context, id string, vf *vmFile) (p *vmProcs, err error) {
+	o.stopProcs(id, true) // leftovers of a crash, if any
+	o.cleanRuntime(id)
+	dir := o.RunDir(id)
+
+	vs, err := spawn(o.cfg.VsockBinary, []string{"--vm", fmt.Sprintf("guest-cid=%d,socket=%s,uds-path=%s",
+		guestCID, o.path(id, fileVhost), o.path(id, fileVsock))}, o.path(id, fileVsockLog), o.path(id, fileVsockPid))
+	if err != nil {
+		return nil, fmt.Errorf("starting vm %s: %w", id, err)
+	}
+	defer func() {
+		if err != nil {
+			vs.stop(syscall.SIGTERM, time.Second)
+			o.cleanRuntime(id)
+		}
+	}()
+	if err := waitFile(o.path(id, fileVhost), vs, 10*time.Second); err != nil {
+		return nil, fmt.Errorf("starting vm %s: vhost-device-vsock: %v; its log ends with:\n%s", id, err, tail(o.path(id, fileVsockLog), 10))
+	}
+
+	vf.Running = true
+	vf.Failed = ""
+	vf.Boots++
+	if err := o.writeVM(id, vf); err != nil {
+		return nil, err
+	}
+	q, err := spawn(o.cfg.Binary, o.qemuArgs(id, vf.Spec), o.path(id, fileQEMULog), o.path(id, fileQEMUPid))
+	if err != nil {
+		return nil, fmt.Errorf("starting vm %s: %w", id, err)
+	}
+	p = &vmProcs{qemu: q, vsock: vs}
+	o.mu.Lock()
+	o.vms[id] = p
+	o.mu.Unlock()
+	go o.watch(id, p)
+	o.log.Info("started vm", "vm_id", id, "qemu_pid", q.pid, "accel", o.accel.Name, "dir", dir)
+	return p, nil
+}
+
+// qemuArgs is QEMU's command line for a VM. Every value in it comes from
+// the validated spec or the configuration; no shell is involved.
+func (o *Orchestrator) qemuArgs(id string, spec types.VMSpec) []string {
+	mem := strconv.Itoa(spec.MemoryMB)
+	cmdline := strings.Join(slices.DeleteFunc([]string{
+		"console=ttyS0", "reboot=t", "panic=-1", "root=/dev/vda", "rw",
+		"aetherium.hostname=" + Hostname(spec.Name), o.cfg.KernelArgs,
+	}, func(s string) bool { return s == "" }), " ")
+	return []string{
+		"-name", "aetherium-" + id + ",process=aetherium-" + id,
+		"-M", "microvm,memory-backend=mem",
+		"-accel", o.accel.Name,
+		"-smp", strconv.Itoa(spec.VCPUs),
+		"-m", mem + "M",
+		"-object", "memory-backend-memfd,id=mem,size=" + mem + "M,share=on",
+		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+		"-chardev", "file,id=con,path=" + o.path(id, fileConsole) + ",append=on",
+		"-serial", "chardev:con",
+		"-kernel", o.cfg.KernelPath,
+		"-initrd", o.cfg.InitrdPath,
+		"-append", cmdline,
+		"-drive", "id=root,file=" + o.path(id, fileOverlay) + ",format=qcow2,if=none,discard=unmap",
+		"-device", "virtio-blk-device,drive=root",
+		"-chardev", "socket,id=vs0,path=" + o.path(id, fileVhost),
+		"-device", "vhost-user-vsock-device,chardev=vs0",
+		"-qmp", "unix:" + o.path(id, fileQMP) + ",server=on,wait=off",
+	}
+}
+
+// Hostname turns a VM name into a valid host name label.
+func Hostname(name string) string {
+	var b strings.Builder
+	for _, r := range strings.ToLower(name) {
+		switch {
+		case r >= 'a' && r <= 'z', r >= '0' && r <= '9':
+			b.WriteRune(r)
+		case b.Len() > 0:
+			b.WriteByte('-')
+		}
+		if b.Len() == 63 {
+			break
+		}
+	}
+	s := strings.Trim(b.String(), "-")
+	if s == "" {
+		return "aetherium"
+	}
+	return s
+}
+
+// waitAgent waits until the agent answers over vsock, failing fast when
+// QEMU exits first.
+func (o *Orchestrator) waitAgent(ctx context.Context, id string, p *vmProcs) error {
+	readyCtx, cancel := context.WithTimeout(ctx, o.cfg.ReadyTimeout)
+	defer cancel()
+	ready := make(chan error, 1)
+	go func() {
+		// The hybrid vsock dial with retry is the readiness probe: it
+		// succeeds once the guest listens on the agent's port.
+		conn, err := vsock.DialRetry(readyCtx, o.path(id, fileVsock), AgentPort, vsock.Backoff{Initial: 5 * time.Millisecond, Max: 50 * time.Millisecond})
+		if err != nil {
+			ready <- err
+			return
+		}
+		conn.Close()
+		c, err := o.client(id)
+		if err == nil {
+			_, err = c.WaitReady(readyCtx)
+		}
+		ready <- err
+	}()
+	select {
+	case err := <-ready:
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("starting vm %s: waiting for its agent: %w", id, ctx.Err())
+		}
+		return fmt.Errorf("%w: starting vm %s: its agent did not answer within %s: %v; the serial console ends with:\n%s",
+			types.ErrUnavailable, id, o.cfg.ReadyTimeout, err, tail(o.path(id, fileConsole), 20))
+	case <-p.qemu.done:
+		cancel()
+		<-ready
+		return fmt.Errorf("starting vm %s: QEMU %s before the agent answered; its log ends with:\n%s\nthe serial console ends with:\n%s",
+			id, p.qemu.status, tail(o.path(id, fileQEMULog), 10), tail(o.path(id, fileConsole), 20))
+	}
+}
+
+// watch waits for QEMU to end. An end nobody asked for marks the VM failed
+// and frees what it held, so a killed or crashed VM leaks nothing.
+func (o *Orchestrator) watch(id string, p *vmProcs) {
+	<-p.qemu.done
+	unlock := o.locks.lock(id)
+	defer unlock()
+	o.mu.Lock()
+	stopping := p.stopping
+	current := o.vms[id] == p
+	o.mu.Unlock()
+	if stopping || !current {
+		return
+	}
+	o.log.Warn("vm ended unexpectedly", "vm_id", id, "qemu", p.qemu.status)
+	o.stopProcs(id, true)
+	o.cleanRuntime(id)
+	vf, err := o.readVM(id)
+	if err != nil {
+		return
+	}
+	vf.Running = false
+	vf.Failed = "QEMU " + p.qemu.status + lastLine(o.path(id, fileConsole))
+	if err := o.writeVM(id, vf); err != nil {
+		o.log.Warn("cannot record failed vm", "vm_id", id, "err", err)
+	}
+}
+
+// lastLine returns "; console: <last line>" from the serial log, if any.
+func lastLine(path string) string {
+	t := strings.TrimSpace(tail(path, 1))
+	if t == "" {
+		return ""
+	}
+	return "; console: " + t
+}
+
+// StopVM implements vmm.VMOrchestrator. A graceful stop asks the agent to
+// power the guest off, then asks QEMU to quit over QMP, then kills it,
+// giving each step StopTimeout.
+func (o *Orchestrator) StopVM(ctx context.Context, id string, force bool) error {
+	if !idRE.MatchString(id) {
+		return notFound(id)
+	}
+	unlock := o.locks.lock(id)
+	defer unlock()
+	vf, err := o.readVM(id)
+	if err != nil {
+		return err
+	}
+	p := o.procs(id)
+	if p != nil && p.qemu.alive() {
+		o.mu.Lock()
+		p.stopping = true
+		o.mu.Unlock()
+		if !force {
+			o.gracefulStop(ctx, id, p)
+		}
+	}
+	o.stopProcs(id, true)
+	o.cleanRuntime(id)
+	if vf.Running || vf.Failed != "" {
+		vf.Running = false
+		if err := o.writeVM(id, vf); err != nil {
+			return err
+		}
+		o.log.Info("stopped vm", "vm_id", id, "force", force)
+	}
+	return nil
+}
+
+func (o *Orchestrator) gracefulStop(ctx context.Context, id string, p *vmProcs) {
+	wait := func(d time.Duration) bool {
+		t := time.NewTimer(d)
+		defer t.Stop()
+		select {
+		case <-p.qemu.done:
+			return true
+		case <-ctx.Done():
+			return false
+		case <-t.C:
+			return false
+		}
+	}
+	if c := p.client; c != nil {
+		sctx, cancel := context.WithTimeout(ctx, o.cfg.StopTimeout)
+		err := c.Shutdown(sctx, false)
+		cancel()
+		if err == nil && wait(o.cfg.StopTimeout) {
+			return
+		}
+		o.log.Debug("agent power-off did not end the vm; asking QEMU to quit", "vm_id", id, "err", err)
+	}
+	if err := qmpQuit(o.path(id, fileQMP)); err != nil {
+		o.log.Debug("QMP quit failed; killing QEMU", "vm_id", id, "err", err)
+		return
+	}
+	wait(o.cfg.StopTimeout)
+}
+
+// qmpQuit asks QEMU to exit through its monitor.
+func qmpQuit(sock string) error {
+	m, err := qmp.NewSocketMonitor("unix", sock, 2*time.Second)
+	if err != nil {
+		return err
+	}
+	if err := m.Connect(); err != nil {
+		return err
+	}
+	defer m.Disconnect()
+	_, err = m.Run([]byte(`{"execute":"quit"}`))
+	if err != nil && (errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed)) {
+		return nil // QEMU closed the monitor as it quit
+	}
+	return err
+}
+
+// stopProcs ends the VM's processes (SIGKILL for QEMU when kill is set) and
+// forgets them. It must be called with the VM's lock held.
+func (o *Orchestrator) stopProcs(id string, kill bool) {
+	o.mu.Lock()
+	p := o.vms[id]
+	if p != nil {
+		p.stopping = true
+		delete(o.vms, id)
+	}
+	o.mu.Unlock()
+	if p == nil {
+		// Not known to this worker: a leftover from an earlier one.
+		dir := o.RunDir(id)
+		p = &vmProcs{qemu: adopt(o.path(id, fileQEMUPid), dir), vsock: adopt(o.path(id, fileVsockPid), dir)}
+	}
+	if p.client != nil {
+		p.client.Close()
+	}
+	if p.qemu != nil {
+		if kill {
+			p.qemu.stop(syscall.SIGKILL, 0)
+		} else {
+			p.qemu.stop(syscall.SIGTERM, o.cfg.StopTimeout)
+		}
+	}
+	if p.vsock != nil {
+		p.vsock.stop(syscall.SIGTERM, 2*time.Second)
+	}
+}
+
+// cleanRuntime removes what only a running VM has: sockets and pidfiles.
+func (o *Orchestrator) cleanRuntime(id string) {
+	for _, f := range []string{fileQEMUPid, fileQMP, fileVsockPid, fileVhost, fileVsock} {
+		if err := os.Remove(o.path(id, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			o.log.Warn("cannot remove vm file", "vm_id", id, "file", f, "err", err)
+		}
+	}
+}
+
+// DeleteVM implements vmm.VMOrchestrator.
+func (o *Orchestrator) DeleteVM(ctx context.Context, id string) error {
+	if !idRE.MatchString(id) {
+		return nil // no VM can have such an id
+	}
+	unlock := o.locks.lock(id)
+	defer unlock()
+	dir := o.RunDir(id)
+	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	o.stopProcs(id, true)
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("removing vm %s's directory: %w", id, err)
+	}
+	o.log.Info("deleted vm", "vm_id", id)
+	return nil
+}
+
+// ExecuteCommand implements vmm.VMOrchestrator. The command's environment
+// is a default PATH and HOME, overlaid with the VM spec's environment, then
+// with cmd.Env.
+func (o *Orchestrator) ExecuteCommand(ctx context.Context, id string, cmd types.Command, stream vmm.ExecIO) (*types.ExecResult, error) {
+	if err := cmd.Validate(); err != nil {
+		return nil, err
+	}
+	if !idRE.MatchString(id) {
+		return nil, notFound(id)
+	}
+	vf, err := o.readVM(id)
+	if err != nil {
+		return nil, err
+	}
+	p := o.procs(id)
+	if p == nil || !p.qemu.alive() {
+		st := types.VMStopped
+		if vf.Failed != "" {
+			st = types.VMFailed
+		}
+		return nil, fmt.Errorf("%w: vm %s is %s; start it first", types.ErrConflict, id, st)
+	}
+	env := map[string]string{"PATH": guestPath, "HOME": "/root"}
+	maps.Copy(env, vf.Spec.Env)
+	maps.Copy(env, cmd.Env)
+	cmd.Env = env
+	c, err := o.client(id)
+	if err != nil {
+		return nil, err
+	}
+	res, err := c.Exec(ctx, cmd, stream.Stdout, stream.Stderr)
+	if err != nil {
+		return res, fmt.Errorf("running %q in vm %s: %w", cmd.Cmd, id, err)
+	}
+	return res, nil
+}
+
+// GetVMStatus implements vmm.VMOrchestrator.
+func (o *Orchestrator) GetVMStatus(ctx context.Context, id string) (*vmm.VMStatus, error) {
+	if !idRE.MatchString(id) {
+		return nil, notFound(id)
+	}
+	return o.status(id)
+}
+
+func (o *Orchestrator) status(id string) (*vmm.VMStatus, error) {
+	vf, err := o.readVM(id)
+	if err != nil {
+		return nil, err
+	}
+	st := &vmm.VMStatus{ID: id, Name: vf.Spec.Name, Labels: vf.Spec.Labels, State: types.VMStopped}
+	switch p := o.procs(id); {
+	case p != nil && p.qemu.alive():
+		st.State = types.VMRunning
+	case vf.Failed != "":
+		st.State, st.Detail = types.VMFailed, vf.Failed
+	case vf.Running:
+		// Should run, but this worker holds no process for it (the
+		// watcher has not caught up yet, or another worker owns it).
+		st.State, st.Detail = types.VMFailed, "its QEMU process is not running"
+	}
+	return st, nil
+}
+
+// ListVMs implements vmm.VMOrchestrator.
+func (o *Orchestrator) ListVMs(ctx context.Context) ([]vmm.VMStatus, error) {
+	ids, err := o.listIDs()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]vmm.VMStatus, 0, len(ids))
+	for _, id := range ids {
+		vf, err := o.readVM(id)
+		if err != nil || (o.cfg.Owner != "" && vf.Owner != o.cfg.Owner) {
+			continue
+		}
+		if st, err := o.status(id); err == nil {
+			out = append(out, *st)
+		}
+	}
+	return out, nil
+}
+
+// listIDs returns the ids of the VM directories in RunDir.
+func (o *Orchestrator) listIDs() ([]string, error) {
+	ents, err := os.ReadDir(o.cfg.RunDir)
+	if err != nil {
+		return nil, fmt.Errorf("listing vms in %s: %w", o.cfg.RunDir, err)
+	}
+	var ids []string
+	for _, e := range ents {
+		if e.IsDir() && idRE.MatchString(e.Name()) {
+			ids = append(ids, e.Name())
+		}
+	}
+	return ids, nil
+}
+
+func (o *Orchestrator) readVM(id string) (*vmFile, error) {
+	b, err := os.ReadFile(o.path(id, fileSpec))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, notFound(id)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reading vm %s: %w", id, err)
+	}
+	var vf vmFile
+	if err := json.Unmarshal(b, &vf); err != nil {
+		return nil, fmt.Errorf("reading vm %s: %s is corrupt: %w", id, o.path(id, fileSpec), err)
+	}
+	return &vf, nil
+}
+
+// writeVM replaces vm.json atomically.
+func (o *Orchestrator) writeVM(id string, vf *vmFile) error {
+	b, err := json.MarshalIndent(vf, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := o.path(id, fileSpec+".tmp")
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return fmt.Errorf("writing vm %s: %w", id, err)
+	}
+	if err := os.Rename(tmp, o.path(id, fileSpec)); err != nil {
+		return fmt.Errorf("writing vm %s: %w", id, err)
+	}
+	return nil
+}
+
+func (o *Orchestrator) procs(id string) *vmProcs {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.vms[id]
+}
+
+// client returns the agent client of a running VM, making it on first use.
+func (o *Orchestrator) client(id string) (*agent.Client, error) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	p := o.vms[id]
+	if p == nil {
+		return nil, fmt.Errorf("%w: vm %s is not running; start it first", types.ErrConflict, id)
+	}
+	if p.client == nil {
+		sock := o.path(id, fileVsock)
+		c, err := agent.NewClient(func(ctx context.Context) (net.Conn, error) { return vsock.Dial(ctx, sock, AgentPort) })
+		if err != nil {
+			return nil, err
+		}
+		p.client = c
+	}
+	return p.client, nil
+}
+
+// tail returns the last n lines of a log file, or "" if it cannot be read.
+func tail(path string, n int) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	const maxRead = 16 << 10
+	if fi, err := f.Stat(); err == nil && fi.Size() > maxRead {
+		f.Seek(-maxRead, io.SeekEnd)
+	}
+	b, _ := io.ReadAll(f)
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+func notFound(id string) error {
+	return fmt.Errorf("%w: vm %s", types.ErrNotFound, id)
+}
+
+// keyedMutex serialises the life-cycle steps of one VM.
+type keyedMutex struct {
+	mu    sync.Mutex
+	locks map[string]*keyedEntry
+}
+
+type keyedEntry struct {
+	mu   sync.Mutex
+	refs int
+}
+
+func (k *keyedMutex) lock(key string) (unlock func()) {
+	k.mu.Lock()
+	if k.locks == nil {
+		k.locks = map[string]*keyedEntry{}
+	}
+	e := k.locks[key]
+	if e == nil {
+		e = &keyedEntry{}
+		k.locks[key] = e
+	}
+	e.refs++
+	k.mu.Unlock()
+	e.mu.Lock()
+	return func() {
+		e.mu.Unlock()
+		k.mu.Lock()
+		if e.refs--; e.refs == 0 {
+			delete(k.locks, key)
+		}
+		k.mu.Unlock()
+	}
+}
