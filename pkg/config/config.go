@@ -41,8 +41,37 @@ type VMM struct {
 	MaxOutputBytes int `yaml:"max_output_bytes"`
 	// MaxVCPUs is the most vCPUs a VM may ask for. Default: the host's CPUs.
 	MaxVCPUs int `yaml:"max_vcpus"`
+	// ImageDir is the guest image cache that `aether-cli image build`
+	// fills; the qemu and firecracker backends boot its newest image unless
+	// their own paths are set. Default /var/cache/aetherium.
+	ImageDir string `yaml:"image_dir"`
 	// Docker configures the docker backend.
 	Docker Docker `yaml:"docker"`
+	// QEMU configures the qemu backend.
+	QEMU QEMU `yaml:"qemu"`
+}
+
+// QEMU configures the qemu backend (QEMU's microvm machine).
+type QEMU struct {
+	// Binary is the QEMU system emulator. Default qemu-system-x86_64.
+	Binary string `yaml:"binary"`
+	// VsockBinary is vhost-device-vsock. Default: found on PATH.
+	VsockBinary string `yaml:"vsock_binary"`
+	// Accel is auto (KVM only when the CPU has vmx/svm and /dev/kvm opens),
+	// kvm or tcg. Default auto.
+	Accel string `yaml:"accel"`
+	// RunDir holds one directory per VM. Default /var/lib/aetherium/qemu.
+	RunDir string `yaml:"run_dir"`
+	// KernelPath, InitrdPath and RootfsPath override the guest image's
+	// files. Default: the newest image in vmm.image_dir.
+	KernelPath string `yaml:"kernel_path"`
+	InitrdPath string `yaml:"initrd_path"`
+	RootfsPath string `yaml:"rootfs_path"`
+	// KernelArgs are appended to the guest kernel's command line.
+	KernelArgs string `yaml:"kernel_args"`
+	// ReadyTimeout bounds how long a boot may take until the agent
+	// answers. Default 90s.
+	ReadyTimeout time.Duration `yaml:"ready_timeout"`
 }
 
 // Docker configures the docker backend.
@@ -182,6 +211,11 @@ func (c *Config) setDefaults() {
 	c.VMM.MaxOutputBytes = cmp.Or(c.VMM.MaxOutputBytes, types.DefaultMaxOutputBytes)
 	c.VMM.Docker.BusyboxPath = cmp.Or(c.VMM.Docker.BusyboxPath, "/bin/busybox")
 	c.VMM.Docker.SocketDir = cmp.Or(c.VMM.Docker.SocketDir, "/var/lib/aetherium/docker")
+	c.VMM.ImageDir = cmp.Or(c.VMM.ImageDir, "/var/cache/aetherium")
+	c.VMM.QEMU.Binary = cmp.Or(c.VMM.QEMU.Binary, "qemu-system-x86_64")
+	c.VMM.QEMU.VsockBinary = cmp.Or(c.VMM.QEMU.VsockBinary, "vhost-device-vsock")
+	c.VMM.QEMU.Accel = cmp.Or(c.VMM.QEMU.Accel, "auto")
+	c.VMM.QEMU.RunDir = cmp.Or(c.VMM.QEMU.RunDir, "/var/lib/aetherium/qemu")
 	c.Queue.Provider = cmp.Or(c.Queue.Provider, "redis")
 	c.Queue.RedisAddr = cmp.Or(c.Queue.RedisAddr, "127.0.0.1:6379")
 	c.Queue.TaskCheckInterval = cmp.Or(c.Queue.TaskCheckInterval, 5*time.Millisecond)
@@ -231,6 +265,14 @@ func (c *Config) Validate() error {
 	case "docker", "qemu", "firecracker":
 	default:
 		return bad("vmm.provider %q is unknown; use docker, qemu or firecracker", c.VMM.Provider)
+	}
+	switch c.VMM.QEMU.Accel {
+	case "auto", "kvm", "tcg":
+	default:
+		return bad("vmm.qemu.accel %q is unknown; use auto, kvm or tcg", c.VMM.QEMU.Accel)
+	}
+	if c.VMM.QEMU.ReadyTimeout < 0 {
+		return bad("vmm.qemu.ready_timeout must not be negative")
 	}
 	if c.Queue.Provider != "redis" {
 		return bad("queue.provider %q is unknown; only redis is supported", c.Queue.Provider)
