@@ -346,6 +346,7 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 	if !ins.State.Running {
 		// The socket of a previous run would only refuse connections.
 		os.Remove(o.socketPath(id))
+		os.Remove(o.stoppedPath(id))
 		o.dropClient(id)
 		if err := o.api.ContainerStart(ctx, ins.ID, container.StartOptions{}); err != nil {
 			return fmt.Errorf("starting vm %s: %w", id, mapErr(err))
@@ -400,6 +401,11 @@ func (o *Orchestrator) StopVM(ctx context.Context, id string, force bool) error 
 		return err
 	}
 	defer o.dropClient(id)
+	// Record that the stop was asked for, so the exit is not taken for a
+	// crash.
+	if err := os.WriteFile(o.stoppedPath(id), nil, 0o600); err != nil {
+		return fmt.Errorf("stopping vm %s: %w", id, err)
+	}
 	if !ins.State.Running {
 		return nil
 	}
@@ -476,7 +482,7 @@ func (o *Orchestrator) ExecuteCommand(ctx context.Context, id string, cmd types.
 		return nil, err
 	}
 	if !ins.State.Running {
-		return nil, fmt.Errorf("%w: vm %s is %s; start it first", types.ErrConflict, id, mapState(ins).State)
+		return nil, fmt.Errorf("%w: vm %s is %s; start it first", types.ErrConflict, id, o.mapState(ins).State)
 	}
 	// The VM's environment (the image's and the spec's, as the container
 	// holds it) lies beneath the command's own; the agent itself starts
@@ -510,7 +516,7 @@ func (o *Orchestrator) GetVMStatus(ctx context.Context, id string) (*vmm.VMStatu
 	if err != nil {
 		return nil, err
 	}
-	st := mapState(ins)
+	st := o.mapState(ins)
 	return &st, nil
 }
 
@@ -534,7 +540,7 @@ func (o *Orchestrator) ListVMs(ctx context.Context) ([]vmm.VMStatus, error) {
 		} else if err != nil {
 			return nil, fmt.Errorf("listing vms: %w", mapErr(err))
 		}
-		out = append(out, mapState(ins))
+		out = append(out, o.mapState(ins))
 	}
 	slices.SortFunc(out, func(a, b vmm.VMStatus) int { return strings.Compare(a.ID, b.ID) })
 	return out, nil
@@ -556,8 +562,13 @@ func (o *Orchestrator) inspect(ctx context.Context, id string) (container.Inspec
 	return ins, nil
 }
 
+// stoppedPath is a marker StopVM writes: an exit without it is a crash.
+func (o *Orchestrator) stoppedPath(id string) string {
+	return filepath.Join(o.vmDir(id), "stopped")
+}
+
 // mapState turns a container's state into the VM's.
-func mapState(ins container.InspectResponse) vmm.VMStatus {
+func (o *Orchestrator) mapState(ins container.InspectResponse) vmm.VMStatus {
 	st := vmm.VMStatus{ID: ins.Config.Labels[LabelVMID], Name: ins.Config.Labels[LabelVMName]}
 	for k, v := range ins.Config.Labels {
 		if key, ok := strings.CutPrefix(k, LabelSpecPrefix); ok {
@@ -585,7 +596,10 @@ func mapState(ins container.InspectResponse) vmm.VMStatus {
 		st.State = types.VMRunning
 	case s.Status == "removing":
 		st.State = types.VMDeleting
-	default: // created (never started) or exited
+	case s.Status == "exited" && !fileExists(o.stoppedPath(st.ID)):
+		st.State = types.VMFailed
+		st.Detail = "its container exited with code " + strconv.Itoa(s.ExitCode) + " without being stopped (killed or crashed)"
+	default: // created (never started) or stopped by StopVM
 		st.State = types.VMStopped
 		if s.Status == "exited" && s.ExitCode != 0 {
 			st.Detail = "exited with code " + strconv.Itoa(s.ExitCode)
@@ -636,6 +650,11 @@ func (o *Orchestrator) logTail(id string, n int) string {
 		return "(empty)"
 	}
 	return strings.TrimRight(buf.String(), "\n")
+}
+
+func fileExists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
 }
 
 func notFound(id string) error {

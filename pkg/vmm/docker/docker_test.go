@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -64,6 +65,12 @@ func newOrchestrator(t testing.TB, cfg docker.Config) *docker.Orchestrator {
 func TestConformance(t *testing.T) {
 	vmmtest.Run(t, vmmtest.Harness{
 		New: func(t *testing.T) vmm.VMOrchestrator { return newOrchestrator(t, config(t)) },
+		Crash: func(t *testing.T, o vmm.VMOrchestrator, id string) {
+			// Kill the container's init from the host, as a crash would.
+			ins, err := o.(*docker.Orchestrator).Client().ContainerInspect(t.Context(), "aetherium-"+id)
+			require.NoError(t, err)
+			require.NoError(t, syscall.Kill(ins.State.Pid, syscall.SIGKILL))
+		},
 	})
 }
 
