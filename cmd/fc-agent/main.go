@@ -4,18 +4,28 @@ package main
 
 import (
 	"cmp"
+	"context"
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"sync/atomic"
 	"syscall"
 
 	"github.com/aetherium/aetherium-core/pkg/agent"
+	"github.com/aetherium/aetherium-core/pkg/agent/guestinit"
 )
 
 func main() {
+	// As a microVM's init, the kernel command line configures the agent.
+	if guestinit.Detect(os.Args) {
+		guestinit.Run(func(ctx context.Context, l net.Listener, log *slog.Logger) error {
+			_, err := serve(ctx, l, log, 0, func(reboot bool) error { return guestinit.PowerOff(log, reboot) })
+			return err
+		}) // never returns
+	}
 	os.Exit(run())
 }
 
@@ -25,6 +35,8 @@ func run() int {
 	maxOutput := flag.Int("max-output-bytes", 0, "per-stream output cap for commands that set none (0: 1 MiB)")
 	logLevel := flag.String("log-level", "info", "debug, info, warn or error")
 	version := flag.Bool("version", false, "print the version and exit")
+	flag.Bool("init", false, "be the microVM's init (PID 1), configured by the kernel command line; "+
+		"automatic when PID 1 without /proc mounted or started as /init")
 	flag.Parse()
 	if *version {
 		fmt.Println(agent.Version)
@@ -43,35 +55,41 @@ func run() int {
 	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	pid1 := os.Getpid() == 1
 
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
 	l, err := agent.Listen(*listen)
 	if err != nil {
 		log.Error("cannot listen", "err", err)
 		return halt(log, pid1, 1)
 	}
-	// Set when a Shutdown request already tried to power off.
-	var requested atomic.Bool
-	srv := agent.NewServer(agent.ServerConfig{
-		MaxOutputBytes: *maxOutput,
-		Logger:         log,
-		OnShutdown: func(reboot bool) {
-			requested.Store(true)
-			log.Info("shut down by request", "reboot", reboot)
-		},
-	})
-
-	sigc := make(chan os.Signal, 1)
-	signal.Notify(sigc, syscall.SIGTERM, syscall.SIGINT)
-	go func() {
-		sig := <-sigc
-		log.Info("stopping", "signal", sig.String())
-		srv.Stop()
-	}()
-
-	if err := srv.Serve(l); err != nil {
+	requested, err := serve(ctx, l, log, *maxOutput, nil)
+	if err != nil {
 		log.Error("agent failed", "err", err)
 		return halt(log, pid1, 1)
 	}
-	return halt(log, pid1 && !requested.Load(), 0)
+	return halt(log, pid1 && !requested, 0)
+}
+
+// serve runs the agent on l until ctx is done or a Shutdown request stops
+// it; requested reports whether a Shutdown request already tried to power
+// off.
+func serve(ctx context.Context, l net.Listener, log *slog.Logger, maxOutput int, powerOff func(bool) error) (requested bool, err error) {
+	var req atomic.Bool
+	srv := agent.NewServer(agent.ServerConfig{
+		MaxOutputBytes: maxOutput,
+		Logger:         log,
+		PowerOff:       powerOff,
+		OnShutdown: func(reboot bool) {
+			req.Store(true)
+			log.Info("shut down by request", "reboot", reboot)
+		},
+	})
+	defer context.AfterFunc(ctx, func() {
+		log.Info("stopping", "cause", context.Cause(ctx).Error())
+		srv.Stop()
+	})()
+	err = srv.Serve(l)
+	return req.Load(), err
 }
 
 // halt powers the guest off when the agent is init, since init exiting

@@ -30,6 +30,10 @@ type ServerConfig struct {
 	// unless the agent is PID 1 and powered the guest off (or rebooted it).
 	// The process should exit. nil: nothing is called; Serve returns.
 	OnShutdown func(reboot bool)
+	// PowerOff is called instead of Halt when the agent is PID 1, so an
+	// init can end processes and unmount before the power goes. It only
+	// returns on failure. nil: Halt.
+	PowerOff func(reboot bool) error
 }
 
 // stopGrace is how long Stop waits for RPCs to end after killing commands
@@ -160,7 +164,11 @@ func (s *Server) Shutdown(_ context.Context, req *agentpb.ShutdownRequest) (*age
 			s.Stop() // waits for this reply to be sent
 			if os.Getpid() == 1 {
 				time.Sleep(shutdownDelay)
-				err := Halt(reboot)
+				halt := Halt
+				if s.cfg.PowerOff != nil {
+					halt = s.cfg.PowerOff
+				}
+				err := halt(reboot)
 				// Reached only when the kernel refused, e.g. in a container
 				// without CAP_SYS_BOOT.
 				s.log.Info("cannot power off the guest; ending the agent instead", "err", err)

@@ -1,0 +1,407 @@
+//go:build linux
+
+package guestinit
+
+import (
+	"bufio"
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/aetherium/aetherium-core/pkg/types"
+)
+
+// Paths of the boot contract: what the initramfs holds.
+const (
+	// ModulesOrder lists the kernel modules to load, one basename a line,
+	// dependencies first.
+	ModulesOrder = "/etc/aetherium/modules.order"
+	// ModulesDir holds the modules as flat, uncompressed NAME.ko files.
+	ModulesDir = "/lib/modules"
+	// NewRootDir is where the root file system is mounted before the
+	// init switches into it.
+	NewRootDir = "/mnt/root"
+)
+
+// Environment given to the commands the agent runs.
+const (
+	envPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+	envHome = "/root"
+	envTerm = "linux"
+)
+
+// rootWait bounds the wait for the root device: devtmpfs creates the node
+// as soon as virtio_blk has probed the disk, well within this.
+const rootWait = 5 * time.Second
+
+// mountSpec is one mount of the early file systems.
+type mountSpec struct {
+	source, target, fstype string
+	flags                  uintptr
+	data                   string
+}
+
+// earlyMounts are the kernel file systems every guest needs, parents
+// first. /dev, /proc, /sys, /run and /tmp move into the root file system
+// at the switch (their submounts move along).
+var earlyMounts = []mountSpec{
+	{"proc", "/proc", "proc", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, ""},
+	{"sysfs", "/sys", "sysfs", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, ""},
+	{"devtmpfs", "/dev", "devtmpfs", unix.MS_NOSUID, "mode=0755"},
+	{"devpts", "/dev/pts", "devpts", unix.MS_NOSUID | unix.MS_NOEXEC, "gid=5,mode=620,ptmxmode=666"},
+	{"tmpfs", "/dev/shm", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=1777"},
+	{"tmpfs", "/run", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=0755"},
+	{"tmpfs", "/tmp", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=1777"},
+}
+
+// movedMounts are the mounts carried into the root file system.
+var movedMounts = []string{"/dev", "/proc", "/sys", "/run", "/tmp"}
+
+// Setup prepares the guest for the agent: it mounts the kernel file
+// systems, loads the kernel modules of ModulesOrder, mounts the root file
+// system and switches into it (unless cfg.Root is empty), sets the
+// hostname, brings loopback up and sets the commands' environment. Each
+// step is logged with its duration.
+//
+// Every step checks before it acts, so Setup may run again. It runs only
+// as PID 1: anywhere else it would remount the machine's /dev, /proc and
+// /tmp. Cancelling ctx stops the wait for the root device.
+func Setup(ctx context.Context, cfg Config, log *slog.Logger) error {
+	if os.Getpid() != 1 {
+		return fmt.Errorf("%w: guest init setup runs only as PID 1 (the guest's init), not as pid %d", types.ErrInvalid, os.Getpid())
+	}
+	if err := mountEarly(log); err != nil {
+		return err
+	}
+	if err := loadModules(ModulesOrder, ModulesDir, log); err != nil {
+		return err
+	}
+	if cfg.Root == "" {
+		log.Info("no root= on the kernel command line; staying in the initramfs")
+	} else {
+		if err := mountRoot(ctx, cfg, NewRootDir, log); err != nil {
+			return err
+		}
+		if err := switchRoot(NewRootDir, log); err != nil {
+			return err
+		}
+	}
+	setHostname(cfg.Hostname, log)
+	if err := loopbackUp(log); err != nil {
+		return err
+	}
+	for k, v := range map[string]string{"PATH": envPath, "HOME": envHome, "TERM": envTerm} {
+		if err := os.Setenv(k, v); err != nil {
+			return fmt.Errorf("setting %s for commands: %w", k, err)
+		}
+	}
+	return nil
+}
+
+// mountEarly mounts earlyMounts, skipping those already mounted.
+func mountEarly(log *slog.Logger) error {
+	for _, m := range earlyMounts {
+		if err := mountOnce(m, log); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// mountOnce mounts m unless its target is a mount point already.
+func mountOnce(m mountSpec, log *slog.Logger) error {
+	if isMountPoint(m.target) {
+		log.Debug("already mounted", "target", m.target)
+		return nil
+	}
+	if err := os.MkdirAll(m.target, 0o755); err != nil {
+		return fmt.Errorf("creating mount point %s: %w", m.target, err)
+	}
+	start := time.Now()
+	err := unix.Mount(m.source, m.target, m.fstype, m.flags, m.data)
+	if err != nil && !errors.Is(err, unix.EBUSY) {
+		return fmt.Errorf("mounting %s on %s: %w; the guest kernel needs %s support", m.fstype, m.target, err, m.fstype)
+	}
+	log.Info("mounted", "fstype", m.fstype, "target", m.target, "took", time.Since(start))
+	return nil
+}
+
+// isMountPoint reports whether path is the root of a mount other than the
+// one holding its parent directory. It needs no /proc, so it works before
+// /proc is mounted; it misses bind mounts within one file system, which the
+// init does not make.
+func isMountPoint(path string) bool {
+	var st, parent unix.Stat_t
+	if unix.Lstat(path, &st) != nil || unix.Lstat(filepath.Join(path, ".."), &parent) != nil {
+		return false
+	}
+	return st.Dev != parent.Dev
+}
+
+// loadModules loads the modules listed in the file order from dir, in
+// order. A missing order file means no modules; a module built into the
+// kernel or already loaded is fine.
+func loadModules(order, dir string, log *slog.Logger) error {
+	names, err := readModulesOrder(order)
+	if errors.Is(err, os.ErrNotExist) {
+		log.Info("no module list; loading no modules", "path", order)
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	for _, name := range names {
+		if err := loadModule(filepath.Join(dir, name+".ko"), log); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// readModulesOrder reads the module basenames of a modules.order file:
+// one a line, blank lines and #-comments skipped, a ".ko" suffix allowed.
+func readModulesOrder(path string) ([]string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading the module list: %w", err)
+	}
+	defer f.Close()
+	var names []string
+	sc := bufio.NewScanner(f)
+	for n := 1; sc.Scan(); n++ {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		name := strings.TrimSuffix(line, ".ko")
+		if strings.ContainsAny(name, "/ \t") || name == "." || name == ".." {
+			return nil, fmt.Errorf("%s line %d: %q is not a module basename: %w", path, n, line, types.ErrInvalid)
+		}
+		names = append(names, name)
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("reading the module list %s: %w", path, err)
+	}
+	return names, nil
+}
+
+// loadModule loads one module file with finit_module(2).
+func loadModule(path string, log *slog.Logger) error {
+	start := time.Now()
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("loading kernel module %s: %w; the initramfs must hold every module in %s", path, err, ModulesOrder)
+	}
+	defer f.Close()
+	err = unix.FinitModule(int(f.Fd()), "", 0)
+	switch {
+	case errors.Is(err, unix.EEXIST):
+		log.Info("module already loaded", "module", path, "took", time.Since(start))
+	case err != nil:
+		return fmt.Errorf("loading kernel module %s: %w; is it built for this kernel, and are its dependencies listed before it in %s?",
+			path, err, ModulesOrder)
+	default:
+		log.Info("loaded module", "module", path, "took", time.Since(start))
+	}
+	return nil
+}
+
+// mountRoot waits for cfg.Root when it is a device node, then mounts it at
+// dir unless something is mounted there already.
+func mountRoot(ctx context.Context, cfg Config, dir string, log *slog.Logger) error {
+	if isMountPoint(dir) {
+		log.Info("root file system already mounted", "target", dir)
+		return nil
+	}
+	if strings.HasPrefix(cfg.Root, "/dev/") {
+		if err := waitForDevice(ctx, cfg.Root, rootWait, log); err != nil {
+			return err
+		}
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("creating root mount point %s: %w", dir, err)
+	}
+	flags, data := splitMountOptions(cfg.RootFlags)
+	if cfg.ReadOnly {
+		flags |= unix.MS_RDONLY
+	}
+	fstype := cmp.Or(cfg.RootFSType, DefaultRootFSType)
+	start := time.Now()
+	if err := unix.Mount(cfg.Root, dir, fstype, flags, data); err != nil {
+		return fmt.Errorf("mounting the root file system %s (%s, options %q) on %s: %w; check root=, rootfstype= and rootflags= on the kernel command line",
+			cfg.Root, fstype, cfg.RootFlags, dir, err)
+	}
+	log.Info("mounted root file system", "source", cfg.Root, "fstype", fstype, "ro", cfg.ReadOnly, "took", time.Since(start))
+	return nil
+}
+
+// waitForDevice polls for the device node path.
+func waitForDevice(ctx context.Context, path string, limit time.Duration, log *slog.Logger) error {
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(ctx, limit)
+	defer cancel()
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if _, err := os.Stat(path); err == nil {
+			log.Info("root device appeared", "device", path, "waited", time.Since(start))
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("root device %s did not appear within %s: %w; attach the disk as virtio-blk and list virtio_blk in %s",
+				path, limit, types.ErrUnavailable, ModulesOrder)
+		case <-tick.C:
+		}
+	}
+}
+
+// mountFlagOptions are the generic mount options that are flags to
+// mount(2) rather than file system data.
+var mountFlagOptions = map[string]uintptr{
+	"ro":         unix.MS_RDONLY,
+	"nosuid":     unix.MS_NOSUID,
+	"nodev":      unix.MS_NODEV,
+	"noexec":     unix.MS_NOEXEC,
+	"sync":       unix.MS_SYNCHRONOUS,
+	"dirsync":    unix.MS_DIRSYNC,
+	"noatime":    unix.MS_NOATIME,
+	"nodiratime": unix.MS_NODIRATIME,
+	"relatime":   unix.MS_RELATIME,
+	"lazytime":   unix.MS_LAZYTIME,
+}
+
+// splitMountOptions separates comma-separated mount options into mount(2)
+// flags and the file-system-specific rest.
+func splitMountOptions(opts string) (flags uintptr, data string) {
+	var rest []string
+	for _, o := range strings.Split(opts, ",") {
+		switch f, ok := mountFlagOptions[o]; {
+		case o == "" || o == "rw":
+		case ok:
+			flags |= f
+		default:
+			rest = append(rest, o)
+		}
+	}
+	return flags, strings.Join(rest, ",")
+}
+
+// switchRoot makes newRoot the root file system, as busybox's switch_root
+// does: it moves the kernel file systems under newRoot, frees the
+// initramfs, moves newRoot onto / and chroots into it. The process keeps
+// running from memory.
+func switchRoot(newRoot string, log *slog.Logger) error {
+	start := time.Now()
+	for _, m := range movedMounts {
+		if !isMountPoint(m) {
+			continue
+		}
+		target := newRoot + m
+		if err := os.MkdirAll(target, 0o755); err != nil {
+			return fmt.Errorf("creating %s in the root file system: %w; create it in the image or boot with rw", m, err)
+		}
+		if err := unix.Mount(m, target, "", unix.MS_MOVE, ""); err != nil {
+			return fmt.Errorf("moving %s to %s: %w", m, target, err)
+		}
+	}
+	freed := freeInitramfs(newRoot, log)
+	if err := unix.Chdir(newRoot); err != nil {
+		return fmt.Errorf("entering the root file system %s: %w", newRoot, err)
+	}
+	if err := unix.Mount(newRoot, "/", "", unix.MS_MOVE, ""); err != nil {
+		return fmt.Errorf("moving the root file system %s onto /: %w", newRoot, err)
+	}
+	if err := unix.Chroot("."); err != nil {
+		return fmt.Errorf("changing root into %s: %w", newRoot, err)
+	}
+	if err := unix.Chdir("/"); err != nil {
+		return fmt.Errorf("entering / of the new root: %w", err)
+	}
+	log.Info("switched to the root file system", "freed_initramfs_files", freed, "took", time.Since(start))
+	return nil
+}
+
+// freeInitramfs deletes the initramfs's files, which would otherwise hold
+// memory for as long as the guest runs. Like switch_root it only deletes
+// when / is the initramfs (ramfs or tmpfs) and stays on its device, so the
+// root file system mounted at newRoot is never touched. It returns how
+// many entries it deleted.
+func freeInitramfs(newRoot string, log *slog.Logger) int {
+	var fs unix.Statfs_t
+	if err := unix.Statfs("/", &fs); err != nil || (fs.Type != unix.RAMFS_MAGIC && fs.Type != unix.TMPFS_MAGIC) {
+		return 0
+	}
+	var root, nr unix.Stat_t
+	if unix.Lstat("/", &root) != nil || unix.Lstat(newRoot, &nr) != nil || root.Dev == nr.Dev {
+		log.Warn("not freeing the initramfs: cannot tell it from the root file system", "root", newRoot)
+		return 0
+	}
+	return deleteContents("/", root.Dev)
+}
+
+// deleteContents deletes what is in dir on device dev, best effort, and
+// returns how many entries it deleted.
+func deleteContents(dir string, dev uint64) int {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for _, e := range entries {
+		p := filepath.Join(dir, e.Name())
+		var st unix.Stat_t
+		if unix.Lstat(p, &st) != nil || st.Dev != dev {
+			continue // a mount point: another file system
+		}
+		if st.Mode&unix.S_IFMT == unix.S_IFDIR {
+			n += deleteContents(p, dev)
+			if unix.Rmdir(p) == nil {
+				n++
+			}
+			continue
+		}
+		if unix.Unlink(p) == nil {
+			n++
+		}
+	}
+	return n
+}
+
+// setHostname sets the hostname, falling back to DefaultHostname when name
+// is not a valid one.
+func setHostname(name string, log *slog.Logger) {
+	name = cmp.Or(name, DefaultHostname)
+	if err := ValidHostname(name); err != nil {
+		log.Warn("invalid hostname; using the default", "hostname", name, "default", DefaultHostname, "err", err)
+		name = DefaultHostname
+	}
+	if err := unix.Sethostname([]byte(name)); err != nil {
+		log.Warn("cannot set the hostname", "hostname", name, "err", err)
+		return
+	}
+	log.Info("set hostname", "hostname", name)
+}
+
+// loopbackUp brings lo up; the kernel then gives it 127.0.0.1 and ::1.
+func loopbackUp(log *slog.Logger) error {
+	start := time.Now()
+	lo, err := netlink.LinkByName("lo")
+	if err != nil {
+		return fmt.Errorf("finding the loopback interface: %w", err)
+	}
+	if err := netlink.LinkSetUp(lo); err != nil {
+		return fmt.Errorf("bringing loopback up: %w", err)
+	}
+	log.Info("loopback up", "took", time.Since(start))
+	return nil
+}
