@@ -28,6 +28,10 @@ migrate-down: build ## revert the whole schema
 run-worker: build ## run a worker in the foreground with the current config
 	./bin/worker
 
+.PHONY: guest-image
+guest-image: build ## build the guest image (kernel, initramfs, rootfs) into the image cache; a no-op when up to date
+	./bin/aether-cli image build
+
 setup:            ## install system packages (idempotent)
 	./scripts/setup.sh
 

@@ -4,6 +4,6 @@
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$REPO"
 mkdir -p bin
-CGO_ENABLED=0 go build -trimpath -o bin/fc-agent ./cmd/fc-agent
+CGO_ENABLED=0 go build -trimpath -buildvcs=false -o bin/fc-agent ./cmd/fc-agent
 for b in worker aether-cli migrate; do go build -o "bin/$b" "./cmd/$b"; done
 log "built bin/worker bin/fc-agent bin/aether-cli bin/migrate"

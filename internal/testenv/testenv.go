@@ -73,7 +73,10 @@ func BuildBinary(t testing.TB, name string) string {
 		buildDir = d
 	}
 	out := filepath.Join(buildDir, name)
-	cmd := exec.Command("go", "build", "-o", out, "./cmd/"+name)
+	// -trimpath and -buildvcs=false make the binary depend only on the
+	// source, so content-addressed guest images are shared across clones
+	// and commits that leave fc-agent unchanged.
+	cmd := exec.Command("go", "build", "-trimpath", "-buildvcs=false", "-o", out, "./cmd/"+name)
 	cmd.Dir = RepoRoot()
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if b, err := cmd.CombinedOutput(); err != nil {
