@@ -95,3 +95,12 @@ type VMStatus struct {
 	// Labels are the spec's labels as the backend recorded them.
 	Labels map[string]string `json:"labels,omitempty"`
 }
+
+// Check is one finding of a backend's host diagnosis (aether-cli doctor).
+type Check struct {
+	Name   string `json:"name"`
+	OK     bool   `json:"ok"`
+	Detail string `json:"detail"`
+	// Fix says what to do when the check fails.
+	Fix string `json:"fix,omitempty"`
+}

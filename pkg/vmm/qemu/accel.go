@@ -3,11 +3,15 @@ package qemu
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
+
+	"github.com/aetherium/aetherium-core/pkg/vmm"
 )
 
 // Accelerator settings.
@@ -87,4 +91,90 @@ func Version(ctx context.Context, binary string) (string, error) {
 	}
 	line, _, _ := strings.Cut(string(out), "\n")
 	return strings.TrimSpace(line), nil
+}
+
+// Diagnose checks this host for the qemu backend without starting a VM:
+// the accelerator and why, the QEMU binary and its microvm support,
+// vhost-device-vsock, and the guest image files named in cfg.
+func Diagnose(ctx context.Context, cfg Config) []vmm.Check {
+	var out []vmm.Check
+	add := func(name string, err error, ok, fix string) {
+		if err != nil {
+			out = append(out, vmm.Check{Name: name, Detail: err.Error(), Fix: fix})
+			return
+		}
+		out = append(out, vmm.Check{Name: name, OK: true, Detail: ok})
+	}
+	accel, err := resolveAccel(cfg.Accel)
+	add("accelerator", err, accel.Name+": "+accel.Reason, "set vmm.qemu.accel to auto, kvm or tcg")
+	if err == nil && accel.Name == AccelTCG {
+		out[len(out)-1].Detail += " (boots take seconds, not milliseconds)"
+	}
+
+	bin := cmp.Or(cfg.Binary, DefaultBinary)
+	ver, err := Version(ctx, bin)
+	if err == nil {
+		var mach []byte
+		mach, err = exec.CommandContext(ctx, bin, "-machine", "help").Output()
+		if err == nil && !bytes.Contains(mach, []byte("microvm")) {
+			err = fmt.Errorf("%s has no microvm machine type", bin)
+		}
+	}
+	add("qemu", err, ver+" with the microvm machine", "Worker can't create VMs: install QEMU with `./scripts/setup.sh` (Debian's qemu-system-x86) or set vmm.qemu.binary")
+
+	vbin := cmp.Or(cfg.VsockBinary, DefaultVsockBinary)
+	out2, err := exec.CommandContext(ctx, vbin, "--version").Output()
+	add("vhost-device-vsock", err, strings.TrimSpace(string(out2)),
+		"VSock connection timeout: without vhost-device-vsock the host cannot reach the guest agent; install it with `./scripts/setup.sh` or set vmm.qemu.vsock_binary")
+
+	var missing []string
+	for _, p := range []string{cfg.KernelPath, cfg.InitrdPath, cfg.RootfsPath} {
+		if p == "" {
+			missing = append(missing, "(not set)")
+		} else if _, err := os.Stat(p); err != nil {
+			missing = append(missing, p)
+		}
+	}
+	if len(missing) > 0 {
+		add("guest image", fmt.Errorf("missing: %s", strings.Join(missing, ", ")), "", "Worker can't create VMs: build it with `aether-cli image build` (or `make guest-image`)")
+	} else {
+		add("guest image", nil, cfg.KernelPath+", "+filepath.Base(cfg.InitrdPath)+", "+filepath.Base(cfg.RootfsPath), "")
+	}
+	return out
+}
+
+// ClockArgs returns kernel parameters a guest needs under accel. Under TCG
+// the guest's early TSC calibration against the emulated PIT sometimes
+// fails on a loaded host, and the kernel then hangs calibrating its delay
+// loop; the guest's TSC is the host's, so its frequency is passed in
+// (tsc_early_khz) and the clocksource watchdog, which compares the TSC with
+// irregular emulated timer ticks, is told the TSC is reliable.
+func ClockArgs(accel string) []string {
+	if accel != AccelTCG {
+		return nil
+	}
+	khz := hostTSCKHz()
+	if khz == 0 {
+		return nil
+	}
+	return []string{fmt.Sprintf("tsc_early_khz=%d", khz), "tsc=reliable"}
+}
+
+// hostTSCKHz reads the first CPU's "cpu MHz" from /proc/cpuinfo, or 0.
+func hostTSCKHz() int {
+	b, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return 0
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(l, ":")
+		if ok && strings.TrimSpace(k) == "cpu MHz" {
+			var mhz float64
+			if _, err := fmt.Sscanf(strings.TrimSpace(v), "%g", &mhz); err == nil && mhz > 0 {
+				return int(mhz * 1000)
+			}
+			return 0
+		}
+	}
+	return 0
 }

@@ -424,10 +424,9 @@ func (o *Orchestrator) boot(ctx context.Context, id string, vf *vmFile) (p *vmPr
 // the validated spec or the configuration; no shell is involved.
 func (o *Orchestrator) qemuArgs(id string, spec types.VMSpec) []string {
 	mem := strconv.Itoa(spec.MemoryMB)
-	cmdline := strings.Join(slices.DeleteFunc([]string{
-		"console=ttyS0", "reboot=t", "panic=-1", "root=/dev/vda", "rw",
-		"aetherium.hostname=" + Hostname(spec.Name), o.cfg.KernelArgs,
-	}, func(s string) bool { return s == "" }), " ")
+	args := append([]string{"console=ttyS0", "reboot=t", "panic=-1"}, ClockArgs(o.accel.Name)...)
+	args = append(args, "root=/dev/vda", "rw", "aetherium.hostname="+Hostname(spec.Name), o.cfg.KernelArgs)
+	cmdline := strings.Join(slices.DeleteFunc(args, func(s string) bool { return s == "" }), " ")
 	return []string{
 		"-name", "aetherium-" + id + ",process=aetherium-" + id,
 		"-M", "microvm,memory-backend=mem",
@@ -802,11 +801,20 @@ func (o *Orchestrator) writeVM(id string, vf *vmFile) error {
 	if err != nil {
 		return err
 	}
-	tmp := o.path(id, fileSpec+".tmp")
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+	f, err := os.CreateTemp(o.RunDir(id), fileSpec+".*.tmp")
+	if err != nil {
 		return fmt.Errorf("writing vm %s: %w", id, err)
 	}
-	if err := os.Rename(tmp, o.path(id, fileSpec)); err != nil {
+	_, err = f.Write(b)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(f.Name())
+		return fmt.Errorf("writing vm %s: %w", id, err)
+	}
+	if err := os.Rename(f.Name(), o.path(id, fileSpec)); err != nil {
+		os.Remove(f.Name())
 		return fmt.Errorf("writing vm %s: %w", id, err)
 	}
 	return nil
