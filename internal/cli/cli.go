@@ -89,7 +89,8 @@ func (a *app) rootCmd() *cobra.Command {
 	root.PersistentFlags().StringVar(&a.cfgPath, "config", "", "configuration file (default: $AETHERIUM_CONFIG, ./aetherium.yaml, ~/.config/aetherium/config.yaml)")
 	root.PersistentFlags().BoolVar(&a.json, "json", false, "print JSON with stable fields")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
-	root.AddCommand(a.vmCmd(), a.execCmd(), a.executionsCmd(), a.taskCmd(), a.jobCmd(), a.doctorCmd(), a.workersCmd())
+	root.AddCommand(a.vmCmd(), a.execCmd(), a.executionsCmd(), a.taskCmd(), a.jobCmd(), a.doctorCmd(), a.workersCmd(),
+		a.newImageCmd(), a.networkCmd(wiring.NetworkConfig))
 	return root
 }
 

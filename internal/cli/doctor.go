@@ -103,6 +103,9 @@ func (a *app) diagnose(ctx context.Context) []check {
 	if add("redis", err, "reachable at "+cfg.Queue.RedisAddr, "start it with `make services-up`, or set queue.redis_addr") {
 		q.Close()
 	}
+	for _, ch := range wiring.DiagnoseVMM(ctx, cfg) {
+		out = append(out, check{Name: cfg.VMM.Provider + " " + ch.Name, OK: ch.OK, Detail: ch.Detail, Fix: ch.Fix})
+	}
 	add("vmm "+cfg.VMM.Provider, wiring.CheckVMM(ctx, cfg), "usable from this host",
 		"Worker can't create VMs: "+vmmFix(cfg.VMM.Provider))
 	return out
@@ -137,6 +140,8 @@ func vmmFix(provider string) string {
 	switch provider {
 	case "docker":
 		return "start a Docker engine (`make up` starts a private dockerd) or set vmm.docker.host"
+	case "qemu":
+		return "fix the qemu checks above (`./scripts/setup.sh` installs QEMU and vhost-device-vsock; `make guest-image` builds the guest image)"
 	default:
 		return "set vmm.provider to docker, or see docs/ for the " + provider + " prerequisites"
 	}

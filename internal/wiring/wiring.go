@@ -4,6 +4,7 @@
 package wiring
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
@@ -12,6 +13,8 @@ import (
 	"strings"
 
 	"github.com/aetherium/aetherium-core/pkg/config"
+	"github.com/aetherium/aetherium-core/pkg/image"
+	"github.com/aetherium/aetherium-core/pkg/network"
 	"github.com/aetherium/aetherium-core/pkg/queue"
 	"github.com/aetherium/aetherium-core/pkg/service"
 	"github.com/aetherium/aetherium-core/pkg/storage"
@@ -19,6 +22,8 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
 	"github.com/aetherium/aetherium-core/pkg/vmm/docker"
+	"github.com/aetherium/aetherium-core/pkg/vmm/firecracker"
+	"github.com/aetherium/aetherium-core/pkg/vmm/qemu"
 )
 
 // Logger builds the process logger from the log section.
@@ -105,9 +110,119 @@ func NewOrchestrator(ctx context.Context, c *config.Config, owner string, log *s
 			Owner:       owner,
 			Logger:      log.With("provider", "docker"),
 		})
+	case "qemu":
+		qc, err := QEMUConfig(c)
+		if err != nil {
+			return nil, err
+		}
+		qc.Owner = owner
+		qc.Logger = log.With("provider", "qemu")
+		return qemu.New(ctx, qc)
+	case "firecracker":
+		fc, err := FirecrackerConfig(c)
+		if err != nil {
+			return nil, err
+		}
+		fc.Owner = owner
+		fc.Logger = log.With("provider", firecracker.Provider)
+		return firecracker.New(fc)
 	default:
-		return nil, fmt.Errorf("%w: vmm.provider %q is not available in this build yet; use docker", types.ErrNotSupported, c.VMM.Provider)
+		return nil, fmt.Errorf("%w: vmm.provider %q is unknown; use docker, qemu or firecracker", types.ErrInvalid, c.VMM.Provider)
 	}
+}
+
+// FirecrackerConfig maps the vmm.firecracker section to the backend's
+// config. Unset image paths come from the newest image in vmm.image_dir.
+func FirecrackerConfig(c *config.Config) (firecracker.Config, error) {
+	f := c.VMM.Firecracker
+	fc := firecracker.Config{
+		Binary: f.Binary, KernelPath: f.KernelPath, InitrdPath: f.InitrdPath, RootfsPath: f.RootfsPath,
+		SocketDir: f.SocketDir, BootArgs: f.BootArgs, LogLevel: f.LogLevel,
+		ReadyTimeout: f.ReadyTimeout, StopTimeout: f.StopTimeout, MaxVCPUs: c.VMM.MaxVCPUs,
+		Jailer: firecracker.JailerConfig{
+			Enabled: f.Jailer.Enabled, Binary: f.Jailer.Binary, UID: f.Jailer.UID, GID: f.Jailer.GID,
+			ChrootBaseDir: f.Jailer.ChrootBaseDir, CgroupVersion: f.Jailer.CgroupVersion,
+			ParentCgroup: f.Jailer.ParentCgroup, NetNS: f.Jailer.NetNS,
+		},
+	}
+	if fc.KernelPath == "" || fc.InitrdPath == "" || fc.RootfsPath == "" {
+		m, err := image.Latest(c.VMM.ImageDir)
+		if err != nil {
+			return fc, err
+		}
+		fc.KernelPath = cmp.Or(fc.KernelPath, m.VmlinuxPath())
+		fc.InitrdPath = cmp.Or(fc.InitrdPath, m.InitrdPath())
+		fc.RootfsPath = cmp.Or(fc.RootfsPath, m.RootfsPath())
+	}
+	return fc, nil
+}
+
+// NetworkConfig maps the network section to the manager's config.
+func NetworkConfig(c *config.Config) network.Config {
+	n := c.Network
+	return network.Config{
+		Bridge: n.Bridge, Subnet: n.Subnet, Uplink: n.Uplink, DNS: n.DNS,
+		EgressDeny: n.EgressDeny, EgressAllow: n.EgressAllow,
+		Netns: n.Netns, Table: n.Table, Pool: n.Pool,
+	}
+}
+
+// QEMUConfig maps the vmm.qemu section to the backend's config. The guest
+// image's files come from the section when set, else from the newest image
+// in vmm.image_dir.
+func QEMUConfig(c *config.Config) (qemu.Config, error) {
+	q := c.VMM.QEMU
+	qc := qemu.Config{
+		Binary:       q.Binary,
+		VsockBinary:  q.VsockBinary,
+		Accel:        q.Accel,
+		RunDir:       q.RunDir,
+		KernelPath:   q.KernelPath,
+		InitrdPath:   q.InitrdPath,
+		RootfsPath:   q.RootfsPath,
+		KernelArgs:   q.KernelArgs,
+		MaxVCPUs:     c.VMM.MaxVCPUs,
+		ReadyTimeout: q.ReadyTimeout,
+	}
+	if qc.KernelPath == "" || qc.InitrdPath == "" || qc.RootfsPath == "" {
+		m, err := image.Latest(c.VMM.ImageDir)
+		if err != nil {
+			return qc, err
+		}
+		qc.KernelPath = cmp.Or(qc.KernelPath, m.KernelPath())
+		qc.InitrdPath = cmp.Or(qc.InitrdPath, m.InitrdPath())
+		qc.RootfsPath = cmp.Or(qc.RootfsPath, m.RootfsPath())
+	}
+	return qc, nil
+}
+
+// DiagnoseVMM returns the configured backend's host checks for doctor
+// (empty for backends that have none beyond CheckVMM).
+func DiagnoseVMM(ctx context.Context, c *config.Config) []vmm.Check {
+	switch c.VMM.Provider {
+	case "qemu":
+		qc, err := QEMUConfig(c)
+		checks := qemu.Diagnose(ctx, qc)
+		if err != nil {
+			for i := range checks {
+				if checks[i].Name == "guest image" {
+					checks[i] = vmm.Check{Name: "guest image", Detail: err.Error(), Fix: "Worker can't create VMs: build it with `aether-cli image build` (or `make guest-image`)"}
+				}
+			}
+		}
+		return checks
+	case "firecracker":
+		fc, err := FirecrackerConfig(c)
+		var checks []vmm.Check
+		if err != nil {
+			checks = append(checks, vmm.Check{Name: "guest image", Detail: err.Error(), Fix: "Worker can't create VMs: build it with `aether-cli image build` (or `make guest-image`)"})
+		}
+		for _, ch := range firecracker.Diagnose(fc) {
+			checks = append(checks, vmm.Check{Name: ch.Name, OK: ch.OK, Detail: ch.Detail, Fix: ch.Hint})
+		}
+		return checks
+	}
+	return nil
 }
 
 // CheckVMM checks from this host that the configured backend is usable,
@@ -116,6 +231,13 @@ func CheckVMM(ctx context.Context, c *config.Config) error {
 	switch c.VMM.Provider {
 	case "docker":
 		return docker.Ping(ctx, c.VMM.Docker.Host)
+	case "qemu", "firecracker":
+		for _, ch := range DiagnoseVMM(ctx, c) {
+			if !ch.OK && ch.Name != "accelerator" {
+				return fmt.Errorf("%w: %s: %s; %s", types.ErrUnavailable, ch.Name, ch.Detail, ch.Fix)
+			}
+		}
+		return nil
 	default:
 		return fmt.Errorf("%w: vmm.provider %q is not available in this build yet", types.ErrNotSupported, c.VMM.Provider)
 	}

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -30,6 +31,7 @@ type Config struct {
 	Storage Storage `yaml:"storage"`
 	Worker  Worker  `yaml:"worker"`
 	Log     Log     `yaml:"log"`
+	Network Network `yaml:"network"`
 }
 
 // VMM selects and configures the VM backend.
@@ -49,6 +51,90 @@ type VMM struct {
 	Docker Docker `yaml:"docker"`
 	// QEMU configures the qemu backend.
 	QEMU QEMU `yaml:"qemu"`
+	// Firecracker configures the firecracker backend.
+	Firecracker Firecracker `yaml:"firecracker"`
+}
+
+// Firecracker configures the firecracker backend (docs/firecracker.md).
+type Firecracker struct {
+	// Binary is the firecracker executable. Default firecracker on PATH.
+	Binary string `yaml:"binary"`
+	// KernelPath is the guest's uncompressed ELF vmlinux. Default: the
+	// newest guest image's vmlinux in vmm.image_dir.
+	KernelPath string `yaml:"kernel_path"`
+	// InitrdPath is the initramfs whose /init is fc-agent. Default: the
+	// newest guest image's.
+	InitrdPath string `yaml:"initrd_path"`
+	// RootfsPath is the ext4 image each VM gets a copy-on-write copy of.
+	// Default: the newest guest image's.
+	RootfsPath string `yaml:"rootfs_path"`
+	// SocketDir holds one run directory per VM (API socket, vsock socket,
+	// logs). Default /var/lib/aetherium/firecracker.
+	SocketDir string `yaml:"socket_dir"`
+	// BootArgs are appended to the guest kernel command line.
+	BootArgs string `yaml:"boot_args"`
+	// LogLevel is Firecracker's: Error, Warning, Info, Debug, Trace or Off.
+	// Default Warning.
+	LogLevel string `yaml:"log_level"`
+	// ReadyTimeout bounds the wait for the API socket and the agent.
+	// Default 30s.
+	ReadyTimeout time.Duration `yaml:"ready_timeout"`
+	// StopTimeout bounds each step of a graceful stop. Default 10s.
+	StopTimeout time.Duration `yaml:"stop_timeout"`
+	// Jailer runs every VMM through Firecracker's jailer.
+	Jailer FirecrackerJailer `yaml:"jailer"`
+}
+
+// FirecrackerJailer configures Firecracker's jailer (its docs/jailer.md).
+type FirecrackerJailer struct {
+	// Enabled starts every VMM through the jailer. Default false.
+	Enabled bool `yaml:"enabled"`
+	// Binary is the jailer of the same release as firecracker. Default jailer.
+	Binary string `yaml:"binary"`
+	// UID and GID the VMM runs as once jailed. 0 means root: not for
+	// production.
+	UID int `yaml:"uid"`
+	GID int `yaml:"gid"`
+	// ChrootBaseDir is where jails are built. Default /srv/jailer.
+	ChrootBaseDir string `yaml:"chroot_base_dir"`
+	// CgroupVersion is 1 or 2. Default 2.
+	CgroupVersion int `yaml:"cgroup_version"`
+	// ParentCgroup nests the VMs' cgroups under this relative path.
+	// Default: the binary's name.
+	ParentCgroup string `yaml:"parent_cgroup"`
+	// NetNS is a network namespace the VMM joins, e.g. /var/run/netns/aeth.
+	NetNS string `yaml:"netns"`
+}
+
+// Network configures VM networking for the qemu and firecracker backends:
+// a TAP per VM on a bridge, addresses from a pool kept in PostgreSQL, NAT
+// out of the uplink, and isolation rules in an nftables table of our own.
+type Network struct {
+	// Enabled gives new VMs a network by default (--network nat). Default
+	// false: VMs have no network unless created with --network nat.
+	Enabled bool `yaml:"enabled"`
+	// Bridge is the bridge the TAPs join. Default aeth0.
+	Bridge string `yaml:"bridge"`
+	// Subnet is the VMs' IPv4 subnet; the bridge takes its first address
+	// as the gateway. Default 10.88.0.0/16.
+	Subnet string `yaml:"subnet"`
+	// Uplink is the interface VM traffic is masqueraded out of. Empty: no
+	// NAT (VMs reach only the bridge's side).
+	Uplink string `yaml:"uplink"`
+	// DNS servers written to the guests' /etc/resolv.conf. Default none.
+	DNS []string `yaml:"dns"`
+	// EgressDeny and EgressAllow are CIDRs VMs may not / may reach; when
+	// EgressAllow is set, everything else is denied.
+	EgressDeny  []string `yaml:"egress_deny"`
+	EgressAllow []string `yaml:"egress_allow"`
+	// Netns is the network namespace holding the bridge, TAPs and NAT, and
+	// where VMM processes run, e.g. /var/run/netns/aeth. Default: the host's.
+	Netns string `yaml:"netns"`
+	// Table is the name of our nftables tables. Default aetherium.
+	Table string `yaml:"table"`
+	// Pool names this bridge's address pool in PostgreSQL. Default
+	// <hostname>/<bridge>.
+	Pool string `yaml:"pool"`
 }
 
 // QEMU configures the qemu backend (QEMU's microvm machine).
@@ -216,6 +302,14 @@ func (c *Config) setDefaults() {
 	c.VMM.QEMU.VsockBinary = cmp.Or(c.VMM.QEMU.VsockBinary, "vhost-device-vsock")
 	c.VMM.QEMU.Accel = cmp.Or(c.VMM.QEMU.Accel, "auto")
 	c.VMM.QEMU.RunDir = cmp.Or(c.VMM.QEMU.RunDir, "/var/lib/aetherium/qemu")
+	c.VMM.Firecracker.Binary = cmp.Or(c.VMM.Firecracker.Binary, "firecracker")
+	c.VMM.Firecracker.SocketDir = cmp.Or(c.VMM.Firecracker.SocketDir, "/var/lib/aetherium/firecracker")
+	c.VMM.Firecracker.Jailer.Binary = cmp.Or(c.VMM.Firecracker.Jailer.Binary, "jailer")
+	c.VMM.Firecracker.Jailer.ChrootBaseDir = cmp.Or(c.VMM.Firecracker.Jailer.ChrootBaseDir, "/srv/jailer")
+	c.VMM.Firecracker.Jailer.CgroupVersion = cmp.Or(c.VMM.Firecracker.Jailer.CgroupVersion, 2)
+	c.Network.Bridge = cmp.Or(c.Network.Bridge, "aeth0")
+	c.Network.Subnet = cmp.Or(c.Network.Subnet, "10.88.0.0/16")
+	c.Network.Table = cmp.Or(c.Network.Table, "aetherium")
 	c.Queue.Provider = cmp.Or(c.Queue.Provider, "redis")
 	c.Queue.RedisAddr = cmp.Or(c.Queue.RedisAddr, "127.0.0.1:6379")
 	c.Queue.TaskCheckInterval = cmp.Or(c.Queue.TaskCheckInterval, 5*time.Millisecond)
@@ -270,6 +364,22 @@ func (c *Config) Validate() error {
 	case "auto", "kvm", "tcg":
 	default:
 		return bad("vmm.qemu.accel %q is unknown; use auto, kvm or tcg", c.VMM.QEMU.Accel)
+	}
+	if v := c.VMM.Firecracker.Jailer.CgroupVersion; v != 1 && v != 2 {
+		return bad("vmm.firecracker.jailer.cgroup_version %d: use 1 or 2", v)
+	}
+	if _, err := netip.ParsePrefix(c.Network.Subnet); err != nil {
+		return bad("network.subnet %q is not a CIDR such as 10.88.0.0/16", c.Network.Subnet)
+	}
+	for _, cidr := range append(append([]string{}, c.Network.EgressDeny...), c.Network.EgressAllow...) {
+		if _, err := netip.ParsePrefix(cidr); err != nil {
+			return bad("network egress entry %q is not a CIDR such as 192.0.2.0/24", cidr)
+		}
+	}
+	for _, d := range c.Network.DNS {
+		if _, err := netip.ParseAddr(d); err != nil {
+			return bad("network.dns entry %q is not an IP address", d)
+		}
 	}
 	if c.VMM.QEMU.ReadyTimeout < 0 {
 		return bad("vmm.qemu.ready_timeout must not be negative")
@@ -368,6 +478,15 @@ func setValue(fv reflect.Value, raw string) error {
 			return fmt.Errorf("not a boolean (true or false)")
 		}
 		fv.SetBool(b)
+	case fv.Type() == reflect.TypeOf([]string(nil)):
+		// A comma-separated list; empty means none.
+		var list []string
+		for _, item := range strings.Split(raw, ",") {
+			if item = strings.TrimSpace(item); item != "" {
+				list = append(list, item)
+			}
+		}
+		fv.Set(reflect.ValueOf(list))
 	default:
 		return fmt.Errorf("unsupported field type %s", fv.Type())
 	}
