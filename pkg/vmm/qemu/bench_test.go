@@ -167,5 +167,3 @@ func vmRSS(b *testing.B, pid string) int {
 	b.Fatalf("no VmRSS for pid %s", pid)
 	return 0
 }
-
-
