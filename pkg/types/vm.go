@@ -72,7 +72,8 @@ type VM struct {
 	Provider string            `json:"provider"`
 	Owner    string            `json:"owner,omitempty"` // id of the worker that created it
 	Labels   map[string]string `json:"labels,omitempty"`
-	Env      map[string]string `json:"env,omitempty"` // default environment of every command
+	Env      map[string]string `json:"env,omitempty"`     // default environment of every command
+	Network  string            `json:"network,omitempty"` // NetworkNone or NetworkNAT
 	Error    string            `json:"error,omitempty"`
 
 	CreatedAt time.Time `json:"created_at"`
@@ -87,11 +88,31 @@ type VMSpec struct {
 	MemoryMB int
 	Labels   map[string]string
 	Env      map[string]string
+	// Network is NetworkNone or NetworkNAT; empty means NetworkNone.
+	Network string
+}
+
+// Network modes of a VM.
+const (
+	// NetworkNone gives the VM no network interface besides loopback.
+	NetworkNone = "none"
+	// NetworkNAT gives the VM a TAP on the host's bridge, an address, a
+	// default route and NAT to the outside, isolated from other VMs.
+	NetworkNAT = "nat"
+)
+
+// ValidateNetwork checks a network mode ("" counts as none).
+func ValidateNetwork(mode string) error {
+	switch mode {
+	case "", NetworkNone, NetworkNAT:
+		return nil
+	}
+	return fmt.Errorf("%w: network %q is unknown; use none or nat", ErrInvalid, mode)
 }
 
 // Spec returns the backend spec of a stored VM.
 func (v *VM) Spec() VMSpec {
-	return VMSpec{ID: v.ID, Name: v.Name, VCPUs: v.VCPUs, MemoryMB: v.MemoryMB, Labels: v.Labels, Env: v.Env}
+	return VMSpec{ID: v.ID, Name: v.Name, VCPUs: v.VCPUs, MemoryMB: v.MemoryMB, Labels: v.Labels, Env: v.Env, Network: v.Network}
 }
 
 // Limits of a VM spec that hold for every backend. A backend may narrow them
@@ -155,6 +176,9 @@ func (s VMSpec) Validate(maxVCPUs int) error {
 		if !labelKeyRE.MatchString(k) {
 			return fmt.Errorf("%w: label key %q must be 1-63 characters of [A-Za-z0-9._/-]", ErrInvalid, k)
 		}
+	}
+	if err := ValidateNetwork(s.Network); err != nil {
+		return err
 	}
 	return ValidateEnv(s.Env)
 }
