@@ -18,10 +18,11 @@ type vmView struct {
 	Provider string        `json:"provider"`
 	Error    string        `json:"error"`
 	Owner    string        `json:"owner"`
+	Network  string        `json:"network"`
 }
 
 func newVMView(v *types.VM) vmView {
-	return vmView{ID: v.ID, Name: v.Name, State: v.State, VCPUs: v.VCPUs, MemoryMB: v.MemoryMB, Provider: v.Provider, Error: v.Error, Owner: v.Owner}
+	return vmView{ID: v.ID, Name: v.Name, State: v.State, VCPUs: v.VCPUs, MemoryMB: v.MemoryMB, Provider: v.Provider, Error: v.Error, Owner: v.Owner, Network: v.Network}
 }
 
 type taskView struct {

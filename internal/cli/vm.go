@@ -70,6 +70,7 @@ func (a *app) vmCreateCmd() *cobra.Command {
 	f.StringArrayVar(&labels, "label", nil, "label KEY=VALUE (repeatable)")
 	f.StringArrayVar(&env, "env", nil, "default environment KEY=VALUE of every command (repeatable)")
 	f.BoolVar(&wait, "wait", false, "return only once the VM's agent answers")
+	f.StringVar(&o.Network, "network", "", "none or nat (default: nat when network.enabled is set in the config, else none)")
 	return cmd
 }
 

@@ -77,6 +77,9 @@ func OpenService(ctx context.Context, c *config.Config, log *slog.Logger) (*Serv
 		return nil, err
 	}
 	opts := []service.Option{service.WithProvider(c.VMM.Provider), service.WithLogger(log)}
+	if c.Network.Enabled && c.VMM.Provider != "docker" {
+		opts = append(opts, service.WithDefaultNetwork(types.NetworkNAT))
+	}
 	if c.VMM.MaxVCPUs > 0 {
 		opts = append(opts, service.WithMaxVCPUs(c.VMM.MaxVCPUs))
 	}

@@ -5,6 +5,7 @@
 package service
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -31,9 +32,10 @@ type TaskService struct {
 }
 
 type options struct {
-	maxVCPUs int
-	provider string
-	logger   *slog.Logger
+	maxVCPUs       int
+	provider       string
+	defaultNetwork string
+	logger         *slog.Logger
 }
 
 // Option configures a TaskService.
@@ -45,6 +47,10 @@ func WithMaxVCPUs(n int) Option { return func(o *options) { o.maxVCPUs = n } }
 
 // WithProvider records which VM backend new VMs are meant for.
 func WithProvider(p string) Option { return func(o *options) { o.provider = p } }
+
+// WithDefaultNetwork sets the network mode of VMs created without one
+// (types.NetworkNone or types.NetworkNAT; default none).
+func WithDefaultNetwork(mode string) Option { return func(o *options) { o.defaultNetwork = mode } }
 
 // WithLogger sets the logger (default: discard).
 func WithLogger(l *slog.Logger) Option { return func(o *options) { o.logger = l } }
@@ -81,6 +87,9 @@ type CreateVMOptions struct {
 	MemoryMB int
 	Labels   map[string]string
 	Env      map[string]string // default environment of every command in the VM
+	// Network is types.NetworkNone or types.NetworkNAT; empty takes the
+	// service's default (WithDefaultNetwork).
+	Network string
 }
 
 // CreateVMTask submits the creation of a VM. The returned id names both the
@@ -93,13 +102,14 @@ func (s *TaskService) CreateVMTask(ctx context.Context, name string, vcpus, memo
 // CreateVMTaskWithOptions is CreateVMTask with labels and environment.
 func (s *TaskService) CreateVMTaskWithOptions(ctx context.Context, o CreateVMOptions) (uuid.UUID, error) {
 	id := uuid.New()
-	spec := types.VMSpec{ID: id.String(), Name: o.Name, VCPUs: o.VCPUs, MemoryMB: o.MemoryMB, Labels: o.Labels, Env: o.Env}
+	network := cmp.Or(o.Network, s.opts.defaultNetwork, types.NetworkNone)
+	spec := types.VMSpec{ID: id.String(), Name: o.Name, VCPUs: o.VCPUs, MemoryMB: o.MemoryMB, Labels: o.Labels, Env: o.Env, Network: network}
 	if err := spec.Validate(s.opts.maxVCPUs); err != nil {
 		return uuid.Nil, err
 	}
 	now := time.Now().UTC()
 	vm := &types.VM{ID: spec.ID, Name: o.Name, VCPUs: o.VCPUs, MemoryMB: o.MemoryMB, State: types.VMPending,
-		Provider: s.opts.provider, Labels: o.Labels, Env: o.Env, CreatedAt: now, UpdatedAt: now}
+		Provider: s.opts.provider, Labels: o.Labels, Env: o.Env, Network: network, CreatedAt: now, UpdatedAt: now}
 	if err := s.store.CreateVM(ctx, vm); err != nil {
 		if errors.Is(err, types.ErrConflict) {
 			return uuid.Nil, fmt.Errorf("%w: a vm named %q already exists; pick another name or delete it first", types.ErrConflict, o.Name)

@@ -175,20 +175,24 @@ func (s *Store) fail(err error, format string, args ...any) error {
 // constraintText explains a violated constraint to a person. Names are those
 // of migrations/*.sql.
 var constraintText = map[string]string{
-	"vms_pkey":               "a vm with this id already exists",
-	"vms_name_live_key":      "the name is taken by a vm that is not deleted; choose another name or delete that vm first",
-	"vms_vcpus_check":        "a vm needs at least 1 vcpu",
-	"vms_memory_mb_check":    fmt.Sprintf("a vm needs at least %d MiB of memory", types.MinMemoryMB),
-	"vms_state_check":        "unknown vm state",
-	"tasks_pkey":             "a task with this id already exists",
-	"tasks_state_check":      "unknown task state",
-	"tasks_attempts_check":   "attempts must not be negative",
-	"jobs_pkey":              "a job with this id already exists",
-	"jobs_state_check":       "unknown job state",
-	"jobs_vm_id_fkey":        "its vm does not exist",
-	"executions_vm_id_fkey":  "its vm does not exist",
-	"executions_job_id_fkey": "its job does not exist",
-	"workers_pkey":           "a worker with this id already exists",
+	"vms_pkey":                    "a vm with this id already exists",
+	"vms_name_live_key":           "the name is taken by a vm that is not deleted; choose another name or delete that vm first",
+	"vms_vcpus_check":             "a vm needs at least 1 vcpu",
+	"vms_memory_mb_check":         fmt.Sprintf("a vm needs at least %d MiB of memory", types.MinMemoryMB),
+	"vms_state_check":             "unknown vm state",
+	"tasks_pkey":                  "a task with this id already exists",
+	"tasks_state_check":           "unknown task state",
+	"tasks_attempts_check":        "attempts must not be negative",
+	"jobs_pkey":                   "a job with this id already exists",
+	"jobs_state_check":            "unknown job state",
+	"jobs_vm_id_fkey":             "its vm does not exist",
+	"executions_vm_id_fkey":       "its vm does not exist",
+	"executions_job_id_fkey":      "its job does not exist",
+	"workers_pkey":                "a worker with this id already exists",
+	"vms_network_valid":           "unknown network mode; use none or nat",
+	"network_leases_pkey":         "the vm already holds an address lease",
+	"network_leases_pool_ip_key":  "the address is leased to another vm",
+	"network_leases_ip_in_subnet": "the address is outside the pool's subnet",
 }
 
 // classify maps a server error to an error kind and a message, or returns

@@ -1,6 +1,7 @@
 package postgres
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -11,7 +12,7 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
-const vmColumns = `id, name, vcpus, memory_mb, state, provider, owner, labels, env, error, created_at, updated_at`
+const vmColumns = `id, name, vcpus, memory_mb, state, provider, owner, labels, env, error, created_at, updated_at, network`
 
 func scanVM(row pgx.Row) (*types.VM, error) {
 	var (
@@ -20,7 +21,7 @@ func scanVM(row pgx.Row) (*types.VM, error) {
 		labels, env *string
 	)
 	err := row.Scan(&v.ID, &v.Name, &v.VCPUs, &v.MemoryMB, &state, &v.Provider, &v.Owner,
-		&labels, &env, &v.Error, &v.CreatedAt, &v.UpdatedAt)
+		&labels, &env, &v.Error, &v.CreatedAt, &v.UpdatedAt, &v.Network)
 	if err != nil {
 		return nil, err
 	}
@@ -50,9 +51,9 @@ func (s *Store) CreateVM(ctx context.Context, vm *types.VM) error {
 	}
 	stamp(&vm.CreatedAt, &vm.UpdatedAt)
 	_, err = s.pool.Exec(ctx, `INSERT INTO vms (`+vmColumns+`)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)`,
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)`,
 		vm.ID, vm.Name, vm.VCPUs, vm.MemoryMB, string(vm.State), vm.Provider, vm.Owner,
-		labels, env, vm.Error, vm.CreatedAt, vm.UpdatedAt)
+		labels, env, vm.Error, vm.CreatedAt, vm.UpdatedAt, cmp.Or(vm.Network, types.NetworkNone))
 	if err != nil {
 		return s.fail(err, "creating vm %s (name %q)", vm.ID, vm.Name)
 	}

@@ -109,6 +109,9 @@ func micro(t time.Time) time.Time { return t.UTC().Truncate(time.Microsecond) }
 func normVM(v *types.VM) *types.VM {
 	c := *v
 	c.CreatedAt, c.UpdatedAt = micro(c.CreatedAt), micro(c.UpdatedAt)
+	if c.Network == "" {
+		c.Network = types.NetworkNone // stores keep "" as none
+	}
 	return &c
 }
 
@@ -184,6 +187,7 @@ func testVMRoundTrip(t *testing.T, s storage.Store) {
 			Labels:    map[string]string{"team": "core", "app.kubernetes.io/name": "x"},
 			Env:       map[string]string{"GREETING": "héllo wörld", "EMPTY": ""},
 			Error:     "an old error",
+			Network:   types.NetworkNAT,
 			CreatedAt: at(0), UpdatedAt: at(time.Second),
 		}},
 		{"nil maps", newVM("nil-maps", types.VMPending)},

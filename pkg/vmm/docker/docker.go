@@ -258,6 +258,9 @@ func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (*vmm.VM
 	if err := spec.Validate(o.cfg.MaxVCPUs); err != nil {
 		return nil, err
 	}
+	if spec.Network == types.NetworkNAT {
+		return nil, fmt.Errorf("%w: the docker backend runs VMs without a network; create it with --network none, or use the qemu or firecracker backend for nat", types.ErrNotSupported)
+	}
 	if p := o.socketPath(spec.ID); len(p) > maxSocketPathLen {
 		return nil, fmt.Errorf("%w: agent socket path %s is %d bytes, over the %d a unix socket allows; choose a shorter socket dir", types.ErrInvalid, p, len(p), maxSocketPathLen)
 	}

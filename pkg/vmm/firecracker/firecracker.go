@@ -353,6 +353,9 @@ func (o *Orchestrator) CreateVMWithOptions(ctx context.Context, spec types.VMSpe
 	if err := spec.Validate(o.cfg.MaxVCPUs); err != nil {
 		return nil, err
 	}
+	if spec.Network == types.NetworkNAT && opts.TAPDevice == "" {
+		return nil, fmt.Errorf("%w: vm %s asks for a nat network but no TAP device was given; networking is not wired into the firecracker backend yet, so create it with --network none", types.ErrNotSupported, spec.ID)
+	}
 	p := o.cfg.paths(spec.ID)
 	for _, s := range []string{p.host(apiSockName), p.host(vsockSockName)} {
 		if len(s) > maxSocketPathLen {
