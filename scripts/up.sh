@@ -51,7 +51,7 @@ if [ ! -e aetherium.yaml ] && [ -z "${AETHERIUM_CONFIG:-}" ]; then
 # Written by scripts/up.sh for the services it starts; edit freely.
 # Every key is documented in aetherium.example.yaml.
 vmm:
-  provider: docker
+  provider: $provider
   docker:
     socket_dir: $STATE/vms
 $DOCKER_HOST_LINE
@@ -71,6 +71,13 @@ YAML
 fi
 
 ./bin/migrate up
+
+# Real VMs boot the guest image: build it (a no-op when it is up to date;
+# the first build runs debootstrap and takes a minute or two).
+if [ "$provider" != docker ]; then
+  log "building the guest image for the $provider backend"
+  ./bin/aether-cli image build >/dev/null
+fi
 
 export AETHERIUM_WORKER_READY_FILE=$STATE/worker.ready
 if [ "$FOREGROUND" = --foreground ]; then

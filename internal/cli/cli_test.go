@@ -41,9 +41,16 @@ func run(t *testing.T, cfg string, stdin string, args ...string) result {
 	return result{code, out.String(), errb.String()}
 }
 
-// TestSession is the CLI-only session of the foundation issue.
+// TestSession is the CLI-only session of the foundation issue, run against
+// containers (docker) and real microVMs (qemu).
 func TestSession(t *testing.T) {
-	s := stack.Start(t, stack.Options{})
+	for _, provider := range []string{"docker", "qemu"} {
+		t.Run(provider, func(t *testing.T) { testSession(t, provider) })
+	}
+}
+
+func testSession(t *testing.T, provider string) {
+	s := stack.Start(t, stack.Options{Provider: provider})
 	cfg := s.ConfigFile(t)
 
 	r := run(t, cfg, "", "vm", "create", "--name", "cli-demo", "--wait")
@@ -92,6 +99,7 @@ func TestSession(t *testing.T) {
 		require.Contains(t, vm, k)
 	}
 	require.Equal(t, "running", vm["state"])
+	require.Equal(t, provider, vm["provider"])
 
 	r = run(t, cfg, "", "vm", "list")
 	require.Equal(t, 0, r.code)
@@ -110,7 +118,7 @@ func TestSession(t *testing.T) {
 	require.Empty(t, left)
 	entries, _ := os.ReadDir(s.SocketDirs["w1"])
 	require.Empty(t, entries, "the vm's host directory and agent socket must be gone")
-	if docker, err := exec.LookPath("docker"); err == nil {
+	if docker, err := exec.LookPath("docker"); err == nil && provider == "docker" {
 		out, err := exec.Command(docker, "-H", s.DockerHost, "ps", "-a", "--filter", "label=io.aetherium.vm-id="+vmID, "-q").CombinedOutput()
 		require.NoError(t, err, string(out))
 		require.Empty(t, strings.TrimSpace(string(out)), "a container of the vm remains")

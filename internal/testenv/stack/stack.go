@@ -19,11 +19,13 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/aetherium/aetherium-core/internal/testenv"
+	"github.com/aetherium/aetherium-core/pkg/image"
 	"github.com/aetherium/aetherium-core/pkg/queue"
 	"github.com/aetherium/aetherium-core/pkg/service"
 	"github.com/aetherium/aetherium-core/pkg/storage/postgres"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
 	"github.com/aetherium/aetherium-core/pkg/vmm/docker"
+	"github.com/aetherium/aetherium-core/pkg/vmm/qemu"
 	"github.com/aetherium/aetherium-core/pkg/worker"
 )
 
@@ -33,6 +35,7 @@ type Stack struct {
 	DSN        string
 	RedisAddr  string
 	DockerHost string
+	Provider   string
 	Store      *postgres.Store
 	Queue      *queue.Redis
 	Service    *service.TaskService
@@ -49,6 +52,9 @@ type Options struct {
 	TaskCheckInterval time.Duration
 	// MaxOutputBytes of the workers (default: the worker's default).
 	MaxOutputBytes int
+	// Provider is the workers' VM backend: docker (default) or qemu, which
+	// boots real microVMs from the guest image (testenv.GuestImage).
+	Provider string
 }
 
 // Start brings a stack up and registers its teardown with t.Cleanup.
@@ -59,8 +65,18 @@ func Start(t testing.TB, o Options) *Stack {
 	}
 	dsn := testenv.Postgres(t)
 	redisAddr := testenv.Redis(t)
-	host := testenv.Dockerd(t)
-	agentPath := testenv.BuildBinary(t, "fc-agent")
+	var host, agentPath string
+	var img *image.Manifest
+	switch o.Provider {
+	case "", docker.Provider:
+		o.Provider = docker.Provider
+		host = testenv.Dockerd(t)
+		agentPath = testenv.BuildBinary(t, "fc-agent")
+	case qemu.Provider:
+		img = testenv.GuestImage(t)
+	default:
+		t.Fatalf("stack: unknown provider %q", o.Provider)
+	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -73,17 +89,23 @@ func Start(t testing.TB, o Options) *Stack {
 	t.Cleanup(func() { q.Close() })
 
 	s := &Stack{t: t, DSN: dsn, RedisAddr: redisAddr, DockerHost: host, Store: store, Queue: q,
-		Service: service.NewTaskService(q, store), Workers: map[string]*worker.Worker{},
+		Provider: o.Provider, Service: service.NewTaskService(q, store, service.WithProvider(o.Provider)), Workers: map[string]*worker.Worker{},
 		VMMs: map[string]vmm.VMOrchestrator{}, SocketDirs: map[string]string{}}
 	for _, id := range o.Workers {
 		// Unix socket paths are limited to 108 bytes: keep the directory short.
 		dir, err := os.MkdirTemp("", "ae-"+id+"-")
 		require.NoError(t, err)
 		t.Cleanup(func() { os.RemoveAll(dir) })
-		orch, err := docker.New(ctx, docker.Config{Host: host, AgentPath: agentPath, SocketDir: filepath.Join(dir, "vms"), Owner: id,
-			Logger: logger(t).With("provider", "docker")})
+		var orch vmm.VMOrchestrator
+		if o.Provider == qemu.Provider {
+			orch, err = qemu.New(ctx, qemu.Config{KernelPath: img.KernelPath(), InitrdPath: img.InitrdPath(), RootfsPath: img.RootfsPath(),
+				RunDir: filepath.Join(dir, "vms"), Owner: id, Logger: logger(t).With("provider", "qemu")})
+		} else {
+			orch, err = docker.New(ctx, docker.Config{Host: host, AgentPath: agentPath, SocketDir: filepath.Join(dir, "vms"), Owner: id,
+				Logger: logger(t).With("provider", "docker")})
+		}
 		require.NoError(t, err)
-		w, err := worker.New(worker.Config{ID: id, Redis: queue.RedisConfig{Addr: redisAddr}, TaskCheckInterval: o.TaskCheckInterval,
+		w, err := worker.New(worker.Config{ID: id, Provider: o.Provider, Redis: queue.RedisConfig{Addr: redisAddr}, TaskCheckInterval: o.TaskCheckInterval,
 			MaxOutputBytes: o.MaxOutputBytes, ShutdownTimeout: 20 * time.Second, HeartbeatInterval: time.Second, Logger: logger(t)},
 			store, orch, q, q)
 		require.NoError(t, err)
@@ -126,7 +148,7 @@ func (s *Stack) ConfigFile(t testing.TB) string {
 	require.NoError(t, err)
 	pass, _ := u.User.Password()
 	body := fmt.Sprintf(`vmm:
-  provider: docker
+  provider: %s
 queue:
   redis_addr: %s
 storage:
@@ -135,7 +157,7 @@ storage:
   database: %s
   user: %s
   password: %q
-`, s.RedisAddr, u.Hostname(), u.Port(), strings.TrimPrefix(u.Path, "/"), u.User.Username(), pass)
+`, s.Provider, s.RedisAddr, u.Hostname(), u.Port(), strings.TrimPrefix(u.Path, "/"), u.User.Username(), pass)
 	path := filepath.Join(t.TempDir(), "aetherium.yaml")
 	require.NoError(t, os.WriteFile(path, []byte(body), 0o600))
 	return path
