@@ -40,7 +40,9 @@ type Config struct {
 	// ShutdownTimeout is how long Stop waits for tasks in flight before
 	// Asynq requeues them. Default 30s.
 	ShutdownTimeout time.Duration
-	// HeartbeatInterval is how often the worker records itself. Default 5s.
+	// HeartbeatInterval is how often the worker records itself and checks
+	// that the VMs it owns still run (a VM whose VMM crashed or was killed
+	// is recorded as failed). Default 5s.
 	HeartbeatInterval time.Duration
 	// MaxOutputBytes caps each stream of a command. Default 1 MiB.
 	MaxOutputBytes int
@@ -172,6 +174,13 @@ func (w *Worker) heartbeat(ctx context.Context) {
 			w.log.Warn("recording heartbeat", "err", err)
 		}
 	}
+	check := func() {
+		cctx, cancel := context.WithTimeout(ctx, w.cfg.HeartbeatInterval)
+		defer cancel()
+		if err := w.checkRunning(cctx, nil); err != nil && ctx.Err() == nil {
+			w.log.Warn("checking running vms", "err", err)
+		}
+	}
 	beat()
 	t := time.NewTicker(w.cfg.HeartbeatInterval)
 	defer t.Stop()
@@ -181,8 +190,57 @@ func (w *Worker) heartbeat(ctx context.Context) {
 			return
 		case <-t.C:
 			beat()
+			check()
 		}
 	}
+}
+
+// checkRunning records as failed every VM this worker owns that storage
+// says is running but the backend does not run, with the backend's reason.
+// seen is the backend's list when the caller has it (nil: ask per VM).
+func (w *Worker) checkRunning(ctx context.Context, seen map[string]vmm.VMStatus) error {
+	mine, err := w.store.ListVMs(ctx, storage.VMFilter{Owner: w.cfg.ID, States: []types.VMState{types.VMRunning}})
+	if err != nil {
+		return err
+	}
+	for _, vm := range mine {
+		var st *vmm.VMStatus
+		if seen != nil {
+			if s, ok := seen[vm.ID]; ok {
+				st = &s
+			}
+		} else {
+			s, err := w.vmm.GetVMStatus(ctx, vm.ID)
+			switch {
+			case err == nil:
+				st = s
+			case !errors.Is(err, types.ErrNotFound):
+				return fmt.Errorf("vm %s: %w", vm.ID, err)
+			}
+		}
+		if st != nil && st.State == types.VMRunning {
+			continue
+		}
+		detail := "the backend no longer has the vm; delete it"
+		if st != nil {
+			detail = fmt.Sprintf("the vm is %s in the backend", st.State)
+			if st.Detail != "" {
+				detail += ": " + st.Detail
+			}
+			detail += "; delete it"
+		}
+		// Only a row still running is changed: a stop or delete that began
+		// meanwhile moved it on, and wins.
+		cur, err := w.store.GetVM(ctx, vm.ID)
+		if err != nil || cur.State != types.VMRunning {
+			continue
+		}
+		w.log.Warn("running vm lost by the backend", "vm_id", vm.ID, "detail", detail)
+		if _, err := w.store.UpdateVMState(ctx, vm.ID, types.VMFailed, detail); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // Reconcile makes the backend and storage agree after a crash or restart:
@@ -209,20 +267,7 @@ func (w *Worker) Reconcile(ctx context.Context) error {
 			return fmt.Errorf("removing leaked vm %s: %w", st.ID, err)
 		}
 	}
-	mine, err := w.store.ListVMs(ctx, storage.VMFilter{Owner: w.cfg.ID, States: []types.VMState{types.VMRunning}})
-	if err != nil {
-		return err
-	}
-	for _, vm := range mine {
-		if st, ok := seen[vm.ID]; ok && st.State == types.VMRunning {
-			continue
-		}
-		w.log.Warn("running vm lost by the backend", "vm_id", vm.ID)
-		if _, err := w.store.UpdateVMState(ctx, vm.ID, types.VMFailed, "the vm was not running when its worker restarted; delete it"); err != nil {
-			return err
-		}
-	}
-	return nil
+	return w.checkRunning(ctx, seen)
 }
 
 // asynqLogger adapts slog to Asynq's logger.

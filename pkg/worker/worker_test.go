@@ -8,6 +8,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -20,6 +21,7 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/queue"
 	"github.com/aetherium/aetherium-core/pkg/service"
 	"github.com/aetherium/aetherium-core/pkg/types"
+	"github.com/aetherium/aetherium-core/pkg/vmm/docker"
 )
 
 func TestMain(m *testing.M) { testenv.Main(m) }
@@ -414,4 +416,31 @@ func TestReconcile(t *testing.T) {
 	vm, err = s.Service.GetVM(ctx, keep)
 	require.NoError(t, err)
 	require.Equal(t, types.VMRunning, vm.State)
+}
+
+// TestCrashWhileRunning: a VM whose VMM dies while its worker runs is
+// recorded as failed at the next heartbeat, with the backend's reason, and
+// can still be deleted.
+func TestCrashWhileRunning(t *testing.T) {
+	s := stack.Start(t, stack.Options{})
+	ctx := context.Background()
+	id := createVM(t, s, "crashy")
+	orch := s.VMMs["w1"].(*docker.Orchestrator)
+	ins, err := orch.Client().ContainerInspect(ctx, "aetherium-"+id.String())
+	require.NoError(t, err)
+	require.NoError(t, syscall.Kill(ins.State.Pid, syscall.SIGKILL))
+	require.Eventually(t, func() bool {
+		vm, err := s.Service.GetVM(ctx, id)
+		return err == nil && vm.State == types.VMFailed
+	}, 15*time.Second, 50*time.Millisecond, "the crash must reach storage")
+	vm, err := s.Service.GetVM(ctx, id)
+	require.NoError(t, err)
+	require.Contains(t, vm.Error, "without being stopped")
+	tid, err := s.Service.DeleteVMTask(ctx, id.String())
+	require.NoError(t, err)
+	task, err := s.Service.WaitTask(ctx, tid)
+	require.NoError(t, err)
+	require.Equal(t, types.TaskSucceeded, task.State, task.Error)
+	_, err = orch.GetVMStatus(ctx, id.String())
+	require.ErrorIs(t, err, types.ErrNotFound)
 }
