@@ -103,9 +103,16 @@ func AgentPath(c *config.Config) string {
 func NewOrchestrator(ctx context.Context, c *config.Config, owner string, log *slog.Logger) (vmm.VMOrchestrator, error) {
 	switch c.VMM.Provider {
 	case "docker":
+		rootfs := c.VMM.Docker.RootfsTar
+		if rootfs == "" && c.VMM.Docker.Image == "" {
+			if m, err := image.Latest(c.VMM.ImageDir); err == nil {
+				rootfs = m.RootfsTarPath()
+			}
+		}
 		return docker.New(ctx, docker.Config{
 			Host:        c.VMM.Docker.Host,
 			AgentPath:   AgentPath(c),
+			RootfsTar:   rootfs,
 			BusyboxPath: c.VMM.Docker.BusyboxPath,
 			SocketDir:   c.VMM.Docker.SocketDir,
 			Image:       c.VMM.Docker.Image,

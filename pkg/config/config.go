@@ -176,6 +176,11 @@ type Docker struct {
 	SocketDir string `yaml:"socket_dir"`
 	// Image is an existing image to run instead of the built base image.
 	Image string `yaml:"image"`
+	// RootfsTar is the root file system tarball the base image is built
+	// from. Empty: the newest guest image's rootfs.tar in vmm.image_dir, so
+	// containers run the same userland as the microVMs, or, when no guest
+	// image was built, a busybox tree.
+	RootfsTar string `yaml:"rootfs_tar"`
 }
 
 // Queue configures the task queue.

@@ -311,3 +311,21 @@ func TestMissingImage(t *testing.T) {
 	require.ErrorIs(t, err, types.ErrInvalid)
 	require.Contains(t, err.Error(), "aetherium/no-such-image:v0")
 }
+
+// TestGuestImageRootfs: the docker backend imports the same root file system
+// the microVM backends boot (the guest image's rootfs.tar), so every backend
+// runs the same userland.
+func TestGuestImageRootfs(t *testing.T) {
+	t.Parallel()
+	img := testenv.GuestImage(t)
+	cfg := config(t)
+	cfg.RootfsTar = img.RootfsTarPath()
+	o := newOrchestrator(t, cfg)
+	require.Contains(t, o.Image(), "aetherium/base:")
+	sp := vmmtest.NewSpec(t)
+	id := vmmtest.StartVM(t, o, sp)
+	t.Cleanup(func() { o.DeleteVM(context.WithoutCancel(t.Context()), id) })
+	require.Contains(t, vmmtest.Sh(t, o, id, "cat /etc/os-release"), "Debian GNU/Linux")
+	require.Contains(t, vmmtest.Sh(t, o, id, "bash --version"), "GNU bash")
+	require.Equal(t, "ok\n", vmmtest.Sh(t, o, id, "echo ok"))
+}

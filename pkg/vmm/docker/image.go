@@ -239,6 +239,17 @@ func copyTar(w io.Writer, r io.Reader, extra []byte) error {
 	} else {
 		r = br
 	}
+	// The engine refuses an archive that names a path twice, so the
+	// tarball's own entries for what extra provides are left out.
+	replaced := map[string]bool{}
+	er := tar.NewReader(bytes.NewReader(extra))
+	for {
+		hdr, err := er.Next()
+		if err != nil {
+			break
+		}
+		replaced[tarName(hdr.Name)] = true
+	}
 	tr := tar.NewReader(r)
 	tw := tar.NewWriter(w)
 	for {
@@ -248,6 +259,9 @@ func copyTar(w io.Writer, r io.Reader, extra []byte) error {
 		}
 		if err != nil {
 			return fmt.Errorf("reading rootfs tarball: %w", err)
+		}
+		if replaced[tarName(hdr.Name)] {
+			continue
 		}
 		if err := tw.WriteHeader(hdr); err != nil {
 			return fmt.Errorf("copying rootfs tarball: %w", err)
@@ -263,6 +277,11 @@ func copyTar(w io.Writer, r io.Reader, extra []byte) error {
 		return err
 	}
 	return tar.NewWriter(w).Close()
+}
+
+// tarName normalises an archive path: "./usr/bin/" and "usr/bin" are one.
+func tarName(name string) string {
+	return strings.Trim(strings.TrimPrefix(name, "./"), "/")
 }
 
 // busyboxApplets asks busybox for its applets' install paths, relative to
