@@ -35,6 +35,7 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/agent"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
+	"github.com/aetherium/aetherium-core/pkg/vmm/internal/vmutil"
 )
 
 // Provider is the backend's name in configuration.
@@ -106,7 +107,7 @@ type Orchestrator struct {
 	cfg   Config
 	api   *client.Client
 	log   *slog.Logger
-	locks keyedMutex // one per VM id, held by the life-cycle steps
+	locks vmutil.KeyedMutex // one per VM id, held by the life-cycle steps
 
 	mu      sync.Mutex
 	image   string                   // the reference VMs are created from
@@ -264,7 +265,7 @@ func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (*vmm.VM
 	if p := o.socketPath(spec.ID); len(p) > maxSocketPathLen {
 		return nil, fmt.Errorf("%w: agent socket path %s is %d bytes, over the %d a unix socket allows; choose a shorter socket dir", types.ErrInvalid, p, len(p), maxSocketPathLen)
 	}
-	unlock := o.locks.lock(spec.ID)
+	unlock := o.locks.Lock(spec.ID)
 	defer unlock()
 	if st, err := o.GetVMStatus(ctx, spec.ID); err == nil {
 		return st, nil
@@ -339,7 +340,7 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 	if !idRE.MatchString(id) {
 		return notFound(id)
 	}
-	unlock := o.locks.lock(id)
+	unlock := o.locks.Lock(id)
 	defer unlock()
 	ins, err := o.inspect(ctx, id)
 	if err != nil {
@@ -397,7 +398,7 @@ func (o *Orchestrator) StopVM(ctx context.Context, id string, force bool) error 
 	if !idRE.MatchString(id) {
 		return notFound(id)
 	}
-	unlock := o.locks.lock(id)
+	unlock := o.locks.Lock(id)
 	defer unlock()
 	ins, err := o.inspect(ctx, id)
 	if err != nil {
@@ -453,7 +454,7 @@ func (o *Orchestrator) DeleteVM(ctx context.Context, id string) error {
 	if !idRE.MatchString(id) {
 		return nil // no VM can have such an id
 	}
-	unlock := o.locks.lock(id)
+	unlock := o.locks.Lock(id)
 	defer unlock()
 	o.dropClient(id)
 	removed := true
@@ -488,26 +489,18 @@ func (o *Orchestrator) ExecuteCommand(ctx context.Context, id string, cmd types.
 		return nil, fmt.Errorf("%w: vm %s is %s; start it first", types.ErrConflict, id, o.mapState(ins).State)
 	}
 	// The VM's environment (the image's and the spec's, as the container
-	// holds it) lies beneath the command's own; the agent itself starts
-	// commands with a clean environment.
-	env := make(map[string]string, len(ins.Config.Env)+len(cmd.Env))
+	// holds it) lies beneath the command's own.
+	base := make(map[string]string, len(ins.Config.Env))
 	for _, kv := range ins.Config.Env {
 		if k, v, ok := strings.Cut(kv, "="); ok {
-			env[k] = v
+			base[k] = v
 		}
 	}
-	maps.Copy(env, cmd.Env)
-	cmd.Env = env
 	c, err := o.client(id)
 	if err != nil {
 		return nil, err
 	}
-	res, err := c.Exec(ctx, cmd, stream.Stdout, stream.Stderr)
-	if err != nil {
-		// res is kept: a failing stream writer does not stop the command.
-		return res, fmt.Errorf("running %q in vm %s: %w", cmd.Cmd, id, err)
-	}
-	return res, nil
+	return vmutil.Exec(ctx, c, id, base, cmd, stream)
 }
 
 // GetVMStatus implements vmm.VMOrchestrator.
@@ -679,39 +672,4 @@ func mapErr(err error) error {
 		return fmt.Errorf("%w: %v", types.ErrUnavailable, err)
 	}
 	return err
-}
-
-// keyedMutex serialises the life-cycle steps of one VM while leaving
-// different VMs independent.
-type keyedMutex struct {
-	mu    sync.Mutex
-	locks map[string]*refMutex
-}
-
-type refMutex struct {
-	sync.Mutex
-	refs int
-}
-
-func (k *keyedMutex) lock(key string) (unlock func()) {
-	k.mu.Lock()
-	if k.locks == nil {
-		k.locks = map[string]*refMutex{}
-	}
-	m, ok := k.locks[key]
-	if !ok {
-		m = &refMutex{}
-		k.locks[key] = m
-	}
-	m.refs++
-	k.mu.Unlock()
-	m.Lock()
-	return func() {
-		m.Unlock()
-		k.mu.Lock()
-		if m.refs--; m.refs == 0 {
-			delete(k.locks, key)
-		}
-		k.mu.Unlock()
-	}
 }

@@ -27,7 +27,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"net"
 	"os"
 	"os/exec"
@@ -44,6 +43,7 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/agent"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
+	"github.com/aetherium/aetherium-core/pkg/vmm/internal/vmutil"
 	"github.com/aetherium/aetherium-core/pkg/vsock"
 )
 
@@ -238,7 +238,7 @@ type Orchestrator struct {
 	log *slog.Logger
 
 	mu      sync.Mutex
-	locks   map[string]*sync.Mutex   // one per VM id, held by life-cycle steps
+	locks   vmutil.KeyedMutex        // one per VM id, held by life-cycle steps
 	procs   map[string]*proc         // VMMs this process started
 	clients map[string]*agent.Client // by VM id
 }
@@ -280,7 +280,6 @@ func New(cfg Config) (*Orchestrator, error) {
 	return &Orchestrator{
 		cfg:     cfg,
 		log:     cfg.Logger.With("provider", Provider),
-		locks:   map[string]*sync.Mutex{},
 		procs:   map[string]*proc{},
 		clients: map[string]*agent.Client{},
 	}, nil
@@ -312,17 +311,7 @@ var idRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9-]{0,63}$`)
 
 func notFound(id string) error { return fmt.Errorf("%w: vm %s", types.ErrNotFound, id) }
 
-func (o *Orchestrator) lock(id string) func() {
-	o.mu.Lock()
-	m, ok := o.locks[id]
-	if !ok {
-		m = &sync.Mutex{}
-		o.locks[id] = m
-	}
-	o.mu.Unlock()
-	m.Lock()
-	return m.Unlock
-}
+func (o *Orchestrator) lock(id string) func() { return o.locks.Lock(id) }
 
 func (o *Orchestrator) readRecord(id string) (*record, error) {
 	b, err := os.ReadFile(filepath.Join(o.cfg.paths(id).run, stateFileName))
@@ -606,7 +595,7 @@ func (o *Orchestrator) spawn(ctx context.Context, id string, p paths) (*proc, *C
 		select {
 		case <-pr.exited:
 			return nil, nil, fmt.Errorf("%w: starting vm %s: firecracker exited before its API socket answered; its output ends with:\n%s",
-				types.ErrUnavailable, id, tail(filepath.Join(p.run, consoleName), 20))
+				types.ErrUnavailable, id, vmutil.Tail(filepath.Join(p.run, consoleName), 20))
 		case <-rctx.Done():
 			o.kill(context.WithoutCancel(ctx), id, pr)
 			if ctx.Err() != nil {
@@ -668,13 +657,13 @@ func (o *Orchestrator) waitAgent(ctx context.Context, id string, p paths, pr *pr
 			return fmt.Errorf("starting vm %s: waiting for its agent: %w", id, ctx.Err())
 		}
 		return fmt.Errorf("%w: starting vm %s: VSock connection timeout: fc-agent did not answer on vsock port %d via %s within %s: %v; check that the guest kernel has virtio_vsock and that fc-agent is the initramfs's /init. Firecracker's log ends with:\n%s",
-			types.ErrUnavailable, id, agent.DefaultVsockPort, p.host(vsockSockName), o.cfg.ReadyTimeout, err, tail(p.host(logName), 20))
+			types.ErrUnavailable, id, agent.DefaultVsockPort, p.host(vsockSockName), o.cfg.ReadyTimeout, err, vmutil.Tail(p.host(logName), 20))
 	case <-exited:
 		cancel()
 		<-ready
 		o.dropClient(id)
 		return fmt.Errorf("%w: starting vm %s: firecracker exited before the agent answered; its output ends with:\n%s",
-			types.ErrUnavailable, id, tail(filepath.Join(p.run, consoleName), 20))
+			types.ErrUnavailable, id, vmutil.Tail(filepath.Join(p.run, consoleName), 20))
 	}
 }
 
@@ -919,19 +908,11 @@ func (o *Orchestrator) ExecuteCommand(ctx context.Context, id string, cmd types.
 		}
 		return nil, fmt.Errorf("%w: vm %s is %s; start it first", types.ErrConflict, id, what)
 	}
-	env := make(map[string]string, len(rec.Env)+len(cmd.Env))
-	maps.Copy(env, rec.Env)
-	maps.Copy(env, cmd.Env)
-	cmd.Env = env
 	c, err := o.client(id)
 	if err != nil {
 		return nil, err
 	}
-	res, err := c.Exec(ctx, cmd, stream.Stdout, stream.Stderr)
-	if err != nil {
-		return res, fmt.Errorf("running %q in vm %s: %w", cmd.Cmd, id, err)
-	}
-	return res, nil
+	return vmutil.Exec(ctx, c, id, rec.Env, cmd, stream)
 }
 
 // GetVMStatus implements vmm.VMOrchestrator.
@@ -1033,25 +1014,6 @@ func (o *Orchestrator) dropClient(id string) {
 	if ok {
 		c.Close()
 	}
-}
-
-// tail returns the last n lines of a file, for error messages.
-func tail(path string, n int) string {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return "(no output: " + err.Error() + ")"
-	}
-	if len(b) > 64<<10 {
-		b = b[len(b)-64<<10:]
-	}
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	if s := strings.Join(lines, "\n"); s != "" {
-		return s
-	}
-	return "(empty)"
 }
 
 // PID returns the pid of VM id's running VMM, or 0 when none runs.

@@ -1,0 +1,99 @@
+// Package vmutil holds what every VM backend needs in the same form: a lock
+// per VM id, the exec path through the guest agent, and log tails for error
+// messages.
+package vmutil
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"maps"
+	"os"
+	"strings"
+	"sync"
+
+	"github.com/aetherium/aetherium-core/pkg/agent"
+	"github.com/aetherium/aetherium-core/pkg/types"
+	"github.com/aetherium/aetherium-core/pkg/vmm"
+)
+
+// KeyedMutex serialises the life-cycle steps of one VM while leaving
+// different VMs independent. The zero value is ready; entries are dropped
+// once nobody holds or waits for them.
+type KeyedMutex struct {
+	mu    sync.Mutex
+	locks map[string]*refMutex
+}
+
+type refMutex struct {
+	sync.Mutex
+	refs int
+}
+
+// Lock locks key and returns its unlock function.
+func (k *KeyedMutex) Lock(key string) (unlock func()) {
+	k.mu.Lock()
+	if k.locks == nil {
+		k.locks = map[string]*refMutex{}
+	}
+	m, ok := k.locks[key]
+	if !ok {
+		m = &refMutex{}
+		k.locks[key] = m
+	}
+	m.refs++
+	k.mu.Unlock()
+	m.Lock()
+	return func() {
+		m.Unlock()
+		k.mu.Lock()
+		if m.refs--; m.refs == 0 {
+			delete(k.locks, key)
+		}
+		k.mu.Unlock()
+	}
+}
+
+// Exec runs cmd in VM id through its agent. The command's environment is
+// base (the VM's defaults) overlaid with cmd.Env; the agent itself starts
+// commands with only what it is given. A failing stream writer does not
+// stop the command, so the result is returned with the error.
+func Exec(ctx context.Context, c *agent.Client, id string, base map[string]string, cmd types.Command, stream vmm.ExecIO) (*types.ExecResult, error) {
+	env := make(map[string]string, len(base)+len(cmd.Env))
+	maps.Copy(env, base)
+	maps.Copy(env, cmd.Env)
+	cmd.Env = env
+	res, err := c.Exec(ctx, cmd, stream.Stdout, stream.Stderr)
+	if err != nil {
+		return res, fmt.Errorf("running %q in vm %s: %w", cmd.Cmd, id, err)
+	}
+	return res, nil
+}
+
+// Tail returns the last n lines of a log file (reading at most its last
+// 64 KiB), "(empty)" for an empty one, or why it cannot be read.
+func Tail(path string, n int) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return "(no output: " + err.Error() + ")"
+	}
+	defer f.Close()
+	const maxRead = 64 << 10
+	if fi, err := f.Stat(); err == nil && fi.Size() > maxRead {
+		if _, err := f.Seek(-maxRead, io.SeekEnd); err != nil {
+			return "(no output: " + err.Error() + ")"
+		}
+	}
+	b, err := io.ReadAll(f)
+	if err != nil {
+		return "(no output: " + err.Error() + ")"
+	}
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	if s := strings.Join(lines, "\n"); s != "" {
+		return s
+	}
+	return "(empty)"
+}
