@@ -179,3 +179,33 @@ func TestDoctor(t *testing.T) {
 	require.Equal(t, 1, r.code)
 	require.Contains(t, r.stderr, "cannot reach PostgreSQL")
 }
+
+// TestDoctorBackends: doctor reports each microVM backend's prerequisites
+// on this host, and for a missing one says what to do in the terms of the
+// troubleshooting guide.
+func TestDoctorBackends(t *testing.T) {
+	testenv.GuestImage(t) // so the image checks have something to find
+	cfg := stack.Start(t, stack.Options{}).ConfigFile(t)
+
+	t.Setenv("AETHERIUM_VMM_PROVIDER", "qemu")
+	r := run(t, cfg, "", "doctor")
+	for _, want := range []string{"qemu accelerator", "qemu qemu", "QEMU emulator version", "vhost-device-vsock", "qemu guest image"} {
+		require.Contains(t, r.stdout, want)
+	}
+	require.NotContains(t, r.stdout, "FAIL  qemu", "this host has everything the qemu backend needs")
+
+	t.Setenv("AETHERIUM_VMM_QEMU_VSOCK_BINARY", "/nonexistent/vhost-device-vsock")
+	r = run(t, cfg, "", "doctor")
+	require.Equal(t, 1, r.code)
+	require.Contains(t, r.stdout, "FAIL  qemu vhost-device-vsock")
+	require.Contains(t, r.stdout, "VSock connection timeout")
+
+	t.Setenv("AETHERIUM_VMM_PROVIDER", "firecracker")
+	t.Setenv("AETHERIUM_VMM_FIRECRACKER_BINARY", "/nonexistent/firecracker")
+	r = run(t, cfg, "", "doctor")
+	require.Equal(t, 1, r.code)
+	require.Contains(t, r.stdout, "FAIL  firecracker firecracker binary")
+	require.Contains(t, r.stdout, "Worker can't create VMs")
+	require.Contains(t, r.stdout, "firecracker /dev/kvm")
+	require.Contains(t, r.stdout, "hardware virtualization")
+}
