@@ -17,6 +17,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/aetherium/aetherium-core/pkg/network/guestnet"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
@@ -69,7 +70,8 @@ var movedMounts = []string{"/dev", "/proc", "/sys", "/run", "/tmp"}
 // Setup prepares the guest for the agent: it mounts the kernel file
 // systems, loads the kernel modules of ModulesOrder, mounts the root file
 // system and switches into it (unless cfg.Root is empty), sets the
-// hostname, brings loopback up and sets the commands' environment. Each
+// hostname, brings loopback up, configures the network from cfg.Net and
+// sets the commands' environment. Each
 // step is logged with its duration.
 //
 // Every step checks before it acts, so Setup may run again. It runs only
@@ -99,6 +101,9 @@ func Setup(ctx context.Context, cfg Config, log *slog.Logger) error {
 	if err := loopbackUp(log); err != nil {
 		return err
 	}
+	// After the switch, so resolv.conf lands in the root disk's /etc, and
+	// after the modules, which include virtio_net.
+	setupNetwork(cfg.Net, log)
 	for k, v := range map[string]string{"PATH": envPath, "HOME": envHome, "TERM": envTerm} {
 		if err := os.Setenv(k, v); err != nil {
 			return fmt.Errorf("setting %s for commands: %w", k, err)
@@ -404,4 +409,24 @@ func loopbackUp(log *slog.Logger) error {
 	}
 	log.Info("loopback up", "took", time.Since(start))
 	return nil
+}
+
+// setupNetwork configures the interface the host described in
+// aetherium.net. A failure is logged loudly but does not stop the boot: the
+// agent still starts, so the host can look into the guest over vsock.
+func setupNetwork(value string, log *slog.Logger) {
+	if value == "" {
+		log.Info("no aetherium.net on the kernel command line; no network beyond loopback")
+		return
+	}
+	start := time.Now()
+	c, err := guestnet.Parse(value)
+	if err == nil {
+		err = guestnet.Apply(c)
+	}
+	if err != nil {
+		log.Error("NETWORK SETUP FAILED; the guest has no network (the agent starts anyway)", "aetherium.net", value, "err", err)
+		return
+	}
+	log.Info("network configured", "config", c.String(), "took", time.Since(start))
 }

@@ -19,9 +19,17 @@
 //
 // VMs survive a worker restart: New finds running ones again from their
 // pidfiles, checking that each pid still belongs to that VM.
+//
+// A VM created with network nat gets a TAP, a MAC and an address from
+// Config.Network (a *network.Manager) at CreateVM; vm.json records them,
+// QEMU gets the TAP as a virtio-net device and the guest its settings on
+// the kernel command line (aetherium.net), and QEMU runs in the network's
+// namespace. DeleteVM gives the network back; Reconcile frees what a
+// killed worker left half-made.
 package qemu
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"encoding/json"
@@ -46,6 +54,7 @@ import (
 	"github.com/digitalocean/go-qemu/qmp"
 
 	"github.com/aetherium/aetherium-core/pkg/agent"
+	"github.com/aetherium/aetherium-core/pkg/network"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
 	"github.com/aetherium/aetherium-core/pkg/vsock"
@@ -123,6 +132,9 @@ type Config struct {
 	// Owner is the id of the worker that owns the VMs; ListVMs returns only
 	// that owner's VMs when it is set.
 	Owner string
+	// Network attaches VMs created with network nat (a *network.Manager).
+	// Nil: no networking; such VMs are refused with types.ErrInvalid.
+	Network Network
 	// Logger receives the backend's logs. Default slog.Default().
 	Logger *slog.Logger
 }
@@ -137,12 +149,19 @@ type Orchestrator struct {
 
 	mu  sync.Mutex
 	vms map[string]*vmProcs // live processes by VM id
+	// creating maps the VMs CreateVM is making to their temporary
+	// directories, which Reconcile must leave alone.
+	creating map[string]string
+	closed   bool // set by Close: watchers no longer act on VMs
 }
 
 // vmProcs are the processes of one running VM.
 type vmProcs struct {
 	qemu, vsock *proc
 	client      *agent.Client
+	// consoleFrom is the console log's size when this boot began: the
+	// boot's own lines come after it.
+	consoleFrom int64
 	stopping    bool // set while StopVM or DeleteVM ends it on purpose
 }
 
@@ -157,6 +176,8 @@ type vmFile struct {
 	Failed string `json:"failed,omitempty"`
 	// Boots counts StartVM calls that spawned QEMU.
 	Boots int `json:"boots"`
+	// Net is a nat VM's network; nil for none.
+	Net *netFile `json:"network,omitempty"`
 }
 
 var _ vmm.VMOrchestrator = (*Orchestrator)(nil)
@@ -174,6 +195,9 @@ func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
 	cfg.ReadyTimeout = cmp.Or(cfg.ReadyTimeout, DefaultReadyTimeout)
 	cfg.StopTimeout = cmp.Or(cfg.StopTimeout, DefaultStopTimeout)
 	cfg.Logger = cmp.Or(cfg.Logger, slog.Default())
+	if m, ok := cfg.Network.(*network.Manager); ok && m == nil {
+		cfg.Network = nil // a nil *Manager means no networking, not one that panics
+	}
 	if cfg.MaxVCPUs < 0 || cfg.ReadyTimeout < 0 || cfg.StopTimeout < 0 {
 		return nil, fmt.Errorf("%w: qemu backend: max vcpus, ready timeout and stop timeout must not be negative", types.ErrInvalid)
 	}
@@ -219,7 +243,7 @@ func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating run dir: %w", err)
 	}
-	o := &Orchestrator{cfg: cfg, accel: accel, log: cfg.Logger.With("provider", Provider), vms: map[string]*vmProcs{}}
+	o := &Orchestrator{cfg: cfg, accel: accel, log: cfg.Logger.With("provider", Provider), vms: map[string]*vmProcs{}, creating: map[string]string{}}
 	o.log.Info("qemu backend ready", "accel", accel.Name, "why", accel.Reason, "run_dir", dir)
 	if err := o.recover(ctx); err != nil {
 		return nil, err
@@ -286,7 +310,7 @@ func (o *Orchestrator) recover(ctx context.Context) error {
 
 // Capabilities implements vmm.VMOrchestrator.
 func (o *Orchestrator) Capabilities() vmm.Capabilities {
-	return vmm.Capabilities{Provider: Provider, MaxVCPUs: o.cfg.MaxVCPUs, Isolation: "vm"}
+	return vmm.Capabilities{Provider: Provider, MaxVCPUs: o.cfg.MaxVCPUs, Isolation: "vm", Networking: o.cfg.Network != nil}
 }
 
 // Health implements vmm.VMOrchestrator.
@@ -302,10 +326,13 @@ func (o *Orchestrator) Health(ctx context.Context) error {
 	return nil
 }
 
-// Close implements vmm.VMOrchestrator. VMs keep running.
+// Close implements vmm.VMOrchestrator. VMs keep running, and the VMs'
+// watchers stop recording their ends: from now on that is the business of
+// whichever Orchestrator (a restarted worker) finds them again.
 func (o *Orchestrator) Close() error {
 	o.mu.Lock()
 	defer o.mu.Unlock()
+	o.closed = true
 	for _, p := range o.vms {
 		if p.client != nil {
 			p.client.Close()
@@ -315,14 +342,21 @@ func (o *Orchestrator) Close() error {
 	return nil
 }
 
+// createPrefix starts the names of CreateVM's temporary directories.
+const createPrefix = ".create-"
+
 // CreateVM implements vmm.VMOrchestrator: it writes the VM's directory and
-// its overlay disk, and boots nothing.
-func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (*vmm.VMStatus, error) {
+// its overlay disk, attaches a nat VM to the network, and boots nothing.
+func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (_ *vmm.VMStatus, err error) {
 	if err := spec.Validate(o.cfg.MaxVCPUs); err != nil {
 		return nil, err
 	}
 	if !idRE.MatchString(spec.ID) {
 		return nil, fmt.Errorf("%w: vm id %q: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit", types.ErrInvalid, spec.ID)
+	}
+	nat := spec.Network == types.NetworkNAT
+	if nat && o.cfg.Network == nil {
+		return nil, errNoNetwork
 	}
 	unlock := o.locks.lock(spec.ID)
 	defer unlock()
@@ -334,11 +368,19 @@ func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (*vmm.VM
 
 	// Build in a temporary directory and rename it into place, so a crash
 	// never leaves a half-made VM that looks whole.
-	tmp, err := os.MkdirTemp(o.cfg.RunDir, ".create-"+spec.ID+"-")
+	tmp, err := os.MkdirTemp(o.cfg.RunDir, createPrefix+spec.ID+"-")
 	if err != nil {
 		return nil, fmt.Errorf("creating vm %s: %w", spec.ID, err)
 	}
-	defer os.RemoveAll(tmp)
+	o.mu.Lock()
+	o.creating[spec.ID] = tmp
+	o.mu.Unlock()
+	defer func() {
+		os.RemoveAll(tmp)
+		o.mu.Lock()
+		delete(o.creating, spec.ID)
+		o.mu.Unlock()
+	}()
 	overlay := filepath.Join(tmp, fileOverlay)
 	out, err := exec.CommandContext(ctx, o.cfg.ImgBinary, "create", "-q", "-f", "qcow2",
 		"-F", "raw", "-b", o.cfg.RootfsPath, overlay).CombinedOutput()
@@ -346,6 +388,24 @@ func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (*vmm.VM
 		return nil, fmt.Errorf("creating vm %s's overlay disk: %v: %s", spec.ID, err, strings.TrimSpace(string(out)))
 	}
 	vf := &vmFile{Spec: spec, Owner: o.cfg.Owner, CreatedAt: time.Now().UTC()}
+	placed := false // the VM's directory is in place
+	if nat {
+		// A crash from here until the rename leaves a network with no
+		// vm.json, which Reconcile removes.
+		if vf.Net, err = o.attach(ctx, spec.ID); err != nil {
+			return nil, err
+		}
+		defer func() {
+			if err != nil && !placed {
+				// A fresh context: the caller's may be what failed.
+				dctx, cancel := context.WithTimeout(context.Background(), o.cfg.StopTimeout)
+				defer cancel()
+				if derr := o.detach(dctx, spec.ID); derr != nil {
+					o.log.Warn("cannot undo a failed create's network; Reconcile will", "vm_id", spec.ID, "err", derr)
+				}
+			}
+		}()
+	}
 	b, err := json.MarshalIndent(vf, "", "  ")
 	if err != nil {
 		return nil, err
@@ -356,7 +416,8 @@ func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (*vmm.VM
 	if err := os.Rename(tmp, o.RunDir(spec.ID)); err != nil {
 		return nil, fmt.Errorf("creating vm %s: %w", spec.ID, err)
 	}
-	o.log.Info("created vm", "vm_id", spec.ID, "vcpus", spec.VCPUs, "memory_mb", spec.MemoryMB)
+	placed = true
+	o.log.Info("created vm", "vm_id", spec.ID, "vcpus", spec.VCPUs, "memory_mb", spec.MemoryMB, "network", cmp.Or(spec.Network, types.NetworkNone))
 	return o.status(spec.ID)
 }
 
@@ -385,9 +446,22 @@ func (o *Orchestrator) boot(ctx context.Context, id string, vf *vmFile) (p *vmPr
 	o.stopProcs(id, true) // leftovers of a crash, if any
 	o.cleanRuntime(id)
 	dir := o.RunDir(id)
+	if vf.Spec.Network == types.NetworkNAT {
+		// Idempotent: repairs a TAP lost since (a host reboot, a
+		// reconcile) and keeps the lease, so the guest's address stays.
+		n, err := o.attach(ctx, id)
+		if err != nil {
+			return nil, fmt.Errorf("starting vm %s: %w", id, err)
+		}
+		vf.Net = n
+	}
 
-	vs, err := spawn(o.cfg.VsockBinary, []string{"--vm", fmt.Sprintf("guest-cid=%d,socket=%s,uds-path=%s",
-		guestCID, o.path(id, fileVhost), o.path(id, fileVsock))}, o.path(id, fileVsockLog), o.path(id, fileVsockPid))
+	var vs *proc
+	err = o.inNetns(vf.Net, func() (err error) {
+		vs, err = spawn(o.cfg.VsockBinary, []string{"--vm", fmt.Sprintf("guest-cid=%d,socket=%s,uds-path=%s",
+			guestCID, o.path(id, fileVhost), o.path(id, fileVsock))}, o.path(id, fileVsockLog), o.path(id, fileVsockPid))
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("starting vm %s: %w", id, err)
 	}
@@ -407,11 +481,19 @@ func (o *Orchestrator) boot(ctx context.Context, id string, vf *vmFile) (p *vmPr
 	if err := o.writeVM(id, vf); err != nil {
 		return nil, err
 	}
-	q, err := spawn(o.cfg.Binary, o.qemuArgs(id, vf.Spec), o.path(id, fileQEMULog), o.path(id, fileQEMUPid))
+	var consoleFrom int64
+	if fi, err := os.Stat(o.path(id, fileConsole)); err == nil {
+		consoleFrom = fi.Size()
+	}
+	var q *proc
+	err = o.inNetns(vf.Net, func() (err error) {
+		q, err = spawn(o.cfg.Binary, o.qemuArgs(id, vf), o.path(id, fileQEMULog), o.path(id, fileQEMUPid))
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("starting vm %s: %w", id, err)
 	}
-	p = &vmProcs{qemu: q, vsock: vs}
+	p = &vmProcs{qemu: q, vsock: vs, consoleFrom: consoleFrom}
 	o.mu.Lock()
 	o.vms[id] = p
 	o.mu.Unlock()
@@ -422,12 +504,16 @@ func (o *Orchestrator) boot(ctx context.Context, id string, vf *vmFile) (p *vmPr
 
 // qemuArgs is QEMU's command line for a VM. Every value in it comes from
 // the validated spec or the configuration; no shell is involved.
-func (o *Orchestrator) qemuArgs(id string, spec types.VMSpec) []string {
+func (o *Orchestrator) qemuArgs(id string, vf *vmFile) []string {
+	spec := vf.Spec
 	mem := strconv.Itoa(spec.MemoryMB)
 	args := append([]string{"console=ttyS0", "reboot=t", "panic=-1"}, ClockArgs(o.accel.Name)...)
 	args = append(args, "root=/dev/vda", "rw", "aetherium.hostname="+Hostname(spec.Name), o.cfg.KernelArgs)
+	if vf.Net != nil {
+		args = append(args, vf.Net.KernelArg)
+	}
 	cmdline := strings.Join(slices.DeleteFunc(args, func(s string) bool { return s == "" }), " ")
-	return []string{
+	return append([]string{
 		"-name", "aetherium-" + id + ",process=aetherium-" + id,
 		"-M", "microvm,memory-backend=mem",
 		"-accel", o.accel.Name,
@@ -445,7 +531,7 @@ func (o *Orchestrator) qemuArgs(id string, spec types.VMSpec) []string {
 		"-chardev", "socket,id=vs0,path=" + o.path(id, fileVhost),
 		"-device", "vhost-user-vsock-device,chardev=vs0",
 		"-qmp", "unix:" + o.path(id, fileQMP) + ",server=on,wait=off",
-	}
+	}, netArgs(vf.Net)...)
 }
 
 // Hostname turns a VM name into a valid host name label.
@@ -477,8 +563,10 @@ func (o *Orchestrator) waitAgent(ctx context.Context, id string, p *vmProcs) err
 	ready := make(chan error, 1)
 	go func() {
 		// The hybrid vsock dial with retry is the readiness probe: it
-		// succeeds once the guest listens on the agent's port.
-		conn, err := vsock.DialRetry(readyCtx, o.path(id, fileVsock), AgentPort, vsock.Backoff{Initial: 5 * time.Millisecond, Max: 50 * time.Millisecond})
+		// succeeds once the guest listens on the agent's port. It starts
+		// once the init says the agent listens (see agentReadyLine).
+		waitConsole(readyCtx, o.path(id, fileConsole), p.consoleFrom, o.cfg.ReadyTimeout/2)
+		conn, err := dialAgentRetry(readyCtx, o.path(id, fileVsock))
 		if err != nil {
 			ready <- err
 			return
@@ -508,6 +596,61 @@ func (o *Orchestrator) waitAgent(ctx context.Context, id string, p *vmProcs) err
 	}
 }
 
+// agentReadyLine is what fc-agent as init prints on the console once the
+// agent listens on vsock.
+const agentReadyLine = "aetherium-init: agent ready on"
+
+// waitConsole waits until the console log, past offset from, holds
+// agentReadyLine, or limit passes, or ctx ends. Connections over
+// vhost-device-vsock made while the guest's vsock driver is still starting
+// were seen to wedge the device for good when ten guests booted at once
+// under TCG, so the first CONNECT waits for the guest to say it is ready.
+// The line is only a hint (a guest that logs less still gets dialled after
+// limit); the vsock handshake stays the real test.
+func waitConsole(ctx context.Context, path string, from int64, limit time.Duration) {
+	ctx, cancel := context.WithTimeout(ctx, limit)
+	defer cancel()
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	var seen []byte
+	for {
+		if f, err := os.Open(path); err == nil {
+			if _, err := f.Seek(from+int64(len(seen)), io.SeekStart); err == nil {
+				b, _ := io.ReadAll(io.LimitReader(f, 1<<20))
+				seen = append(seen, b...)
+			}
+			f.Close()
+			if bytes.Contains(seen, []byte(agentReadyLine)) {
+				return
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// handshakeWindow bounds one round of vsock dial attempts while a VM boots.
+// A CONNECT that reaches the guest while its vsock driver is starting can
+// go unanswered for good (seen with ten guests booting at once under TCG),
+// and vsock.DialRetry bounds a handshake only by its context; a fresh
+// window lets a later attempt succeed instead of waiting out ReadyTimeout.
+const handshakeWindow = 5 * time.Second
+
+// dialAgentRetry dials the agent's vsock port until it answers or ctx ends.
+func dialAgentRetry(ctx context.Context, sock string) (net.Conn, error) {
+	for {
+		wctx, cancel := context.WithTimeout(ctx, handshakeWindow)
+		conn, err := vsock.DialRetry(wctx, sock, AgentPort, vsock.Backoff{Initial: 5 * time.Millisecond, Max: 50 * time.Millisecond})
+		cancel()
+		if err == nil || ctx.Err() != nil {
+			return conn, err
+		}
+	}
+}
+
 // watch waits for QEMU to end. An end nobody asked for marks the VM failed
 // and frees what it held, so a killed or crashed VM leaks nothing.
 func (o *Orchestrator) watch(id string, p *vmProcs) {
@@ -516,7 +659,7 @@ func (o *Orchestrator) watch(id string, p *vmProcs) {
 	defer unlock()
 	o.mu.Lock()
 	stopping := p.stopping
-	current := o.vms[id] == p
+	current := o.vms[id] == p && !o.closed
 	o.mu.Unlock()
 	if stopping || !current {
 		return
@@ -675,6 +818,14 @@ func (o *Orchestrator) DeleteVM(ctx context.Context, id string) error {
 		return nil
 	}
 	o.stopProcs(id, true)
+	// The network goes before the directory: a failed Detach leaves vm.json
+	// in place, so the retried delete (or Reconcile) still knows the VM.
+	// A VM whose vm.json cannot be read is detached too, to be safe.
+	if vf, err := o.readVM(id); err != nil || vf.Spec.Network == types.NetworkNAT || vf.Net != nil {
+		if err := o.detach(ctx, id); err != nil {
+			return err
+		}
+	}
 	if err := os.RemoveAll(dir); err != nil {
 		return fmt.Errorf("removing vm %s's directory: %w", id, err)
 	}

@@ -24,7 +24,12 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/vmm/vmmtest"
 )
 
-func TestMain(m *testing.M) { testenv.Main(m) }
+func TestMain(m *testing.M) {
+	if os.Getenv(childEnv) != "" {
+		os.Exit(createChild())
+	}
+	testenv.Main(m)
+}
 
 // requireHost skips unless QEMU and vhost-device-vsock are installed.
 func requireHost(t testing.TB) {

@@ -1,0 +1,168 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/aetherium/aetherium-core/pkg/agent"
+	"github.com/aetherium/aetherium-core/pkg/network"
+	"github.com/aetherium/aetherium-core/pkg/types"
+)
+
+// Network gives nat VMs their network: a TAP on a bridge, an address and
+// the isolation rules. *network.Manager implements it.
+type Network interface {
+	// Attach gives vmID its TAP, address and rules, and returns what QEMU
+	// and the guest need. It is idempotent: called again it returns the
+	// same attachment and repairs whatever is missing. Cancelling ctx stops
+	// between steps and leaves what was made for Detach or Reconcile.
+	Attach(ctx context.Context, vmID string) (*network.Attachment, error)
+	// Detach removes vmID's TAP, rules and address. It is idempotent: a VM
+	// with nothing left returns nil.
+	Detach(ctx context.Context, vmID string) error
+	// Reconcile removes the network of every VM not in live (what a crash
+	// left half-made) and returns what it cleaned. It goes on past
+	// failures and returns them joined.
+	Reconcile(ctx context.Context, live []string) ([]string, error)
+	// Do runs fn where the TAPs live (the network namespace); processes fn
+	// starts inherit it. It returns fn's error.
+	Do(fn func() error) error
+}
+
+var _ Network = (*network.Manager)(nil)
+
+// netFile is a nat VM's attachment as recorded in vm.json, so a restarted
+// worker boots it with the same TAP, MAC and address.
+type netFile struct {
+	TAP       string `json:"tap"`
+	MAC       string `json:"mac"`
+	IP        string `json:"ip"`
+	KernelArg string `json:"kernel_arg"`
+}
+
+func newNetFile(a *network.Attachment) *netFile {
+	return &netFile{TAP: a.TAP, MAC: a.MAC.String(), IP: a.IP.String(), KernelArg: a.KernelArg}
+}
+
+// errNoNetwork is CreateVM's answer to a nat VM on a backend without a
+// network manager.
+var errNoNetwork = fmt.Errorf("%w: networking is not configured; set network.enabled (and the network section) in the worker's configuration, or create the vm with --network none", types.ErrInvalid)
+
+// attach gives a nat VM its network (idempotent) and returns what vm.json
+// records of it.
+func (o *Orchestrator) attach(ctx context.Context, id string) (*netFile, error) {
+	if o.cfg.Network == nil {
+		return nil, errNoNetwork
+	}
+	a, err := o.cfg.Network.Attach(ctx, id)
+	if err != nil {
+		return nil, fmt.Errorf("attaching vm %s to the network: %w", id, err)
+	}
+	return newNetFile(a), nil
+}
+
+// detach removes a VM's network. Without a network manager there is none.
+func (o *Orchestrator) detach(ctx context.Context, id string) error {
+	if o.cfg.Network == nil {
+		return nil
+	}
+	if err := o.cfg.Network.Detach(ctx, id); err != nil {
+		return fmt.Errorf("detaching vm %s from the network: %w; its network is kept, delete the vm again to retry", id, err)
+	}
+	return nil
+}
+
+// netArgs are QEMU's network device arguments for a nat VM.
+func netArgs(n *netFile) []string {
+	if n == nil {
+		return nil
+	}
+	return []string{
+		"-netdev", "tap,id=n0,ifname=" + n.TAP + ",script=no,downscript=no",
+		"-device", "virtio-net-device,netdev=n0,mac=" + n.MAC,
+	}
+}
+
+// inNetns runs fn where the VM's processes must run: in the network's
+// namespace for a nat VM, here otherwise.
+func (o *Orchestrator) inNetns(n *netFile, fn func() error) error {
+	if n == nil || o.cfg.Network == nil {
+		return fn()
+	}
+	return o.cfg.Network.Do(fn)
+}
+
+// Reconcile removes what a killed worker left half-made: temporary
+// directories of CreateVM calls that never finished, and the network
+// (TAPs, rules, leases) of every VM that has no vm.json in the run
+// directory. The worker runs it at start, before it takes tasks. It is
+// idempotent; creates in progress in this process are left alone.
+//
+// The network's Reconcile is given only this backend's VMs, so a bridge
+// and pool must not be shared with another worker or run directory.
+func (o *Orchestrator) Reconcile(ctx context.Context) error {
+	ents, err := os.ReadDir(o.cfg.RunDir)
+	if err != nil {
+		return fmt.Errorf("reconciling vms in %s: %w", o.cfg.RunDir, err)
+	}
+	o.mu.Lock()
+	creating := map[string]bool{}
+	live := []string{}
+	for id, tmp := range o.creating {
+		creating[tmp] = true
+		live = append(live, id)
+	}
+	o.mu.Unlock()
+	var errs []error
+	for _, e := range ents {
+		name := e.Name()
+		path := filepath.Join(o.cfg.RunDir, name)
+		if strings.HasPrefix(name, createPrefix) {
+			if creating[path] {
+				continue
+			}
+			if err := os.RemoveAll(path); err != nil {
+				errs = append(errs, fmt.Errorf("removing a half-made vm directory: %w", err))
+				continue
+			}
+			o.log.Info("reconcile removed a half-made vm directory", "dir", path)
+			continue
+		}
+		if !e.IsDir() || !idRE.MatchString(name) {
+			continue
+		}
+		if _, err := o.readVM(name); errors.Is(err, types.ErrNotFound) {
+			continue
+		}
+		// An unreadable vm.json still counts as live: its network is
+		// kept rather than pulled from under a VM that may run.
+		live = append(live, name)
+	}
+	if o.cfg.Network != nil {
+		cleaned, err := o.cfg.Network.Reconcile(ctx, live)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("reconciling the network: %w", err))
+		}
+		if len(cleaned) > 0 {
+			o.log.Info("reconcile removed the network of gone vms", "cleaned", cleaned)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Agent returns the agent client of a running VM (for tests and tools that
+// copy files into the guest). The client belongs to the Orchestrator: do
+// not close it.
+func (o *Orchestrator) Agent(id string) (*agent.Client, error) {
+	if !idRE.MatchString(id) {
+		return nil, notFound(id)
+	}
+	if p := o.procs(id); p == nil || !p.qemu.alive() {
+		return nil, fmt.Errorf("%w: vm %s is not running; start it first", types.ErrConflict, id)
+	}
+	return o.client(id)
+}
