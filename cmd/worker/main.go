@@ -52,7 +52,7 @@ func run() error {
 		return err
 	}
 	defer q.Close()
-	orch, err := wiring.NewOrchestrator(startCtx, cfg, cfg.Worker.ID, log)
+	orch, err := wiring.NewOrchestrator(startCtx, cfg, cfg.Worker.ID, log, store)
 	if err != nil {
 		return err
 	}

@@ -99,8 +99,10 @@ func AgentPath(c *config.Config) string {
 	return filepath.Join(filepath.Dir(exe), "fc-agent")
 }
 
-// NewOrchestrator builds the configured VM backend for worker owner.
-func NewOrchestrator(ctx context.Context, c *config.Config, owner string, log *slog.Logger) (vmm.VMOrchestrator, error) {
+// NewOrchestrator builds the configured VM backend for worker owner. store
+// keeps the VM network's address leases (nil: the qemu backend runs without
+// networking).
+func NewOrchestrator(ctx context.Context, c *config.Config, owner string, log *slog.Logger, store storage.Store) (vmm.VMOrchestrator, error) {
 	switch c.VMM.Provider {
 	case "docker":
 		rootfs := c.VMM.Docker.RootfsTar
@@ -127,6 +129,15 @@ func NewOrchestrator(ctx context.Context, c *config.Config, owner string, log *s
 		}
 		qc.Owner = owner
 		qc.Logger = log.With("provider", "qemu")
+		if leases, ok := store.(network.LeaseStore); ok {
+			nc := NetworkConfig(c)
+			nc.Logger = log.With("component", "network")
+			m, err := network.New(nc, leases)
+			if err != nil {
+				return nil, err
+			}
+			qc.Network = m
+		}
 		return qemu.New(ctx, qc)
 	case "firecracker":
 		fc, err := FirecrackerConfig(c)

@@ -57,6 +57,7 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/network"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
+	"github.com/aetherium/aetherium-core/pkg/vmm/internal/vmutil"
 	"github.com/aetherium/aetherium-core/pkg/vsock"
 )
 
@@ -145,7 +146,7 @@ type Orchestrator struct {
 	cfg   Config
 	accel Accel
 	log   *slog.Logger
-	locks keyedMutex
+	locks vmutil.KeyedMutex
 
 	mu  sync.Mutex
 	vms map[string]*vmProcs // live processes by VM id
@@ -248,6 +249,10 @@ func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
 	if err := o.recover(ctx); err != nil {
 		return nil, err
 	}
+	// Half-made creates of a crashed worker, and their TAPs, go now.
+	if err := o.Reconcile(ctx); err != nil {
+		o.log.Warn("reconciling leftovers of an earlier run", "err", err)
+	}
 	return o, nil
 }
 
@@ -268,7 +273,7 @@ func (o *Orchestrator) recover(ctx context.Context) error {
 		return err
 	}
 	for _, id := range ids {
-		unlock := o.locks.lock(id)
+		unlock := o.locks.Lock(id)
 		vf, err := o.readVM(id)
 		if err != nil {
 			unlock()
@@ -332,12 +337,19 @@ func (o *Orchestrator) Health(ctx context.Context) error {
 func (o *Orchestrator) Close() error {
 	o.mu.Lock()
 	defer o.mu.Unlock()
+	if o.closed {
+		return nil
+	}
 	o.closed = true
 	for _, p := range o.vms {
 		if p.client != nil {
 			p.client.Close()
 			p.client = nil
 		}
+	}
+	// The network manager holds netlink handles; VMs and their TAPs stay.
+	if c, ok := o.cfg.Network.(io.Closer); ok {
+		return c.Close()
 	}
 	return nil
 }
@@ -358,7 +370,7 @@ func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (_ *vmm.
 	if nat && o.cfg.Network == nil {
 		return nil, errNoNetwork
 	}
-	unlock := o.locks.lock(spec.ID)
+	unlock := o.locks.Lock(spec.ID)
 	defer unlock()
 	if _, err := o.readVM(spec.ID); err == nil {
 		return o.status(spec.ID)
@@ -426,7 +438,7 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 	if !idRE.MatchString(id) {
 		return notFound(id)
 	}
-	unlock := o.locks.lock(id)
+	unlock := o.locks.Lock(id)
 	defer unlock()
 	vf, err := o.readVM(id)
 	if err != nil {
@@ -438,7 +450,19 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 			return err
 		}
 	}
-	return o.waitAgent(ctx, id, p)
+	err = o.waitAgent(ctx, id, p)
+	if errors.Is(err, types.ErrUnavailable) && ctx.Err() == nil {
+		// A guest that boots but never answers is powered off, so that a
+		// retry boots it afresh instead of waiting on the same one again.
+		o.stopProcs(id, true)
+		o.cleanRuntime(id)
+		if vf, rerr := o.readVM(id); rerr == nil {
+			vf.Running = false
+			_ = o.writeVM(id, vf)
+		}
+		return fmt.Errorf("%w; vhost-device-vsock's log ends with:\n%s\nthe VM was powered off, so starting it again boots it afresh", err, vmutil.Tail(o.path(id, fileVsockLog), 5))
+	}
+	return err
 }
 
 // boot spawns vhost-device-vsock and QEMU for a VM that does not run.
@@ -472,7 +496,7 @@ func (o *Orchestrator) boot(ctx context.Context, id string, vf *vmFile) (p *vmPr
 		}
 	}()
 	if err := waitFile(o.path(id, fileVhost), vs, 10*time.Second); err != nil {
-		return nil, fmt.Errorf("starting vm %s: vhost-device-vsock: %v; its log ends with:\n%s", id, err, tail(o.path(id, fileVsockLog), 10))
+		return nil, fmt.Errorf("starting vm %s: vhost-device-vsock: %v; its log ends with:\n%s", id, err, vmutil.Tail(o.path(id, fileVsockLog), 10))
 	}
 
 	vf.Running = true
@@ -587,12 +611,12 @@ func (o *Orchestrator) waitAgent(ctx context.Context, id string, p *vmProcs) err
 			return fmt.Errorf("starting vm %s: waiting for its agent: %w", id, ctx.Err())
 		}
 		return fmt.Errorf("%w: starting vm %s: its agent did not answer within %s: %v; the serial console ends with:\n%s",
-			types.ErrUnavailable, id, o.cfg.ReadyTimeout, err, tail(o.path(id, fileConsole), 20))
+			types.ErrUnavailable, id, o.cfg.ReadyTimeout, err, vmutil.Tail(o.path(id, fileConsole), 20))
 	case <-p.qemu.done:
 		cancel()
 		<-ready
 		return fmt.Errorf("starting vm %s: QEMU %s before the agent answered; its log ends with:\n%s\nthe serial console ends with:\n%s",
-			id, p.qemu.status, tail(o.path(id, fileQEMULog), 10), tail(o.path(id, fileConsole), 20))
+			id, p.qemu.status, vmutil.Tail(o.path(id, fileQEMULog), 10), vmutil.Tail(o.path(id, fileConsole), 20))
 	}
 }
 
@@ -655,7 +679,7 @@ func dialAgentRetry(ctx context.Context, sock string) (net.Conn, error) {
 // and frees what it held, so a killed or crashed VM leaks nothing.
 func (o *Orchestrator) watch(id string, p *vmProcs) {
 	<-p.qemu.done
-	unlock := o.locks.lock(id)
+	unlock := o.locks.Lock(id)
 	defer unlock()
 	o.mu.Lock()
 	stopping := p.stopping
@@ -680,8 +704,8 @@ func (o *Orchestrator) watch(id string, p *vmProcs) {
 
 // lastLine returns "; console: <last line>" from the serial log, if any.
 func lastLine(path string) string {
-	t := strings.TrimSpace(tail(path, 1))
-	if t == "" {
+	t := strings.TrimSpace(vmutil.Tail(path, 1))
+	if t == "" || strings.HasPrefix(t, "(") {
 		return ""
 	}
 	return "; console: " + t
@@ -694,7 +718,7 @@ func (o *Orchestrator) StopVM(ctx context.Context, id string, force bool) error 
 	if !idRE.MatchString(id) {
 		return notFound(id)
 	}
-	unlock := o.locks.lock(id)
+	unlock := o.locks.Lock(id)
 	defer unlock()
 	vf, err := o.readVM(id)
 	if err != nil {
@@ -811,7 +835,7 @@ func (o *Orchestrator) DeleteVM(ctx context.Context, id string) error {
 	if !idRE.MatchString(id) {
 		return nil // no VM can have such an id
 	}
-	unlock := o.locks.lock(id)
+	unlock := o.locks.Lock(id)
 	defer unlock()
 	dir := o.RunDir(id)
 	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
@@ -855,19 +879,13 @@ func (o *Orchestrator) ExecuteCommand(ctx context.Context, id string, cmd types.
 		}
 		return nil, fmt.Errorf("%w: vm %s is %s; start it first", types.ErrConflict, id, st)
 	}
-	env := map[string]string{"PATH": guestPath, "HOME": "/root"}
-	maps.Copy(env, vf.Spec.Env)
-	maps.Copy(env, cmd.Env)
-	cmd.Env = env
+	base := map[string]string{"PATH": guestPath, "HOME": "/root"}
+	maps.Copy(base, vf.Spec.Env)
 	c, err := o.client(id)
 	if err != nil {
 		return nil, err
 	}
-	res, err := c.Exec(ctx, cmd, stream.Stdout, stream.Stderr)
-	if err != nil {
-		return res, fmt.Errorf("running %q in vm %s: %w", cmd.Cmd, id, err)
-	}
-	return res, nil
+	return vmutil.Exec(ctx, c, id, base, cmd, stream)
 }
 
 // GetVMStatus implements vmm.VMOrchestrator.
@@ -996,59 +1014,6 @@ func (o *Orchestrator) client(id string) (*agent.Client, error) {
 	return p.client, nil
 }
 
-// tail returns the last n lines of a log file, or "" if it cannot be read.
-func tail(path string, n int) string {
-	f, err := os.Open(path)
-	if err != nil {
-		return ""
-	}
-	defer f.Close()
-	const maxRead = 16 << 10
-	if fi, err := f.Stat(); err == nil && fi.Size() > maxRead {
-		f.Seek(-maxRead, io.SeekEnd)
-	}
-	b, _ := io.ReadAll(f)
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
-}
-
 func notFound(id string) error {
 	return fmt.Errorf("%w: vm %s", types.ErrNotFound, id)
-}
-
-// keyedMutex serialises the life-cycle steps of one VM.
-type keyedMutex struct {
-	mu    sync.Mutex
-	locks map[string]*keyedEntry
-}
-
-type keyedEntry struct {
-	mu   sync.Mutex
-	refs int
-}
-
-func (k *keyedMutex) lock(key string) (unlock func()) {
-	k.mu.Lock()
-	if k.locks == nil {
-		k.locks = map[string]*keyedEntry{}
-	}
-	e := k.locks[key]
-	if e == nil {
-		e = &keyedEntry{}
-		k.locks[key] = e
-	}
-	e.refs++
-	k.mu.Unlock()
-	e.mu.Lock()
-	return func() {
-		e.mu.Unlock()
-		k.mu.Lock()
-		if e.refs--; e.refs == 0 {
-			delete(k.locks, key)
-		}
-		k.mu.Unlock()
-	}
 }
