@@ -164,12 +164,13 @@ func TestLoadModulesNamesMissingModule(t *testing.T) {
 	order := filepath.Join(dir, "modules.order")
 	require.NoError(t, os.WriteFile(order, []byte("virtio_blk\n"), 0o644))
 	// The file is missing, so nothing reaches finit_module.
-	err := loadModules(order, dir, slog.New(slog.DiscardHandler))
+	_, err := loadModules(order, dir, slog.New(slog.DiscardHandler), nil)
 	require.ErrorIs(t, err, os.ErrNotExist)
 	require.ErrorContains(t, err, filepath.Join(dir, "virtio_blk.ko"))
 
 	// No list at all: nothing to load.
-	require.NoError(t, loadModules(filepath.Join(dir, "none"), dir, slog.New(slog.DiscardHandler)))
+	_, err = loadModules(filepath.Join(dir, "none"), dir, slog.New(slog.DiscardHandler), nil)
+	require.NoError(t, err)
 }
 
 func TestParseStat(t *testing.T) {
@@ -213,12 +214,28 @@ func TestDetect(t *testing.T) {
 	require.True(t, Detect([]string{"fc-agent", "-init"}))
 }
 
+func TestDeferModule(t *testing.T) {
+	none := defaults()
+	nat := defaults()
+	nat.Net = "ip=10.88.0.2/16,gw=10.88.0.1"
+	for _, m := range []string{"virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport"} {
+		require.False(t, none.deferModule(m), "%s is needed to boot", m)
+		require.False(t, nat.deferModule(m), "%s is needed to boot", m)
+	}
+	for _, m := range []string{"failover", "net_failover", "virtio_net"} {
+		require.True(t, none.deferModule(m), "%s can wait without a network", m)
+		require.False(t, nat.deferModule(m), "%s is needed for the network", m)
+	}
+	require.True(t, nat.deferModule("virtio_console"))
+}
+
 func TestSyscallsRefuseOutsidePID1(t *testing.T) {
 	if os.Getpid() == 1 {
 		t.Skip("the test runs as PID 1")
 	}
 	// These would remount or end this machine's processes: they must
 	// refuse before touching anything.
-	require.ErrorIs(t, Setup(t.Context(), defaults(), slog.New(slog.DiscardHandler)), types.ErrInvalid)
+	_, err := Setup(t.Context(), defaults(), slog.New(slog.DiscardHandler), nil)
+	require.ErrorIs(t, err, types.ErrInvalid)
 	require.ErrorIs(t, PowerOff(slog.New(slog.DiscardHandler), false), types.ErrInvalid)
 }

@@ -102,14 +102,21 @@ func Run(serve ServeFunc) {
 	}
 
 	ctx := handleSignals(log)
-	if err := Setup(ctx, cfg, log); err != nil {
+	var l net.Listener
+	deferred, err := Setup(ctx, cfg, log, func() error {
+		var err error
+		if l, err = agent.Listen(cfg.Listen); err != nil {
+			return fmt.Errorf("agent: %w", err)
+		}
+		// The host starts connecting on this line; the connection waits
+		// in the listen backlog until the agent serves.
+		log.Info("aetherium-init: agent ready on " + describeAddr(l.Addr()))
+		return nil
+	})
+	if err != nil {
 		fatal(log, err)
 	}
-	l, err := agent.Listen(cfg.Listen)
-	if err != nil {
-		fatal(log, fmt.Errorf("agent: %w", err))
-	}
-	log.Info("aetherium-init: agent ready on " + describeAddr(l.Addr()))
+	go LoadDeferred(deferred, log)
 	if err := serve(ctx, l, log); err != nil {
 		fatal(log, fmt.Errorf("agent: %w", err))
 	}
