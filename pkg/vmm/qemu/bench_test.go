@@ -116,17 +116,29 @@ func BenchmarkBootVsRaw(b *testing.B) {
 }
 
 // BenchmarkExecTrue is the exec round trip over hybrid vsock: ExecuteCommand
-// of `true` on a running VM.
+// of `true` on a running VM, and for scale the agent's Info RPC, the same
+// path without a process in the guest.
 func BenchmarkExecTrue(b *testing.B) {
 	o := newOrchestrator(b, runDir(b))
 	b.Cleanup(func() { deleteAll(b, o) })
 	id := vmmtest.StartVM(b, o, vmmtest.NewSpec(b))
 	ctx := context.Background()
-	testenv.Measure(b, func() {
-		res, err := o.ExecuteCommand(ctx, id, types.Command{Cmd: "true"}, vmm.ExecIO{})
-		if err != nil || res.ExitCode != 0 {
-			b.Fatalf("exec: %v %+v", err, res)
-		}
+	b.Run("exec-true", func(b *testing.B) {
+		testenv.Measure(b, func() {
+			res, err := o.ExecuteCommand(ctx, id, types.Command{Cmd: "true"}, vmm.ExecIO{})
+			if err != nil || res.ExitCode != 0 {
+				b.Fatalf("exec: %v %+v", err, res)
+			}
+		})
+	})
+	b.Run("info-rpc", func(b *testing.B) {
+		c, err := o.Agent(id)
+		require.NoError(b, err)
+		testenv.Measure(b, func() {
+			if _, err := c.Info(ctx); err != nil {
+				b.Fatal(err)
+			}
+		})
 	})
 }
 
