@@ -6,3 +6,10 @@ cd "$REPO"
 "$REPO/scripts/setup.sh"
 go test -run '^$' -bench 'BenchmarkExecTrue' -benchtime 200x -count 1 ./pkg/vmm/docker ./pkg/agent
 go test -run '^$' -bench 'BenchmarkExecuteCommandTask' -benchtime 100x -count 1 ./pkg/worker
+# Real microVMs (QEMU microvm, TCG here) and networking; -p 1 keeps the
+# boots from competing with each other.
+go test -p 1 -run '^$' -bench 'BenchmarkBootVsRaw' -benchtime 10x -count 1 ./pkg/vmm/qemu
+go test -p 1 -run '^$' -bench 'BenchmarkExecTrue' -benchtime 300x -count 1 ./pkg/vmm/qemu
+go test -p 1 -run '^$' -bench 'BenchmarkIdleMemory' -benchtime 3x -count 1 ./pkg/vmm/qemu
+go test -p 1 -run '^$' -bench 'BenchmarkGuestThroughput' -benchtime 5x -count 1 ./pkg/vmm/qemu
+go test -p 1 -run '^$' -bench 'BenchmarkAttachDetach' -benchtime 50x -count 1 ./pkg/network
