@@ -12,6 +12,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/aetherium/aetherium-core/internal/testenv"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
 	"github.com/aetherium/aetherium-core/pkg/vmm/firecracker"
@@ -31,12 +32,16 @@ const (
 // AETHERIUM_TEST_REQUIRE turns into a failure: PLATFORM.md documents that
 // these machines have neither a Firecracker binary nor a usable KVM.
 func realConfig(t *testing.T) (firecracker.Config, string) {
+	var missing []string
 	bin, err := exec.LookPath(cmp.Or(os.Getenv(envBinary), firecracker.DefaultBinary))
 	if err != nil {
-		return firecracker.Config{}, "no firecracker binary (" + err.Error() + "); install Firecracker v1.16 or set " + envBinary
+		missing = append(missing, "no firecracker binary ("+err.Error()+"); install Firecracker v1.16 or set "+envBinary)
 	}
 	if ok, why := firecracker.KVMUsable(); !ok {
-		return firecracker.Config{}, "no usable KVM: " + why + " (see PLATFORM.md; run on a host with VT-x/AMD-V)"
+		missing = append(missing, "no usable KVM: "+why+" (see PLATFORM.md; run on a host with VT-x/AMD-V)")
+	}
+	if len(missing) > 0 {
+		return firecracker.Config{}, strings.Join(missing, "; ")
 	}
 	cfg := firecracker.Config{
 		Binary:     bin,
@@ -47,7 +52,10 @@ func realConfig(t *testing.T) (firecracker.Config, string) {
 		Logger:     testLogger(t),
 	}
 	if cfg.KernelPath == "" || cfg.RootfsPath == "" {
-		return cfg, "firecracker and KVM are here but no guest images: set " + envKernel + ", " + envRootfs + " and " + envInitrd + " (see docs/firecracker.md)"
+		// The project's own guest image, built (or found in the cache) the
+		// way every other backend's tests get it.
+		img := testenv.GuestImage(t)
+		cfg.KernelPath, cfg.InitrdPath, cfg.RootfsPath = img.VmlinuxPath(), img.InitrdPath(), img.RootfsPath()
 	}
 	return cfg, ""
 }
