@@ -15,6 +15,7 @@ import (
 	"github.com/aetherium/aetherium-core/internal/cli"
 	"github.com/aetherium/aetherium-core/internal/testenv"
 	"github.com/aetherium/aetherium-core/internal/testenv/stack"
+	"github.com/aetherium/aetherium-core/pkg/network"
 )
 
 func TestMain(m *testing.M) { testenv.Main(m) }
@@ -208,4 +209,46 @@ func TestDoctorBackends(t *testing.T) {
 	require.Contains(t, r.stdout, "Worker can't create VMs")
 	require.Contains(t, r.stdout, "firecracker /dev/kvm")
 	require.Contains(t, r.stdout, "hardware virtualization")
+}
+
+// TestSessionNetwork: `vm create --network nat` through the CLI, the
+// service and a worker gives a real microVM an address on the bridge; the
+// VM's delete returns its TAP, rules and lease. The bridge and rules live
+// in a network namespace this test makes; nothing is routed out of it.
+func TestSessionNetwork(t *testing.T) {
+	if os.Geteuid() != 0 {
+		testenv.Skip(t, "VM networking needs root (CAP_NET_ADMIN); run the tests as root")
+	}
+	ns := testenv.NewNetns(t)
+	s := stack.Start(t, stack.Options{Provider: "qemu", Network: &network.Config{
+		Netns: testenv.NetnsPath(ns), Bridge: "aetcli0", Subnet: "10.99.0.0/24", Table: "aetcli",
+	}})
+	cfg := s.ConfigFile(t)
+
+	r := run(t, cfg, "", "vm", "create", "--name", "net-demo", "--network", "nat", "--wait")
+	require.Equal(t, 0, r.code, r.stderr)
+	vmID := strings.TrimSpace(r.stdout)
+	r = run(t, cfg, "", "--json", "vm", "get", vmID)
+	require.Equal(t, 0, r.code, r.stderr)
+	require.Contains(t, r.stdout, `"network": "nat"`)
+
+	r = run(t, cfg, "", "exec", vmID, "--", "cat", "/proc/net/fib_trie", "/proc/net/route")
+	require.Equal(t, 0, r.code, r.stderr)
+	require.Contains(t, r.stdout, "10.99.0.2", "the guest holds the first address of the pool")
+	require.Regexp(t, `eth0\s+00000000\s+0100630A`, r.stdout, "the default route goes through the bridge's 10.99.0.1")
+
+	m := s.Networks["w1"]
+	st, err := m.List(t.Context())
+	require.NoError(t, err)
+	require.Len(t, st.Ports, 1)
+	require.Len(t, st.Leases, 1)
+
+	r = run(t, cfg, "", "vm", "delete", vmID, "--wait")
+	require.Equal(t, 0, r.code, r.stderr)
+	st, err = m.List(t.Context())
+	require.NoError(t, err)
+	require.Empty(t, st.Ports, "the VM's TAP outlived its delete")
+	require.Empty(t, st.VMRules, "the VM's rules outlived its delete")
+	require.Empty(t, st.Leases, "the VM's address lease outlived its delete")
+	require.NoError(t, m.Teardown(t.Context()))
 }

@@ -20,6 +20,7 @@ import (
 
 	"github.com/aetherium/aetherium-core/internal/testenv"
 	"github.com/aetherium/aetherium-core/pkg/image"
+	"github.com/aetherium/aetherium-core/pkg/network"
 	"github.com/aetherium/aetherium-core/pkg/queue"
 	"github.com/aetherium/aetherium-core/pkg/service"
 	"github.com/aetherium/aetherium-core/pkg/storage/postgres"
@@ -41,6 +42,7 @@ type Stack struct {
 	Service    *service.TaskService
 	Workers    map[string]*worker.Worker
 	VMMs       map[string]vmm.VMOrchestrator
+	Networks   map[string]*network.Manager
 	SocketDirs map[string]string
 }
 
@@ -55,6 +57,10 @@ type Options struct {
 	// Provider is the workers' VM backend: docker (default) or qemu, which
 	// boots real microVMs from the guest image (testenv.GuestImage).
 	Provider string
+	// Network, for qemu, gives the workers a network manager with this
+	// config (its Netns should be a namespace the test made), with leases
+	// in the stack's PostgreSQL. nil: no networking.
+	Network *network.Config
 }
 
 // Start brings a stack up and registers its teardown with t.Cleanup.
@@ -90,7 +96,7 @@ func Start(t testing.TB, o Options) *Stack {
 
 	s := &Stack{t: t, DSN: dsn, RedisAddr: redisAddr, DockerHost: host, Store: store, Queue: q,
 		Provider: o.Provider, Service: service.NewTaskService(q, store, service.WithProvider(o.Provider)), Workers: map[string]*worker.Worker{},
-		VMMs: map[string]vmm.VMOrchestrator{}, SocketDirs: map[string]string{}}
+		VMMs: map[string]vmm.VMOrchestrator{}, Networks: map[string]*network.Manager{}, SocketDirs: map[string]string{}}
 	for _, id := range o.Workers {
 		// Unix socket paths are limited to 108 bytes: keep the directory short.
 		dir, err := os.MkdirTemp("", "ae-"+id+"-")
@@ -98,8 +104,17 @@ func Start(t testing.TB, o Options) *Stack {
 		t.Cleanup(func() { os.RemoveAll(dir) })
 		var orch vmm.VMOrchestrator
 		if o.Provider == qemu.Provider {
-			orch, err = qemu.New(ctx, qemu.Config{KernelPath: img.KernelPath(), InitrdPath: img.InitrdPath(), RootfsPath: img.RootfsPath(),
-				RunDir: filepath.Join(dir, "vms"), Owner: id, Logger: logger(t).With("provider", "qemu")})
+			qc := qemu.Config{KernelPath: img.KernelPath(), InitrdPath: img.InitrdPath(), RootfsPath: img.RootfsPath(),
+				RunDir: filepath.Join(dir, "vms"), Owner: id, Logger: logger(t).With("provider", "qemu")}
+			if o.Network != nil {
+				nc := *o.Network
+				nc.Logger = logger(t).With("component", "network")
+				m, err := network.New(nc, store)
+				require.NoError(t, err)
+				s.Networks[id] = m
+				qc.Network = m
+			}
+			orch, err = qemu.New(ctx, qc)
 		} else {
 			orch, err = docker.New(ctx, docker.Config{Host: host, AgentPath: agentPath, SocketDir: filepath.Join(dir, "vms"), Owner: id,
 				Logger: logger(t).With("provider", "docker")})
