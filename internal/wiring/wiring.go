@@ -129,13 +129,11 @@ func NewOrchestrator(ctx context.Context, c *config.Config, owner string, log *s
 		}
 		qc.Owner = owner
 		qc.Logger = log.With("provider", "qemu")
-		if leases, ok := store.(network.LeaseStore); ok {
-			nc := NetworkConfig(c)
-			nc.Logger = log.With("component", "network")
-			m, err := network.New(nc, leases)
-			if err != nil {
-				return nil, err
-			}
+		m, err := networkManager(c, store, log)
+		if err != nil {
+			return nil, err
+		}
+		if m != nil {
 			qc.Network = m
 		}
 		return qemu.New(ctx, qc)
@@ -146,6 +144,13 @@ func NewOrchestrator(ctx context.Context, c *config.Config, owner string, log *s
 		}
 		fc.Owner = owner
 		fc.Logger = log.With("provider", firecracker.Provider)
+		m, err := networkManager(c, store, log)
+		if err != nil {
+			return nil, err
+		}
+		if m != nil {
+			fc.Network = m
+		}
 		return firecracker.New(fc)
 	default:
 		return nil, fmt.Errorf("%w: vmm.provider %q is unknown; use docker, qemu or firecracker", types.ErrInvalid, c.VMM.Provider)
@@ -176,6 +181,18 @@ func FirecrackerConfig(c *config.Config) (firecracker.Config, error) {
 		fc.RootfsPath = cmp.Or(fc.RootfsPath, m.RootfsPath())
 	}
 	return fc, nil
+}
+
+// networkManager builds the VM network manager of the microVM backends,
+// keeping address leases in store; nil when store keeps no leases.
+func networkManager(c *config.Config, store storage.Store, log *slog.Logger) (*network.Manager, error) {
+	leases, ok := store.(network.LeaseStore)
+	if !ok {
+		return nil, nil
+	}
+	nc := NetworkConfig(c)
+	nc.Logger = log.With("component", "network")
+	return network.New(nc, leases)
 }
 
 // NetworkConfig maps the network section to the manager's config.

@@ -41,6 +41,7 @@ import (
 	"time"
 
 	"github.com/aetherium/aetherium-core/pkg/agent"
+	"github.com/aetherium/aetherium-core/pkg/network"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
 	"github.com/aetherium/aetherium-core/pkg/vmm/internal/vmutil"
@@ -108,6 +109,10 @@ type Config struct {
 	SocketDir string
 	// BootArgs are appended to the kernel command line the backend builds.
 	BootArgs string
+	// Network gives nat VMs their TAP, address and isolation rules (the
+	// same manager the qemu backend uses); its namespace is where the VMM
+	// runs unless the jailer joins one of its own. nil: no networking.
+	Network network.VMNetwork
 	// LogLevel is Firecracker's log level: Error, Warning, Info, Debug,
 	// Trace or Off. Default Warning.
 	LogLevel string
@@ -209,6 +214,9 @@ type VMOptions struct {
 	TAPDevice string `json:"tap_device,omitempty"`
 	// GuestMAC is eth0's MAC address. Empty: Firecracker picks one.
 	GuestMAC string `json:"guest_mac,omitempty"`
+	// KernelArg is the guest's network configuration for its init
+	// (aetherium.net=...), appended to the boot arguments.
+	KernelArg string `json:"kernel_arg,omitempty"`
 }
 
 // record is a VM's state.json: what the backend must remember across
@@ -223,6 +231,9 @@ type record struct {
 	Owner    string            `json:"owner,omitempty"`
 	Options  VMOptions         `json:"options"`
 	Created  time.Time         `json:"created_at"`
+	// Attached is set when the backend's network manager attached the VM,
+	// so delete knows to detach it.
+	Attached bool `json:"attached,omitempty"`
 }
 
 // proc is a running VMM process.
@@ -277,17 +288,43 @@ func New(cfg Config) (*Orchestrator, error) {
 	if err := os.MkdirAll(cfg.SocketDir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating socket dir: %w", err)
 	}
-	return &Orchestrator{
+	o := &Orchestrator{
 		cfg:     cfg,
 		log:     cfg.Logger.With("provider", Provider),
 		procs:   map[string]*proc{},
 		clients: map[string]*agent.Client{},
-	}, nil
+	}
+	if cfg.Network != nil {
+		// TAPs, rules and leases of VMs whose create a crash cut short go
+		// now; every VM with a record keeps its network.
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if gone, err := cfg.Network.Reconcile(ctx, o.recordedIDs()); err != nil {
+			o.log.Warn("reconciling the network of earlier runs", "err", err)
+		} else if len(gone) > 0 {
+			o.log.Info("removed the network of vms that no longer exist", "vm_ids", gone)
+		}
+	}
+	return o, nil
+}
+
+// recordedIDs returns the ids of every VM in SocketDir that has a record,
+// whoever owns it: their networks must stay.
+func (o *Orchestrator) recordedIDs() []string {
+	entries, _ := os.ReadDir(o.cfg.SocketDir)
+	var ids []string
+	for _, e := range entries {
+		if _, err := os.Stat(filepath.Join(o.cfg.SocketDir, e.Name(), stateFileName)); err == nil {
+			ids = append(ids, e.Name())
+		}
+	}
+	return ids
 }
 
 // Capabilities implements vmm.VMOrchestrator.
 func (o *Orchestrator) Capabilities() vmm.Capabilities {
-	return vmm.Capabilities{Provider: Provider, MaxVCPUs: o.cfg.MaxVCPUs, Isolation: "vm", PauseResume: true, Snapshot: true}
+	return vmm.Capabilities{Provider: Provider, MaxVCPUs: o.cfg.MaxVCPUs, Isolation: "vm", PauseResume: true, Snapshot: true,
+		Networking: o.cfg.Network != nil}
 }
 
 // Health implements vmm.VMOrchestrator: every check of Diagnose must pass.
@@ -342,8 +379,8 @@ func (o *Orchestrator) CreateVMWithOptions(ctx context.Context, spec types.VMSpe
 	if err := spec.Validate(o.cfg.MaxVCPUs); err != nil {
 		return nil, err
 	}
-	if spec.Network == types.NetworkNAT && opts.TAPDevice == "" {
-		return nil, fmt.Errorf("%w: vm %s asks for a nat network but no TAP device was given; networking is not wired into the firecracker backend yet, so create it with --network none", types.ErrNotSupported, spec.ID)
+	if spec.Network == types.NetworkNAT && opts.TAPDevice == "" && o.cfg.Network == nil {
+		return nil, fmt.Errorf("%w: networking is not configured; set network.enabled (and the network section) in the worker's configuration, or create the vm with --network none", types.ErrInvalid)
 	}
 	p := o.cfg.paths(spec.ID)
 	for _, s := range []string{p.host(apiSockName), p.host(vsockSockName)} {
@@ -358,19 +395,37 @@ func (o *Orchestrator) CreateVMWithOptions(ctx context.Context, spec types.VMSpe
 	} else if !errors.Is(err, types.ErrNotFound) {
 		return nil, err
 	}
-	if err := o.prepare(p, spec.ID); err != nil {
+	attached := false
+	undo := func() {
 		os.RemoveAll(p.run)
 		if p.jailed {
 			os.RemoveAll(p.jail)
 		}
+		if attached {
+			if err := o.cfg.Network.Detach(context.WithoutCancel(ctx), spec.ID); err != nil {
+				o.log.Warn("cannot detach a vm whose create failed; reconcile will", "vm_id", spec.ID, "err", err)
+			}
+		}
+	}
+	if err := o.prepare(p, spec.ID); err != nil {
+		undo()
 		return nil, fmt.Errorf("creating vm %s: %w", spec.ID, err)
 	}
+	if spec.Network == types.NetworkNAT && opts.TAPDevice == "" {
+		a, err := o.cfg.Network.Attach(ctx, spec.ID)
+		if err != nil {
+			undo()
+			return nil, fmt.Errorf("attaching vm %s to the network: %w", spec.ID, err)
+		}
+		attached = true
+		opts.TAPDevice, opts.GuestMAC, opts.KernelArg = a.TAP, a.MAC.String(), a.KernelArg
+	}
 	rec := record{ID: spec.ID, Name: spec.Name, VCPUs: spec.VCPUs, MemoryMB: spec.MemoryMB,
-		Labels: spec.Labels, Env: spec.Env, Owner: o.cfg.Owner, Options: opts, Created: time.Now().UTC()}
+		Labels: spec.Labels, Env: spec.Env, Owner: o.cfg.Owner, Options: opts, Created: time.Now().UTC(), Attached: attached}
 	b, _ := json.MarshalIndent(rec, "", "  ")
 	// state.json is written last: its presence means the VM exists.
 	if err := writeFileAtomic(filepath.Join(p.run, stateFileName), b); err != nil {
-		os.RemoveAll(p.run)
+		undo()
 		return nil, fmt.Errorf("creating vm %s: %w", spec.ID, err)
 	}
 	o.log.Info("created vm", "vm_id", spec.ID, "vcpus", spec.VCPUs, "memory_mb", spec.MemoryMB, "jailed", p.jailed)
@@ -438,6 +493,9 @@ func writeFileAtomic(path string, b []byte) error {
 // end the Firecracker process.
 func (o *Orchestrator) bootArgs(rec *record) string {
 	args := "console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda rw aetherium.hostname=" + rec.Name
+	if rec.Options.KernelArg != "" {
+		args += " " + rec.Options.KernelArg
+	}
 	if o.cfg.BootArgs != "" {
 		args += " " + o.cfg.BootArgs
 	}
@@ -568,7 +626,12 @@ func (o *Orchestrator) spawn(ctx context.Context, id string, p paths) (*proc, *C
 	cmd.Dir = p.run
 	// Its own session: the VM survives the worker and its signals.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := cmd.Start(); err != nil {
+	start := cmd.Start
+	if o.cfg.Network != nil && !(p.jailed && o.cfg.Jailer.NetNS != "") {
+		// The VMM opens its TAP by name, so it runs where the TAPs are.
+		start = func() error { return o.cfg.Network.Do(cmd.Start) }
+	}
+	if err := start(); err != nil {
 		return nil, nil, fmt.Errorf("%w: starting vm %s: %v", types.ErrUnavailable, id, err)
 	}
 	pr := &proc{pid: cmd.Process.Pid, exited: make(chan struct{})}
@@ -854,6 +917,13 @@ func (o *Orchestrator) DeleteVM(ctx context.Context, id string) error {
 	o.cleanupRun(id)
 	p := o.cfg.paths(id)
 	_, statErr := os.Stat(p.run)
+	if rec, err := o.readRecord(id); err == nil && rec.Attached && o.cfg.Network != nil {
+		// Before the record goes, so a failed detach is retried by the
+		// next delete.
+		if err := o.cfg.Network.Detach(ctx, id); err != nil {
+			return fmt.Errorf("detaching vm %s from the network: %w; delete it again to retry", id, err)
+		}
+	}
 	// The record goes first, so a half-removed VM no longer counts as one.
 	os.Remove(filepath.Join(p.run, stateFileName))
 	if p.jailed {

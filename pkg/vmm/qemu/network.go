@@ -13,27 +13,9 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
-// Network gives nat VMs their network: a TAP on a bridge, an address and
-// the isolation rules. *network.Manager implements it.
-type Network interface {
-	// Attach gives vmID its TAP, address and rules, and returns what QEMU
-	// and the guest need. It is idempotent: called again it returns the
-	// same attachment and repairs whatever is missing. Cancelling ctx stops
-	// between steps and leaves what was made for Detach or Reconcile.
-	Attach(ctx context.Context, vmID string) (*network.Attachment, error)
-	// Detach removes vmID's TAP, rules and address. It is idempotent: a VM
-	// with nothing left returns nil.
-	Detach(ctx context.Context, vmID string) error
-	// Reconcile removes the network of every VM not in live (what a crash
-	// left half-made) and returns what it cleaned. It goes on past
-	// failures and returns them joined.
-	Reconcile(ctx context.Context, live []string) ([]string, error)
-	// Do runs fn where the TAPs live (the network namespace); processes fn
-	// starts inherit it. It returns fn's error.
-	Do(fn func() error) error
-}
-
-var _ Network = (*network.Manager)(nil)
+// Network gives nat VMs their network (see network.VMNetwork);
+// *network.Manager implements it.
+type Network = network.VMNetwork
 
 // netFile is a nat VM's attachment as recorded in vm.json, so a restarted
 // worker boots it with the same TAP, MAC and address.
