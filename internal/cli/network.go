@@ -84,85 +84,68 @@ worker can run without root (it still needs CAP_NET_ADMIN for TAPs), and
 		return m, func() { m.Close(); closer() }, nil
 	}
 
-	cmd.AddCommand(&cobra.Command{
-		Use:   "setup",
-		Short: "Create the bridge, NAT and isolation rules (idempotent; needs root or CAP_NET_ADMIN)",
-		Args:  args(cobra.NoArgs),
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			m, done, err := manager(cmd.Context(), false)
-			if err != nil {
-				return err
-			}
-			defer done()
-			if err := m.Setup(cmd.Context()); err != nil {
-				return err
-			}
-			return a.printNetworkState(cmd.Context(), m)
-		},
-	}, &cobra.Command{
-		Use:   "teardown",
-		Short: "Remove every TAP, rule, lease and the bridge of ours; running VMs lose their network",
-		Args:  args(cobra.NoArgs),
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			m, done, err := manager(cmd.Context(), true)
-			if err != nil {
-				return err
-			}
-			defer done()
-			if err := m.Teardown(cmd.Context()); err != nil {
-				return err
-			}
-			return a.printNetworkState(cmd.Context(), m)
-		},
-	}, &cobra.Command{
-		Use:   "status",
-		Short: "Show whether the bridge and tables exist and count ports, rules and leases",
-		Args:  args(cobra.NoArgs),
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			m, done, err := manager(cmd.Context(), true)
-			if err != nil {
-				return err
-			}
-			defer done()
-			return a.printNetworkState(cmd.Context(), m)
-		},
-	}, &cobra.Command{
-		Use:   "list",
-		Short: "List VM ports with their VM, address and rules",
-		Args:  args(cobra.NoArgs),
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			m, done, err := manager(cmd.Context(), true)
-			if err != nil {
-				return err
-			}
-			defer done()
-			st, err := m.List(cmd.Context())
-			if err != nil {
-				return err
-			}
-			if a.json {
-				return a.printJSON(st)
-			}
-			ips := map[string]string{}
-			for _, l := range st.Leases {
-				ips[l.VMID] = l.Addr.String()
-			}
-			tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "TAP\tVM\tIP\tON BRIDGE\tUP\tRULES")
-			listed := map[string]bool{}
-			for _, p := range st.Ports {
-				listed[p.VMID] = true
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%t\t%t\t%d\n", p.Name, dash(p.VMID), dash(ips[p.VMID]), p.OnBridge, p.Up, st.VMRules[p.VMID])
-			}
-			for _, l := range st.Leases { // leases whose port is gone
-				if !listed[l.VMID] {
-					fmt.Fprintf(tw, "-\t%s\t%s\t-\t-\t%d\n", l.VMID, l.Addr, st.VMRules[l.VMID])
+	// sub is one subcommand that opens the manager (with the lease store
+	// when withLeases), runs do and closes it again.
+	sub := func(use, short string, withLeases bool, do func(ctx context.Context, m *network.Manager) error) *cobra.Command {
+		return &cobra.Command{
+			Use: use, Short: short, Args: args(cobra.NoArgs),
+			RunE: func(cmd *cobra.Command, _ []string) error {
+				m, done, err := manager(cmd.Context(), withLeases)
+				if err != nil {
+					return err
 				}
-			}
-			return tw.Flush()
-		},
-	})
+				defer done()
+				return do(cmd.Context(), m)
+			},
+		}
+	}
+	cmd.AddCommand(
+		sub("setup", "Create the bridge, NAT and isolation rules (idempotent; needs root or CAP_NET_ADMIN)", false,
+			func(ctx context.Context, m *network.Manager) error {
+				if err := m.Setup(ctx); err != nil {
+					return err
+				}
+				return a.printNetworkState(ctx, m)
+			}),
+		sub("teardown", "Remove every TAP, rule, lease and the bridge of ours; running VMs lose their network", true,
+			func(ctx context.Context, m *network.Manager) error {
+				if err := m.Teardown(ctx); err != nil {
+					return err
+				}
+				return a.printNetworkState(ctx, m)
+			}),
+		sub("status", "Show whether the bridge and tables exist and count ports, rules and leases", true, a.printNetworkState),
+		sub("list", "List VM ports with their VM, address and rules", true, a.printNetworkPorts),
+	)
 	return cmd
+}
+
+// printNetworkPorts lists the VM ports with their VM, address and rules.
+func (a *app) printNetworkPorts(ctx context.Context, m *network.Manager) error {
+	st, err := m.List(ctx)
+	if err != nil {
+		return err
+	}
+	if a.json {
+		return a.printJSON(st)
+	}
+	ips := map[string]string{}
+	for _, l := range st.Leases {
+		ips[l.VMID] = l.Addr.String()
+	}
+	tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "TAP\tVM\tIP\tON BRIDGE\tUP\tRULES")
+	listed := map[string]bool{}
+	for _, p := range st.Ports {
+		listed[p.VMID] = true
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%t\t%t\t%d\n", p.Name, dash(p.VMID), dash(ips[p.VMID]), p.OnBridge, p.Up, st.VMRules[p.VMID])
+	}
+	for _, l := range st.Leases { // leases whose port is gone
+		if !listed[l.VMID] {
+			fmt.Fprintf(tw, "-\t%s\t%s\t-\t-\t%d\n", l.VMID, l.Addr, st.VMRules[l.VMID])
+		}
+	}
+	return tw.Flush()
 }
 
 // printNetworkState prints the manager's State, as JSON with --json.
