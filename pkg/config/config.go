@@ -370,6 +370,9 @@ func (c *Config) Validate() error {
 	default:
 		return bad("vmm.qemu.accel %q is unknown; use auto, kvm or tcg", c.VMM.QEMU.Accel)
 	}
+	if j := c.VMM.Firecracker.Jailer; j.Enabled && j.NetNS != "" && j.NetNS != c.Network.Netns {
+		return bad("vmm.firecracker.jailer.netns %q differs from network.netns %q: the VMM must run where its TAP is; set both to the same namespace or leave jailer.netns empty", j.NetNS, c.Network.Netns)
+	}
 	if v := c.VMM.Firecracker.Jailer.CgroupVersion; v != 1 && v != 2 {
 		return bad("vmm.firecracker.jailer.cgroup_version %d: use 1 or 2", v)
 	}

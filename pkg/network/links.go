@@ -28,6 +28,11 @@ func (m *Manager) ensureBridge() (netlink.Link, error) {
 		if br, err = m.nl.LinkByName(m.cfg.Bridge); err != nil {
 			return nil, m.opError(err, "reading bridge %s", m.cfg.Bridge)
 		}
+		// The alias marks the bridge as ours: Teardown removes only such
+		// a bridge, never one it found.
+		if err := m.nl.LinkSetAlias(br, bridgeAlias); err != nil {
+			return nil, m.opError(err, "marking bridge %s", m.cfg.Bridge)
+		}
 	case err != nil:
 		return nil, m.opError(err, "reading bridge %s", m.cfg.Bridge)
 	case br.Type() != "bridge":
@@ -157,8 +162,8 @@ type Port struct {
 	Up bool `json:"up"`
 }
 
-// ports lists the Manager's ports: links on the bridge, and TAPs named
-// like PortName that are on no bridge (half made). brIndex is 0 when the
+// ports lists the Manager's ports: links named like PortName on the
+// bridge, and such TAPs on no bridge (half made). brIndex is 0 when the
 // bridge does not exist.
 func (m *Manager) ports(brIndex int) ([]Port, error) {
 	links, err := m.nl.LinkList()
@@ -168,8 +173,13 @@ func (m *Manager) ports(brIndex int) ([]Port, error) {
 	var out []Port
 	for _, l := range links {
 		a := l.Attrs()
+		// Only links named like PortName are ours: a bridge that was there
+		// before us may hold other ports, which are never touched.
+		if !isPortName(a.Name) {
+			continue
+		}
 		onBridge := brIndex != 0 && a.MasterIndex == brIndex
-		orphan := a.MasterIndex == 0 && l.Type() == "tuntap" && isPortName(a.Name)
+		orphan := a.MasterIndex == 0 && l.Type() == "tuntap"
 		if !onBridge && !orphan {
 			continue
 		}

@@ -36,13 +36,22 @@ func (m *Manager) Setup(ctx context.Context) error {
 	return nil
 }
 
-// ensureSetup runs Setup once per Manager.
+// ensureSetup runs Setup once per Manager, and again when its nftables
+// tables have gone since (an `nft flush ruleset`, a firewall restart):
+// without them no VM would be isolated.
 func (m *Manager) ensureSetup(ctx context.Context) error {
 	m.setupMu.Lock()
 	done := m.setupDone
 	m.setupMu.Unlock()
 	if done {
-		return nil
+		ts, err := m.tables()
+		if err != nil {
+			return err
+		}
+		if len(ts) == 2 {
+			return nil
+		}
+		m.log.Warn("our nftables tables are gone; setting the network up again (rules of VMs not re-attached stay missing until they start again or `aether-cli network setup` runs)", "found", ts)
 	}
 	return m.Setup(ctx)
 }
@@ -199,8 +208,9 @@ func (m *Manager) Reconcile(ctx context.Context, live []string) ([]string, error
 	return cleaned, errors.Join(errs...)
 }
 
-// Teardown removes everything this Manager owns: every port on the bridge
-// (and half-made TAPs), the bridge, both nftables tables, and the pool's
+// Teardown removes everything this Manager owns: every port of ours on the
+// bridge (and half-made TAPs), the bridge if it made it, both nftables
+// tables, and the pool's
 // leases. Running VMs lose their network. It is idempotent. IPv4
 // forwarding is left on, since other software may rely on it.
 func (m *Manager) Teardown(ctx context.Context) error {
@@ -210,8 +220,16 @@ func (m *Manager) Teardown(ctx context.Context) error {
 	if _, err := m.Reconcile(ctx, nil); err != nil {
 		return err
 	}
-	if err := m.deleteLink(m.cfg.Bridge); err != nil {
-		return err
+	switch br, err := m.nl.LinkByName(m.cfg.Bridge); {
+	case isNotFound(err):
+	case err != nil:
+		return m.opError(err, "reading bridge %s", m.cfg.Bridge)
+	case br.Attrs().Alias != bridgeAlias:
+		m.log.Info("leaving a bridge this manager did not create", "bridge", m.cfg.Bridge)
+	default:
+		if err := m.deleteLink(m.cfg.Bridge); err != nil {
+			return err
+		}
 	}
 	if err := m.deleteTables(); err != nil {
 		return err

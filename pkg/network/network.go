@@ -260,6 +260,9 @@ func PortName(vmID string) string {
 }
 
 // isPortName reports whether name has PortName's shape.
+// bridgeAlias is the alias of a bridge the Manager created.
+const bridgeAlias = "aetherium-bridge"
+
 func isPortName(name string) bool {
 	if len(name) != len(portPrefix)+12 || !strings.HasPrefix(name, portPrefix) {
 		return false

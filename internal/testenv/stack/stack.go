@@ -111,6 +111,7 @@ func Start(t testing.TB, o Options) *Stack {
 				nc.Logger = logger(t).With("component", "network")
 				m, err := network.New(nc, store)
 				require.NoError(t, err)
+				t.Cleanup(func() { m.Close() })
 				s.Networks[id] = m
 				qc.Network = m
 			}

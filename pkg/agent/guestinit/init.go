@@ -14,6 +14,7 @@ package guestinit
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -75,6 +76,9 @@ func Run(serve ServeFunc) {
 	// First of all: the boot benchmark times the kernel up to this line.
 	fmt.Fprintln(con, StartMarker)
 	log := NewConsoleLogger(con, slog.LevelInfo)
+	// Before anything else can take time: until a handler is installed, Go
+	// would exit on SIGTERM, and init exiting panics the kernel.
+	ctx := handleSignals(log)
 	defer func() {
 		if r := recover(); r != nil {
 			fatal(log, fmt.Errorf("panic: %v\n%s", r, debug.Stack()))
@@ -101,16 +105,16 @@ func Run(serve ServeFunc) {
 		log.Warn("ignoring invalid kernel parameters", "err", cfgErr)
 	}
 
-	ctx := handleSignals(log)
 	var l net.Listener
 	deferred, err := Setup(ctx, cfg, log, func() error {
 		var err error
 		if l, err = agent.Listen(cfg.Listen); err != nil {
 			return fmt.Errorf("agent: %w", err)
 		}
-		// The host starts connecting on this line; the connection waits
-		// in the listen backlog until the agent serves.
-		log.Info("aetherium-init: agent ready on " + describeAddr(l.Addr()))
+		// The host starts connecting on this line, so it goes to the
+		// console whatever aetherium.log says; the connection waits in the
+		// listen backlog until the agent serves.
+		fmt.Fprintln(con, AgentReadyLine+" "+describeAddr(l.Addr()))
 		return nil
 	})
 	if err != nil {
@@ -130,13 +134,20 @@ func Run(serve ServeFunc) {
 		time.Sleep(agentHaltWait)
 		log.Warn("the agent did not power the guest off; doing so", "waited", agentHaltWait)
 	}
-	halt(log, false)
+	halt(log, errors.Is(context.Cause(ctx), errCtrlAltDel))
 }
 
 // handleSignals makes ctrl-alt-del send SIGINT to init rather than reboot
 // at once, and returns a context cancelled by SIGTERM, SIGINT or SIGPWR.
 // Every other signal is logged and ignored: Go's default for most of them
 // is to exit, and an exiting init panics the kernel.
+// errCtrlAltDel is the cause of a stop by ctrl-alt-del.
+var errCtrlAltDel = errors.New("ctrl-alt-del")
+
+// AgentReadyLine starts the console line init prints once the agent
+// listens; the host waits for it before connecting.
+const AgentReadyLine = "aetherium-init: agent ready on"
+
 func handleSignals(log *slog.Logger) context.Context {
 	if err := unix.Reboot(unix.LINUX_REBOOT_CMD_CAD_OFF); err != nil {
 		log.Warn("cannot route ctrl-alt-del to init; it will reboot at once", "err", err)
@@ -147,7 +158,13 @@ func handleSignals(log *slog.Logger) context.Context {
 	go func() {
 		for sig := range sigc {
 			switch sig {
-			case syscall.SIGTERM, syscall.SIGINT, syscall.SIGPWR:
+			case syscall.SIGINT:
+				// Ctrl-Alt-Del (Firecracker's SendCtrlAltDel): reboot, which
+				// ends the VMM under reboot=k (Firecracker) and -no-reboot
+				// (QEMU), where a power-off may not.
+				log.Info("aetherium-init: rebooting on ctrl-alt-del", "signal", sig.String())
+				cancel(errCtrlAltDel)
+			case syscall.SIGTERM, syscall.SIGPWR:
 				log.Info("aetherium-init: powering off on signal", "signal", sig.String())
 				cancel(fmt.Errorf("signal %s", sig))
 			case syscall.SIGCHLD, syscall.SIGURG, syscall.SIGWINCH:

@@ -402,7 +402,9 @@ func (o *Orchestrator) CreateVMWithOptions(ctx context.Context, spec types.VMSpe
 			os.RemoveAll(p.jail)
 		}
 		if attached {
-			if err := o.cfg.Network.Detach(context.WithoutCancel(ctx), spec.ID); err != nil {
+			dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), o.cfg.StopTimeout)
+			defer cancel()
+			if err := o.cfg.Network.Detach(dctx, spec.ID); err != nil {
 				o.log.Warn("cannot detach a vm whose create failed; reconcile will", "vm_id", spec.ID, "err", err)
 			}
 		}
@@ -414,6 +416,7 @@ func (o *Orchestrator) CreateVMWithOptions(ctx context.Context, spec types.VMSpe
 	if spec.Network == types.NetworkNAT && opts.TAPDevice == "" {
 		a, err := o.cfg.Network.Attach(ctx, spec.ID)
 		if err != nil {
+			attached = true // Attach may have leased or written rules: undo detaches
 			undo()
 			return nil, fmt.Errorf("attaching vm %s to the network: %w", spec.ID, err)
 		}
@@ -528,6 +531,21 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 		// A VMM left half-configured by an interrupted start: begin again.
 		o.log.Warn("replacing a firecracker process that never started its guest", "vm_id", id, "pid", pr.pid)
 		o.kill(ctx, id, pr)
+	}
+	if rec.Attached && o.cfg.Network != nil {
+		// The TAP and rules may be gone (a host reboot, a network
+		// teardown); Attach is idempotent and repairs them.
+		a, err := o.cfg.Network.Attach(ctx, id)
+		if err != nil {
+			return fmt.Errorf("starting vm %s: attaching it to the network: %w", id, err)
+		}
+		if a.TAP != rec.Options.TAPDevice || a.MAC.String() != rec.Options.GuestMAC || a.KernelArg != rec.Options.KernelArg {
+			rec.Options.TAPDevice, rec.Options.GuestMAC, rec.Options.KernelArg = a.TAP, a.MAC.String(), a.KernelArg
+			b, _ := json.MarshalIndent(rec, "", "  ")
+			if err := writeFileAtomic(filepath.Join(p.run, stateFileName), b); err != nil {
+				return fmt.Errorf("starting vm %s: %w", id, err)
+			}
+		}
 	}
 	pr, c, err := o.spawn(ctx, id, p)
 	if err != nil {
@@ -917,9 +935,10 @@ func (o *Orchestrator) DeleteVM(ctx context.Context, id string) error {
 	o.cleanupRun(id)
 	p := o.cfg.paths(id)
 	_, statErr := os.Stat(p.run)
-	if rec, err := o.readRecord(id); err == nil && rec.Attached && o.cfg.Network != nil {
+	if rec, err := o.readRecord(id); o.cfg.Network != nil && (err != nil || rec.Attached) {
 		// Before the record goes, so a failed detach is retried by the
-		// next delete.
+		// next delete. Without a readable record (a create cut short, a
+		// corrupt file) Detach runs too: it is a no-op when nothing is there.
 		if err := o.cfg.Network.Detach(ctx, id); err != nil {
 			return fmt.Errorf("detaching vm %s from the network: %w; delete it again to retry", id, err)
 		}

@@ -58,6 +58,17 @@ func TestNetworkManager(t *testing.T) {
 	boot := find(t, reqs, "PUT", "/boot-source")
 	require.Contains(t, boot["boot_args"], network.KernelArgName+"=ip=10.98.0.2/24,gw=10.98.0.1")
 
+	// The network goes away under a stopped VM (a host reboot, a
+	// teardown): the next start attaches it again.
+	require.NoError(t, o.StopVM(ctx, sp.ID, true))
+	require.NoError(t, m.Teardown(ctx))
+	require.NoError(t, o.StartVM(ctx, sp.ID))
+	st, err = m.List(ctx)
+	require.NoError(t, err)
+	require.Len(t, st.Ports, 1, "StartVM must re-attach a VM whose TAP is gone")
+	require.Equal(t, tap, st.Ports[0].Name)
+	require.Len(t, st.Leases, 1)
+
 	require.NoError(t, o.DeleteVM(ctx, sp.ID))
 	st, err = m.List(ctx)
 	require.NoError(t, err)

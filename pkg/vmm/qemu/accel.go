@@ -149,8 +149,13 @@ func Diagnose(ctx context.Context, cfg Config) []vmm.Check {
 // loop; the guest's TSC is the host's, so its frequency is passed in
 // (tsc_early_khz) and the clocksource watchdog, which compares the TSC with
 // irregular emulated timer ticks, is told the TSC is reliable.
+//
+// It does so only when the host's TSC runs at a constant rate that "cpu
+// MHz" reports: the CPU flags include constant_tsc and nonstop_tsc and no
+// cpufreq driver varies the clock (on such a host "cpu MHz" is the current
+// frequency, not the TSC's).
 func ClockArgs(accel string) []string {
-	if accel != AccelTCG {
+	if accel != AccelTCG || !steadyTSC() {
 		return nil
 	}
 	khz := hostTSCKHz()
@@ -158,6 +163,26 @@ func ClockArgs(accel string) []string {
 		return nil
 	}
 	return []string{fmt.Sprintf("tsc_early_khz=%d", khz), "tsc=reliable"}
+}
+
+// steadyTSC reports whether the host's TSC ticks at the rate "cpu MHz"
+// shows.
+func steadyTSC() bool {
+	if _, err := os.Stat("/sys/devices/system/cpu/cpu0/cpufreq"); err == nil {
+		return false
+	}
+	b, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return false
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(l, ":")
+		if ok && strings.TrimSpace(k) == "flags" {
+			f := " " + v + " "
+			return strings.Contains(f, " constant_tsc ") && strings.Contains(f, " nonstop_tsc ")
+		}
+	}
+	return false
 }
 
 // hostTSCKHz reads the first CPU's "cpu MHz" from /proc/cpuinfo, or 0.

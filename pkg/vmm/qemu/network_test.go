@@ -515,6 +515,8 @@ func TestKilledDuringCreate(t *testing.T) {
 	b := newNetTestbed(t)
 	ctx := t.Context()
 	img := testenv.GuestImage(t)
+	// The child is the worker that owns the run directory now.
+	require.NoError(t, b.o.Close())
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), childEnv+"=1",
 		"CHILD_NETNS="+b.netCfg.Netns, "CHILD_POOL="+b.netCfg.Pool, "CHILD_DSN="+b.dsn, "CHILD_DIR="+b.dir,

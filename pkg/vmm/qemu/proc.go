@@ -76,7 +76,9 @@ func adopt(pidPath, marker string) *proc {
 		return nil
 	}
 	cmdline, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
-	if err != nil || !bytes.Contains(cmdline, []byte(marker)) {
+	// The marker is a directory: "<dir>/" so that VM vm1's directory does
+	// not match VM vm10's process.
+	if err != nil || !bytes.Contains(cmdline, []byte(strings.TrimSuffix(marker, "/")+"/")) {
 		return nil
 	}
 	if stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat"); err == nil {

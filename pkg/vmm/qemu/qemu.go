@@ -52,8 +52,10 @@ import (
 	"time"
 
 	"github.com/digitalocean/go-qemu/qmp"
+	"golang.org/x/sys/unix"
 
 	"github.com/aetherium/aetherium-core/pkg/agent"
+	"github.com/aetherium/aetherium-core/pkg/agent/guestinit"
 	"github.com/aetherium/aetherium-core/pkg/network"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
@@ -147,6 +149,8 @@ type Orchestrator struct {
 	accel Accel
 	log   *slog.Logger
 	locks vmutil.KeyedMutex
+
+	lock *os.File // holds the run directory's flock until Close
 
 	mu  sync.Mutex
 	vms map[string]*vmProcs // live processes by VM id
@@ -244,9 +248,21 @@ func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating run dir: %w", err)
 	}
-	o := &Orchestrator{cfg: cfg, accel: accel, log: cfg.Logger.With("provider", Provider), vms: map[string]*vmProcs{}, creating: map[string]string{}}
+	// One orchestrator per run directory: a second one (another worker
+	// sharing the directory) would adopt, watch and reconcile VMs that
+	// are not its own.
+	lock, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("locking run dir %s: %w", dir, err)
+	}
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("%w: run dir %s is in use by another worker (%v); give each worker its own vmm.qemu.run_dir", types.ErrConflict, dir, err)
+	}
+	o := &Orchestrator{cfg: cfg, accel: accel, log: cfg.Logger.With("provider", Provider), vms: map[string]*vmProcs{}, creating: map[string]string{}, lock: lock}
 	o.log.Info("qemu backend ready", "accel", accel.Name, "why", accel.Reason, "run_dir", dir)
 	if err := o.recover(ctx); err != nil {
+		lock.Close()
 		return nil, err
 	}
 	// Half-made creates of a crashed worker, and their TAPs, go now.
@@ -341,16 +357,14 @@ func (o *Orchestrator) Close() error {
 		return nil
 	}
 	o.closed = true
+	o.lock.Close() // releases the run directory's lock
 	for _, p := range o.vms {
 		if p.client != nil {
 			p.client.Close()
 			p.client = nil
 		}
 	}
-	// The network manager holds netlink handles; VMs and their TAPs stay.
-	if c, ok := o.cfg.Network.(io.Closer); ok {
-		return c.Close()
-	}
+	// cfg.Network belongs to the caller, who may share it: it stays open.
 	return nil
 }
 
@@ -405,6 +419,13 @@ func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (_ *vmm.
 		// A crash from here until the rename leaves a network with no
 		// vm.json, which Reconcile removes.
 		if vf.Net, err = o.attach(ctx, spec.ID); err != nil {
+			// Attach may have leased an address or written rules before it
+			// failed; Detach is idempotent and removes whatever is there.
+			dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), o.cfg.StopTimeout)
+			if derr := o.detach(dctx, spec.ID); derr != nil {
+				o.log.Warn("cannot undo a failed attach; reconcile will", "vm_id", spec.ID, "err", derr)
+			}
+			cancel()
 			return nil, err
 		}
 		defer func() {
@@ -493,6 +514,11 @@ func (o *Orchestrator) boot(ctx context.Context, id string, vf *vmFile) (p *vmPr
 		if err != nil {
 			vs.stop(syscall.SIGTERM, time.Second)
 			o.cleanRuntime(id)
+			if vf.Running {
+				// It never ran: record why instead of "should run".
+				vf.Running, vf.Failed = false, err.Error()
+				_ = o.writeVM(id, vf)
+			}
 		}
 	}()
 	if err := waitFile(o.path(id, fileVhost), vs, 10*time.Second); err != nil {
@@ -621,8 +647,8 @@ func (o *Orchestrator) waitAgent(ctx context.Context, id string, p *vmProcs) err
 }
 
 // agentReadyLine is what fc-agent as init prints on the console once the
-// agent listens on vsock.
-const agentReadyLine = "aetherium-init: agent ready on"
+// agent listens (guestinit.AgentReadyLine).
+const agentReadyLine = guestinit.AgentReadyLine
 
 // waitConsole waits until the console log, past offset from, holds
 // agentReadyLine, or limit passes, or ctx ends. Connections over
@@ -678,7 +704,19 @@ func dialAgentRetry(ctx context.Context, sock string) (net.Conn, error) {
 // watch waits for QEMU to end. An end nobody asked for marks the VM failed
 // and frees what it held, so a killed or crashed VM leaks nothing.
 func (o *Orchestrator) watch(id string, p *vmProcs) {
-	<-p.qemu.done
+	var vsockDone <-chan struct{} // nil: never
+	if p.vsock != nil {
+		vsockDone = p.vsock.done
+	}
+	var why string
+	select {
+	case <-p.qemu.done:
+		why = "QEMU " + p.qemu.status
+	case <-vsockDone:
+		// QEMU runs on, but nothing reaches its agent any more: the VM is
+		// as good as dead, and is ended rather than reported running.
+		why = "vhost-device-vsock " + p.vsock.status + ", so the host could no longer reach the agent"
+	}
 	unlock := o.locks.Lock(id)
 	defer unlock()
 	o.mu.Lock()
@@ -688,7 +726,7 @@ func (o *Orchestrator) watch(id string, p *vmProcs) {
 	if stopping || !current {
 		return
 	}
-	o.log.Warn("vm ended unexpectedly", "vm_id", id, "qemu", p.qemu.status)
+	o.log.Warn("vm ended unexpectedly", "vm_id", id, "why", why)
 	o.stopProcs(id, true)
 	o.cleanRuntime(id)
 	vf, err := o.readVM(id)
@@ -696,7 +734,7 @@ func (o *Orchestrator) watch(id string, p *vmProcs) {
 		return
 	}
 	vf.Running = false
-	vf.Failed = "QEMU " + p.qemu.status + lastLine(o.path(id, fileConsole))
+	vf.Failed = why + lastLine(o.path(id, fileConsole))
 	if err := o.writeVM(id, vf); err != nil {
 		o.log.Warn("cannot record failed vm", "vm_id", id, "err", err)
 	}
@@ -736,7 +774,8 @@ func (o *Orchestrator) StopVM(ctx context.Context, id string, force bool) error 
 	o.stopProcs(id, true)
 	o.cleanRuntime(id)
 	if vf.Running || vf.Failed != "" {
-		vf.Running = false
+		// A stopped VM is stopped, whatever ended its last run.
+		vf.Running, vf.Failed = false, ""
 		if err := o.writeVM(id, vf); err != nil {
 			return err
 		}
@@ -758,7 +797,9 @@ func (o *Orchestrator) gracefulStop(ctx context.Context, id string, p *vmProcs) 
 			return false
 		}
 	}
-	if c := p.client; c != nil {
+	// o.client makes the client when this worker has none yet (a VM found
+	// again after a restart), so the guest always gets to sync first.
+	if c, err := o.client(id); err == nil {
 		sctx, cancel := context.WithTimeout(ctx, o.cfg.StopTimeout)
 		err := c.Shutdown(sctx, false)
 		cancel()
@@ -767,7 +808,7 @@ func (o *Orchestrator) gracefulStop(ctx context.Context, id string, p *vmProcs) 
 		}
 		o.log.Debug("agent power-off did not end the vm; asking QEMU to quit", "vm_id", id, "err", err)
 	}
-	if err := qmpQuit(o.path(id, fileQMP)); err != nil {
+	if err := qmpQuit(ctx, o.path(id, fileQMP), o.cfg.StopTimeout); err != nil {
 		o.log.Debug("QMP quit failed; killing QEMU", "vm_id", id, "err", err)
 		return
 	}
@@ -775,20 +816,40 @@ func (o *Orchestrator) gracefulStop(ctx context.Context, id string, p *vmProcs) 
 }
 
 // qmpQuit asks QEMU to exit through its monitor.
-func qmpQuit(sock string) error {
-	m, err := qmp.NewSocketMonitor("unix", sock, 2*time.Second)
-	if err != nil {
+//
+// go-qemu bounds only the connect, and QMP serves one client at a time, so
+// a monitor someone else holds (or a wedged QEMU) would block the greeting
+// forever: the exchange runs in a goroutine and is given up after timeout
+// or when ctx ends, and the caller goes on to SIGKILL.
+func qmpQuit(ctx context.Context, sock string, timeout time.Duration) error {
+	done := make(chan error, 1)
+	go func() {
+		m, err := qmp.NewSocketMonitor("unix", sock, 2*time.Second)
+		if err != nil {
+			done <- err
+			return
+		}
+		if err := m.Connect(); err != nil {
+			done <- err
+			return
+		}
+		defer m.Disconnect()
+		_, err = m.Run([]byte(`{"execute":"quit"}`))
+		if err != nil && (errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed)) {
+			err = nil // QEMU closed the monitor as it quit
+		}
+		done <- err
+	}()
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case err := <-done:
 		return err
+	case <-t.C:
+		return fmt.Errorf("QMP did not answer within %s", timeout)
+	case <-ctx.Done():
+		return ctx.Err()
 	}
-	if err := m.Connect(); err != nil {
-		return err
-	}
-	defer m.Disconnect()
-	_, err = m.Run([]byte(`{"execute":"quit"}`))
-	if err != nil && (errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed)) {
-		return nil // QEMU closed the monitor as it quit
-	}
-	return err
 }
 
 // stopProcs ends the VM's processes (SIGKILL for QEMU when kill is set) and
@@ -839,7 +900,9 @@ func (o *Orchestrator) DeleteVM(ctx context.Context, id string) error {
 	defer unlock()
 	dir := o.RunDir(id)
 	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
-		return nil
+		// A create that failed half-way may have left a lease or rules;
+		// Detach removes whatever is there and is a no-op otherwise.
+		return o.detach(ctx, id)
 	}
 	o.stopProcs(id, true)
 	// The network goes before the directory: a failed Detach leaves vm.json

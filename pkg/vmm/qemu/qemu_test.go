@@ -208,6 +208,18 @@ func TestBadConfig(t *testing.T) {
 	_, err = qemu.New(context.Background(), qemu.Config{KernelPath: f, InitrdPath: f, RootfsPath: f, RunDir: "/tmp/" + strings.Repeat("x", 90)})
 	require.ErrorIs(t, err, types.ErrInvalid)
 	require.Contains(t, err.Error(), "too long")
+
+	// Two orchestrators never share a run directory.
+	shared := runDir(t)
+	o1, err := qemu.New(context.Background(), qemu.Config{KernelPath: f, InitrdPath: f, RootfsPath: f, RunDir: shared})
+	require.NoError(t, err)
+	_, err = qemu.New(context.Background(), qemu.Config{KernelPath: f, InitrdPath: f, RootfsPath: f, RunDir: shared})
+	require.ErrorIs(t, err, types.ErrConflict)
+	require.Contains(t, err.Error(), "its own vmm.qemu.run_dir")
+	require.NoError(t, o1.Close())
+	o2, err := qemu.New(context.Background(), qemu.Config{KernelPath: f, InitrdPath: f, RootfsPath: f, RunDir: shared})
+	require.NoError(t, err, "Close releases the run directory")
+	o2.Close()
 }
 
 func TestDetectAccel(t *testing.T) {
