@@ -85,4 +85,3 @@ func TestNetworkManager(t *testing.T) {
 	require.ErrorIs(t, err, types.ErrInvalid)
 	require.True(t, strings.Contains(err.Error(), "--network none"), err.Error())
 }
-
