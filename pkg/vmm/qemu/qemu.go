@@ -342,7 +342,12 @@ func (o *Orchestrator) Health(ctx context.Context) error {
 		}
 	}
 	if _, err := Version(ctx, o.cfg.Binary); err != nil {
-		return fmt.Errorf("%w: %v", types.ErrUnavailable, err)
+		return fmt.Errorf("%w: %v; reinstall QEMU with `./scripts/setup.sh` or set vmm.qemu.binary", types.ErrUnavailable, err)
+	}
+	for _, b := range []string{o.cfg.VsockBinary, o.cfg.ImgBinary} {
+		if _, err := exec.LookPath(b); err != nil {
+			return fmt.Errorf("%w: %v; reinstall it with `./scripts/setup.sh`", types.ErrUnavailable, err)
+		}
 	}
 	return nil
 }
@@ -662,16 +667,23 @@ func waitConsole(ctx context.Context, path string, from int64, limit time.Durati
 	defer cancel()
 	tick := time.NewTicker(5 * time.Millisecond)
 	defer tick.Stop()
-	var seen []byte
+	// Only what is new since the last look is read; the tail of the last
+	// read is kept so a line split across two reads is still found.
+	off := from
+	var carry []byte
 	for {
 		if f, err := os.Open(path); err == nil {
-			if _, err := f.Seek(from+int64(len(seen)), io.SeekStart); err == nil {
+			if _, err := f.Seek(off, io.SeekStart); err == nil {
 				b, _ := io.ReadAll(io.LimitReader(f, 1<<20))
-				seen = append(seen, b...)
+				off += int64(len(b))
+				carry = append(carry, b...)
 			}
 			f.Close()
-			if bytes.Contains(seen, []byte(agentReadyLine)) {
+			if bytes.Contains(carry, []byte(agentReadyLine)) {
 				return
+			}
+			if keep := len(agentReadyLine) - 1; len(carry) > keep {
+				carry = append(carry[:0], carry[len(carry)-keep:]...)
 			}
 		}
 		select {
@@ -1022,7 +1034,7 @@ func (o *Orchestrator) readVM(id string) (*vmFile, error) {
 	}
 	var vf vmFile
 	if err := json.Unmarshal(b, &vf); err != nil {
-		return nil, fmt.Errorf("reading vm %s: %s is corrupt: %w", id, o.path(id, fileSpec), err)
+		return nil, fmt.Errorf("reading vm %s: %s is corrupt: %w; delete the vm (its processes, disk and network are removed all the same)", id, o.path(id, fileSpec), err)
 	}
 	return &vf, nil
 }
