@@ -192,6 +192,9 @@ func networkManager(c *config.Config, store storage.Store, log *slog.Logger) (*n
 	}
 	nc := NetworkConfig(c)
 	nc.Logger = log.With("component", "network")
+	if j := c.VMM.Firecracker.Jailer; c.VMM.Provider == "firecracker" && j.Enabled {
+		nc.TAPOwner, nc.TAPGroup = j.UID, j.GID
+	}
 	return network.New(nc, leases)
 }
 

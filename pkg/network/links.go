@@ -85,6 +85,10 @@ func (m *Manager) ensurePort(br netlink.Link, vmID string) error {
 			// VNET_HDR lets QEMU offload checksums; QEMU may still open
 			// the TAP without it.
 			Flags: netlink.TUNTAP_NO_PI | netlink.TUNTAP_VNET_HDR | netlink.TUNTAP_ONE_QUEUE,
+			// A VMM without CAP_NET_ADMIN (Firecracker under the jailer's
+			// uid) may open only a TAP its uid or gid owns.
+			Owner: uint32(m.cfg.TAPOwner),
+			Group: uint32(m.cfg.TAPGroup),
 		}
 		// The TAP is made through /dev/net/tun, which acts in the
 		// calling thread's namespace, hence Do.

@@ -106,6 +106,11 @@ type Config struct {
 	// that share a bridge share a pool, and hosts with their own bridges
 	// have their own pools. Default: the hostname, "/", Bridge.
 	Pool string
+	// TAPOwner and TAPGroup own the TAPs, so a VMM running as that user
+	// without CAP_NET_ADMIN (Firecracker under its jailer) can open them.
+	// 0: root.
+	TAPOwner int
+	TAPGroup int
 	// Logger receives what the Manager changes. Default: discard.
 	Logger *slog.Logger
 }

@@ -524,3 +524,21 @@ func BenchmarkAttachDetach(b *testing.B) {
 		b.ReportMetric(float64(attach[len(attach)/2].Microseconds())/1000, "attach-median-ms")
 	}
 }
+
+// TestTAPOwner: TAPs belong to the configured user, so a VMM running as
+// that user without CAP_NET_ADMIN (Firecracker under its jailer) can open
+// them.
+func TestTAPOwner(t *testing.T) {
+	ctx := t.Context()
+	b := newTestbed(t, network.Config{Bridge: "br-own", TAPOwner: 65534, TAPGroup: 65534})
+	id := uuid.NewString()
+	a, err := b.m.Attach(ctx, id)
+	require.NoError(t, err)
+	l, err := b.host.LinkByName(a.TAP)
+	require.NoError(t, err)
+	tap, ok := l.(*netlink.Tuntap)
+	require.True(t, ok, "the port is a %T", l)
+	require.EqualValues(t, 65534, tap.Owner)
+	require.EqualValues(t, 65534, tap.Group)
+	require.NoError(t, b.m.Detach(ctx, id))
+}
