@@ -389,7 +389,10 @@ func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (_ *vmm.
 	if nat && o.cfg.Network == nil {
 		return nil, errNoNetwork
 	}
-	unlock := o.locks.Lock(spec.ID)
+	unlock, err := o.locks.LockContext(ctx, spec.ID)
+	if err != nil {
+		return nil, err
+	}
 	defer unlock()
 	if _, err := o.readVM(spec.ID); err == nil {
 		return o.status(spec.ID)
@@ -464,7 +467,10 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 	if !idRE.MatchString(id) {
 		return notFound(id)
 	}
-	unlock := o.locks.Lock(id)
+	unlock, err := o.locks.LockContext(ctx, id)
+	if err != nil {
+		return err
+	}
 	defer unlock()
 	vf, err := o.readVM(id)
 	if err != nil {
@@ -768,7 +774,10 @@ func (o *Orchestrator) StopVM(ctx context.Context, id string, force bool) error 
 	if !idRE.MatchString(id) {
 		return notFound(id)
 	}
-	unlock := o.locks.Lock(id)
+	unlock, err := o.locks.LockContext(ctx, id)
+	if err != nil {
+		return err
+	}
 	defer unlock()
 	vf, err := o.readVM(id)
 	if err != nil {
@@ -908,7 +917,10 @@ func (o *Orchestrator) DeleteVM(ctx context.Context, id string) error {
 	if !idRE.MatchString(id) {
 		return nil // no VM can have such an id
 	}
-	unlock := o.locks.Lock(id)
+	unlock, err := o.locks.LockContext(ctx, id)
+	if err != nil {
+		return err
+	}
 	defer unlock()
 	dir := o.RunDir(id)
 	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {

@@ -22,36 +22,51 @@ import (
 // once nobody holds or waits for them.
 type KeyedMutex struct {
 	mu    sync.Mutex
-	locks map[string]*refMutex
+	locks map[string]*keyedEntry
 }
 
-type refMutex struct {
-	sync.Mutex
+type keyedEntry struct {
+	sem  chan struct{} // holds a token while locked
 	refs int
 }
 
 // Lock locks key and returns its unlock function.
 func (k *KeyedMutex) Lock(key string) (unlock func()) {
+	unlock, _ = k.LockContext(context.Background(), key)
+	return unlock
+}
+
+// LockContext locks key, or gives up when ctx ends first and returns
+// ctx's error, so a caller is never stuck behind a long step of another.
+func (k *KeyedMutex) LockContext(ctx context.Context, key string) (unlock func(), err error) {
 	k.mu.Lock()
 	if k.locks == nil {
-		k.locks = map[string]*refMutex{}
+		k.locks = map[string]*keyedEntry{}
 	}
-	m, ok := k.locks[key]
+	e, ok := k.locks[key]
 	if !ok {
-		m = &refMutex{}
-		k.locks[key] = m
+		e = &keyedEntry{sem: make(chan struct{}, 1)}
+		k.locks[key] = e
 	}
-	m.refs++
+	e.refs++
 	k.mu.Unlock()
-	m.Lock()
-	return func() {
-		m.Unlock()
+	release := func() {
 		k.mu.Lock()
-		if m.refs--; m.refs == 0 {
+		if e.refs--; e.refs == 0 {
 			delete(k.locks, key)
 		}
 		k.mu.Unlock()
 	}
+	select {
+	case e.sem <- struct{}{}:
+	case <-ctx.Done():
+		release()
+		return nil, fmt.Errorf("waiting for another operation on %s: %w", key, ctx.Err())
+	}
+	return func() {
+		<-e.sem
+		release()
+	}, nil
 }
 
 // Exec runs cmd in VM id through its agent. The command's environment is

@@ -1,6 +1,8 @@
 package vmutil
 
 import (
+	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -45,6 +47,25 @@ func TestKeyedMutex(t *testing.T) {
 		t.Fatal("lock b waited for lock a")
 	}
 	ua()
+}
+
+func TestLockContext(t *testing.T) {
+	var k KeyedMutex
+	unlock := k.Lock("a")
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if _, err := k.LockContext(ctx, "a"); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("err = %v, want the deadline", err)
+	}
+	unlock()
+	u, err := k.LockContext(context.Background(), "a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	u()
+	if len(k.locks) != 0 {
+		t.Fatalf("%d entries left", len(k.locks))
+	}
 }
 
 func TestTail(t *testing.T) {
