@@ -137,6 +137,9 @@ func (w *Worker) Start(ctx context.Context) error {
 	}
 	w.srv = srv
 	hbCtx, stop := context.WithCancel(context.WithoutCancel(ctx))
+	// The first heartbeat is recorded before Start returns, so a started
+	// worker is always visible (aether-cli workers, doctor).
+	w.beat(hbCtx)
 	w.stopHB, w.hbDone = stop, make(chan struct{})
 	go w.heartbeat(hbCtx)
 	w.started = true
@@ -160,20 +163,23 @@ func (w *Worker) Stop() {
 	w.log.Info("worker stopped")
 }
 
+// beat records the worker and its backend's health.
+func (w *Worker) beat(ctx context.Context) {
+	host, _ := os.Hostname()
+	hctx, cancel := context.WithTimeout(ctx, w.cfg.HeartbeatInterval)
+	defer cancel()
+	rec := &types.Worker{ID: w.cfg.ID, Hostname: host, Provider: w.cfg.Provider, Healthy: true, LastSeen: time.Now().UTC()}
+	if err := w.vmm.Health(hctx); err != nil {
+		rec.Healthy, rec.Detail = false, err.Error()
+	}
+	if err := w.store.UpsertWorker(hctx, rec); err != nil && ctx.Err() == nil {
+		w.log.Warn("recording heartbeat", "err", err)
+	}
+}
+
 func (w *Worker) heartbeat(ctx context.Context) {
 	defer close(w.hbDone)
-	host, _ := os.Hostname()
-	beat := func() {
-		hctx, cancel := context.WithTimeout(ctx, w.cfg.HeartbeatInterval)
-		defer cancel()
-		rec := &types.Worker{ID: w.cfg.ID, Hostname: host, Provider: w.cfg.Provider, Healthy: true, LastSeen: time.Now().UTC()}
-		if err := w.vmm.Health(hctx); err != nil {
-			rec.Healthy, rec.Detail = false, err.Error()
-		}
-		if err := w.store.UpsertWorker(hctx, rec); err != nil && ctx.Err() == nil {
-			w.log.Warn("recording heartbeat", "err", err)
-		}
-	}
+	beat := func() { w.beat(ctx) }
 	check := func() {
 		cctx, cancel := context.WithTimeout(ctx, w.cfg.HeartbeatInterval)
 		defer cancel()
@@ -181,7 +187,6 @@ func (w *Worker) heartbeat(ctx context.Context) {
 			w.log.Warn("checking running vms", "err", err)
 		}
 	}
-	beat()
 	t := time.NewTicker(w.cfg.HeartbeatInterval)
 	defer t.Stop()
 	for {
