@@ -105,11 +105,12 @@ func reaperChild(t *testing.T) {
 	require.NoError(t, err)
 	orphan, err := strconv.Atoi(strings.TrimSpace(string(res.Stdout)))
 	require.NoError(t, err)
+	// The pid vanishes as wait4 reaps it, a moment before the reaper
+	// counts it: wait for both.
 	require.Eventually(t, func() bool {
 		_, err := os.Stat("/proc/" + strconv.Itoa(orphan))
-		return os.IsNotExist(err)
+		return os.IsNotExist(err) && sharedReaper().orphans.Load() > 0
 	}, 5*time.Second, 20*time.Millisecond, "orphan %d was not reaped", orphan)
-	require.Positive(t, sharedReaper().orphans.Load())
 
 	// Timeouts and signals work the same with the reaper.
 	res, err = c.Exec(t.Context(), types.Command{Cmd: "sleep", Args: []string{"60"}, Timeout: 200 * time.Millisecond}, nil, nil)
