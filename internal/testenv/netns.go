@@ -8,6 +8,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/aetherium/aetherium-core/pkg/network"
 )
 
 // NewNetns creates a network namespace for t alone, with its loopback up,
@@ -94,41 +96,7 @@ func NetlinkAt(t testing.TB, ns netns.NsHandle) *netlink.Handle {
 // it should return errors rather than call t.Fatal or require.
 func InNetns(t testing.TB, ns netns.NsHandle, fn func()) {
 	t.Helper()
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- err
-			return
-		}
-		if err := netns.Set(ns); err != nil {
-			orig.Close()
-			runtime.UnlockOSThread()
-			errc <- err
-			return
-		}
-		finished := false
-		defer func() {
-			panicked := recover()
-			if netns.Set(orig) == nil {
-				runtime.UnlockOSThread()
-			}
-			orig.Close()
-			switch {
-			case panicked != nil:
-				errc <- fmt.Errorf("panic: %v", panicked)
-			case !finished:
-				errc <- fmt.Errorf("the function stopped its goroutine (t.FailNow?)")
-			default:
-				errc <- nil
-			}
-		}()
-		fn()
-		finished = true
-	}()
-	if err := <-errc; err != nil {
+	if err := network.RunInNetns(ns, func() error { fn(); return nil }); err != nil {
 		t.Fatalf("running in a test network namespace: %v", err)
 	}
 }

@@ -16,14 +16,18 @@ func (m *Manager) Do(fn func() error) error {
 	if m.ns < 0 {
 		return fn()
 	}
-	return runInNetns(m.ns, fn)
+	return RunInNetns(m.ns, fn)
 }
 
-// runInNetns runs fn on a locked thread switched into ns, in a goroutine of
-// its own so the caller's thread is never touched. When the thread cannot
-// be switched back, it stays locked and dies with its goroutine instead of
-// serving other goroutines from the wrong namespace.
-func runInNetns(ns netns.NsHandle, fn func() error) error {
+// RunInNetns runs fn on a locked OS thread switched into ns, in a
+// goroutine of its own so the caller's thread is never touched, and
+// returns fn's error. Sockets fn opens and processes it starts
+// (exec.Cmd.Start) live in ns; goroutines fn starts do not. When the
+// thread cannot be switched back, it stays locked and dies with its
+// goroutine instead of serving other goroutines from the wrong namespace.
+// A panic in fn, or fn ending its goroutine (runtime.Goexit), is returned
+// as an error.
+func RunInNetns(ns netns.NsHandle, fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -39,14 +43,24 @@ func runInNetns(ns netns.NsHandle, fn func() error) error {
 			errc <- fmt.Errorf("entering network namespace: %w", err)
 			return
 		}
-		ferr := fn()
-		if err := netns.Set(orig); err != nil {
-			// Leave the thread locked: the runtime ends it with this goroutine.
+		var ferr error
+		finished := false
+		defer func() {
+			switch r := recover(); {
+			case r != nil:
+				ferr = fmt.Errorf("panic in network namespace: %v", r)
+			case !finished:
+				ferr = fmt.Errorf("the function ended its goroutine (runtime.Goexit, t.FailNow?)")
+			}
+			// Leave the thread locked if it cannot go back: the runtime
+			// ends it with this goroutine.
+			if netns.Set(orig) == nil {
+				runtime.UnlockOSThread()
+			}
 			errc <- ferr
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
+		}()
+		ferr = fn()
+		finished = true
 	}()
 	return <-errc
 }
