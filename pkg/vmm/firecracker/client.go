@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -305,10 +304,4 @@ func (c *Client) CreateSnapshot(ctx context.Context, p SnapshotCreateParams) err
 // LoadSnapshot is PUT /snapshot/load (on a fresh process only).
 func (c *Client) LoadSnapshot(ctx context.Context, p SnapshotLoadParams) error {
 	return c.Do(ctx, http.MethodPut, "/snapshot/load", p, nil)
-}
-
-// IsFault reports whether err is a Firecracker API error with status code.
-func IsFault(err error, code int) bool {
-	var e *APIError
-	return errors.As(err, &e) && e.StatusCode == code
 }

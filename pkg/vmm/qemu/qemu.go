@@ -341,10 +341,9 @@ func (o *Orchestrator) Health(ctx context.Context) error {
 			return fmt.Errorf("%w: guest image file missing: %v; rebuild it with `aether-cli image build`", types.ErrUnavailable, err)
 		}
 	}
-	if _, err := Version(ctx, o.cfg.Binary); err != nil {
-		return fmt.Errorf("%w: %v; reinstall QEMU with `./scripts/setup.sh` or set vmm.qemu.binary", types.ErrUnavailable, err)
-	}
-	for _, b := range []string{o.cfg.VsockBinary, o.cfg.ImgBinary} {
+	// Health runs at every heartbeat: it only looks the binaries up
+	// (Diagnose, for doctor, runs them).
+	for _, b := range []string{o.cfg.Binary, o.cfg.VsockBinary, o.cfg.ImgBinary} {
 		if _, err := exec.LookPath(b); err != nil {
 			return fmt.Errorf("%w: %v; reinstall it with `./scripts/setup.sh`", types.ErrUnavailable, err)
 		}
