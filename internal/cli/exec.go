@@ -62,9 +62,9 @@ through; Ctrl-C ends the remote command. The exit code is the command's
 				return err
 			}
 			if a.json {
-				return a.execJSON(cmd.Context(), svc.TaskService, vmID, c)
+				return a.execJSON(cmd.Context(), svc.Service, vmID, c)
 			}
-			return a.execInteractive(cmd.Context(), svc.TaskService, vmID, c)
+			return a.execInteractive(cmd.Context(), svc.Service, vmID, c)
 		},
 	}
 	f := cmd.Flags()
@@ -106,7 +106,7 @@ func readLimited(r io.Reader) ([]byte, error) {
 	return b, nil
 }
 
-func (a *app) execInteractive(ctx context.Context, svc *service.TaskService, vmID string, c types.Command) error {
+func (a *app) execInteractive(ctx context.Context, svc service.TaskService, vmID string, c types.Command) error {
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	res, err := svc.Exec(ctx, vmID, c, a.stdout, a.stderr)
@@ -127,7 +127,7 @@ func (a *app) execInteractive(ctx context.Context, svc *service.TaskService, vmI
 	return nil
 }
 
-func (a *app) execJSON(ctx context.Context, svc *service.TaskService, vmID string, c types.Command) error {
+func (a *app) execJSON(ctx context.Context, svc service.TaskService, vmID string, c types.Command) error {
 	id, err := svc.ExecuteCommandTaskWithOptions(ctx, vmID, c, service.ExecOptions{})
 	if err != nil {
 		return err

@@ -15,9 +15,9 @@ import (
 func (a *app) vmCmd() *cobra.Command {
 	vm := &cobra.Command{Use: "vm", Short: "Create, inspect and delete VMs"}
 	vm.AddCommand(a.vmCreateCmd(), a.vmListCmd(), a.vmGetCmd(),
-		a.vmTaskCmd("delete", "Delete a VM and everything it holds", (*service.TaskService).DeleteVMTask),
-		a.vmTaskCmd("stop", "Stop a running VM", (*service.TaskService).StopVMTask),
-		a.vmTaskCmd("start", "Start a stopped VM", (*service.TaskService).StartVMTask))
+		a.vmTaskCmd("delete", "Delete a VM and everything it holds", service.TaskService.DeleteVMTask),
+		a.vmTaskCmd("stop", "Stop a running VM", service.TaskService.StopVMTask),
+		a.vmTaskCmd("start", "Start a stopped VM", service.TaskService.StartVMTask))
 	return vm
 }
 
@@ -48,7 +48,7 @@ func (a *app) vmCreateCmd() *cobra.Command {
 				return err
 			}
 			if wait {
-				if err := a.waitOK(cmd.Context(), svc.TaskService, id); err != nil {
+				if err := a.waitOK(cmd.Context(), svc.Service, id); err != nil {
 					return err
 				}
 			}
@@ -75,7 +75,7 @@ func (a *app) vmCreateCmd() *cobra.Command {
 }
 
 // waitOK waits for a task and turns its failure into an error.
-func (a *app) waitOK(ctx context.Context, svc *service.TaskService, id uuid.UUID) error {
+func (a *app) waitOK(ctx context.Context, svc service.TaskService, id uuid.UUID) error {
 	t, err := svc.WaitTask(ctx, id)
 	if err != nil {
 		return err
@@ -151,7 +151,7 @@ func (a *app) vmGetCmd() *cobra.Command {
 
 // vmTaskCmd builds delete, stop and start: submit, optionally wait, print
 // the task id.
-func (a *app) vmTaskCmd(name, short string, submit func(*service.TaskService, context.Context, string) (uuid.UUID, error)) *cobra.Command {
+func (a *app) vmTaskCmd(name, short string, submit func(service.TaskService, context.Context, string) (uuid.UUID, error)) *cobra.Command {
 	var wait bool
 	cmd := &cobra.Command{
 		Use:   name + " ID [--wait]",
@@ -165,23 +165,23 @@ func (a *app) vmTaskCmd(name, short string, submit func(*service.TaskService, co
 			if _, err := parseUUID("vm", argv[0]); err != nil {
 				return err
 			}
-			id, err := submit(svc.TaskService, cmd.Context(), argv[0])
+			id, err := submit(svc.Service, cmd.Context(), argv[0])
 			if err != nil {
 				return err
 			}
 			if wait {
-				if err := a.waitOK(cmd.Context(), svc.TaskService, id); err != nil {
+				if err := a.waitOK(cmd.Context(), svc.Service, id); err != nil {
 					return err
 				}
 			}
-			return a.printTask(cmd.Context(), svc.TaskService, id)
+			return a.printTask(cmd.Context(), svc.Service, id)
 		},
 	}
 	cmd.Flags().BoolVar(&wait, "wait", false, "return only once the task has finished")
 	return cmd
 }
 
-func (a *app) printTask(ctx context.Context, svc *service.TaskService, id uuid.UUID) error {
+func (a *app) printTask(ctx context.Context, svc service.TaskService, id uuid.UUID) error {
 	if !a.json {
 		fmt.Fprintln(a.stdout, id)
 		return nil

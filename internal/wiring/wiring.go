@@ -54,7 +54,7 @@ func OpenQueue(ctx context.Context, c *config.Config) (*queue.Redis, error) {
 
 // Service is a TaskService with the connections it holds.
 type Service struct {
-	*service.TaskService
+	*service.Service
 	Store storage.Store
 	Queue *queue.Redis
 }
@@ -83,7 +83,7 @@ func OpenService(ctx context.Context, c *config.Config, log *slog.Logger) (*Serv
 	if c.VMM.MaxVCPUs > 0 {
 		opts = append(opts, service.WithMaxVCPUs(c.VMM.MaxVCPUs))
 	}
-	return &Service{TaskService: service.NewTaskService(q, st, opts...), Store: st, Queue: q}, nil
+	return &Service{Service: service.NewTaskService(q, st, opts...), Store: st, Queue: q}, nil
 }
 
 // AgentPath is where the fc-agent binary is expected when the config names

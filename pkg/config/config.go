@@ -32,6 +32,55 @@ type Config struct {
 	Worker  Worker  `yaml:"worker"`
 	Log     Log     `yaml:"log"`
 	Network Network `yaml:"network"`
+	API     API     `yaml:"api"`
+	Cluster Cluster `yaml:"cluster"`
+	// APIURL, when set, makes aether-cli's vm, exec, executions, cp and
+	// task commands go over HTTP to this aether-api (e.g.
+	// http://127.0.0.1:8080) instead of PostgreSQL and Redis
+	// (AETHERIUM_API_URL).
+	APIURL string `yaml:"api_url"`
+	// APIKey authenticates aether-cli to APIURL (AETHERIUM_API_KEY).
+	APIKey string `yaml:"api_key"`
+}
+
+// API configures aether-api, the HTTP front door.
+type API struct {
+	// Listen is the address the API serves on. Default 127.0.0.1:8080.
+	Listen string `yaml:"listen"`
+	// TLSCertFile and TLSKeyFile, both set, make the API serve HTTPS.
+	TLSCertFile string `yaml:"tls_cert_file"`
+	TLSKeyFile  string `yaml:"tls_key_file"`
+	// MetricsDisabled turns GET /metrics off. Default false: served.
+	MetricsDisabled bool `yaml:"metrics_disabled"`
+	// MaxBodyBytes bounds a JSON request body. Default 8 MiB (room for
+	// the 4 MiB of stdin a command may carry, base64-encoded).
+	MaxBodyBytes int64 `yaml:"max_body_bytes"`
+	// MaxFileBytes bounds one file upload. Default 1 GiB.
+	MaxFileBytes int64 `yaml:"max_file_bytes"`
+	// ReadHeaderTimeout bounds reading a request's headers. Default 10s.
+	ReadHeaderTimeout time.Duration `yaml:"read_header_timeout"`
+	// IdleTimeout closes idle keep-alive connections. Default 2m.
+	IdleTimeout time.Duration `yaml:"idle_timeout"`
+	// ShutdownTimeout is how long SIGTERM lets requests in flight finish
+	// before the API closes them. Default 30s.
+	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
+	// Limits apply to every tenant unless its key overrides them; zero
+	// fields mean no limit.
+	Limits types.Limits `yaml:"limits"`
+	// MaxTTL bounds ttl_seconds. Default: no bound.
+	MaxTTL time.Duration `yaml:"max_ttl"`
+	// ReadyFile, when set, is written once the API serves (used by
+	// `make up`).
+	ReadyFile string `yaml:"ready_file"`
+}
+
+// Cluster holds what the API and the workers share.
+type Cluster struct {
+	// Token authenticates the API to the workers' data planes (file
+	// transfer). Every API and worker of one deployment needs the same
+	// value; `make up` generates one. Empty: no data plane, so files
+	// cannot be moved.
+	Token string `yaml:"token"`
 }
 
 // VMM selects and configures the VM backend.
@@ -234,6 +283,20 @@ type Worker struct {
 	// ReadyFile, when set, is written once the worker serves tasks (used by
 	// `make up` to know the worker is ready).
 	ReadyFile string `yaml:"ready_file"`
+	// DataListen is where the worker's data plane (file transfer straight
+	// to its VMs, authenticated with cluster.token) listens. Default
+	// 127.0.0.1:9465; "off" disables it. Port 0 picks a free port.
+	DataListen string `yaml:"data_listen"`
+	// DataAdvertise is the host:port the API reaches the data plane at,
+	// recorded with the worker's heartbeat. Default: the bound address of
+	// DataListen (set it when that is a wildcard such as 0.0.0.0).
+	DataAdvertise string `yaml:"data_advertise"`
+	// MetricsListen is where the worker serves Prometheus metrics on
+	// /metrics. Default 127.0.0.1:9464; "off" disables it.
+	MetricsListen string `yaml:"metrics_listen"`
+	// ExpiryInterval is how often the worker looks for expired VMs it
+	// owns. Default 1s.
+	ExpiryInterval time.Duration `yaml:"expiry_interval"`
 }
 
 // Log configures logging.
@@ -331,6 +394,15 @@ func (c *Config) setDefaults() {
 	c.Worker.Concurrency = cmp.Or(c.Worker.Concurrency, 10)
 	c.Worker.ShutdownTimeout = cmp.Or(c.Worker.ShutdownTimeout, 30*time.Second)
 	c.Worker.HeartbeatInterval = cmp.Or(c.Worker.HeartbeatInterval, 5*time.Second)
+	c.Worker.DataListen = cmp.Or(c.Worker.DataListen, "127.0.0.1:9465")
+	c.Worker.MetricsListen = cmp.Or(c.Worker.MetricsListen, "127.0.0.1:9464")
+	c.Worker.ExpiryInterval = cmp.Or(c.Worker.ExpiryInterval, time.Second)
+	c.API.Listen = cmp.Or(c.API.Listen, "127.0.0.1:8080")
+	c.API.MaxBodyBytes = cmp.Or(c.API.MaxBodyBytes, 8<<20)
+	c.API.MaxFileBytes = cmp.Or(c.API.MaxFileBytes, 1<<30)
+	c.API.ReadHeaderTimeout = cmp.Or(c.API.ReadHeaderTimeout, 10*time.Second)
+	c.API.IdleTimeout = cmp.Or(c.API.IdleTimeout, 2*time.Minute)
+	c.API.ShutdownTimeout = cmp.Or(c.API.ShutdownTimeout, 30*time.Second)
 	c.Log.Level = cmp.Or(c.Log.Level, "info")
 	c.Log.Format = cmp.Or(c.Log.Format, "text")
 }
@@ -406,6 +478,34 @@ func (c *Config) Validate() error {
 	}
 	if c.VMM.MaxOutputBytes < 0 || c.VMM.MaxVCPUs < 0 || c.Worker.Concurrency < 0 || c.Queue.RedisDB < 0 {
 		return bad("vmm.max_output_bytes, vmm.max_vcpus, worker.concurrency and queue.redis_db must not be negative")
+	}
+	for name, addr := range map[string]string{"api.listen": c.API.Listen, "worker.data_listen": c.Worker.DataListen, "worker.metrics_listen": c.Worker.MetricsListen} {
+		if addr == "off" && name != "api.listen" {
+			continue
+		}
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			return bad("%s %q must be host:port such as 127.0.0.1:8080", name, addr)
+		}
+	}
+	if c.Worker.DataAdvertise != "" {
+		if _, _, err := net.SplitHostPort(c.Worker.DataAdvertise); err != nil {
+			return bad("worker.data_advertise %q must be host:port", c.Worker.DataAdvertise)
+		}
+	}
+	if (c.API.TLSCertFile == "") != (c.API.TLSKeyFile == "") {
+		return bad("api.tls_cert_file and api.tls_key_file must be set together")
+	}
+	if c.API.MaxBodyBytes < 0 || c.API.MaxFileBytes < 0 || c.API.MaxTTL < 0 || c.Worker.ExpiryInterval < 0 {
+		return bad("api.max_body_bytes, api.max_file_bytes, api.max_ttl and worker.expiry_interval must not be negative")
+	}
+	if err := c.API.Limits.Validate(); err != nil {
+		return bad("api.limits: %v", err)
+	}
+	if c.APIURL != "" {
+		u, err := url.Parse(c.APIURL)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return bad("api_url %q must be an http:// or https:// URL such as http://127.0.0.1:8080", c.APIURL)
+		}
 	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":

@@ -22,8 +22,9 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
-// TaskService submits and tracks VM work. It is safe for concurrent use.
-type TaskService struct {
+// Service is the TaskService that records in a storage.Store and hands the
+// work to workers through a queue.Queue. It is safe for concurrent use.
+type Service struct {
 	queue    queue.Queue
 	notifier queue.Notifier
 	output   queue.OutputStream
@@ -31,10 +32,14 @@ type TaskService struct {
 	opts     options
 }
 
+var _ TaskService = (*Service)(nil)
+
 type options struct {
 	maxVCPUs       int
 	provider       string
 	defaultNetwork string
+	maxTTL         time.Duration
+	dataPlane      DataPlane
 	logger         *slog.Logger
 }
 
@@ -52,6 +57,14 @@ func WithProvider(p string) Option { return func(o *options) { o.provider = p } 
 // (types.NetworkNone or types.NetworkNAT; default none).
 func WithDefaultNetwork(mode string) Option { return func(o *options) { o.defaultNetwork = mode } }
 
+// WithMaxTTL bounds the TTL a VM may be given (default: no bound).
+func WithMaxTTL(d time.Duration) Option { return func(o *options) { o.maxTTL = d } }
+
+// WithDataPlane sets how files reach the workers that own the VMs (the
+// workers' data plane). Without one, WriteFile and ReadFile return
+// types.ErrNotSupported.
+func WithDataPlane(dp DataPlane) Option { return func(o *options) { o.dataPlane = dp } }
+
 // WithLogger sets the logger (default: discard).
 func WithLogger(l *slog.Logger) Option { return func(o *options) { o.logger = l } }
 
@@ -59,12 +72,12 @@ func WithLogger(l *slog.Logger) Option { return func(o *options) { o.logger = l 
 // q also implements queue.Notifier and queue.OutputStream (the Redis queue
 // does), WaitTask is woken by notifications instead of polling and streamed
 // output can be read.
-func NewTaskService(q queue.Queue, s storage.Store, opts ...Option) *TaskService {
+func NewTaskService(q queue.Queue, s storage.Store, opts ...Option) *Service {
 	o := options{maxVCPUs: runtime.NumCPU(), provider: "docker", logger: slog.New(slog.DiscardHandler)}
 	for _, f := range opts {
 		f(&o)
 	}
-	svc := &TaskService{queue: q, store: s, opts: o}
+	svc := &Service{queue: q, store: s, opts: o}
 	svc.notifier, _ = q.(queue.Notifier)
 	svc.output, _ = q.(queue.OutputStream)
 	return svc
@@ -90,27 +103,34 @@ type CreateVMOptions struct {
 	// Network is types.NetworkNone or types.NetworkNAT; empty takes the
 	// service's default (WithDefaultNetwork).
 	Network string
+	// TTL, when positive, makes the owning worker delete the VM that long
+	// after its creation (VM.ExpiresAt). Zero: the VM lives until deleted.
+	TTL time.Duration
 }
 
-// CreateVMTask submits the creation of a VM. The returned id names both the
-// task and the new VM. Invalid specs return types.ErrInvalid; a taken name
-// returns types.ErrConflict.
-func (s *TaskService) CreateVMTask(ctx context.Context, name string, vcpus, memoryMB int) (uuid.UUID, error) {
+func (s *Service) CreateVMTask(ctx context.Context, name string, vcpus, memoryMB int) (uuid.UUID, error) {
 	return s.CreateVMTaskWithOptions(ctx, CreateVMOptions{Name: name, VCPUs: vcpus, MemoryMB: memoryMB})
 }
 
-// CreateVMTaskWithOptions is CreateVMTask with labels and environment.
-func (s *TaskService) CreateVMTaskWithOptions(ctx context.Context, o CreateVMOptions) (uuid.UUID, error) {
+func (s *Service) CreateVMTaskWithOptions(ctx context.Context, o CreateVMOptions) (uuid.UUID, error) {
 	id := uuid.New()
 	network := cmp.Or(o.Network, s.opts.defaultNetwork, types.NetworkNone)
 	spec := types.VMSpec{ID: id.String(), Name: o.Name, VCPUs: o.VCPUs, MemoryMB: o.MemoryMB, Labels: o.Labels, Env: o.Env, Network: network}
 	if err := spec.Validate(s.opts.maxVCPUs); err != nil {
 		return uuid.Nil, err
 	}
+	if err := s.checkTTL(o.TTL); err != nil {
+		return uuid.Nil, err
+	}
+	sc := scopeOf(ctx)
 	now := time.Now().UTC()
 	vm := &types.VM{ID: spec.ID, Name: o.Name, VCPUs: o.VCPUs, MemoryMB: o.MemoryMB, State: types.VMPending,
-		Provider: s.opts.provider, Labels: o.Labels, Env: o.Env, Network: network, CreatedAt: now, UpdatedAt: now}
-	if err := s.store.CreateVM(ctx, vm); err != nil {
+		Provider: s.opts.provider, Labels: o.Labels, Env: o.Env, Network: network, Tenant: sc.Tenant, CreatedAt: now, UpdatedAt: now}
+	if o.TTL > 0 {
+		exp := now.Add(o.TTL)
+		vm.ExpiresAt = &exp
+	}
+	if err := s.store.CreateVMWithin(ctx, vm, sc.Limits); err != nil {
 		if errors.Is(err, types.ErrConflict) {
 			return uuid.Nil, fmt.Errorf("%w: a vm named %q already exists; pick another name or delete it first", types.ErrConflict, o.Name)
 		}
@@ -138,15 +158,11 @@ type ExecOptions struct {
 	Stream bool
 }
 
-// ExecuteCommandTask submits a command to run in a running VM. The returned
-// id names the task and the execution it records.
-func (s *TaskService) ExecuteCommandTask(ctx context.Context, vmID, command string, args []string) (uuid.UUID, error) {
+func (s *Service) ExecuteCommandTask(ctx context.Context, vmID, command string, args []string) (uuid.UUID, error) {
 	return s.ExecuteCommandTaskWithOptions(ctx, vmID, types.Command{Cmd: command, Args: args}, ExecOptions{})
 }
 
-// ExecuteCommandTaskWithOptions is ExecuteCommandTask with environment,
-// working directory, stdin, timeout and live streaming.
-func (s *TaskService) ExecuteCommandTaskWithOptions(ctx context.Context, vmID string, cmd types.Command, o ExecOptions) (uuid.UUID, error) {
+func (s *Service) ExecuteCommandTaskWithOptions(ctx context.Context, vmID string, cmd types.Command, o ExecOptions) (uuid.UUID, error) {
 	if err := cmd.Validate(); err != nil {
 		return uuid.Nil, err
 	}
@@ -169,10 +185,7 @@ func (s *TaskService) ExecuteCommandTaskWithOptions(ctx context.Context, vmID st
 	return id, s.submit(ctx, t, queue.EnqueueOptions{Queue: queue.WorkerQueue(vm.Owner), MaxRetry: execMaxRetry, Timeout: timeout})
 }
 
-// RunJobTask submits an ordered list of commands to run in one VM. With
-// stopOnFailure, the first command that fails ends the job. The returned id
-// names the task and the job.
-func (s *TaskService) RunJobTask(ctx context.Context, vmID string, cmds []types.Command, stopOnFailure bool) (uuid.UUID, error) {
+func (s *Service) RunJobTask(ctx context.Context, vmID string, cmds []types.Command, stopOnFailure bool) (uuid.UUID, error) {
 	if len(cmds) == 0 {
 		return uuid.Nil, fmt.Errorf("%w: a job needs at least one command", types.ErrInvalid)
 	}
@@ -199,23 +212,19 @@ func (s *TaskService) RunJobTask(ctx context.Context, vmID string, cmds []types.
 	return id, s.submit(ctx, t, queue.EnqueueOptions{Queue: queue.WorkerQueue(vm.Owner), MaxRetry: execMaxRetry, Timeout: execTimeout})
 }
 
-// DeleteVMTask submits the removal of a VM and all its resources. Deleting a
-// deleted VM succeeds at once.
-func (s *TaskService) DeleteVMTask(ctx context.Context, vmID string) (uuid.UUID, error) {
+func (s *Service) DeleteVMTask(ctx context.Context, vmID string) (uuid.UUID, error) {
 	return s.vmTask(ctx, vmID, types.TaskVMDelete)
 }
 
-// StopVMTask submits stopping a running VM.
-func (s *TaskService) StopVMTask(ctx context.Context, vmID string) (uuid.UUID, error) {
+func (s *Service) StopVMTask(ctx context.Context, vmID string) (uuid.UUID, error) {
 	return s.vmTask(ctx, vmID, types.TaskVMStop)
 }
 
-// StartVMTask submits starting a stopped VM.
-func (s *TaskService) StartVMTask(ctx context.Context, vmID string) (uuid.UUID, error) {
+func (s *Service) StartVMTask(ctx context.Context, vmID string) (uuid.UUID, error) {
 	return s.vmTask(ctx, vmID, types.TaskVMStart)
 }
 
-func (s *TaskService) vmTask(ctx context.Context, vmID string, typ types.TaskType) (uuid.UUID, error) {
+func (s *Service) vmTask(ctx context.Context, vmID string, typ types.TaskType) (uuid.UUID, error) {
 	id := uuid.New()
 	for attempt := 0; ; attempt++ {
 		vm, err := s.getVM(ctx, vmID)
@@ -262,7 +271,7 @@ func (s *TaskService) vmTask(ctx context.Context, vmID string, typ types.TaskTyp
 }
 
 // recordDone stores a task that needed no worker.
-func (s *TaskService) recordDone(ctx context.Context, id uuid.UUID, typ types.TaskType, vmID, note string) error {
+func (s *Service) recordDone(ctx context.Context, id uuid.UUID, typ types.TaskType, vmID, note string) error {
 	now := time.Now().UTC()
 	res, _ := json.Marshal(map[string]string{"vm_id": vmID, "note": note})
 	t := &types.Task{ID: id.String(), Type: typ, VMID: vmID, State: types.TaskSucceeded, Result: res,
@@ -275,7 +284,7 @@ func (s *TaskService) recordDone(ctx context.Context, id uuid.UUID, typ types.Ta
 
 // submit records the task, then enqueues it. If the queue refuses, the task
 // is marked failed so that it never silently vanishes.
-func (s *TaskService) submit(ctx context.Context, t *types.Task, o queue.EnqueueOptions) error {
+func (s *Service) submit(ctx context.Context, t *types.Task, o queue.EnqueueOptions) error {
 	if err := s.store.CreateTask(ctx, t); err != nil {
 		return fmt.Errorf("recording %s task: %w", t.Type, err)
 	}
@@ -296,7 +305,7 @@ func parseID(kind, id string) (uuid.UUID, error) {
 	return u, nil
 }
 
-func (s *TaskService) getVM(ctx context.Context, vmID string) (*types.VM, error) {
+func (s *Service) getVM(ctx context.Context, vmID string) (*types.VM, error) {
 	u, err := parseID("vm", vmID)
 	if err != nil {
 		return nil, err
@@ -304,7 +313,7 @@ func (s *TaskService) getVM(ctx context.Context, vmID string) (*types.VM, error)
 	return s.GetVM(ctx, u)
 }
 
-func (s *TaskService) runningVM(ctx context.Context, vmID, what string) (*types.VM, error) {
+func (s *Service) runningVM(ctx context.Context, vmID, what string) (*types.VM, error) {
 	vm, err := s.getVM(ctx, vmID)
 	if err != nil {
 		return nil, err
@@ -323,50 +332,119 @@ func (s *TaskService) runningVM(ctx context.Context, vmID, what string) (*types.
 	}
 }
 
-// GetVM returns a VM, or an error wrapping types.ErrNotFound.
-func (s *TaskService) GetVM(ctx context.Context, vmID uuid.UUID) (*types.VM, error) {
+func (s *Service) GetVM(ctx context.Context, vmID uuid.UUID) (*types.VM, error) {
 	vm, err := s.store.GetVM(ctx, vmID.String())
-	if errors.Is(err, types.ErrNotFound) {
-		return nil, fmt.Errorf("%w: vm %s does not exist; list VMs with `aether-cli vm list`", types.ErrNotFound, vmID)
+	if errors.Is(err, types.ErrNotFound) || (err == nil && !scopeOf(ctx).sees(vm.Tenant)) {
+		return nil, vmNotFound(vmID.String())
 	}
 	return vm, err
 }
 
-// ListVMs returns every VM that is not deleted, oldest first.
-func (s *TaskService) ListVMs(ctx context.Context) ([]*types.VM, error) {
-	return s.store.ListVMs(ctx, storage.VMFilter{})
+// vmNotFound is the one answer for a VM that is missing or another
+// tenant's, so that the two cannot be told apart.
+func vmNotFound(id string) error {
+	return fmt.Errorf("%w: vm %s does not exist; list VMs with `aether-cli vm list`", types.ErrNotFound, id)
 }
 
-// GetExecutions returns a VM's executions in the order they started. An
-// unknown VM returns types.ErrNotFound.
-func (s *TaskService) GetExecutions(ctx context.Context, vmID uuid.UUID) ([]*types.Execution, error) {
+func (s *Service) GetVMStatus(ctx context.Context, vmID uuid.UUID) (types.VMState, error) {
+	vm, err := s.GetVM(ctx, vmID)
+	if err != nil {
+		return "", err
+	}
+	return vm.State, nil
+}
+
+func (s *Service) ListVMs(ctx context.Context) ([]*types.VM, error) {
+	return s.ListVMsWithOptions(ctx, ListVMsOptions{})
+}
+
+func (s *Service) ListVMsWithOptions(ctx context.Context, o ListVMsOptions) ([]*types.VM, error) {
+	if o.Limit < 0 {
+		return nil, fmt.Errorf("%w: limit %d is negative", types.ErrInvalid, o.Limit)
+	}
+	f := storage.VMFilter{Labels: o.Labels, Limit: o.Limit}
+	if o.After != "" {
+		after, err := parseID("vm", o.After)
+		if err != nil {
+			return nil, err
+		}
+		f.After = after.String()
+	}
+	if sc := scopeOf(ctx); !sc.Admin {
+		f.Tenant = &sc.Tenant
+	}
+	return s.store.ListVMs(ctx, f)
+}
+
+func (s *Service) SetVMTTL(ctx context.Context, vmID uuid.UUID, ttl time.Duration) (*types.VM, error) {
+	if ttl <= 0 {
+		return nil, fmt.Errorf("%w: ttl %s must be positive, e.g. 10m", types.ErrInvalid, ttl)
+	}
+	if err := s.checkTTL(ttl); err != nil {
+		return nil, err
+	}
+	if _, err := s.GetVM(ctx, vmID); err != nil {
+		return nil, err
+	}
+	at := time.Now().UTC().Add(ttl)
+	return s.store.SetVMExpiry(ctx, vmID.String(), &at)
+}
+
+func (s *Service) checkTTL(ttl time.Duration) error {
+	switch {
+	case ttl < 0:
+		return fmt.Errorf("%w: ttl %s is negative", types.ErrInvalid, ttl)
+	case s.opts.maxTTL > 0 && ttl > s.opts.maxTTL:
+		return fmt.Errorf("%w: ttl %s is longer than the %s this deployment allows", types.ErrInvalid, ttl, s.opts.maxTTL)
+	}
+	return nil
+}
+
+func (s *Service) GetExecutions(ctx context.Context, vmID uuid.UUID) ([]*types.Execution, error) {
 	if _, err := s.GetVM(ctx, vmID); err != nil {
 		return nil, err
 	}
 	return s.store.ListExecutions(ctx, vmID.String())
 }
 
-// GetExecution returns one execution (its id is the exec task's id).
-func (s *TaskService) GetExecution(ctx context.Context, id uuid.UUID) (*types.Execution, error) {
-	return s.store.GetExecution(ctx, id.String())
+func (s *Service) GetExecution(ctx context.Context, id uuid.UUID) (*types.Execution, error) {
+	e, err := s.store.GetExecution(ctx, id.String())
+	if errors.Is(err, types.ErrNotFound) || (err == nil && !s.seesVM(ctx, e.VMID)) {
+		return nil, fmt.Errorf("%w: execution %s does not exist", types.ErrNotFound, id)
+	}
+	return e, err
 }
 
-// GetTask returns a task, or an error wrapping types.ErrNotFound.
-func (s *TaskService) GetTask(ctx context.Context, id uuid.UUID) (*types.Task, error) {
+// seesVM reports whether the caller's scope may see the VM with id.
+func (s *Service) seesVM(ctx context.Context, vmID string) bool {
+	sc := scopeOf(ctx)
+	if sc.Admin {
+		return true
+	}
+	vm, err := s.store.GetVM(ctx, vmID)
+	return err == nil && sc.sees(vm.Tenant)
+}
+
+func (s *Service) GetTask(ctx context.Context, id uuid.UUID) (*types.Task, error) {
 	t, err := s.store.GetTask(ctx, id.String())
-	if errors.Is(err, types.ErrNotFound) {
+	if errors.Is(err, types.ErrNotFound) || (err == nil && !scopeOf(ctx).Admin && (t.VMID == "" || !s.seesVM(ctx, t.VMID))) {
 		return nil, fmt.Errorf("%w: task %s does not exist", types.ErrNotFound, id)
 	}
 	return t, err
 }
 
-// GetJob returns a job with its executions.
-func (s *TaskService) GetJob(ctx context.Context, id uuid.UUID) (*types.Job, error) {
-	return s.store.GetJob(ctx, id.String())
+func (s *Service) GetJob(ctx context.Context, id uuid.UUID) (*types.Job, error) {
+	j, err := s.store.GetJob(ctx, id.String())
+	if errors.Is(err, types.ErrNotFound) || (err == nil && !s.seesVM(ctx, j.VMID)) {
+		return nil, fmt.Errorf("%w: job %s does not exist", types.ErrNotFound, id)
+	}
+	return j, err
 }
 
-// ListWorkers returns the workers that have reported themselves.
-func (s *TaskService) ListWorkers(ctx context.Context) ([]*types.Worker, error) {
+func (s *Service) ListWorkers(ctx context.Context) ([]*types.Worker, error) {
+	if !scopeOf(ctx).Admin {
+		return nil, fmt.Errorf("%w: workers are visible to admin keys only", types.ErrNotFound)
+	}
 	return s.store.ListWorkers(ctx)
 }
 
@@ -374,10 +452,7 @@ func (s *TaskService) ListWorkers(ctx context.Context) ([]*types.Worker, error) 
 // can be lost if Redis restarts).
 const waitFallback = 2 * time.Second
 
-// WaitTask blocks until the task succeeds or fails, or ctx ends, and returns
-// the task as it then is. A failed task is returned without error: its
-// Error field says why.
-func (s *TaskService) WaitTask(ctx context.Context, id uuid.UUID) (*types.Task, error) {
+func (s *Service) WaitTask(ctx context.Context, id uuid.UUID) (*types.Task, error) {
 	var events <-chan struct{}
 	if s.notifier != nil {
 		ev, stop, err := s.notifier.WatchTask(ctx, id.String())
@@ -406,9 +481,7 @@ func (s *TaskService) WaitTask(ctx context.Context, id uuid.UUID) (*types.Task, 
 	}
 }
 
-// CancelTask cancels a task: removed from its queue if it has not started,
-// its command killed if it runs. The task ends failed with "cancelled".
-func (s *TaskService) CancelTask(ctx context.Context, id uuid.UUID) error {
+func (s *Service) CancelTask(ctx context.Context, id uuid.UUID) error {
 	t, err := s.GetTask(ctx, id)
 	if err != nil || t.State.Terminal() {
 		return err
@@ -432,10 +505,14 @@ func (s *TaskService) CancelTask(ctx context.Context, id uuid.UUID) error {
 	return nil
 }
 
-// StreamOutput copies the live output of a task submitted with
-// ExecOptions.Stream to stdout and stderr until the command ends, and
-// returns how it ended.
-func (s *TaskService) StreamOutput(ctx context.Context, taskID uuid.UUID, stdout, stderr io.Writer) (*queue.ExitInfo, error) {
+func (s *Service) StreamOutput(ctx context.Context, taskID uuid.UUID, stdout, stderr io.Writer) (*queue.ExitInfo, error) {
+	if _, err := s.GetTask(ctx, taskID); err != nil {
+		return nil, err
+	}
+	return s.streamOutput(ctx, taskID, stdout, stderr)
+}
+
+func (s *Service) streamOutput(ctx context.Context, taskID uuid.UUID, stdout, stderr io.Writer) (*queue.ExitInfo, error) {
 	if s.output == nil {
 		return nil, fmt.Errorf("%w: this queue cannot stream output", types.ErrNotSupported)
 	}
@@ -462,11 +539,7 @@ type ExecResult struct {
 // without an exit chunk (a worker crash), before trusting the stored state.
 const drainGrace = 2 * time.Second
 
-// Exec runs a command interactively: it submits a streamed exec task, copies
-// the output to stdout and stderr as it is produced and returns when the
-// command ends. Cancelling ctx cancels the task, which kills the command in
-// the guest. The execution is recorded in full like any other.
-func (s *TaskService) Exec(ctx context.Context, vmID string, cmd types.Command, stdout, stderr io.Writer) (*ExecResult, error) {
+func (s *Service) Exec(ctx context.Context, vmID string, cmd types.Command, stdout, stderr io.Writer) (*ExecResult, error) {
 	id, err := s.ExecuteCommandTaskWithOptions(ctx, vmID, cmd, ExecOptions{Stream: true})
 	if err != nil {
 		return nil, err
@@ -480,7 +553,7 @@ func (s *TaskService) Exec(ctx context.Context, vmID string, cmd types.Command, 
 	}
 	done := make(chan readOut, 1)
 	go func() {
-		ei, err := s.StreamOutput(readCtx, id, stdout, stderr)
+		ei, err := s.streamOutput(readCtx, id, stdout, stderr)
 		done <- readOut{ei, err}
 	}()
 	taskDone := make(chan *types.Task, 1)

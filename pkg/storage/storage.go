@@ -6,6 +6,7 @@ package storage
 import (
 	"context"
 	"encoding/json"
+	"time"
 
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
@@ -15,6 +16,17 @@ type VMFilter struct {
 	Owner          string          // only VMs owned by this worker
 	States         []types.VMState // only these states
 	IncludeDeleted bool
+	// Tenant, when set, keeps only that tenant's VMs ("" is the tenant of
+	// VMs made without one). nil: every tenant.
+	Tenant *string
+	// Labels keeps only VMs carrying every one of these labels.
+	Labels map[string]string
+	// ExpiredBy keeps only VMs whose expires_at is at or before it.
+	ExpiredBy *time.Time
+	// After and Limit page through the list: only VMs after the one with
+	// id After (in the list's order), at most Limit of them (0: all).
+	After string
+	Limit int
 }
 
 // TaskUpdate changes a task. Nil fields are left as they are.
@@ -34,6 +46,16 @@ type Store interface {
 	// CreateVM inserts a VM. Its name must be unique among VMs that are not
 	// deleted (types.ErrConflict otherwise).
 	CreateVM(ctx context.Context, vm *types.VM) error
+	// CreateVMWithin is CreateVM that first checks, atomically with the
+	// insert, that vm.Tenant's live VMs plus vm stay within lim; otherwise
+	// it returns an error wrapping types.ErrLimit that names the limit and
+	// the current use, and inserts nothing.
+	CreateVMWithin(ctx context.Context, vm *types.VM, lim types.Limits) error
+	// TenantUsage returns what a tenant's live (not deleted) VMs hold.
+	TenantUsage(ctx context.Context, tenant string) (types.Usage, error)
+	// SetVMExpiry sets (nil: clears) when the VM expires. A deleted VM
+	// returns types.ErrConflict. Returns the updated VM.
+	SetVMExpiry(ctx context.Context, id string, at *time.Time) (*types.VM, error)
 	GetVM(ctx context.Context, id string) (*types.VM, error)
 	ListVMs(ctx context.Context, f VMFilter) ([]*types.VM, error)
 	// UpdateVMState moves a VM to state `to`, checking the transition with
@@ -67,6 +89,18 @@ type Store interface {
 	// UpsertWorker records a worker's heartbeat.
 	UpsertWorker(ctx context.Context, w *types.Worker) error
 	ListWorkers(ctx context.Context) ([]*types.Worker, error)
+	// GetWorker returns one worker, or types.ErrNotFound.
+	GetWorker(ctx context.Context, id string) (*types.Worker, error)
+
+	// CreateAPIKey inserts a key (types.ErrConflict if the id exists).
+	CreateAPIKey(ctx context.Context, k *types.APIKey) error
+	// GetAPIKey returns a key, revoked or not, or types.ErrNotFound.
+	GetAPIKey(ctx context.Context, id string) (*types.APIKey, error)
+	// ListAPIKeys returns every key, revoked ones included, oldest first.
+	ListAPIKeys(ctx context.Context) ([]*types.APIKey, error)
+	// RevokeAPIKey marks a key revoked. Revoking a revoked key is a no-op;
+	// an unknown id returns types.ErrNotFound.
+	RevokeAPIKey(ctx context.Context, id string) (*types.APIKey, error)
 
 	// Ping checks the connection.
 	Ping(ctx context.Context) error

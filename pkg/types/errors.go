@@ -18,4 +18,7 @@ var (
 	// ErrUnavailable: a dependency (PostgreSQL, Redis, the VMM, the guest
 	// agent) cannot be reached right now; retrying later may succeed.
 	ErrUnavailable = errors.New("unavailable")
+	// ErrLimit: a quota (VMs, vCPUs, memory of a tenant) would be exceeded.
+	// Deleting something or raising the limit makes the request succeed.
+	ErrLimit = errors.New("limit exceeded")
 )

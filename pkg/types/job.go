@@ -35,4 +35,7 @@ type Worker struct {
 	Healthy  bool      `json:"healthy"`
 	Detail   string    `json:"detail,omitempty"`
 	LastSeen time.Time `json:"last_seen"`
+	// DataAddr is the host:port of the worker's data plane (file transfer
+	// straight to the VMs it owns); empty when it serves none.
+	DataAddr string `json:"data_addr,omitempty"`
 }

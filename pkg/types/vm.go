@@ -75,10 +75,19 @@ type VM struct {
 	Env      map[string]string `json:"env,omitempty"`     // default environment of every command
 	Network  string            `json:"network,omitempty"` // NetworkNone or NetworkNAT
 	Error    string            `json:"error,omitempty"`
+	// Tenant owns the VM: API keys of another tenant cannot see it. Empty
+	// for VMs made without a tenant (the local CLI acting as admin).
+	Tenant string `json:"tenant,omitempty"`
+	// ExpiresAt is when the owning worker deletes the VM; nil: never.
+	ExpiresAt *time.Time `json:"expires_at,omitempty"`
 
 	CreatedAt time.Time `json:"created_at"`
 	UpdatedAt time.Time `json:"updated_at"`
 }
+
+// Live reports whether the VM still holds (or is about to hold) resources:
+// every state but deleted.
+func (v *VM) Live() bool { return v.State != VMDeleted }
 
 // VMSpec is what a backend needs to create a VM.
 type VMSpec struct {

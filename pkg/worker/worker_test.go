@@ -26,7 +26,7 @@ import (
 
 func TestMain(m *testing.M) { testenv.Main(m) }
 
-func waitOK(t *testing.T, svc *service.TaskService, id uuid.UUID) *types.Task {
+func waitOK(t *testing.T, svc service.TaskService, id uuid.UUID) *types.Task {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()

@@ -39,7 +39,7 @@ type Stack struct {
 	Provider   string
 	Store      *postgres.Store
 	Queue      *queue.Redis
-	Service    *service.TaskService
+	Service    *service.Service
 	Workers    map[string]*worker.Worker
 	VMMs       map[string]vmm.VMOrchestrator
 	Networks   map[string]*network.Manager

@@ -3,16 +3,19 @@ package postgres
 import (
 	"cmp"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/aetherium/aetherium-core/pkg/storage"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
-const vmColumns = `id, name, vcpus, memory_mb, state, provider, owner, labels, env, error, created_at, updated_at, network`
+const vmColumns = `id, name, vcpus, memory_mb, state, provider, owner, labels, env, error, created_at, updated_at, network, tenant, expires_at`
 
 func scanVM(row pgx.Row) (*types.VM, error) {
 	var (
@@ -21,7 +24,7 @@ func scanVM(row pgx.Row) (*types.VM, error) {
 		labels, env *string
 	)
 	err := row.Scan(&v.ID, &v.Name, &v.VCPUs, &v.MemoryMB, &state, &v.Provider, &v.Owner,
-		&labels, &env, &v.Error, &v.CreatedAt, &v.UpdatedAt, &v.Network)
+		&labels, &env, &v.Error, &v.CreatedAt, &v.UpdatedAt, &v.Network, &v.Tenant, &v.ExpiresAt)
 	if err != nil {
 		return nil, err
 	}
@@ -33,11 +36,53 @@ func scanVM(row pgx.Row) (*types.VM, error) {
 		return nil, fmt.Errorf("vm %s env: %w", v.ID, err)
 	}
 	v.CreatedAt, v.UpdatedAt = utc(v.CreatedAt), utc(v.UpdatedAt)
+	if v.ExpiresAt != nil {
+		t := utc(*v.ExpiresAt)
+		v.ExpiresAt = &t
+	}
 	return &v, nil
 }
 
 // CreateVM inserts vm. Zero CreatedAt and UpdatedAt are set to now in vm.
 func (s *Store) CreateVM(ctx context.Context, vm *types.VM) error {
+	return s.insertVM(ctx, s.pool, vm)
+}
+
+// CreateVMWithin inserts vm if its tenant stays within lim. A transaction
+// advisory lock per tenant serialises concurrent creates of one tenant, so
+// two of them cannot both pass the check.
+func (s *Store) CreateVMWithin(ctx context.Context, vm *types.VM, lim types.Limits) error {
+	if lim == (types.Limits{}) {
+		return s.CreateVM(ctx, vm)
+	}
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtextextended($1, 0))`, "aetherium.tenant:"+vm.Tenant); err != nil {
+			return err
+		}
+		u, err := tenantUsage(ctx, tx, vm.Tenant)
+		if err != nil {
+			return err
+		}
+		if err := lim.Check(vm.Tenant, u, vm.VCPUs, vm.MemoryMB); err != nil {
+			return err
+		}
+		return s.insertVM(ctx, tx, vm)
+	})
+	if err != nil {
+		if errors.Is(err, types.ErrLimit) || errors.Is(err, types.ErrConflict) || errors.Is(err, types.ErrInvalid) {
+			return err
+		}
+		return s.fail(err, "creating vm %s (name %q)", vm.ID, vm.Name)
+	}
+	return nil
+}
+
+// execer is what pgxpool.Pool and pgx.Tx share for statements.
+type execer interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+}
+
+func (s *Store) insertVM(ctx context.Context, db execer, vm *types.VM) error {
 	if err := required("vm", "id", vm.ID); err != nil {
 		return fmt.Errorf("creating vm: %w", err)
 	}
@@ -50,14 +95,51 @@ func (s *Store) CreateVM(ctx context.Context, vm *types.VM) error {
 		return fmt.Errorf("creating vm %s: %w", vm.ID, err)
 	}
 	stamp(&vm.CreatedAt, &vm.UpdatedAt)
-	_, err = s.pool.Exec(ctx, `INSERT INTO vms (`+vmColumns+`)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)`,
+	_, err = db.Exec(ctx, `INSERT INTO vms (`+vmColumns+`)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)`,
 		vm.ID, vm.Name, vm.VCPUs, vm.MemoryMB, string(vm.State), vm.Provider, vm.Owner,
-		labels, env, vm.Error, vm.CreatedAt, vm.UpdatedAt, cmp.Or(vm.Network, types.NetworkNone))
+		labels, env, vm.Error, vm.CreatedAt, vm.UpdatedAt, cmp.Or(vm.Network, types.NetworkNone), vm.Tenant, vm.ExpiresAt)
 	if err != nil {
 		return s.fail(err, "creating vm %s (name %q)", vm.ID, vm.Name)
 	}
 	return nil
+}
+
+// TenantUsage sums the tenant's live VMs.
+func (s *Store) TenantUsage(ctx context.Context, tenant string) (types.Usage, error) {
+	u, err := tenantUsage(ctx, s.pool, tenant)
+	if err != nil {
+		return u, s.fail(err, "reading the usage of tenant %q", tenant)
+	}
+	return u, nil
+}
+
+func tenantUsage(ctx context.Context, q rowQuerier, tenant string) (types.Usage, error) {
+	var u types.Usage
+	err := q.QueryRow(ctx, `SELECT count(*), coalesce(sum(vcpus), 0), coalesce(sum(memory_mb), 0)
+		FROM vms WHERE tenant = $1 AND state <> 'deleted'`, tenant).Scan(&u.VMs, &u.VCPUs, &u.MemoryMB)
+	return u, err
+}
+
+// SetVMExpiry sets or clears expires_at of a VM that is not deleted.
+func (s *Store) SetVMExpiry(ctx context.Context, id string, at *time.Time) (*types.VM, error) {
+	if at != nil {
+		t := at.UTC().Truncate(time.Microsecond)
+		at = &t
+	}
+	vm, err := scanVM(s.pool.QueryRow(ctx, `UPDATE vms SET expires_at = $2, updated_at = $3
+		WHERE id = $1 AND state <> 'deleted' RETURNING `+vmColumns, id, at, now()))
+	if errors.Is(err, pgx.ErrNoRows) {
+		cur, gerr := s.GetVM(ctx, id)
+		if gerr != nil {
+			return nil, gerr
+		}
+		return nil, fmt.Errorf("%w: vm %s is %s; its expiry cannot change", types.ErrConflict, id, cur.State)
+	}
+	if err != nil {
+		return nil, s.fail(err, "setting the expiry of vm %s", id)
+	}
+	return vm, nil
 }
 
 // GetVM returns the VM with id, deleted or not.
@@ -85,7 +167,31 @@ func (s *Store) ListVMs(ctx context.Context, f storage.VMFilter) ([]*types.VM, e
 		args = append(args, states)
 		q += fmt.Sprintf(` AND state = ANY($%d)`, len(args))
 	}
+	if f.Tenant != nil {
+		args = append(args, *f.Tenant)
+		q += fmt.Sprintf(` AND tenant = $%d`, len(args))
+	}
+	if len(f.Labels) > 0 {
+		// labels is TEXT holding a JSON object: containment on its jsonb.
+		b, err := json.Marshal(f.Labels)
+		if err != nil {
+			return nil, fmt.Errorf("listing vms: %w", err)
+		}
+		args = append(args, string(b))
+		q += fmt.Sprintf(` AND labels IS NOT NULL AND labels::jsonb @> $%d::jsonb`, len(args))
+	}
+	if f.ExpiredBy != nil {
+		args = append(args, *f.ExpiredBy)
+		q += fmt.Sprintf(` AND expires_at IS NOT NULL AND expires_at <= $%d`, len(args))
+	}
+	if f.After != "" {
+		args = append(args, f.After)
+		q += fmt.Sprintf(` AND (created_at, id) > (SELECT created_at, id FROM vms WHERE id = $%d)`, len(args))
+	}
 	q += ` ORDER BY created_at, id`
+	if f.Limit > 0 {
+		q += fmt.Sprintf(` LIMIT %d`, f.Limit)
+	}
 	vms, err := queryAll(ctx, s, scanVM, q, args...)
 	if err != nil {
 		return nil, s.fail(err, "listing vms")
