@@ -14,6 +14,7 @@ package storagetest
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -59,6 +60,13 @@ func Run(t *testing.T, newStore func(t *testing.T) storage.Store) {
 		{"JobExecutions", testJobExecutions},
 		{"Workers", testWorkers},
 		{"PingAndSchema", testPingAndSchema},
+		{"Tenants", testTenants},
+		{"CreateVMWithin", testCreateVMWithin},
+		{"CreateVMWithinConcurrent", testCreateVMWithinConcurrent},
+		{"VMExpiry", testVMExpiry},
+		{"ListVMsFilters", testListVMsFilters},
+		{"APIKeys", testAPIKeys},
+		{"WorkerDataAddr", testWorkerDataAddr},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -926,7 +934,7 @@ func testWorkers(t *testing.T, s storage.Store) {
 	require.NoError(t, err)
 	require.Empty(t, got)
 
-	b := &types.Worker{ID: "worker-b", Hostname: "host-b", Provider: "docker", Healthy: true, LastSeen: at(0)}
+	b := &types.Worker{ID: "worker-b", Hostname: "host-b", Provider: "docker", Healthy: true, LastSeen: at(0), DataAddr: "127.0.0.1:9465"}
 	a := &types.Worker{ID: "worker-a", Hostname: "host-a", Provider: "qemu", Healthy: false, Detail: "no kvm", LastSeen: at(time.Second)}
 	require.NoError(t, s.UpsertWorker(ctx, b))
 	require.NoError(t, s.UpsertWorker(ctx, a))
@@ -959,4 +967,211 @@ func testPingAndSchema(t *testing.T, s storage.Store) {
 	_, dirty, err := s.SchemaVersion(ctx)
 	require.NoError(t, err)
 	require.False(t, dirty)
+}
+
+func tenantVM(name, tenant string, vcpus, mem int) *types.VM {
+	vm := newVM(name, types.VMRunning)
+	vm.Tenant, vm.VCPUs, vm.MemoryMB = tenant, vcpus, mem
+	return vm
+}
+
+func testTenants(t *testing.T, s storage.Store) {
+	ctx := t.Context()
+	a := tenantVM("web", "acme", 1, 128)
+	require.NoError(t, s.CreateVM(ctx, a))
+	got, err := s.GetVM(ctx, a.ID)
+	require.NoError(t, err)
+	require.Equal(t, "acme", got.Tenant)
+
+	// Names are unique per tenant, not across tenants.
+	require.NoError(t, s.CreateVM(ctx, tenantVM("web", "globex", 1, 128)))
+	require.ErrorIs(t, s.CreateVM(ctx, tenantVM("web", "acme", 1, 128)), types.ErrConflict)
+
+	acme := "acme"
+	list, err := s.ListVMs(ctx, storage.VMFilter{Tenant: &acme})
+	require.NoError(t, err)
+	require.Equal(t, []string{a.ID}, ids(list, vmID))
+	all, err := s.ListVMs(ctx, storage.VMFilter{})
+	require.NoError(t, err)
+	require.Len(t, all, 2)
+
+	u, err := s.TenantUsage(ctx, "acme")
+	require.NoError(t, err)
+	require.Equal(t, types.Usage{VMs: 1, VCPUs: 1, MemoryMB: 128}, u)
+	// Deleted VMs hold nothing.
+	_, err = s.UpdateVMState(ctx, a.ID, types.VMDeleting, "")
+	require.NoError(t, err)
+	_, err = s.UpdateVMState(ctx, a.ID, types.VMDeleted, "")
+	require.NoError(t, err)
+	u, err = s.TenantUsage(ctx, "acme")
+	require.NoError(t, err)
+	require.Equal(t, types.Usage{}, u)
+}
+
+func testCreateVMWithin(t *testing.T, s storage.Store) {
+	ctx := t.Context()
+	lim := types.Limits{MaxVMs: 2, MaxVCPUs: 3, MaxMemoryMB: 512}
+	require.NoError(t, s.CreateVMWithin(ctx, tenantVM("a", "t1", 2, 128), lim))
+	err := s.CreateVMWithin(ctx, tenantVM("b", "t1", 2, 128), lim)
+	require.ErrorIs(t, err, types.ErrLimit)
+	require.Contains(t, err.Error(), "at most 3 vCPUs")
+	require.Contains(t, err.Error(), "uses 2")
+	err = s.CreateVMWithin(ctx, tenantVM("b", "t1", 1, 512), lim)
+	require.ErrorIs(t, err, types.ErrLimit)
+	require.Contains(t, err.Error(), "512 MiB")
+	require.NoError(t, s.CreateVMWithin(ctx, tenantVM("b", "t1", 1, 128), lim))
+	err = s.CreateVMWithin(ctx, tenantVM("c", "t1", 0+1, 64), lim)
+	require.ErrorIs(t, err, types.ErrLimit)
+	require.Contains(t, err.Error(), "at most 2 live VMs and has 2")
+	// Another tenant is not affected, and a refused create left no row.
+	require.NoError(t, s.CreateVMWithin(ctx, tenantVM("c", "t2", 1, 64), lim))
+	t1 := "t1"
+	list, err := s.ListVMs(ctx, storage.VMFilter{Tenant: &t1})
+	require.NoError(t, err)
+	require.Len(t, list, 2)
+	// A clash of names is a conflict, not a limit.
+	require.ErrorIs(t, s.CreateVMWithin(ctx, tenantVM("c", "t2", 1, 64), types.Limits{MaxVMs: 10}), types.ErrConflict)
+}
+
+func testCreateVMWithinConcurrent(t *testing.T, s storage.Store) {
+	ctx := t.Context()
+	lim := types.Limits{MaxVMs: 3}
+	var ok, limited atomic.Int64
+	var wg sync.WaitGroup
+	for i := range 10 {
+		wg.Go(func() {
+			err := s.CreateVMWithin(ctx, tenantVM(fmt.Sprintf("vm-%d", i), "race", 1, 64), lim)
+			switch {
+			case err == nil:
+				ok.Add(1)
+			case errors.Is(err, types.ErrLimit):
+				limited.Add(1)
+			default:
+				t.Errorf("unexpected error: %v", err)
+			}
+		})
+	}
+	wg.Wait()
+	require.EqualValues(t, 3, ok.Load(), "exactly the limit is created when creates race")
+	require.EqualValues(t, 7, limited.Load())
+}
+
+func testVMExpiry(t *testing.T, s storage.Store) {
+	ctx := t.Context()
+	vm := newVM("exp", types.VMRunning)
+	vm.Owner = "w1"
+	exp := at(time.Hour)
+	vm.ExpiresAt = &exp
+	require.NoError(t, s.CreateVM(ctx, vm))
+	got, err := s.GetVM(ctx, vm.ID)
+	require.NoError(t, err)
+	require.NotNil(t, got.ExpiresAt)
+	require.Equal(t, micro(exp), *got.ExpiresAt)
+
+	other := newVM("forever", types.VMRunning)
+	other.Owner = "w1"
+	require.NoError(t, s.CreateVM(ctx, other))
+
+	before := at(30 * time.Minute)
+	list, err := s.ListVMs(ctx, storage.VMFilter{Owner: "w1", ExpiredBy: &before})
+	require.NoError(t, err)
+	require.Empty(t, list)
+	after := at(2 * time.Hour)
+	list, err = s.ListVMs(ctx, storage.VMFilter{Owner: "w1", ExpiredBy: &after})
+	require.NoError(t, err)
+	require.Equal(t, []string{vm.ID}, ids(list, vmID))
+
+	later := at(3 * time.Hour)
+	upd, err := s.SetVMExpiry(ctx, vm.ID, &later)
+	require.NoError(t, err)
+	require.Equal(t, micro(later), *upd.ExpiresAt)
+	list, err = s.ListVMs(ctx, storage.VMFilter{Owner: "w1", ExpiredBy: &after})
+	require.NoError(t, err)
+	require.Empty(t, list, "an extended VM is no longer expired")
+
+	upd, err = s.SetVMExpiry(ctx, vm.ID, nil)
+	require.NoError(t, err)
+	require.Nil(t, upd.ExpiresAt)
+
+	_, err = s.SetVMExpiry(ctx, "missing", &later)
+	require.ErrorIs(t, err, types.ErrNotFound)
+	_, err = s.UpdateVMState(ctx, other.ID, types.VMDeleting, "")
+	require.NoError(t, err)
+	_, err = s.UpdateVMState(ctx, other.ID, types.VMDeleted, "")
+	require.NoError(t, err)
+	_, err = s.SetVMExpiry(ctx, other.ID, &later)
+	require.ErrorIs(t, err, types.ErrConflict)
+}
+
+func testListVMsFilters(t *testing.T, s storage.Store) {
+	ctx := t.Context()
+	var made []string
+	for i := range 5 {
+		vm := newVM(fmt.Sprintf("l-%d", i), types.VMRunning)
+		vm.CreatedAt = at(time.Duration(i) * time.Second)
+		vm.Labels = map[string]string{"team": "a", "idx": fmt.Sprint(i % 2)}
+		require.NoError(t, s.CreateVM(ctx, vm))
+		made = append(made, vm.ID)
+	}
+	odd, err := s.ListVMs(ctx, storage.VMFilter{Labels: map[string]string{"idx": "1"}})
+	require.NoError(t, err)
+	require.Equal(t, []string{made[1], made[3]}, ids(odd, vmID))
+	none, err := s.ListVMs(ctx, storage.VMFilter{Labels: map[string]string{"team": "b"}})
+	require.NoError(t, err)
+	require.Empty(t, none)
+
+	page, err := s.ListVMs(ctx, storage.VMFilter{Limit: 2})
+	require.NoError(t, err)
+	require.Equal(t, made[:2], ids(page, vmID))
+	page, err = s.ListVMs(ctx, storage.VMFilter{Limit: 2, After: made[1]})
+	require.NoError(t, err)
+	require.Equal(t, made[2:4], ids(page, vmID))
+	page, err = s.ListVMs(ctx, storage.VMFilter{Limit: 2, After: made[3]})
+	require.NoError(t, err)
+	require.Equal(t, made[4:], ids(page, vmID))
+}
+
+func testAPIKeys(t *testing.T, s storage.Store) {
+	ctx := t.Context()
+	k := &types.APIKey{ID: newID("key"), Name: "ci", Tenant: "acme", Hash: []byte{1, 2, 3},
+		Limits: types.Limits{MaxVMs: 5}, CreatedAt: at(0)}
+	require.NoError(t, s.CreateAPIKey(ctx, k))
+	require.ErrorIs(t, s.CreateAPIKey(ctx, k), types.ErrConflict)
+	require.ErrorIs(t, s.CreateAPIKey(ctx, &types.APIKey{ID: newID("key"), Name: "x", Tenant: "t"}), types.ErrInvalid, "an empty hash is refused")
+
+	got, err := s.GetAPIKey(ctx, k.ID)
+	require.NoError(t, err)
+	require.Equal(t, k.Hash, got.Hash)
+	require.Equal(t, k.Limits, got.Limits)
+	require.Equal(t, micro(k.CreatedAt), got.CreatedAt)
+	require.Nil(t, got.RevokedAt)
+
+	admin := &types.APIKey{ID: newID("key"), Name: "ops", Tenant: "ops", Admin: true, Hash: []byte{4}, CreatedAt: at(time.Second)}
+	require.NoError(t, s.CreateAPIKey(ctx, admin))
+	list, err := s.ListAPIKeys(ctx)
+	require.NoError(t, err)
+	require.Equal(t, []string{k.ID, admin.ID}, ids(list, func(k *types.APIKey) string { return k.ID }))
+	require.True(t, list[1].Admin)
+
+	rev, err := s.RevokeAPIKey(ctx, k.ID)
+	require.NoError(t, err)
+	require.NotNil(t, rev.RevokedAt)
+	again, err := s.RevokeAPIKey(ctx, k.ID)
+	require.NoError(t, err)
+	require.Equal(t, *rev.RevokedAt, *again.RevokedAt, "revoking twice keeps the first time")
+	_, err = s.RevokeAPIKey(ctx, "missing")
+	require.ErrorIs(t, err, types.ErrNotFound)
+	_, err = s.GetAPIKey(ctx, "missing")
+	require.ErrorIs(t, err, types.ErrNotFound)
+}
+
+func testWorkerDataAddr(t *testing.T, s storage.Store) {
+	ctx := t.Context()
+	w := &types.Worker{ID: "w-data", Healthy: true, DataAddr: "10.0.0.5:9465"}
+	require.NoError(t, s.UpsertWorker(ctx, w))
+	got, err := s.GetWorker(ctx, "w-data")
+	require.NoError(t, err)
+	require.Equal(t, "10.0.0.5:9465", got.DataAddr)
+	_, err = s.GetWorker(ctx, "missing")
+	require.ErrorIs(t, err, types.ErrNotFound)
 }
