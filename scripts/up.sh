@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Brings Aetherium Core up: packages, binaries, PostgreSQL and Redis, the
 # schema, a private dockerd when the docker backend has no engine to talk to,
-# and the worker. In the background by default; `up.sh --foreground` keeps
-# the worker in the foreground and stops everything on Ctrl-C (make run).
+# the worker and the HTTP API (aether-api). In the background by default;
+# `up.sh --foreground` keeps them in the foreground and stops everything on
+# Ctrl-C (make run).
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$REPO"
 FOREGROUND=${1:-}
@@ -67,7 +68,20 @@ storage:
   password: aetherium
 worker:
   auto_migrate: true
+api:
+  listen: 127.0.0.1:${AETHERIUM_API_PORT:-8080}
 YAML
+fi
+
+# The API reaches the workers' data planes (file transfer) with a shared
+# token. It is generated once, kept private in the state directory and
+# handed to both daemons, unless the configuration sets cluster.token.
+if ! grep -qE '^cluster:' "$cfgfile" 2>/dev/null && [ -z "${AETHERIUM_CLUSTER_TOKEN:-}" ]; then
+  if [ ! -s "$STATE/cluster.token" ]; then
+    (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$STATE/cluster.token")
+  fi
+  AETHERIUM_CLUSTER_TOKEN=$(cat "$STATE/cluster.token")
+  export AETHERIUM_CLUSTER_TOKEN
 fi
 
 ./bin/migrate up
@@ -80,9 +94,32 @@ if [ "$provider" != docker ]; then
 fi
 
 export AETHERIUM_WORKER_READY_FILE=$STATE/worker.ready
+export AETHERIUM_API_READY_FILE=$STATE/api.ready
+
+# start_daemon NAME READYFILE: start bin/NAME in its own session, record its
+# pid and wait until it writes its ready file.
+start_daemon() {
+  local name=$1 ready=$2
+  if alive "$STATE/$name.pid"; then
+    log "$name already running (pid $(cat "$STATE/$name.pid"))"
+    return 0
+  fi
+  rm -f "$ready"
+  setsid "./bin/$name" >"$STATE/$name.log" 2>&1 &
+  echo $! > "$STATE/$name.pid"
+  for _ in $(seq 1200); do
+    [ -e "$ready" ] && break
+    alive "$STATE/$name.pid" || { tail -30 "$STATE/$name.log" >&2; die "$name exited; see $STATE/$name.log"; }
+    sleep 0.1
+  done
+  [ -e "$ready" ] || die "$name did not become ready in 120s; see $STATE/$name.log"
+  log "$name ready (pid $(cat "$STATE/$name.pid"), log $STATE/$name.log)"
+}
+
 if [ "$FOREGROUND" = --foreground ]; then
   trap '"$REPO/scripts/down.sh"' EXIT
   trap 'exit 130' INT TERM
+  start_daemon aether-api "$AETHERIUM_API_READY_FILE"
   log "worker running in the foreground; Ctrl-C stops everything"
   ./bin/worker &
   echo $! > "$STATE/worker.pid"
@@ -90,17 +127,6 @@ if [ "$FOREGROUND" = --foreground ]; then
   exit $?
 fi
 
-if alive "$STATE/worker.pid"; then
-  log "worker already running (pid $(cat "$STATE/worker.pid"))"
-  exit 0
-fi
-rm -f "$AETHERIUM_WORKER_READY_FILE"
-setsid ./bin/worker >"$STATE/worker.log" 2>&1 &
-echo $! > "$STATE/worker.pid"
-for _ in $(seq 1200); do
-  [ -e "$AETHERIUM_WORKER_READY_FILE" ] && break
-  alive "$STATE/worker.pid" || { tail -30 "$STATE/worker.log" >&2; die "the worker exited; see $STATE/worker.log"; }
-  sleep 0.1
-done
-[ -e "$AETHERIUM_WORKER_READY_FILE" ] || die "the worker did not become ready in 120s; see $STATE/worker.log"
-log "worker ready (pid $(cat "$STATE/worker.pid"), log $STATE/worker.log). Try: ./bin/aether-cli vm create --name demo --wait"
+start_daemon worker "$AETHERIUM_WORKER_READY_FILE"
+start_daemon aether-api "$AETHERIUM_API_READY_FILE"
+log "Try: ./bin/aether-cli vm create --name demo --wait   (HTTP: key=\$(./bin/aether-cli apikey create me); see docs/api.md)"
