@@ -113,12 +113,14 @@ func (c *Client) WaitReady(ctx context.Context) (*agentpb.InfoResponse, error) {
 	}
 }
 
-// WriteFile writes what r yields to path in the guest, creating missing
-// parent directories, and returns how many bytes were written. Only the
-// permission bits of mode are used (0: 0644); they are applied to an
-// existing file too. Writing the same content again is harmless. If ctx
-// ends, or r fails, the file may be left partly written.
-func (c *Client) WriteFile(ctx context.Context, path string, mode os.FileMode, r io.Reader) (int64, error) {
+// WriteFile writes what r yields to path in the guest and returns how many
+// bytes were written. Only the permission bits of o.Mode are used (0:
+// 0644); they are applied to an existing file too. o.User (a name or uid
+// in the guest) owns the file and the directories made for it. Without
+// o.MakeParents a missing parent directory fails with types.ErrNotFound.
+// Writing the same content again is harmless. If ctx ends, or r fails, the
+// file may be left partly written.
+func (c *Client) WriteFile(ctx context.Context, path string, r io.Reader, o types.FileOptions) (int64, error) {
 	op := "writing " + path + " in the guest"
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -126,7 +128,7 @@ func (c *Client) WriteFile(ctx context.Context, path string, mode os.FileMode, r
 	if err != nil {
 		return 0, rpcError(ctx, op, err)
 	}
-	hdr := &agentpb.WriteFileHeader{Path: path, Mode: uint32(mode.Perm()), MakeParents: true}
+	hdr := &agentpb.WriteFileHeader{Path: path, Mode: o.Mode & uint32(os.ModePerm), MakeParents: o.MakeParents, User: o.User}
 	err = stream.Send(&agentpb.WriteFileRequest{Msg: &agentpb.WriteFileRequest_Header{Header: hdr}})
 	buf := make([]byte, chunkSize)
 	// A failed Send means the agent ended the call; CloseAndRecv says why.
@@ -153,28 +155,46 @@ func (c *Client) WriteFile(ctx context.Context, path string, mode os.FileMode, r
 // maxBytes (0: no limit) fails with types.ErrInvalid; a missing one with
 // types.ErrNotFound.
 func (c *Client) ReadFile(ctx context.Context, path string, maxBytes int64) ([]byte, error) {
+	var buf bytes.Buffer
+	if _, err := c.ReadFileTo(ctx, path, &buf, maxBytes); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}
+
+// ReadFileTo streams the content of path in the guest to w, one chunk at a
+// time, and returns how many bytes it wrote. Errors are those of ReadFile;
+// when the file cannot be opened nothing is written to w. A failure after
+// the first chunk (the limit passed, the agent gone, w failing) leaves w
+// with part of the file.
+func (c *Client) ReadFileTo(ctx context.Context, path string, w io.Writer, maxBytes int64) (int64, error) {
 	op := "reading " + path + " in the guest"
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	stream, err := c.api.ReadFile(sctx, &agentpb.ReadFileRequest{Path: path, MaxBytes: maxBytes})
 	if err != nil {
-		return nil, rpcError(ctx, op, err)
+		return 0, rpcError(ctx, op, err)
 	}
-	var buf bytes.Buffer
+	var total int64
 	for {
 		m, err := stream.Recv()
 		if err == io.EOF {
-			return buf.Bytes(), nil
+			return total, nil
 		}
 		if err != nil {
-			return nil, rpcError(ctx, op, err)
+			return total, rpcError(ctx, op, err)
 		}
+		data := m.GetData()
 		// The agent enforces the limit too; this guards against one that
 		// does not.
-		if maxBytes > 0 && int64(buf.Len()+len(m.GetData())) > maxBytes {
-			return nil, fmt.Errorf("%s: %w: the file is larger than %d bytes", op, types.ErrInvalid, maxBytes)
+		if maxBytes > 0 && total+int64(len(data)) > maxBytes {
+			return total, fmt.Errorf("%s: %w: the file is larger than %d bytes", op, types.ErrInvalid, maxBytes)
 		}
-		buf.Write(m.GetData())
+		n, err := w.Write(data)
+		total += int64(n)
+		if err != nil {
+			return total, fmt.Errorf("%s: writing the content: %w", op, err)
+		}
 	}
 }
 

@@ -41,21 +41,30 @@ func (s *Server) WriteFile(stream grpc.ClientStreamingServer[agentpb.WriteFileRe
 	if h.GetMode() == 0 {
 		mode = defaultFileMode
 	}
+	owner, err := s.fileOwner(h.GetUser())
+	if err != nil {
+		return err
+	}
 	if h.GetMakeParents() {
-		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		if err := makeParents(filepath.Dir(path), owner); err != nil {
 			return fileStatus(err)
 		}
 	}
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, mode)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) && !h.GetMakeParents() {
-			return status.Errorf(codes.NotFound, "%v; create the directory first or set make_parents", err)
+			return status.Errorf(codes.NotFound, "directory %s does not exist; create it first or set make_parents", filepath.Dir(path))
 		}
 		return fileStatus(err)
 	}
 	defer f.Close()
 	if fi, err := f.Stat(); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm() != mode {
 		if err := f.Chmod(mode); err != nil {
+			return fileStatus(err)
+		}
+	}
+	if owner != nil {
+		if err := f.Chown(owner.uid, owner.gid); err != nil {
 			return fileStatus(err)
 		}
 	}
@@ -128,6 +137,65 @@ func (s *Server) ReadFile(req *agentpb.ReadFileRequest, stream grpc.ServerStream
 			return fileStatus(err)
 		}
 	}
+}
+
+// fileOwnership is who owns a written file.
+type fileOwnership struct{ uid, gid int }
+
+// fileOwner resolves a WriteFile user the way exec resolves its user: a
+// name through the guest's /etc/passwd or a numeric uid. Empty: nil, the
+// agent's own user, and nothing is chowned.
+func (s *Server) fileOwner(spec string) (*fileOwnership, error) {
+	if spec == "" {
+		return nil, nil
+	}
+	id, err := s.lookupIdentity(spec)
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "cannot write a file owned by user %q: %v; give a user from the guest's /etc/passwd or a numeric uid", spec, err)
+	}
+	if id.cred == nil {
+		// The agent's own user (unprivileged agents may only name
+		// themselves): files are already theirs.
+		return nil, nil
+	}
+	return &fileOwnership{uid: int(id.cred.Uid), gid: int(id.cred.Gid)}, nil
+}
+
+// makeParents creates dir and its missing ancestors, like os.MkdirAll, and
+// gives the ones it created to owner (nil: left to the agent's user).
+func makeParents(dir string, owner *fileOwnership) error {
+	var missing []string
+	for d := dir; ; d = filepath.Dir(d) {
+		fi, err := os.Stat(d)
+		if err == nil {
+			if !fi.IsDir() {
+				return &fs.PathError{Op: "mkdir", Path: d, Err: syscall.ENOTDIR}
+			}
+			break
+		}
+		if !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+		missing = append(missing, d)
+		if d == filepath.Dir(d) {
+			break
+		}
+	}
+	for i := len(missing) - 1; i >= 0; i-- {
+		d := missing[i]
+		if err := os.Mkdir(d, 0o755); err != nil {
+			if errors.Is(err, fs.ErrExist) {
+				continue // made by a concurrent call: not ours to chown
+			}
+			return err
+		}
+		if owner != nil {
+			if err := os.Chown(d, owner.uid, owner.gid); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // fileStatus gives a file system error the gRPC code the client maps to an

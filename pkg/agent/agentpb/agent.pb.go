@@ -655,10 +655,14 @@ func (*WriteFileRequest_Header) isWriteFileRequest_Msg() {}
 func (*WriteFileRequest_Data) isWriteFileRequest_Msg() {}
 
 type WriteFileHeader struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
-	Mode          uint32                 `protobuf:"varint,2,opt,name=mode,proto3" json:"mode,omitempty"` // 0: 0644
-	MakeParents   bool                   `protobuf:"varint,3,opt,name=make_parents,json=makeParents,proto3" json:"make_parents,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Path        string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	Mode        uint32                 `protobuf:"varint,2,opt,name=mode,proto3" json:"mode,omitempty"` // 0: 0644
+	MakeParents bool                   `protobuf:"varint,3,opt,name=make_parents,json=makeParents,proto3" json:"make_parents,omitempty"`
+	// user owns the file and the parent directories this call creates: a
+	// name from the guest's /etc/passwd or a numeric uid. Empty: the agent's
+	// user.
+	User          string `protobuf:"bytes,4,opt,name=user,proto3" json:"user,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -712,6 +716,13 @@ func (x *WriteFileHeader) GetMakeParents() bool {
 		return x.MakeParents
 	}
 	return false
+}
+
+func (x *WriteFileHeader) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
 }
 
 type WriteFileResponse struct {
@@ -986,11 +997,12 @@ const file_agent_proto_rawDesc = "" +
 	"\x10WriteFileRequest\x12=\n" +
 	"\x06header\x18\x01 \x01(\v2#.aetherium.agent.v1.WriteFileHeaderH\x00R\x06header\x12\x14\n" +
 	"\x04data\x18\x02 \x01(\fH\x00R\x04dataB\x05\n" +
-	"\x03msg\"\\\n" +
+	"\x03msg\"p\n" +
 	"\x0fWriteFileHeader\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x12\n" +
 	"\x04mode\x18\x02 \x01(\rR\x04mode\x12!\n" +
-	"\fmake_parents\x18\x03 \x01(\bR\vmakeParents\"8\n" +
+	"\fmake_parents\x18\x03 \x01(\bR\vmakeParents\x12\x12\n" +
+	"\x04user\x18\x04 \x01(\tR\x04user\"8\n" +
 	"\x11WriteFileResponse\x12#\n" +
 	"\rbytes_written\x18\x01 \x01(\x03R\fbytesWritten\"B\n" +
 	"\x0fReadFileRequest\x12\x12\n" +

@@ -336,7 +336,7 @@ func (b *nettestbed) copyNettool(ctx context.Context, id string) error {
 		return err
 	}
 	defer f.Close()
-	_, err = c.WriteFile(ctx, "/usr/local/bin/nettool", 0o755, f)
+	_, err = c.WriteFile(ctx, "/usr/local/bin/nettool", f, types.FileOptions{Mode: 0o755, MakeParents: true})
 	return err
 }
 
