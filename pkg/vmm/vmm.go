@@ -68,6 +68,26 @@ type VMOrchestrator interface {
 	// Cancelling ctx kills the command's process group in the guest.
 	ExecuteCommand(ctx context.Context, id string, cmd types.Command, stream ExecIO) (*types.ExecResult, error)
 
+	// WriteFile streams what r yields into path in a running VM's guest and
+	// returns how many bytes were written. path must be absolute
+	// (types.ErrInvalid otherwise). Only the permission bits of o.Mode are
+	// used (0: 0644); o.User owns the file and any directory made for it;
+	// without o.MakeParents a missing parent directory returns
+	// types.ErrNotFound. An unknown VM returns types.ErrNotFound, one that is
+	// not running types.ErrConflict. The content is streamed in chunks, so
+	// memory stays bounded whatever the size. Writing the same content again
+	// is harmless; if ctx ends or r fails the file may be left partly
+	// written.
+	WriteFile(ctx context.Context, id, path string, r io.Reader, o types.FileOptions) (int64, error)
+
+	// ReadFile streams the file at path in a running VM's guest to w and
+	// returns how many bytes were written to w. path must be absolute
+	// (types.ErrInvalid otherwise); a missing file returns types.ErrNotFound
+	// and a directory types.ErrInvalid, with nothing written to w. Unknown
+	// and stopped VMs fail as in WriteFile. The content is streamed in
+	// chunks; if ctx ends or w fails, w holds part of the file.
+	ReadFile(ctx context.Context, id, path string, w io.Writer) (int64, error)
+
 	// GetVMStatus returns the backend's view of one VM, or types.ErrNotFound.
 	GetVMStatus(ctx context.Context, id string) (*VMStatus, error)
 

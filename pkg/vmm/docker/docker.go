@@ -478,15 +478,9 @@ func (o *Orchestrator) ExecuteCommand(ctx context.Context, id string, cmd types.
 	if err := cmd.Validate(); err != nil {
 		return nil, err
 	}
-	if !idRE.MatchString(id) {
-		return nil, notFound(id)
-	}
-	ins, err := o.inspect(ctx, id)
+	c, ins, err := o.runningAgent(ctx, id)
 	if err != nil {
 		return nil, err
-	}
-	if !ins.State.Running {
-		return nil, fmt.Errorf("%w: vm %s is %s; start it first", types.ErrConflict, id, o.mapState(ins).State)
 	}
 	// The VM's environment (the image's and the spec's, as the container
 	// holds it) lies beneath the command's own.
@@ -496,11 +490,48 @@ func (o *Orchestrator) ExecuteCommand(ctx context.Context, id string, cmd types.
 			base[k] = v
 		}
 	}
-	c, err := o.client(id)
-	if err != nil {
-		return nil, err
-	}
 	return vmutil.Exec(ctx, c, id, base, cmd, stream)
+}
+
+// runningAgent returns the agent client of a running VM and the container
+// as inspected.
+func (o *Orchestrator) runningAgent(ctx context.Context, id string) (*agent.Client, container.InspectResponse, error) {
+	if !idRE.MatchString(id) {
+		return nil, container.InspectResponse{}, notFound(id)
+	}
+	ins, err := o.inspect(ctx, id)
+	if err != nil {
+		return nil, ins, err
+	}
+	if !ins.State.Running {
+		return nil, ins, fmt.Errorf("%w: vm %s is %s; start it first", types.ErrConflict, id, o.mapState(ins).State)
+	}
+	c, err := o.client(id)
+	return c, ins, err
+}
+
+// WriteFile implements vmm.VMOrchestrator.
+func (o *Orchestrator) WriteFile(ctx context.Context, id, path string, r io.Reader, opts types.FileOptions) (int64, error) {
+	if err := vmutil.CheckPath(path); err != nil {
+		return 0, err
+	}
+	c, _, err := o.runningAgent(ctx, id)
+	if err != nil {
+		return 0, err
+	}
+	return vmutil.WriteFile(ctx, c, id, path, r, opts)
+}
+
+// ReadFile implements vmm.VMOrchestrator.
+func (o *Orchestrator) ReadFile(ctx context.Context, id, path string, w io.Writer) (int64, error) {
+	if err := vmutil.CheckPath(path); err != nil {
+		return 0, err
+	}
+	c, _, err := o.runningAgent(ctx, id)
+	if err != nil {
+		return 0, err
+	}
+	return vmutil.ReadFile(ctx, c, id, path, w)
 }
 
 // GetVMStatus implements vmm.VMOrchestrator.

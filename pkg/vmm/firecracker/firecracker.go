@@ -26,6 +26,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -979,29 +980,59 @@ func (o *Orchestrator) ExecuteCommand(ctx context.Context, id string, cmd types.
 	if err := cmd.Validate(); err != nil {
 		return nil, err
 	}
+	c, rec, err := o.runningAgent(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	return vmutil.Exec(ctx, c, id, rec.Env, cmd, stream)
+}
+
+// runningAgent returns the agent client of a running VM and its record.
+func (o *Orchestrator) runningAgent(ctx context.Context, id string) (*agent.Client, *record, error) {
 	if !idRE.MatchString(id) {
-		return nil, notFound(id)
+		return nil, nil, notFound(id)
 	}
 	rec, err := o.readRecord(id)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	st, err := o.status(ctx, id)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if st.State != types.VMRunning {
 		what := string(st.State)
 		if st.Detail != "" {
 			what += " (" + st.Detail + ")"
 		}
-		return nil, fmt.Errorf("%w: vm %s is %s; start it first", types.ErrConflict, id, what)
+		return nil, nil, fmt.Errorf("%w: vm %s is %s; start it first", types.ErrConflict, id, what)
 	}
 	c, err := o.client(id)
-	if err != nil {
-		return nil, err
+	return c, rec, err
+}
+
+// WriteFile implements vmm.VMOrchestrator.
+func (o *Orchestrator) WriteFile(ctx context.Context, id, path string, r io.Reader, opts types.FileOptions) (int64, error) {
+	if err := vmutil.CheckPath(path); err != nil {
+		return 0, err
 	}
-	return vmutil.Exec(ctx, c, id, rec.Env, cmd, stream)
+	c, _, err := o.runningAgent(ctx, id)
+	if err != nil {
+		return 0, err
+	}
+	return vmutil.WriteFile(ctx, c, id, path, r, opts)
+}
+
+// ReadFile implements vmm.VMOrchestrator.
+func (o *Orchestrator) ReadFile(ctx context.Context, id, path string, w io.Writer) (int64, error) {
+	if err := vmutil.CheckPath(path); err != nil {
+		return 0, err
+	}
+	c, _, err := o.runningAgent(ctx, id)
+	if err != nil {
+		return 0, err
+	}
+	return vmutil.ReadFile(ctx, c, id, path, w)
 }
 
 // GetVMStatus implements vmm.VMOrchestrator.

@@ -950,12 +950,23 @@ func (o *Orchestrator) ExecuteCommand(ctx context.Context, id string, cmd types.
 	if err := cmd.Validate(); err != nil {
 		return nil, err
 	}
+	c, vf, err := o.runningAgent(id)
+	if err != nil {
+		return nil, err
+	}
+	base := map[string]string{"PATH": guestPath, "HOME": "/root"}
+	maps.Copy(base, vf.Spec.Env)
+	return vmutil.Exec(ctx, c, id, base, cmd, stream)
+}
+
+// runningAgent returns the agent client of a running VM and its record.
+func (o *Orchestrator) runningAgent(id string) (*agent.Client, *vmFile, error) {
 	if !idRE.MatchString(id) {
-		return nil, notFound(id)
+		return nil, nil, notFound(id)
 	}
 	vf, err := o.readVM(id)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	p := o.procs(id)
 	if p == nil || !p.qemu.alive() {
@@ -963,15 +974,34 @@ func (o *Orchestrator) ExecuteCommand(ctx context.Context, id string, cmd types.
 		if vf.Failed != "" {
 			st = types.VMFailed
 		}
-		return nil, fmt.Errorf("%w: vm %s is %s; start it first", types.ErrConflict, id, st)
+		return nil, nil, fmt.Errorf("%w: vm %s is %s; start it first", types.ErrConflict, id, st)
 	}
-	base := map[string]string{"PATH": guestPath, "HOME": "/root"}
-	maps.Copy(base, vf.Spec.Env)
 	c, err := o.client(id)
-	if err != nil {
-		return nil, err
+	return c, vf, err
+}
+
+// WriteFile implements vmm.VMOrchestrator.
+func (o *Orchestrator) WriteFile(ctx context.Context, id, path string, r io.Reader, opts types.FileOptions) (int64, error) {
+	if err := vmutil.CheckPath(path); err != nil {
+		return 0, err
 	}
-	return vmutil.Exec(ctx, c, id, base, cmd, stream)
+	c, _, err := o.runningAgent(id)
+	if err != nil {
+		return 0, err
+	}
+	return vmutil.WriteFile(ctx, c, id, path, r, opts)
+}
+
+// ReadFile implements vmm.VMOrchestrator.
+func (o *Orchestrator) ReadFile(ctx context.Context, id, path string, w io.Writer) (int64, error) {
+	if err := vmutil.CheckPath(path); err != nil {
+		return 0, err
+	}
+	c, _, err := o.runningAgent(id)
+	if err != nil {
+		return 0, err
+	}
+	return vmutil.ReadFile(ctx, c, id, path, w)
 }
 
 // GetVMStatus implements vmm.VMOrchestrator.

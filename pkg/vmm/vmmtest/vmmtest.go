@@ -10,6 +10,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"io"
 	"strconv"
 	"strings"
 	"sync"
@@ -148,6 +149,10 @@ func (s *suite) testUnknownVM(t *testing.T) {
 	require.ErrorIs(t, s.o.StopVM(ctx, id, true), types.ErrNotFound, "StopVM force")
 	_, err = s.o.ExecuteCommand(ctx, id, types.Command{Cmd: "true"}, vmm.ExecIO{})
 	require.ErrorIs(t, err, types.ErrNotFound, "ExecuteCommand")
+	_, err = s.o.WriteFile(ctx, id, "/tmp/x", strings.NewReader("x"), types.FileOptions{})
+	require.ErrorIs(t, err, types.ErrNotFound, "WriteFile")
+	_, err = s.o.ReadFile(ctx, id, "/etc/hostname", io.Discard)
+	require.ErrorIs(t, err, types.ErrNotFound, "ReadFile")
 	require.NoError(t, s.o.DeleteVM(ctx, id), "DeleteVM of an unknown id must succeed")
 }
 
@@ -216,6 +221,10 @@ func (s *suite) testExecNotRunning(t *testing.T) {
 	_, err = s.o.ExecuteCommand(ctx, sp.ID, types.Command{Cmd: "true"}, vmm.ExecIO{})
 	require.ErrorIs(t, err, types.ErrConflict, "exec on a stopped VM")
 	require.Contains(t, err.Error(), "start it", "the message should say what to do")
+	_, err = s.o.WriteFile(ctx, sp.ID, "/tmp/x", strings.NewReader("x"), types.FileOptions{})
+	require.ErrorIs(t, err, types.ErrConflict, "WriteFile on a stopped VM")
+	_, err = s.o.ReadFile(ctx, sp.ID, "/etc/hostname", io.Discard)
+	require.ErrorIs(t, err, types.ErrConflict, "ReadFile on a stopped VM")
 }
 
 // testExecDeleted: once deleted, a VM is unknown.
@@ -302,6 +311,7 @@ func (s *suite) testExec(t *testing.T) {
 		{"Timeout", s.testTimeout},
 		{"OutputCap", s.testOutputCap},
 		{"Streaming", s.testStreaming},
+		{"Files", s.testFiles},
 		{"Limits", func(t *testing.T, id string) { s.testLimits(t, id, sp) }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -309,6 +319,67 @@ func (s *suite) testExec(t *testing.T) {
 			tc.fn(t, id)
 		})
 	}
+}
+
+// testFiles writes and reads files in the guest: binary content survives
+// both ways, modes and owners are applied, and each failure has its kind.
+func (s *suite) testFiles(t *testing.T, id string) {
+	ctx := s.ctx(t)
+	content := make([]byte, 3<<20+17) // several chunks, not a multiple of any
+	rand.Read(content)
+	content[0], content[len(content)/2], content[len(content)-1] = 0, 0, 0
+	dir := "/tmp/vmmtest-" + hex.EncodeToString(content[1:7])
+
+	t.Run("RoundTrip", func(t *testing.T) {
+		p := dir + "/bin.dat"
+		n, err := s.o.WriteFile(ctx, id, p, bytes.NewReader(content), types.FileOptions{Mode: 0o600, MakeParents: true})
+		require.NoError(t, err)
+		require.EqualValues(t, len(content), n)
+		var got bytes.Buffer
+		n, err = s.o.ReadFile(ctx, id, p, &got)
+		require.NoError(t, err)
+		require.EqualValues(t, len(content), n)
+		require.True(t, bytes.Equal(content, got.Bytes()), "content changed on the way")
+		require.Equal(t, "600 0\n", Sh(t, s.o, id, "stat -c '%a %u' "+p))
+	})
+	t.Run("ModeAndUser", func(t *testing.T) {
+		p := dir + "/owned/sub/f"
+		_, err := s.o.WriteFile(ctx, id, p, strings.NewReader("#!/bin/sh\n"), types.FileOptions{Mode: 0o750, User: "4321", MakeParents: true})
+		require.NoError(t, err)
+		require.Equal(t, "750 4321\n755 4321\n", Sh(t, s.o, id, "stat -c '%a %u' "+p+" "+dir+"/owned"))
+	})
+	t.Run("Errors", func(t *testing.T) {
+		tests := []struct {
+			name    string
+			write   bool
+			path    string
+			parents bool
+			kind    error
+			msg     string
+		}{
+			{name: "write below a missing directory", write: true, path: dir + "/missing/f", kind: types.ErrNotFound, msg: "does not exist"},
+			{name: "write relative", write: true, path: "tmp/f", parents: true, kind: types.ErrInvalid, msg: "relative"},
+			{name: "read missing", path: dir + "/nosuch", kind: types.ErrNotFound},
+			{name: "read relative", path: "etc/hostname", kind: types.ErrInvalid, msg: "relative"},
+			{name: "read a directory", path: "/tmp", kind: types.ErrInvalid, msg: "directory"},
+		}
+		for _, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				var err error
+				var out bytes.Buffer
+				if tt.write {
+					_, err = s.o.WriteFile(ctx, id, tt.path, strings.NewReader("x"), types.FileOptions{MakeParents: tt.parents})
+				} else {
+					_, err = s.o.ReadFile(ctx, id, tt.path, &out)
+				}
+				require.ErrorIs(t, err, tt.kind)
+				require.ErrorContains(t, err, tt.msg)
+				require.Zero(t, out.Len(), "nothing is written when the file cannot be read")
+			})
+		}
+		_, err := s.o.WriteFile(ctx, id, dir+"/made/f", strings.NewReader("x"), types.FileOptions{MakeParents: true})
+		require.NoError(t, err, "MakeParents creates the missing directory")
+	})
 }
 
 func (s *suite) testRoundTrip(t *testing.T, id string) {

@@ -85,6 +85,34 @@ func Exec(ctx context.Context, c *agent.Client, id string, base map[string]strin
 	return res, nil
 }
 
+// CheckPath rejects a guest path the agent would refuse, before any VM is
+// looked up, so the caller's mistake is reported as such.
+func CheckPath(path string) error {
+	if !strings.HasPrefix(path, "/") {
+		return fmt.Errorf("%w: guest file path %q is relative; give an absolute path", types.ErrInvalid, path)
+	}
+	return nil
+}
+
+// WriteFile streams r into path in VM id through its agent.
+func WriteFile(ctx context.Context, c *agent.Client, id, path string, r io.Reader, o types.FileOptions) (int64, error) {
+	n, err := c.WriteFile(ctx, path, r, o)
+	if err != nil {
+		return n, fmt.Errorf("vm %s: %w", id, err)
+	}
+	return n, nil
+}
+
+// ReadFile streams path in VM id to w through its agent, with no size
+// limit: the content is never held whole.
+func ReadFile(ctx context.Context, c *agent.Client, id, path string, w io.Writer) (int64, error) {
+	n, err := c.ReadFileTo(ctx, path, w, 0)
+	if err != nil {
+		return n, fmt.Errorf("vm %s: %w", id, err)
+	}
+	return n, nil
+}
+
 // Tail returns the last n lines of a log file (reading at most its last
 // 64 KiB), "(empty)" for an empty one, or why it cannot be read.
 func Tail(path string, n int) string {
