@@ -1,0 +1,104 @@
+package stack
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/aetherium/aetherium-core/pkg/api"
+	"github.com/aetherium/aetherium-core/pkg/apikey"
+	"github.com/aetherium/aetherium-core/pkg/types"
+)
+
+// APIOptions tune StartAPI. The zero value is an API with the pkg/api
+// defaults, metrics on and no limits.
+type APIOptions struct {
+	// Limits are the per-tenant defaults (api.Config.DefaultLimits).
+	Limits types.Limits
+	// MaxBodyBytes, MaxFileBytes, MaxTTL and ShutdownTimeout: see
+	// api.Config (zero: its defaults).
+	MaxBodyBytes    int64
+	MaxFileBytes    int64
+	MaxTTL          time.Duration
+	ShutdownTimeout time.Duration
+	// MetricsDisabled turns GET /metrics off.
+	MetricsDisabled bool
+	// TLSCertFile and TLSKeyFile make the API serve HTTPS; URL then starts
+	// with https://.
+	TLSCertFile string
+	TLSKeyFile  string
+}
+
+// API is an aether-api serving the stack's Service on 127.0.0.1.
+type API struct {
+	// URL is the base URL, e.g. http://127.0.0.1:41234 (no trailing /).
+	URL    string
+	Server *api.Server
+	stack  *Stack
+	keys   atomic.Int64
+	done   chan struct{} // closed when Serve returned
+	err    error         // Serve's result
+}
+
+// StartAPI runs a real api.Server over s.Service and s.Store on a free
+// port, stopped (Shutdown, then Serve's result checked) at the end of t.
+func (s *Stack) StartAPI(t testing.TB, o APIOptions) *API {
+	t.Helper()
+	srv := api.New(api.Config{
+		DefaultLimits:   o.Limits,
+		MaxBodyBytes:    o.MaxBodyBytes,
+		MaxFileBytes:    o.MaxFileBytes,
+		MaxTTL:          o.MaxTTL,
+		MetricsEnabled:  !o.MetricsDisabled,
+		ShutdownTimeout: o.ShutdownTimeout,
+		TLSCertFile:     o.TLSCertFile,
+		TLSKeyFile:      o.TLSKeyFile,
+	}, s.Service, s.Store, logger(t).With("component", "api"), api.WithStore(s.Store))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	scheme := "http"
+	if o.TLSCertFile != "" && o.TLSKeyFile != "" {
+		scheme = "https"
+	}
+	a := &API{URL: fmt.Sprintf("%s://%s", scheme, ln.Addr()), Server: srv, stack: s, done: make(chan struct{})}
+	go func() {
+		a.err = srv.Serve(context.Background(), ln)
+		close(a.done)
+	}()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := srv.Shutdown(ctx); err != nil {
+			t.Errorf("stopping the API: %v", err)
+		}
+		if err := a.Wait(); err != nil {
+			t.Errorf("API server: %v", err)
+		}
+	})
+	return a
+}
+
+// Key creates an API key in the stack's store and returns it whole, for
+// an Authorization: Bearer header or AETHERIUM_API_KEY. An empty o.Name
+// gets a unique one; an empty o.Tenant is apikey.DefaultTenant.
+func (a *API) Key(t testing.TB, o apikey.Options) string {
+	t.Helper()
+	if o.Name == "" {
+		o.Name = fmt.Sprintf("test-key-%d", a.keys.Add(1))
+	}
+	_, key, err := apikey.Create(context.Background(), a.stack.Store, o)
+	require.NoError(t, err)
+	return key
+}
+
+// Wait blocks until Serve has returned (after a Shutdown) and returns its
+// error.
+func (a *API) Wait() error {
+	<-a.done
+	return a.err
+}

@@ -1,0 +1,307 @@
+package api
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"mime"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/aetherium/aetherium-core/pkg/queue"
+	"github.com/aetherium/aetherium-core/pkg/service"
+	"github.com/aetherium/aetherium-core/pkg/types"
+)
+
+// NDJSON is the media type of output streams: one JSON Event per line.
+const NDJSON = "application/x-ndjson"
+
+// ExecRequest is the body of POST /v1/vms/{id}/exec and one command of a
+// job.
+type ExecRequest struct {
+	Command        string            `json:"command"`
+	Args           []string          `json:"args,omitempty"`
+	Env            map[string]string `json:"env,omitempty"`
+	Cwd            string            `json:"cwd,omitempty"`
+	User           string            `json:"user,omitempty"`
+	TimeoutSeconds int64             `json:"timeout_seconds,omitempty"`
+	StdinB64       string            `json:"stdin_b64,omitempty"`
+}
+
+// JobRequest is the body of POST /v1/vms/{id}/jobs.
+type JobRequest struct {
+	Commands      []ExecRequest `json:"commands"`
+	StopOnFailure bool          `json:"stop_on_failure,omitempty"`
+}
+
+// Event is one line of an output stream: "start" (exec only, first),
+// then "stdout"/"stderr" chunks as produced, then "exit" or "error".
+type Event struct {
+	Type        string     `json:"type"`
+	ExecutionID string     `json:"execution_id,omitempty"`
+	DataB64     string     `json:"data_b64,omitempty"`
+	ExitCode    *int       `json:"exit_code,omitempty"`
+	TimedOut    *bool      `json:"timed_out,omitempty"`
+	Error       *errorBody `json:"error,omitempty"`
+}
+
+// command turns a request into a command to queue.
+func (req ExecRequest) command() (types.Command, error) {
+	c := types.Command{Cmd: req.Command, Args: req.Args, Env: req.Env, Cwd: req.Cwd, User: req.User}
+	const maxSec = int64(1<<63-1) / int64(time.Second)
+	if req.TimeoutSeconds > maxSec {
+		return c, fmt.Errorf("%w: timeout_seconds %d is too large", types.ErrInvalid, req.TimeoutSeconds)
+	}
+	c.Timeout = time.Duration(req.TimeoutSeconds) * time.Second
+	if req.StdinB64 != "" {
+		in, err := base64.StdEncoding.DecodeString(req.StdinB64)
+		if err != nil {
+			return c, badRequest("stdin_b64 is not standard base64: %v", err)
+		}
+		c.Stdin = in
+	}
+	return c, nil
+}
+
+// wantsNDJSON reports whether the Accept header asks for an NDJSON stream.
+func wantsNDJSON(r *http.Request) bool {
+	for _, part := range strings.Split(r.Header.Get("Accept"), ",") {
+		if mt, _, err := mime.ParseMediaType(strings.TrimSpace(part)); err == nil && mt == NDJSON {
+			return true
+		}
+	}
+	return false
+}
+
+func (s *Server) exec(w http.ResponseWriter, r *http.Request) error {
+	vmID, err := pathID(r, "id")
+	if err != nil {
+		return err
+	}
+	var req ExecRequest
+	if err := s.decode(w, r, &req); err != nil {
+		return err
+	}
+	cmd, err := req.command()
+	if err != nil {
+		return err
+	}
+	stream := wantsNDJSON(r)
+	id, err := s.svc.ExecuteCommandTaskWithOptions(r.Context(), vmID.String(), cmd, service.ExecOptions{Stream: stream})
+	if err != nil {
+		return err
+	}
+	s.log.Debug("command submitted", "vm_id", vmID, "task_id", id, "stream", stream)
+	if stream {
+		ew := newEventWriter(w)
+		if ew.send(Event{Type: "start", ExecutionID: id.String()}) == nil {
+			s.pump(r, ew, id)
+		}
+		return nil
+	}
+	t, err := s.wait(r.Context(), id, "the command goes on and its result is recorded at GET /v1/executions/"+id.String())
+	if err != nil {
+		return err
+	}
+	e, err := s.svc.GetExecution(r.Context(), id)
+	if errors.Is(err, types.ErrNotFound) && t.State == types.TaskFailed {
+		return &Error{Status: http.StatusInternalServerError, Code: CodeExecFailed,
+			Message: fmt.Sprintf("the command could not run: %s", t.Error)}
+	}
+	if err != nil {
+		return err
+	}
+	return writeJSON(w, http.StatusOK, e)
+}
+
+func (s *Server) taskOutput(w http.ResponseWriter, r *http.Request) error {
+	id, err := pathID(r, "id")
+	if err != nil {
+		return err
+	}
+	if _, err := s.svc.GetTask(r.Context(), id); err != nil {
+		return err
+	}
+	s.pump(r, newEventWriter(w), id)
+	return nil
+}
+
+// drainGrace is how long a stream waits for the exit chunk after its task
+// ended (a worker that crashed publishes none) before it answers from the
+// stored execution.
+const drainGrace = 2 * time.Second
+
+// pump copies a streamed task's output to ew until the command ends, the
+// client leaves (the task runs on: it is never cancelled from here) or
+// Shutdown begins (a last "unavailable" line says where the result will
+// be).
+func (s *Server) pump(r *http.Request, ew *eventWriter, id uuid.UUID) {
+	defer ew.close()
+	ctx, cancel := context.WithCancel(r.Context())
+	defer cancel()
+	type outcome struct {
+		exit *queue.ExitInfo
+		err  error
+	}
+	done := make(chan outcome, 1)
+	go func() {
+		ei, err := s.svc.StreamOutput(ctx, id, ew.sink("stdout"), ew.sink("stderr"))
+		done <- outcome{ei, err}
+	}()
+	ended := make(chan *types.Task, 1)
+	go func() {
+		if t, err := s.svc.WaitTask(ctx, id); err == nil {
+			ended <- t
+		}
+	}()
+	finish := func() {
+		ew.stopOutput()
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(2 * time.Second):
+		}
+	}
+	var task *types.Task
+	var grace <-chan time.Time
+	for {
+		select {
+		case o := <-done:
+			switch {
+			case o.err != nil && r.Context().Err() != nil:
+			case o.err != nil:
+				_, body := httpError(o.err, infoOf(r.Context()).id)
+				s.log.Warn("streaming output failed", "task_id", id, "error", o.err)
+				ew.send(Event{Type: "error", Error: &body})
+			case o.exit.Error != "":
+				ew.send(Event{Type: "error", Error: &errorBody{CodeExecFailed, "the command could not run: " + o.exit.Error}})
+			default:
+				ew.send(exitEvent(o.exit.ExitCode, o.exit.TimedOut))
+			}
+			return
+		case task = <-ended:
+			grace = time.After(drainGrace)
+		case <-grace:
+			finish()
+			bg := context.WithoutCancel(r.Context())
+			if e, err := s.svc.GetExecution(bg, id); err == nil {
+				ew.send(exitEvent(e.ExitCode, e.TimedOut))
+			} else {
+				msg := cmpString(task.Error, "the command's task ended without a result")
+				ew.send(Event{Type: "error", Error: &errorBody{CodeExecFailed, "the command could not run: " + msg}})
+			}
+			return
+		case <-s.closing:
+			ew.stopOutput()
+			ew.send(Event{Type: "error", Error: &errorBody{CodeUnavailable,
+				"the server is shutting down; the command goes on and its result is recorded at GET /v1/executions/" + id.String()}})
+			finish()
+			return
+		case <-r.Context().Done():
+			finish()
+			return
+		}
+	}
+}
+
+func exitEvent(code int, timedOut bool) Event {
+	return Event{Type: "exit", ExitCode: &code, TimedOut: &timedOut}
+}
+
+func cmpString(a, b string) string {
+	if a != "" {
+		return a
+	}
+	return b
+}
+
+// eventWriter writes events as NDJSON lines, each flushed at once. The
+// output goroutine and the handler share it, so lines are whole and
+// nothing is written once it is closed.
+type eventWriter struct {
+	mu     sync.Mutex
+	w      http.ResponseWriter
+	rc     *http.ResponseController
+	closed bool
+	// outputStopped refuses output chunks but not the handler's last line.
+	outputStopped bool
+	err           error
+}
+
+// writeTimeout bounds each line's write, so a client that stops reading
+// cannot hold a handler (or the shutdown) forever.
+const writeTimeout = 30 * time.Second
+
+func newEventWriter(w http.ResponseWriter) *eventWriter {
+	w.Header().Set("Content-Type", NDJSON)
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(http.StatusOK)
+	rc := http.NewResponseController(w)
+	_ = rc.Flush()
+	return &eventWriter{w: w, rc: rc}
+}
+
+func (e *eventWriter) send(ev Event) error { return e.write(ev, false) }
+
+// write writes one line unless the writer is closed (or, for output
+// chunks, the output stopped).
+func (e *eventWriter) write(ev Event, output bool) error {
+	b, err := json.Marshal(ev)
+	if err != nil {
+		return err
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.closed || (output && e.outputStopped) {
+		return errStreamClosed
+	}
+	if e.err != nil {
+		return e.err
+	}
+	_ = e.rc.SetWriteDeadline(time.Now().Add(writeTimeout))
+	if _, err := e.w.Write(append(b, '\n')); err != nil {
+		e.err = err
+		return err
+	}
+	e.err = e.rc.Flush()
+	return e.err
+}
+
+var errStreamClosed = errors.New("output stream closed")
+
+// stopOutput makes every later output chunk fail, so the handler's last
+// line is the last; a line being written is finished first.
+func (e *eventWriter) stopOutput() {
+	e.mu.Lock()
+	e.outputStopped = true
+	e.mu.Unlock()
+}
+
+// close stops every later write.
+func (e *eventWriter) close() {
+	e.mu.Lock()
+	e.closed = true
+	e.mu.Unlock()
+}
+
+// sink is an io.Writer turning each chunk into one event of kind.
+func (e *eventWriter) sink(kind string) sinkWriter { return sinkWriter{e, kind} }
+
+type sinkWriter struct {
+	e    *eventWriter
+	kind string
+}
+
+func (s sinkWriter) Write(p []byte) (int, error) {
+	if err := s.e.write(Event{Type: s.kind, DataB64: base64.StdEncoding.EncodeToString(p)}, true); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
