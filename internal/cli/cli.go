@@ -1,6 +1,12 @@
 // Package cli is aether-cli: a docker-like, scriptable command line over
 // the public TaskService API. Exit codes: 0 success, the command's own code
 // for exec, 2 bad usage or invalid input, 1 anything else.
+//
+// The commands on VMs, executions, files, tasks and jobs see only
+// service.TaskService: with api_url set (AETHERIUM_API_URL) it is a
+// pkg/client talking to aether-api, else the service on PostgreSQL and
+// Redis. Output and exit codes are the same either way. Commands that need
+// the host (doctor, image, network, apikey) use wiring.
 package cli
 
 import (
@@ -16,7 +22,9 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/aetherium/aetherium-core/internal/wiring"
+	"github.com/aetherium/aetherium-core/pkg/client"
 	"github.com/aetherium/aetherium-core/pkg/config"
+	"github.com/aetherium/aetherium-core/pkg/service"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
@@ -54,8 +62,9 @@ type app struct {
 	stdout  io.Writer
 	stderr  io.Writer
 
-	cfg *config.Config
-	svc *wiring.Service
+	cfg      *config.Config
+	svc      service.TaskService
+	closeSvc func()
 }
 
 // Main runs the CLI with args and returns the exit code.
@@ -67,8 +76,8 @@ func Main(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	err := root.Execute()
-	if a.svc != nil {
-		a.svc.Close()
+	if a.closeSvc != nil {
+		a.closeSvc()
 	}
 	if err != nil {
 		var ee exitError
@@ -90,7 +99,7 @@ func (a *app) rootCmd() *cobra.Command {
 	root.PersistentFlags().BoolVar(&a.json, "json", false, "print JSON with stable fields")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	root.AddCommand(a.vmCmd(), a.execCmd(), a.executionsCmd(), a.taskCmd(), a.jobCmd(), a.doctorCmd(), a.workersCmd(),
-		a.newImageCmd(), a.networkCmd(wiring.NetworkConfig))
+		a.newImageCmd(), a.networkCmd(wiring.NetworkConfig), a.cpCmd(), a.apikeyCmd())
 	return root
 }
 
@@ -115,8 +124,9 @@ func (a *app) config() (*config.Config, error) {
 	return a.cfg, nil
 }
 
-// service connects on first use.
-func (a *app) service(ctx context.Context) (*wiring.Service, error) {
+// service returns the TaskService, connecting on first use: aether-api
+// when the config names one (remote mode), else PostgreSQL and Redis.
+func (a *app) service(ctx context.Context) (service.TaskService, error) {
 	if a.svc != nil {
 		return a.svc, nil
 	}
@@ -124,13 +134,21 @@ func (a *app) service(ctx context.Context) (*wiring.Service, error) {
 	if err != nil {
 		return nil, err
 	}
+	if c.APIURL != "" {
+		cl, err := client.New(c.APIURL, c.APIKey, client.WithUserAgent("aether-cli"))
+		if err != nil {
+			return nil, err
+		}
+		a.svc, a.closeSvc = cl, cl.Close
+		return cl, nil
+	}
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	svc, err := wiring.OpenService(cctx, c, wiring.Logger(config.Log{Level: "error"}, os.Stderr))
 	if err != nil {
 		return nil, err
 	}
-	a.svc = svc
+	a.svc, a.closeSvc = svc, svc.Close
 	return svc, nil
 }
 

@@ -3,8 +3,10 @@ package cli_test
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -16,6 +18,7 @@ import (
 	"github.com/aetherium/aetherium-core/internal/cli"
 	"github.com/aetherium/aetherium-core/internal/testenv"
 	"github.com/aetherium/aetherium-core/internal/testenv/stack"
+	"github.com/aetherium/aetherium-core/pkg/apikey"
 	"github.com/aetherium/aetherium-core/pkg/network"
 )
 
@@ -44,16 +47,35 @@ func run(t *testing.T, cfg string, stdin string, args ...string) result {
 }
 
 // TestSession is the CLI-only session of the foundation issue, run against
-// containers (docker) and real microVMs (qemu).
+// containers (docker) and real microVMs (qemu), in local mode (PostgreSQL
+// and Redis directly) and in remote mode (through a real aether-api, with
+// AETHERIUM_API_URL and AETHERIUM_API_KEY set). Both modes must print the
+// same and exit with the same codes.
 func TestSession(t *testing.T) {
 	for _, provider := range []string{"docker", "qemu"} {
-		t.Run(provider, func(t *testing.T) { testSession(t, provider) })
+		for _, mode := range []string{"local", "remote"} {
+			t.Run(provider+"/"+mode, func(t *testing.T) { testSession(t, provider, mode == "remote") })
+		}
 	}
 }
 
-func testSession(t *testing.T, provider string) {
+// remote points the CLI at an aether-api over s, with a key of tenant
+// "team-a", and returns the API.
+func remote(t *testing.T, s *stack.Stack) *stack.API {
+	api := s.StartAPI(t, stack.APIOptions{})
+	t.Setenv("AETHERIUM_API_URL", api.URL)
+	t.Setenv("AETHERIUM_API_KEY", api.Key(t, apikey.Options{Tenant: "team-a"}))
+	return api
+}
+
+func testSession(t *testing.T, provider string, remoteMode bool) {
 	s := stack.Start(t, stack.Options{Provider: provider})
 	cfg := s.ConfigFile(t)
+	tenant := ""
+	if remoteMode {
+		remote(t, s)
+		tenant = "team-a"
+	}
 
 	r := run(t, cfg, "", "vm", "create", "--name", "cli-demo", "--wait")
 	require.Equal(t, 0, r.code, r.stderr)
@@ -93,15 +115,38 @@ func testSession(t *testing.T, provider string) {
 	require.Equal(t, 0, r.code)
 	require.Contains(t, r.stdout, "timeout")
 
+	r = run(t, cfg, "", "--json", "exec", vmID, "--", "sh", "-c", "echo json-out; exit 5")
+	require.Equal(t, 5, r.code, r.stderr)
+	var ex map[string]any
+	require.NoError(t, json.Unmarshal([]byte(r.stdout), &ex))
+	require.Equal(t, "json-out\n", ex["stdout"])
+	require.EqualValues(t, 5, ex["exit_code"])
+
 	r = run(t, cfg, "", "--json", "vm", "get", vmID)
 	require.Equal(t, 0, r.code)
 	var vm map[string]any
 	require.NoError(t, json.Unmarshal([]byte(r.stdout), &vm))
-	for _, k := range []string{"id", "name", "state", "vcpus", "memory_mb", "provider", "error"} {
+	for _, k := range []string{"id", "name", "state", "vcpus", "memory_mb", "provider", "error", "tenant", "expires_at"} {
 		require.Contains(t, vm, k)
 	}
 	require.Equal(t, "running", vm["state"])
 	require.Equal(t, provider, vm["provider"])
+	require.Equal(t, tenant, vm["tenant"])
+	require.Nil(t, vm["expires_at"])
+
+	r = run(t, cfg, "", "vm", "ttl", vmID, "30m")
+	require.Equal(t, 0, r.code, r.stderr)
+	exp, err := time.Parse(time.RFC3339, strings.TrimSpace(r.stdout))
+	require.NoError(t, err, r.stdout)
+	require.WithinDuration(t, time.Now().Add(30*time.Minute), exp, time.Minute)
+	r = run(t, cfg, "", "--json", "vm", "ttl", vmID, "1h")
+	require.Equal(t, 0, r.code, r.stderr)
+	require.NoError(t, json.Unmarshal([]byte(r.stdout), &vm))
+	require.NotNil(t, vm["expires_at"])
+	r = run(t, cfg, "", "vm", "ttl", vmID, "soon")
+	require.Equal(t, 2, r.code, r.stderr)
+
+	testCopy(t, cfg, vmID)
 
 	r = run(t, cfg, "", "vm", "list")
 	require.Equal(t, 0, r.code)
@@ -126,6 +171,55 @@ func testSession(t *testing.T, provider string) {
 		require.NoError(t, err, string(out))
 		require.Empty(t, strings.TrimSpace(string(out)), "a container of the vm remains")
 	}
+
+	if remoteMode {
+		t.Setenv("AETHERIUM_API_KEY", "aek_0123456789abcdef_"+strings.Repeat("x", 43))
+		r = run(t, cfg, "", "vm", "list")
+		require.Equal(t, 1, r.code, r.stderr)
+		require.Contains(t, r.stderr, "API key was refused")
+		require.Contains(t, r.stderr, "AETHERIUM_API_KEY")
+	}
+}
+
+// testCopy copies binary content into the VM and back, through files and
+// through stdin and stdout.
+func testCopy(t *testing.T, cfg, vmID string) {
+	content := make([]byte, 3<<20+17)
+	for i := range content {
+		content[i] = byte(i*7 + i>>11)
+	}
+	dir := t.TempDir()
+	src := filepath.Join(dir, "blob.bin")
+	require.NoError(t, os.WriteFile(src, content, 0o600))
+
+	r := run(t, cfg, "", "cp", "--mkdir", "--mode", "0640", src, vmID+":/tmp/cp/in/blob.bin")
+	require.Equal(t, 0, r.code, r.stderr)
+	r = run(t, cfg, "", "exec", vmID, "--", "sh", "-c", "stat -c '%a %s' /tmp/cp/in/blob.bin")
+	require.Equal(t, 0, r.code, r.stderr)
+	require.Equal(t, fmt.Sprintf("640 %d\n", len(content)), r.stdout)
+
+	out := filepath.Join(dir, "back.bin")
+	r = run(t, cfg, "", "cp", vmID+":/tmp/cp/in/blob.bin", out)
+	require.Equal(t, 0, r.code, r.stderr)
+	got, err := os.ReadFile(out)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(content, got), "the file came back changed")
+
+	r = run(t, cfg, "piped\x00bytes", "cp", "-", vmID+":/tmp/cp/stdin.bin")
+	require.Equal(t, 0, r.code, r.stderr)
+	r = run(t, cfg, "", "cp", vmID+":/tmp/cp/stdin.bin", "-")
+	require.Equal(t, 0, r.code, r.stderr)
+	require.Equal(t, "piped\x00bytes", r.stdout)
+
+	// A missing file: an error, and no local file appears.
+	r = run(t, cfg, "", "cp", vmID+":/tmp/cp/missing", filepath.Join(dir, "missing"))
+	require.Equal(t, 1, r.code, r.stderr)
+	require.NoFileExists(t, filepath.Join(dir, "missing"))
+	entries, err := os.ReadDir(dir)
+	require.NoError(t, err)
+	require.Len(t, entries, 2, "no temporary file is left behind")
+	r = run(t, cfg, "", "cp", src, "relative/path")
+	require.Equal(t, 2, r.code, r.stderr)
 }
 
 func TestUsageAndErrors(t *testing.T) {
@@ -164,10 +258,28 @@ func TestDoctor(t *testing.T) {
 	s := stack.Start(t, stack.Options{})
 	cfg := s.ConfigFile(t)
 	t.Setenv("AETHERIUM_VMM_DOCKER_HOST", s.DockerHost)
+	t.Setenv("AETHERIUM_API_LISTEN", "127.0.0.1:"+strconv.Itoa(testenv.FreePort(t)))
 	r := run(t, cfg, "", "doctor")
 	require.Equal(t, 0, r.code, r.stdout+r.stderr)
 	require.Contains(t, r.stdout, "postgresql")
 	require.Contains(t, r.stdout, "worker w1")
+	require.Regexp(t, `warn\s+aether-api`, r.stdout, "an API that is not running only warns")
+	require.Contains(t, r.stdout, "make up")
+
+	// In remote mode the API must answer.
+	api := s.StartAPI(t, stack.APIOptions{})
+	t.Setenv("AETHERIUM_API_URL", api.URL)
+	r = run(t, cfg, "", "doctor")
+	require.Equal(t, 0, r.code, r.stdout+r.stderr)
+	require.Regexp(t, `ok\s+aether-api`, r.stdout)
+	t.Setenv("AETHERIUM_API_URL", "http://127.0.0.1:"+strconv.Itoa(testenv.FreePort(t)))
+	r = run(t, cfg, "", "doctor")
+	require.Equal(t, 1, r.code, r.stdout+r.stderr)
+	require.Regexp(t, `FAIL\s+aether-api`, r.stdout)
+	r = run(t, cfg, "", "vm", "list")
+	require.Equal(t, 1, r.code)
+	require.Contains(t, r.stderr, "cannot reach aether-api")
+	t.Setenv("AETHERIUM_API_URL", "")
 
 	// PostgreSQL and Redis down: each failure comes with its fix.
 	t.Setenv("AETHERIUM_STORAGE_PORT", strconv.Itoa(testenv.FreePort(t)))
@@ -253,4 +365,70 @@ func TestSessionNetwork(t *testing.T) {
 	require.Empty(t, st.VMRules, "the VM's rules outlived its delete")
 	require.Empty(t, st.Leases, "the VM's address lease outlived its delete")
 	require.NoError(t, m.Teardown(t.Context()))
+}
+
+// TestAPIKeys: keys are made, listed and revoked in local mode, and
+// aether-api takes a new key at once and refuses it once revoked.
+func TestAPIKeys(t *testing.T) {
+	s := stack.Start(t, stack.Options{})
+	cfg := s.ConfigFile(t)
+	api := s.StartAPI(t, stack.APIOptions{})
+
+	r := run(t, cfg, "", "apikey", "create", "ci", "--tenant", "team-b", "--max-vms", "3")
+	require.Equal(t, 0, r.code, r.stderr)
+	key := strings.TrimSpace(r.stdout)
+	require.True(t, strings.HasPrefix(key, apikey.Prefix), r.stdout)
+	require.Equal(t, key+"\n", r.stdout, "the key alone, for $(...)")
+
+	r = run(t, cfg, "", "--json", "apikey", "create", "admin-key", "--admin")
+	require.Equal(t, 0, r.code, r.stderr)
+	var created map[string]any
+	require.NoError(t, json.Unmarshal([]byte(r.stdout), &created))
+	for _, k := range []string{"id", "name", "tenant", "key", "created_at"} {
+		require.Contains(t, created, k)
+	}
+	require.Equal(t, apikey.DefaultTenant, created["tenant"])
+	require.Equal(t, created["id"], apikey.ID(created["key"].(string)))
+
+	r = run(t, cfg, "", "apikey", "create", "bad/name")
+	require.Equal(t, 2, r.code, r.stderr)
+
+	r = run(t, cfg, "", "apikey", "list")
+	require.Equal(t, 0, r.code, r.stderr)
+	require.Contains(t, r.stdout, "team-b")
+	require.Contains(t, r.stdout, "admin-key")
+	r2 := run(t, cfg, "", "--json", "apikey", "list")
+	require.Equal(t, 0, r2.code, r2.stderr)
+	var keys []map[string]any
+	require.NoError(t, json.Unmarshal([]byte(r2.stdout), &keys))
+	require.Len(t, keys, 2)
+	require.EqualValues(t, 3, keys[0]["limits"].(map[string]any)["max_vms"])
+	for _, out := range []string{r.stdout, r2.stdout} {
+		require.NotContains(t, out, key[len(apikey.Prefix)+17:], "list never shows a secret")
+		require.NotContains(t, out, created["key"].(string)[len(apikey.Prefix)+17:])
+	}
+
+	// The new key works against the API at once.
+	t.Setenv("AETHERIUM_API_URL", api.URL)
+	t.Setenv("AETHERIUM_API_KEY", key)
+	r = run(t, cfg, "", "vm", "list")
+	require.Equal(t, 0, r.code, r.stderr)
+
+	id := apikey.ID(key)
+	r = run(t, cfg, "", "apikey", "revoke", id)
+	require.Equal(t, 0, r.code, r.stderr)
+	require.Equal(t, id+"\n", r.stdout)
+	r = run(t, cfg, "", "apikey", "revoke", id)
+	require.Equal(t, 0, r.code, "revoking twice is fine: %s", r.stderr)
+	r = run(t, cfg, "", "apikey", "revoke", "0000000000000000")
+	require.Equal(t, 1, r.code, r.stderr)
+	require.Contains(t, r.stderr, "not found")
+
+	r = run(t, cfg, "", "vm", "list")
+	require.Equal(t, 1, r.code, r.stderr)
+	require.Contains(t, r.stderr, "API key was refused")
+	r = run(t, cfg, "", "--json", "apikey", "list")
+	require.Equal(t, 0, r.code, r.stderr)
+	require.NoError(t, json.Unmarshal([]byte(r.stdout), &keys))
+	require.NotNil(t, keys[0]["revoked_at"])
 }

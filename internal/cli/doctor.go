@@ -3,12 +3,14 @@ package cli
 import (
 	"context"
 	"fmt"
+	"net"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/aetherium/aetherium-core/internal/wiring"
+	"github.com/aetherium/aetherium-core/pkg/client"
 	"github.com/aetherium/aetherium-core/pkg/config"
 	"github.com/aetherium/aetherium-core/pkg/storage"
 	"github.com/aetherium/aetherium-core/pkg/storage/postgres"
@@ -20,6 +22,9 @@ type check struct {
 	OK     bool   `json:"ok"`
 	Detail string `json:"detail"`
 	Fix    string `json:"fix,omitempty"`
+	// Warning marks a check whose failure does not fail doctor: something
+	// that may simply not be meant to run here.
+	Warning bool `json:"warning,omitempty"`
 }
 
 // workerStale is how old a heartbeat may be before its worker counts as down.
@@ -34,7 +39,7 @@ func (a *app) doctorCmd() *cobra.Command {
 			checks := a.diagnose(cmd.Context())
 			failed := 0
 			for _, c := range checks {
-				if !c.OK {
+				if !c.OK && !c.Warning {
 					failed++
 				}
 			}
@@ -46,7 +51,10 @@ func (a *app) doctorCmd() *cobra.Command {
 				tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
 				for _, c := range checks {
 					status := "ok"
-					if !c.OK {
+					switch {
+					case !c.OK && c.Warning:
+						status = "warn"
+					case !c.OK:
 						status = "FAIL"
 					}
 					fmt.Fprintf(tw, "%s\t%s\t%s\n", status, c.Name, c.Detail)
@@ -108,7 +116,54 @@ func (a *app) diagnose(ctx context.Context) []check {
 	}
 	add("vmm "+cfg.VMM.Provider, wiring.CheckVMM(ctx, cfg), "usable from this host",
 		"Worker can't create VMs: "+vmmFix(cfg.VMM.Provider))
+	out = append(out, checkAPI(ctx, cfg))
 	return out
+}
+
+// apiHealthTimeout bounds doctor's GET /healthz.
+const apiHealthTimeout = 3 * time.Second
+
+// checkAPI asks aether-api for /healthz: at api_url when the CLI is in
+// remote mode (then a failure fails doctor: no command would work), else at
+// api.listen, where it only warns, as the API need not run for the local
+// CLI.
+func checkAPI(ctx context.Context, cfg *config.Config) check {
+	u, remote := cfg.APIURL, cfg.APIURL != ""
+	if !remote {
+		if cfg.API.Listen == "" || cfg.API.Listen == "off" {
+			return check{Name: "aether-api", OK: true, Detail: "api.listen is off"}
+		}
+		host, port, err := net.SplitHostPort(cfg.API.Listen)
+		if err != nil {
+			return check{Name: "aether-api", Detail: err.Error(), Fix: "set api.listen to host:port, e.g. 127.0.0.1:8080", Warning: true}
+		}
+		if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+			host = "127.0.0.1"
+		}
+		scheme := "http"
+		if cfg.API.TLSCertFile != "" {
+			scheme = "https"
+		}
+		u = scheme + "://" + net.JoinHostPort(host, port)
+	}
+	c := check{Name: "aether-api", Warning: !remote}
+	cl, err := client.New(u, "")
+	if err == nil {
+		defer cl.Close()
+		hctx, cancel := context.WithTimeout(ctx, apiHealthTimeout)
+		defer cancel()
+		err = cl.Health(hctx)
+	}
+	if err != nil {
+		c.Detail = fmt.Sprintf("no answer at %s/healthz: %v", u, err)
+		c.Fix = "start it with `make up` (or `aether-api`)"
+		if remote {
+			c.Fix += ", or point AETHERIUM_API_URL (api_url) at a running one"
+		}
+		return c
+	}
+	c.OK, c.Detail = true, "answers at "+u
+	return c
 }
 
 func (a *app) checkWorkers(ctx context.Context, store storage.Store, cfg *config.Config, add func(string, error, string, string) bool) {

@@ -62,9 +62,9 @@ through; Ctrl-C ends the remote command. The exit code is the command's
 				return err
 			}
 			if a.json {
-				return a.execJSON(cmd.Context(), svc.Service, vmID, c)
+				return a.execJSON(cmd.Context(), svc, vmID, c)
 			}
-			return a.execInteractive(cmd.Context(), svc.Service, vmID, c)
+			return a.execInteractive(cmd.Context(), svc, vmID, c)
 		},
 	}
 	f := cmd.Flags()

@@ -19,10 +19,15 @@ type vmView struct {
 	Error    string        `json:"error"`
 	Owner    string        `json:"owner"`
 	Network  string        `json:"network"`
+	// Tenant is empty for VMs made without an API key (the local CLI).
+	Tenant string `json:"tenant"`
+	// ExpiresAt is null for a VM that lives until deleted.
+	ExpiresAt *time.Time `json:"expires_at"`
 }
 
 func newVMView(v *types.VM) vmView {
-	return vmView{ID: v.ID, Name: v.Name, State: v.State, VCPUs: v.VCPUs, MemoryMB: v.MemoryMB, Provider: v.Provider, Error: v.Error, Owner: v.Owner, Network: v.Network}
+	return vmView{ID: v.ID, Name: v.Name, State: v.State, VCPUs: v.VCPUs, MemoryMB: v.MemoryMB, Provider: v.Provider, Error: v.Error, Owner: v.Owner, Network: v.Network,
+		Tenant: v.Tenant, ExpiresAt: v.ExpiresAt}
 }
 
 type taskView struct {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"text/tabwriter"
+	"time"
 
 	"github.com/google/uuid"
 	"github.com/spf13/cobra"
@@ -14,7 +15,7 @@ import (
 
 func (a *app) vmCmd() *cobra.Command {
 	vm := &cobra.Command{Use: "vm", Short: "Create, inspect and delete VMs"}
-	vm.AddCommand(a.vmCreateCmd(), a.vmListCmd(), a.vmGetCmd(),
+	vm.AddCommand(a.vmCreateCmd(), a.vmListCmd(), a.vmGetCmd(), a.vmTTLCmd(),
 		a.vmTaskCmd("delete", "Delete a VM and everything it holds", service.TaskService.DeleteVMTask),
 		a.vmTaskCmd("stop", "Stop a running VM", service.TaskService.StopVMTask),
 		a.vmTaskCmd("start", "Start a stopped VM", service.TaskService.StartVMTask))
@@ -28,7 +29,7 @@ func (a *app) vmCreateCmd() *cobra.Command {
 		wait        bool
 	)
 	cmd := &cobra.Command{
-		Use:   "create --name NAME [--vcpus N] [--memory MiB] [--wait]",
+		Use:   "create --name NAME [--vcpus N] [--memory MiB] [--ttl 10m] [--wait]",
 		Short: "Create a VM and print its id",
 		Args:  args(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -48,7 +49,7 @@ func (a *app) vmCreateCmd() *cobra.Command {
 				return err
 			}
 			if wait {
-				if err := a.waitOK(cmd.Context(), svc.Service, id); err != nil {
+				if err := a.waitOK(cmd.Context(), svc, id); err != nil {
 					return err
 				}
 			}
@@ -70,6 +71,7 @@ func (a *app) vmCreateCmd() *cobra.Command {
 	f.StringArrayVar(&labels, "label", nil, "label KEY=VALUE (repeatable)")
 	f.StringArrayVar(&env, "env", nil, "default environment KEY=VALUE of every command (repeatable)")
 	f.BoolVar(&wait, "wait", false, "return only once the VM's agent answers")
+	f.DurationVar(&o.TTL, "ttl", 0, "delete the VM this long after its creation, e.g. 10m (default: never)")
 	f.StringVar(&o.Network, "network", "", "none or nat (default: nat when network.enabled is set in the config, else none)")
 	return cmd
 }
@@ -141,10 +143,49 @@ func (a *app) vmGetCmd() *cobra.Command {
 			tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintf(tw, "id\t%s\nname\t%s\nstate\t%s\nvcpus\t%d\nmemory\t%d MiB\nprovider\t%s\nworker\t%s\ncreated\t%s\n",
 				v.ID, v.Name, v.State, v.VCPUs, v.MemoryMB, v.Provider, v.Owner, v.CreatedAt.Format("2006-01-02 15:04:05Z07:00"))
+			if v.Tenant != "" {
+				fmt.Fprintf(tw, "tenant\t%s\n", v.Tenant)
+			}
+			if v.ExpiresAt != nil {
+				fmt.Fprintf(tw, "expires\t%s\n", v.ExpiresAt.Format("2006-01-02 15:04:05Z07:00"))
+			}
 			if v.Error != "" {
 				fmt.Fprintf(tw, "error\t%s\n", v.Error)
 			}
 			return tw.Flush()
+		},
+	}
+}
+
+func (a *app) vmTTLCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "ttl ID DURATION",
+		Short: "Make a VM expire DURATION from now (e.g. 30m), replacing any earlier expiry; print when",
+		Args:  args(cobra.ExactArgs(2)),
+		RunE: func(cmd *cobra.Command, argv []string) error {
+			id, err := parseUUID("vm", argv[0])
+			if err != nil {
+				return err
+			}
+			ttl, err := time.ParseDuration(argv[1])
+			if err != nil {
+				return fmt.Errorf("%w: ttl %q is not a duration; write it like 30m or 2h", types.ErrInvalid, argv[1])
+			}
+			svc, err := a.service(cmd.Context())
+			if err != nil {
+				return err
+			}
+			v, err := svc.SetVMTTL(cmd.Context(), id, ttl)
+			if err != nil {
+				return err
+			}
+			if a.json {
+				return a.printJSON(newVMView(v))
+			}
+			if v.ExpiresAt != nil {
+				fmt.Fprintln(a.stdout, v.ExpiresAt.UTC().Format(time.RFC3339))
+			}
+			return nil
 		},
 	}
 }
@@ -165,16 +206,16 @@ func (a *app) vmTaskCmd(name, short string, submit func(service.TaskService, con
 			if _, err := parseUUID("vm", argv[0]); err != nil {
 				return err
 			}
-			id, err := submit(svc.Service, cmd.Context(), argv[0])
+			id, err := submit(svc, cmd.Context(), argv[0])
 			if err != nil {
 				return err
 			}
 			if wait {
-				if err := a.waitOK(cmd.Context(), svc.Service, id); err != nil {
+				if err := a.waitOK(cmd.Context(), svc, id); err != nil {
 					return err
 				}
 			}
-			return a.printTask(cmd.Context(), svc.Service, id)
+			return a.printTask(cmd.Context(), svc, id)
 		},
 	}
 	cmd.Flags().BoolVar(&wait, "wait", false, "return only once the task has finished")

@@ -162,27 +162,22 @@ func (c *Client) StreamOutput(ctx context.Context, taskID uuid.UUID, stdout, std
 }
 
 // ExecuteCommandTaskWithOptions: the API runs a command within the request
-// that submits it, so this starts a streamed exec, returns once the server
-// has named its task and reads the rest of the stream in the background
-// (discarding the output) until the command ends. The execution is
-// recorded as usual; o.Stream makes no difference over HTTP, as every
-// command submitted this way streams and StreamOutput can follow it.
+// that submits it, so this starts a streamed exec and returns as soon as
+// the server names its task, leaving the stream: the server never cancels
+// a command whose client left, and records its execution as usual.
+// o.Stream makes no difference over HTTP: StreamOutput can follow any
+// command submitted this way.
 func (c *Client) ExecuteCommandTaskWithOptions(ctx context.Context, vmID string, cmd types.Command, _ service.ExecOptions) (uuid.UUID, error) {
 	if err := cmd.Validate(); err != nil {
 		return uuid.Nil, err
 	}
-	// The stream must outlive ctx: the call returns long before it ends.
 	sctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	resp, r, id, err := c.startExec(ctx, sctx, vmID, cmd, io.Discard, io.Discard)
+	defer cancel()
+	resp, _, id, err := c.startExec(ctx, sctx, vmID, cmd, io.Discard, io.Discard)
 	if err != nil {
-		cancel()
 		return uuid.Nil, err
 	}
-	go func() {
-		defer cancel()
-		defer resp.Body.Close()
-		_, _ = r.untilExit()
-	}()
+	resp.Body.Close()
 	return id, nil
 }
 
