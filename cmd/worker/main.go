@@ -66,6 +66,11 @@ func run() error {
 		ShutdownTimeout:   cfg.Worker.ShutdownTimeout,
 		HeartbeatInterval: cfg.Worker.HeartbeatInterval,
 		MaxOutputBytes:    cfg.VMM.MaxOutputBytes,
+		DataListen:        cfg.Worker.DataListen,
+		DataAdvertise:     cfg.Worker.DataAdvertise,
+		ClusterToken:      cfg.Cluster.Token,
+		MetricsListen:     cfg.Worker.MetricsListen,
+		ExpiryInterval:    cfg.Worker.ExpiryInterval,
 		Logger:            log,
 	}, store, orch, q, q)
 	if err != nil {

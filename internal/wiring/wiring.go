@@ -13,6 +13,7 @@ import (
 	"strings"
 
 	"github.com/aetherium/aetherium-core/pkg/config"
+	"github.com/aetherium/aetherium-core/pkg/dataplane"
 	"github.com/aetherium/aetherium-core/pkg/image"
 	"github.com/aetherium/aetherium-core/pkg/network"
 	"github.com/aetherium/aetherium-core/pkg/queue"
@@ -82,6 +83,14 @@ func OpenService(ctx context.Context, c *config.Config, log *slog.Logger) (*Serv
 	}
 	if c.VMM.MaxVCPUs > 0 {
 		opts = append(opts, service.WithMaxVCPUs(c.VMM.MaxVCPUs))
+	}
+	if c.API.MaxTTL > 0 {
+		opts = append(opts, service.WithMaxTTL(c.API.MaxTTL))
+	}
+	// Files travel straight to the owning worker's data plane, which
+	// demands the cluster token; without one there is no way to reach it.
+	if c.Cluster.Token != "" {
+		opts = append(opts, service.WithDataPlane(dataplane.NewClient(c.Cluster.Token)))
 	}
 	return &Service{Service: service.NewTaskService(q, st, opts...), Store: st, Queue: q}, nil
 }

@@ -62,6 +62,9 @@ func (w *Worker) track(ctx context.Context, t *asynq.Task, fn func(ctx context.C
 		log.Info("task already ended; skipping", "state", rec.State)
 		return nil
 	}
+	if retry == 0 && rec.Attempts == 0 {
+		w.metrics.queueLatency.WithLabelValues(t.Type()).Observe(since(rec.CreatedAt))
+	}
 	w.update(ctx, id, storage.TaskUpdate{State: ptr(types.TaskRunning), Attempts: ptr(retry + 1)})
 
 	res, err := fn(ctx, log)
@@ -72,11 +75,13 @@ func (w *Worker) track(ctx context.Context, t *asynq.Task, fn func(ctx context.C
 		}
 		res["worker_id"] = w.cfg.ID // which worker did it: ownership is observable
 		w.update(bg, id, storage.TaskUpdate{State: ptr(types.TaskSucceeded), Result: result(res), Error: ptr("")})
+		w.metrics.taskEnded(t.Type(), types.TaskSucceeded)
 		return nil
 	}
 	if ctx.Err() != nil {
 		if cur, e := w.store.GetTask(bg, id); e == nil && cur.State == types.TaskFailed {
 			log.Info("task cancelled")
+			w.metrics.taskEnded(t.Type(), types.TaskFailed)
 			return fmt.Errorf("task %s cancelled: %w", id, asynq.SkipRetry)
 		}
 	}
@@ -86,6 +91,7 @@ func (w *Worker) track(ctx context.Context, t *asynq.Task, fn func(ctx context.C
 	}
 	log.Warn("task failed", "err", err, "state", state, "attempt", retry+1)
 	w.update(bg, id, storage.TaskUpdate{State: &state, Error: ptr(err.Error())})
+	w.metrics.taskEnded(t.Type(), state)
 	if permanent(err) {
 		return fmt.Errorf("%w (%w)", err, asynq.SkipRetry)
 	}
@@ -163,6 +169,7 @@ func (w *Worker) HandleVMCreate(ctx context.Context, t *asynq.Task) error {
 		if err := w.setState(ctx, vm.ID, types.VMRunning, ""); err != nil {
 			return nil, err
 		}
+		w.metrics.vmCreate.WithLabelValues(w.cfg.Provider).Observe(since(vm.CreatedAt))
 		log.Info("vm running", "took", time.Since(start))
 		return map[string]any{"vm_id": vm.ID}, nil
 	})
@@ -248,6 +255,7 @@ func (w *Worker) runCommand(ctx context.Context, log *slog.Logger, vmID, execID,
 		return nil, fmt.Errorf("running %q in vm %s: %w", cmd.Cmd, vm.ID, err)
 	}
 	e := types.NewExecution(execID, vm.ID, cmd, res)
+	w.metrics.exec.WithLabelValues(w.cfg.Provider).Observe(e.Duration.Seconds())
 	e.JobID = jobID
 	e.TaskID, _ = asynq.GetTaskID(ctx)
 	if err := w.store.PutExecution(context.WithoutCancel(ctx), e); err != nil {

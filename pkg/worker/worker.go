@@ -46,6 +46,23 @@ type Config struct {
 	HeartbeatInterval time.Duration
 	// MaxOutputBytes caps each stream of a command. Default 1 MiB.
 	MaxOutputBytes int
+	// DataListen is the host:port of the worker's data plane, which streams
+	// files to and from its VMs for the API (port 0: a free port). "" or
+	// "off": no data plane. It is served only with a ClusterToken.
+	DataListen string
+	// DataAdvertise is the host:port the API reaches the data plane at,
+	// recorded with every heartbeat. Default: the bound address.
+	DataAdvertise string
+	// ClusterToken is the secret the API presents to the data plane. Empty:
+	// the data plane is not served.
+	ClusterToken string
+	// MetricsListen is the host:port serving Prometheus metrics on /metrics
+	// (port 0: a free port). "" or "off": not served; MetricsHandler still
+	// works.
+	MetricsListen string
+	// ExpiryInterval is how often the worker deletes the VMs it owns whose
+	// TTL ran out. Default 1s.
+	ExpiryInterval time.Duration
 	// Logger receives the worker's logs. Default: discard.
 	Logger *slog.Logger
 }
@@ -59,12 +76,32 @@ type Worker struct {
 	output   queue.OutputStream
 	log      *slog.Logger
 
-	mu      sync.Mutex
-	srv     *asynq.Server
-	stopHB  context.CancelFunc
-	hbDone  chan struct{}
-	started bool
+	metrics *metrics
+
+	mu        sync.Mutex
+	srv       *asynq.Server
+	stopHB    context.CancelFunc
+	hbDone    chan struct{}
+	data      *listener // nil: no data plane
+	dataAddr  string    // advertised in heartbeats
+	metricsLn *listener
+	// stopExpiry ends the expiry loop, which closes expiryDone once the
+	// deletions it started are over.
+	stopExpiry context.CancelFunc
+	expiryDone chan struct{}
+	started    bool
+
+	// inflight holds the ids of expired VMs being deleted, so that a slow
+	// deletion is not started again by the next round.
+	inflightMu sync.Mutex
+	inflight   map[string]bool
+	expiring   sync.WaitGroup
 }
+
+// Defaults of Config.
+const (
+	ExpiryIntervalDefault = time.Second
+)
 
 // New returns a worker. notifier and output may be nil (no wake-ups, no
 // streaming).
@@ -77,12 +114,13 @@ func New(cfg Config, store storage.Store, orch vmm.VMOrchestrator, notifier queu
 	cfg.ShutdownTimeout = cmp.Or(cfg.ShutdownTimeout, 30*time.Second)
 	cfg.HeartbeatInterval = cmp.Or(cfg.HeartbeatInterval, 5*time.Second)
 	cfg.MaxOutputBytes = cmp.Or(cfg.MaxOutputBytes, types.DefaultMaxOutputBytes)
+	cfg.ExpiryInterval = cmp.Or(cfg.ExpiryInterval, ExpiryIntervalDefault)
 	cfg.Provider = cmp.Or(cfg.Provider, orch.Capabilities().Provider)
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	return &Worker{cfg: cfg, store: store, vmm: orch, notifier: notifier, output: output,
-		log: cfg.Logger.With("worker_id", cfg.ID)}, nil
+		log: cfg.Logger.With("worker_id", cfg.ID), metrics: newMetrics(), inflight: map[string]bool{}}, nil
 }
 
 // ID returns the worker's id.
@@ -104,8 +142,10 @@ func (w *Worker) Mux() *asynq.ServeMux {
 }
 
 // Start reconciles the backend with storage, then starts taking tasks from
-// the worker's own queue (first) and the shared queue. It returns once the
-// worker serves. Calling Start on a started worker does nothing.
+// the worker's own queue (first) and the shared queue, the data plane and
+// metrics listeners, and the deletion of expired VMs (a first round at
+// once). It returns once the worker serves. Calling Start on a started
+// worker does nothing.
 func (w *Worker) Start(ctx context.Context) error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -132,7 +172,11 @@ func (w *Worker) Start(ctx context.Context) error {
 		// count against Asynq's failure metrics.
 		IsFailure: func(err error) bool { return !errors.Is(err, types.ErrInvalid) },
 	})
+	if err := w.startListeners(); err != nil {
+		return err
+	}
 	if err := srv.Start(w.Mux()); err != nil {
+		w.stopListeners()
 		return fmt.Errorf("starting task server on Redis %s: %w", w.cfg.Redis.Addr, err)
 	}
 	w.srv = srv
@@ -142,23 +186,29 @@ func (w *Worker) Start(ctx context.Context) error {
 	w.beat(hbCtx)
 	w.stopHB, w.hbDone = stop, make(chan struct{})
 	go w.heartbeat(hbCtx)
+	expCtx, stopExp := context.WithCancel(context.WithoutCancel(ctx))
+	w.stopExpiry, w.expiryDone = stopExp, make(chan struct{})
+	go w.expiryLoop(expCtx)
 	w.started = true
 	w.log.Info("worker started", "queues", []string{w.Queue(), queue.SharedQueue}, "provider", w.cfg.Provider)
 	return nil
 }
 
-// Stop stops taking tasks, waits up to ShutdownTimeout for the tasks in
-// flight and lets Asynq requeue the rest. VMs keep running. Safe to call
-// twice.
+// Stop stops taking tasks, waits up to ShutdownTimeout for the tasks and
+// file transfers in flight and lets Asynq requeue the rest; deletions of
+// expired VMs under way are finished. VMs keep running. Safe to call twice.
 func (w *Worker) Stop() {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if !w.started {
 		return
 	}
+	w.stopExpiry()
 	w.srv.Shutdown()
 	w.stopHB()
 	<-w.hbDone
+	<-w.expiryDone
+	w.stopListeners()
 	w.started = false
 	w.log.Info("worker stopped")
 }
@@ -168,7 +218,8 @@ func (w *Worker) beat(ctx context.Context) {
 	host, _ := os.Hostname()
 	hctx, cancel := context.WithTimeout(ctx, w.cfg.HeartbeatInterval)
 	defer cancel()
-	rec := &types.Worker{ID: w.cfg.ID, Hostname: host, Provider: w.cfg.Provider, Healthy: true, LastSeen: time.Now().UTC()}
+	rec := &types.Worker{ID: w.cfg.ID, Hostname: host, Provider: w.cfg.Provider, Healthy: true, LastSeen: time.Now().UTC(),
+		DataAddr: w.dataAddr}
 	if err := w.vmm.Health(hctx); err != nil {
 		rec.Healthy, rec.Detail = false, err.Error()
 	}

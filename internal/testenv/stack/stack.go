@@ -7,6 +7,7 @@ package stack
 
 import (
 	"context"
+	"crypto/rand"
 	"fmt"
 	"log/slog"
 	"net/url"
@@ -19,6 +20,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/aetherium/aetherium-core/internal/testenv"
+	"github.com/aetherium/aetherium-core/pkg/dataplane"
 	"github.com/aetherium/aetherium-core/pkg/image"
 	"github.com/aetherium/aetherium-core/pkg/network"
 	"github.com/aetherium/aetherium-core/pkg/queue"
@@ -44,6 +46,11 @@ type Stack struct {
 	VMMs       map[string]vmm.VMOrchestrator
 	Networks   map[string]*network.Manager
 	SocketDirs map[string]string
+	// Token is the stack's random cluster token: the workers' data planes
+	// (on 127.0.0.1, a free port each) demand it and Service presents it.
+	Token string
+
+	opts Options
 }
 
 // Options tune a stack.
@@ -94,9 +101,11 @@ func Start(t testing.TB, o Options) *Stack {
 	require.NoError(t, err)
 	t.Cleanup(func() { q.Close() })
 
-	s := &Stack{t: t, DSN: dsn, RedisAddr: redisAddr, DockerHost: host, Store: store, Queue: q,
-		Provider: o.Provider, Service: service.NewTaskService(q, store, service.WithProvider(o.Provider)), Workers: map[string]*worker.Worker{},
-		VMMs: map[string]vmm.VMOrchestrator{}, Networks: map[string]*network.Manager{}, SocketDirs: map[string]string{}}
+	token := rand.Text()
+	s := &Stack{t: t, DSN: dsn, RedisAddr: redisAddr, DockerHost: host, Store: store, Queue: q, Token: token, opts: o,
+		Provider: o.Provider, Service: service.NewTaskService(q, store, service.WithProvider(o.Provider),
+			service.WithDataPlane(dataplane.NewClient(token))),
+		Workers: map[string]*worker.Worker{}, VMMs: map[string]vmm.VMOrchestrator{}, Networks: map[string]*network.Manager{}, SocketDirs: map[string]string{}}
 	for _, id := range o.Workers {
 		// Unix socket paths are limited to 108 bytes: keep the directory short.
 		dir, err := os.MkdirTemp("", "ae-"+id+"-")
@@ -121,14 +130,12 @@ func Start(t testing.TB, o Options) *Stack {
 				Logger: logger(t).With("provider", "docker")})
 		}
 		require.NoError(t, err)
-		w, err := worker.New(worker.Config{ID: id, Provider: o.Provider, Redis: queue.RedisConfig{Addr: redisAddr}, TaskCheckInterval: o.TaskCheckInterval,
-			MaxOutputBytes: o.MaxOutputBytes, ShutdownTimeout: 20 * time.Second, HeartbeatInterval: time.Second, Logger: logger(t)},
-			store, orch, q, q)
-		require.NoError(t, err)
+		s.VMMs[id] = orch
+		w := s.NewWorker(t, id)
 		require.NoError(t, w.Start(ctx))
-		s.Workers[id], s.VMMs[id], s.SocketDirs[id] = w, orch, filepath.Join(dir, "vms")
+		s.SocketDirs[id] = filepath.Join(dir, "vms")
 		t.Cleanup(func() {
-			w.Stop()
+			s.Workers[id].Stop() // before the backend goes away
 			// Remove whatever VMs the test left so nothing leaks into the
 			// next test.
 			cctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -142,6 +149,25 @@ func Start(t testing.TB, o Options) *Stack {
 		})
 	}
 	return s
+}
+
+// NewWorker returns a new, unstarted worker with the id, the configuration
+// and the orchestrator of the stack's worker id, as a restarted daemon
+// would be, and makes it s.Workers[id]. Its data plane takes a free port
+// on 127.0.0.1 and its metrics another. The caller starts it; the stack
+// stops it at the end of t. Stop the old one first.
+func (s *Stack) NewWorker(t testing.TB, id string) *worker.Worker {
+	t.Helper()
+	orch, ok := s.VMMs[id]
+	require.True(t, ok, "stack has no worker %q", id)
+	w, err := worker.New(worker.Config{ID: id, Provider: s.Provider, Redis: queue.RedisConfig{Addr: s.RedisAddr},
+		TaskCheckInterval: s.opts.TaskCheckInterval, MaxOutputBytes: s.opts.MaxOutputBytes, ShutdownTimeout: 20 * time.Second,
+		HeartbeatInterval: time.Second, DataListen: "127.0.0.1:0", ClusterToken: s.Token, MetricsListen: "127.0.0.1:0",
+		Logger: logger(t)}, s.Store, orch, s.Queue, s.Queue)
+	require.NoError(t, err)
+	s.Workers[id] = w
+	t.Cleanup(w.Stop)
+	return w
 }
 
 // logger sends warnings and errors to the test log.
@@ -173,7 +199,12 @@ storage:
   database: %s
   user: %s
   password: %q
-`, s.Provider, s.RedisAddr, u.Hostname(), u.Port(), strings.TrimPrefix(u.Path, "/"), u.User.Username(), pass)
+worker:
+  data_listen: 127.0.0.1:0
+  metrics_listen: 127.0.0.1:0
+cluster:
+  token: %q
+`, s.Provider, s.RedisAddr, u.Hostname(), u.Port(), strings.TrimPrefix(u.Path, "/"), u.User.Username(), pass, s.Token)
 	path := filepath.Join(t.TempDir(), "aetherium.yaml")
 	require.NoError(t, os.WriteFile(path, []byte(body), 0o600))
 	return path
