@@ -172,7 +172,13 @@ func (c *client) call(method, path string, body any, want int, out any) {
 
 func (c *client) check(req *http.Request, want int, out any) {
 	c.t.Helper()
-	resp := c.send(req)
+	c.answer(c.send(req), want, out)
+}
+
+// answer requires status want of resp and decodes its JSON into out.
+func (c *client) answer(resp *http.Response, want int, out any) {
+	c.t.Helper()
+	req := resp.Request
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)
 	require.NoError(c.t, err)
@@ -193,8 +199,14 @@ type apiErr struct {
 // fail sends a request expected to fail and returns the error.
 func (c *client) fail(req *http.Request, want int, code string) apiErr {
 	c.t.Helper()
+	return c.failed(c.send(req), want, code)
+}
+
+// failed requires resp to be the error want/code and returns it.
+func (c *client) failed(resp *http.Response, want int, code string) apiErr {
+	c.t.Helper()
 	var e apiErr
-	c.check(req, want, &e)
+	c.answer(resp, want, &e)
 	require.Equal(c.t, code, e.Error.Code, "%s", e.Error.Message)
 	require.NotEmpty(c.t, e.Error.Message)
 	return e
