@@ -1,0 +1,99 @@
+package worker_test
+
+import (
+	"context"
+	"encoding/json"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/aetherium/aetherium-core/internal/testenv/stack"
+	"github.com/aetherium/aetherium-core/pkg/service"
+	"github.com/aetherium/aetherium-core/pkg/types"
+)
+
+// expiryDeadline is how soon after its expiry a VM must be gone.
+const expiryDeadline = 5 * time.Second
+
+func createTTL(t *testing.T, s *stack.Stack, name string, ttl time.Duration) *types.VM {
+	t.Helper()
+	id, err := s.Service.CreateVMTaskWithOptions(t.Context(), service.CreateVMOptions{Name: name, VCPUs: 1, MemoryMB: 128, TTL: ttl})
+	require.NoError(t, err)
+	waitOK(t, s.Service, id)
+	vm, err := s.Service.GetVM(t.Context(), id)
+	require.NoError(t, err)
+	require.NotNil(t, vm.ExpiresAt)
+	return vm
+}
+
+// requireExpired waits until vm is deleted in storage and in the backend,
+// no later than expiryDeadline after its expiry, and checks the vm:delete
+// task that records why.
+func requireExpired(t *testing.T, s *stack.Stack, vm *types.VM) {
+	t.Helper()
+	ctx := t.Context()
+	gone := func() bool {
+		got, err := s.Store.GetVM(ctx, vm.ID)
+		if err != nil || got.State != types.VMDeleted {
+			return false
+		}
+		_, err = s.VMMs[vm.Owner].GetVMStatus(ctx, vm.ID)
+		return err != nil
+	}
+	require.Eventually(t, gone, time.Until(vm.ExpiresAt.Add(expiryDeadline)), 50*time.Millisecond,
+		"vm %s expired at %s and is not gone %s later", vm.ID, vm.ExpiresAt, expiryDeadline)
+	_, err := s.VMMs[vm.Owner].GetVMStatus(ctx, vm.ID)
+	require.ErrorIs(t, err, types.ErrNotFound, "the container must be gone")
+
+	tasks, err := s.Store.ListTasks(ctx, vm.ID)
+	require.NoError(t, err)
+	var deletes []*types.Task
+	for _, task := range tasks {
+		if task.Type == types.TaskVMDelete {
+			deletes = append(deletes, task)
+		}
+	}
+	require.Len(t, deletes, 1, "one deletion, recorded once")
+	require.Equal(t, types.TaskSucceeded, deletes[0].State, deletes[0].Error)
+	var res map[string]any
+	require.NoError(t, json.Unmarshal(deletes[0].Result, &res))
+	require.Equal(t, "expired", res["note"])
+	require.Equal(t, vm.Owner, res["worker_id"])
+}
+
+func TestTTLExpiry(t *testing.T) {
+	s := stack.Start(t, stack.Options{})
+	keep := createVM(t, s, "keep")
+	vm := createTTL(t, s, "ttl", 2*time.Second)
+	require.WithinDuration(t, vm.CreatedAt.Add(2*time.Second), *vm.ExpiresAt, time.Second)
+	requireExpired(t, s, vm)
+
+	got, err := s.Service.GetVM(t.Context(), keep)
+	require.NoError(t, err)
+	require.Equal(t, types.VMRunning, got.State, "a VM without a TTL stays")
+}
+
+// TestTTLExpiryAcrossRestart: a VM that expires while its worker is down
+// is deleted by the worker's next start.
+func TestTTLExpiryAcrossRestart(t *testing.T) {
+	s := stack.Start(t, stack.Options{})
+	vm := createTTL(t, s, "ttl-restart", 3*time.Second)
+	s.Workers[vm.Owner].Stop()
+	time.Sleep(time.Until(vm.ExpiresAt.Add(500 * time.Millisecond)))
+	got, err := s.Store.GetVM(t.Context(), vm.ID)
+	require.NoError(t, err)
+	require.Equal(t, types.VMRunning, got.State, "nobody deletes it while its worker is down")
+
+	w := s.NewWorker(t, vm.Owner)
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	require.NoError(t, w.Start(ctx))
+	// The deadline counts from the restart: the VM expired while nobody
+	// could delete it.
+	restarted := *vm
+	restarted.ExpiresAt = ptr(time.Now())
+	requireExpired(t, s, &restarted)
+}
+
+func ptr[T any](v T) *T { return &v }
