@@ -160,13 +160,12 @@ func (s *Server) pump(r *http.Request, ew *eventWriter, id uuid.UUID) {
 			ended <- t
 		}
 	}()
+	// finish stops the output goroutine without waiting for it: it may sit
+	// in a blocking Redis read for a while, and once the output is stopped
+	// it can no longer write anything.
 	finish := func() {
 		ew.stopOutput()
 		cancel()
-		select {
-		case <-done:
-		case <-time.After(2 * time.Second):
-		}
 	}
 	var task *types.Task
 	var grace <-chan time.Time
