@@ -1,6 +1,7 @@
 package cli_test
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/json"
 	"fmt"
@@ -148,6 +149,20 @@ func testSession(t *testing.T, provider string, remoteMode bool) {
 
 	testCopy(t, cfg, vmID)
 
+	r = run(t, cfg, "", "job", "run", vmID, "--cmd", "echo one", "--cmd", "exit 4", "--cmd", "echo never", "--wait")
+	require.Equal(t, 1, r.code, r.stderr)
+	require.Contains(t, r.stdout, "exit 4")
+	require.NotContains(t, r.stdout, "never")
+
+	r = run(t, cfg, "", "--json", "vm", "create", "--name", "cli-ttl", "--ttl", "10m")
+	require.Equal(t, 0, r.code, r.stderr)
+	require.NoError(t, json.Unmarshal([]byte(r.stdout), &vm))
+	exp, err = time.Parse(time.RFC3339Nano, vm["expires_at"].(string))
+	require.NoError(t, err)
+	require.WithinDuration(t, time.Now().Add(10*time.Minute), exp, time.Minute)
+	r = run(t, cfg, "", "vm", "delete", vm["id"].(string), "--wait")
+	require.Equal(t, 0, r.code, r.stderr)
+
 	r = run(t, cfg, "", "vm", "list")
 	require.Equal(t, 0, r.code)
 	require.Contains(t, r.stdout, "cli-demo")
@@ -223,8 +238,17 @@ func testCopy(t *testing.T, cfg, vmID string) {
 }
 
 func TestUsageAndErrors(t *testing.T) {
+	for _, mode := range []string{"local", "remote"} {
+		t.Run(mode, func(t *testing.T) { testUsageAndErrors(t, mode == "remote") })
+	}
+}
+
+func testUsageAndErrors(t *testing.T, remoteMode bool) {
 	s := stack.Start(t, stack.Options{})
 	cfg := s.ConfigFile(t)
+	if remoteMode {
+		remote(t, s)
+	}
 	cases := []struct {
 		name string
 		args []string
@@ -431,4 +455,44 @@ func TestAPIKeys(t *testing.T) {
 	require.Equal(t, 0, r.code, r.stderr)
 	require.NoError(t, json.Unmarshal([]byte(r.stdout), &keys))
 	require.NotNil(t, keys[0]["revoked_at"])
+}
+
+// TestExecInterrupt: Ctrl-C on `aether-cli exec` ends the remote command
+// and exits 130, in both modes, as a real process gets the signal.
+func TestExecInterrupt(t *testing.T) {
+	bin := testenv.BuildBinary(t, "aether-cli")
+	for _, mode := range []string{"local", "remote"} {
+		t.Run(mode, func(t *testing.T) {
+			s := stack.Start(t, stack.Options{})
+			cfg := s.ConfigFile(t)
+			if mode == "remote" {
+				remote(t, s)
+			}
+			r := run(t, cfg, "", "vm", "create", "--name", "interrupt", "--wait")
+			require.Equal(t, 0, r.code, r.stderr)
+			vmID := strings.TrimSpace(r.stdout)
+
+			cmd := exec.Command(bin, "--config", cfg, "exec", vmID, "--", "sh", "-c", "echo ready; exec sleep 60")
+			stdout, err := cmd.StdoutPipe()
+			require.NoError(t, err)
+			var stderr bytes.Buffer
+			cmd.Stderr = &stderr
+			require.NoError(t, cmd.Start())
+			line, err := bufio.NewReader(stdout).ReadString('\n')
+			require.NoError(t, err, stderr.String())
+			require.Equal(t, "ready\n", line)
+			start := time.Now()
+			require.NoError(t, cmd.Process.Signal(os.Interrupt))
+			err = cmd.Wait()
+			var ee *exec.ExitError
+			require.ErrorAs(t, err, &ee, stderr.String())
+			require.Equal(t, 130, ee.ExitCode(), stderr.String())
+			require.Less(t, time.Since(start), 10*time.Second)
+
+			// The command was killed: the VM runs nothing more.
+			r = run(t, cfg, "", "exec", vmID, "--", "sh", "-c", "ps | grep -c 'sleep 6[0]' || true")
+			require.Equal(t, 0, r.code, r.stderr)
+			require.Equal(t, "0\n", r.stdout)
+		})
+	}
 }

@@ -152,9 +152,11 @@ func TestCreateAndList(t *testing.T) {
 			writeError(w, 404, "not_found", "no route "+r.URL.Path)
 		}
 	})
-	got, err := c.CreateVMTaskWithOptions(t.Context(), service.CreateVMOptions{Name: "demo", Labels: map[string]string{"a": "b"}, TTL: 10*time.Minute + 500*time.Millisecond})
+	got, err := c.CreateVMTaskWithOptions(t.Context(), service.CreateVMOptions{Name: "demo", VCPUs: 1, MemoryMB: 256, Labels: map[string]string{"a": "b"}, TTL: 10*time.Minute + 500*time.Millisecond})
 	require.NoError(t, err)
 	require.Equal(t, id, got.String())
+	_, err = c.CreateVMTask(t.Context(), "demo", 0, 256)
+	require.ErrorIs(t, err, types.ErrInvalid, "zero vcpus are refused, as by the local service")
 	vms, err := c.ListVMsWithOptions(t.Context(), service.ListVMsOptions{Labels: map[string]string{"a": "b"}})
 	require.NoError(t, err)
 	require.Len(t, vms, 3, "every page is followed")

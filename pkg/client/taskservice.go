@@ -1,6 +1,7 @@
 package client
 
 import (
+	"cmp"
 	"context"
 	"encoding/base64"
 	"fmt"
@@ -20,8 +21,8 @@ var _ service.TaskService = (*Client)(nil)
 // createVMRequest is the body of POST /v1/vms.
 type createVMRequest struct {
 	Name       string            `json:"name"`
-	VCPUs      int               `json:"vcpus,omitempty"`
-	MemoryMB   int               `json:"memory_mb,omitempty"`
+	VCPUs      int               `json:"vcpus"`
+	MemoryMB   int               `json:"memory_mb"`
 	Network    string            `json:"network,omitempty"`
 	Labels     map[string]string `json:"labels,omitempty"`
 	Env        map[string]string `json:"env,omitempty"`
@@ -81,6 +82,12 @@ func (c *Client) CreateVMTask(ctx context.Context, name string, vcpus, memoryMB 
 
 // CreateVMTaskWithOptions: a TTL is sent in whole seconds, rounded up.
 func (c *Client) CreateVMTaskWithOptions(ctx context.Context, o service.CreateVMOptions) (uuid.UUID, error) {
+	// The API fills in vcpus and memory left out; the TaskService
+	// contract, as the local service keeps it, refuses them instead.
+	spec := types.VMSpec{Name: o.Name, VCPUs: o.VCPUs, MemoryMB: o.MemoryMB, Labels: o.Labels, Env: o.Env, Network: cmp.Or(o.Network, types.NetworkNone)}
+	if err := spec.Validate(0); err != nil { // the host's CPU bound is the server's to check
+		return uuid.Nil, err
+	}
 	if o.TTL < 0 {
 		return uuid.Nil, fmt.Errorf("%w: ttl %s is negative", types.ErrInvalid, o.TTL)
 	}
