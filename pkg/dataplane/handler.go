@@ -174,7 +174,9 @@ func (h *Handler) getFile(w http.ResponseWriter, r *http.Request) {
 	case err != nil:
 		// The 200 is out: break the connection so that the client sees a
 		// truncated body as the failure it is, not as the whole file.
-		h.log.Warn("reading file failed midway", "vm_id", id, "path", path, "bytes", n, "err", err)
+		if r.Context().Err() == nil {
+			h.log.Warn("reading file failed midway", "vm_id", id, "path", path, "bytes", n, "err", err)
+		}
 		panic(http.ErrAbortHandler)
 	default:
 		lw.start() // an empty file

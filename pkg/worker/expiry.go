@@ -14,6 +14,11 @@ import (
 // expiryDeleteTimeout bounds the deletion of one expired VM.
 const expiryDeleteTimeout = 5 * time.Minute
 
+// expiryRetryDelay is how long a failed deletion of an expired VM waits
+// before the next attempt, so that a VM the backend cannot remove does not
+// add a failed task every ExpiryInterval.
+const expiryRetryDelay = 30 * time.Second
+
 // expiryLoop deletes the expired VMs this worker owns, at once (so VMs
 // that expired while the worker was down go first) and then every
 // ExpiryInterval, until ctx ends.
@@ -49,32 +54,36 @@ func (w *Worker) expire(ctx context.Context) {
 			continue
 		}
 		w.inflightMu.Lock()
-		busy := w.inflight[vm.ID]
+		next, busy := w.inflight[vm.ID]
+		busy = busy && (next.IsZero() || now.Before(next))
 		if !busy {
-			w.inflight[vm.ID] = true
+			w.inflight[vm.ID] = time.Time{}
 		}
 		w.inflightMu.Unlock()
 		if busy {
 			continue
 		}
 		w.expiring.Go(func() {
-			defer func() {
-				w.inflightMu.Lock()
-				delete(w.inflight, vm.ID)
-				w.inflightMu.Unlock()
-			}()
 			// A deletion under way finishes even when the worker stops, so
 			// that no VM is left half deleted.
 			dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), expiryDeleteTimeout)
 			defer cancel()
-			w.expireVM(dctx, vm)
+			ok := w.expireVM(dctx, vm)
+			w.inflightMu.Lock()
+			if ok {
+				delete(w.inflight, vm.ID)
+			} else {
+				w.inflight[vm.ID] = time.Now().Add(expiryRetryDelay)
+			}
+			w.inflightMu.Unlock()
 		})
 	}
 }
 
 // expireVM deletes one expired VM the way a vm:delete task would, and
 // records it as such a task, so that the VM's history says what happened.
-func (w *Worker) expireVM(ctx context.Context, vm *types.VM) {
+// It reports whether the VM is gone.
+func (w *Worker) expireVM(ctx context.Context, vm *types.VM) bool {
 	id := uuid.New().String()
 	log := w.log.With("task_id", id, "type", types.TaskVMDelete, "vm_id", vm.ID)
 	now := time.Now().UTC()
@@ -83,7 +92,7 @@ func (w *Worker) expireVM(ctx context.Context, vm *types.VM) {
 		Attempts: 1, CreatedAt: now, UpdatedAt: now}
 	if err := w.store.CreateTask(ctx, task); err != nil {
 		log.Warn("recording the deletion of an expired vm", "err", err)
-		return
+		return false
 	}
 	log.Info("vm expired; deleting it", "expired_at", vm.ExpiresAt)
 	res, err := w.moveVM(ctx, log, vm.ID, types.VMDeleting, types.VMDeleted, "deleting", w.vmm.DeleteVM)
@@ -91,9 +100,10 @@ func (w *Worker) expireVM(ctx context.Context, vm *types.VM) {
 		log.Warn("deleting expired vm", "err", err)
 		w.update(ctx, id, storage.TaskUpdate{State: ptr(types.TaskFailed), Error: ptr(err.Error())})
 		w.metrics.taskEnded(string(types.TaskVMDelete), types.TaskFailed)
-		return
+		return false
 	}
 	res["note"], res["worker_id"] = "expired", w.cfg.ID
 	w.update(ctx, id, storage.TaskUpdate{State: ptr(types.TaskSucceeded), Result: result(res), Error: ptr("")})
 	w.metrics.taskEnded(string(types.TaskVMDelete), types.TaskSucceeded)
+	return true
 }

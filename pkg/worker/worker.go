@@ -91,10 +91,11 @@ type Worker struct {
 	expiryDone chan struct{}
 	started    bool
 
-	// inflight holds the ids of expired VMs being deleted, so that a slow
-	// deletion is not started again by the next round.
+	// inflight holds the expired VMs being deleted (zero time), so that a
+	// slow deletion is not started again by the next round, and those
+	// whose deletion failed (when to try again).
 	inflightMu sync.Mutex
-	inflight   map[string]bool
+	inflight   map[string]time.Time
 	expiring   sync.WaitGroup
 }
 
@@ -120,7 +121,7 @@ func New(cfg Config, store storage.Store, orch vmm.VMOrchestrator, notifier queu
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	return &Worker{cfg: cfg, store: store, vmm: orch, notifier: notifier, output: output,
-		log: cfg.Logger.With("worker_id", cfg.ID), metrics: newMetrics(), inflight: map[string]bool{}}, nil
+		log: cfg.Logger.With("worker_id", cfg.ID), metrics: newMetrics(), inflight: map[string]time.Time{}}, nil
 }
 
 // ID returns the worker's id.
