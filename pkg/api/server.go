@@ -6,6 +6,7 @@
 package api
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
@@ -184,9 +185,13 @@ func infoOf(ctx context.Context) *reqInfo {
 // every route shares: request id, metrics, logging, and, when auth is
 // set, the API key and the caller's scope.
 func (s *Server) handle(mux *http.ServeMux, pattern string, auth bool, h handlerFunc) {
-	method, route, _ := strings.Cut(pattern, " ")
+	method, route, ok := strings.Cut(pattern, " ")
+	if !ok {
+		method, route = "", pattern
+	}
 	mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
+		method := cmp.Or(method, r.Method)
 		ri := &reqInfo{id: newRequestID()}
 		sw := &statusWriter{ResponseWriter: w}
 		sw.Header().Set("X-Request-Id", ri.id)
