@@ -982,26 +982,18 @@ func (o *Orchestrator) runningAgent(id string) (*agent.Client, *vmFile, error) {
 
 // WriteFile implements vmm.VMOrchestrator.
 func (o *Orchestrator) WriteFile(ctx context.Context, id, path string, r io.Reader, opts types.FileOptions) (int64, error) {
-	if err := vmutil.CheckPath(path); err != nil {
-		return 0, err
-	}
-	c, _, err := o.runningAgent(id)
-	if err != nil {
-		return 0, err
-	}
-	return vmutil.WriteFile(ctx, c, id, path, r, opts)
+	return vmutil.WriteFile(ctx, o.agentOf, id, path, r, opts)
 }
 
 // ReadFile implements vmm.VMOrchestrator.
 func (o *Orchestrator) ReadFile(ctx context.Context, id, path string, w io.Writer) (int64, error) {
-	if err := vmutil.CheckPath(path); err != nil {
-		return 0, err
-	}
+	return vmutil.ReadFile(ctx, o.agentOf, id, path, w)
+}
+
+// agentOf is runningAgent as a vmutil.RunningAgent.
+func (o *Orchestrator) agentOf(ctx context.Context, id string) (*agent.Client, error) {
 	c, _, err := o.runningAgent(id)
-	if err != nil {
-		return 0, err
-	}
-	return vmutil.ReadFile(ctx, c, id, path, w)
+	return c, err
 }
 
 // GetVMStatus implements vmm.VMOrchestrator.

@@ -85,17 +85,30 @@ func Exec(ctx context.Context, c *agent.Client, id string, base map[string]strin
 	return res, nil
 }
 
-// CheckPath rejects a guest path the agent would refuse, before any VM is
+// RunningAgent returns the agent client of VM id when it runs, or the
+// backend's error for an unknown (types.ErrNotFound) or stopped
+// (types.ErrConflict) VM.
+type RunningAgent func(ctx context.Context, id string) (*agent.Client, error)
+
+// checkPath rejects a guest path the agent would refuse, before any VM is
 // looked up, so the caller's mistake is reported as such.
-func CheckPath(path string) error {
+func checkPath(path string) error {
 	if !strings.HasPrefix(path, "/") {
 		return fmt.Errorf("%w: guest file path %q is relative; give an absolute path", types.ErrInvalid, path)
 	}
 	return nil
 }
 
-// WriteFile streams r into path in VM id through its agent.
-func WriteFile(ctx context.Context, c *agent.Client, id, path string, r io.Reader, o types.FileOptions) (int64, error) {
+// WriteFile implements vmm.VMOrchestrator.WriteFile for every backend:
+// r is streamed into path in VM id through its agent.
+func WriteFile(ctx context.Context, running RunningAgent, id, path string, r io.Reader, o types.FileOptions) (int64, error) {
+	if err := checkPath(path); err != nil {
+		return 0, err
+	}
+	c, err := running(ctx, id)
+	if err != nil {
+		return 0, err
+	}
 	n, err := c.WriteFile(ctx, path, r, o)
 	if err != nil {
 		return n, fmt.Errorf("vm %s: %w", id, err)
@@ -103,9 +116,17 @@ func WriteFile(ctx context.Context, c *agent.Client, id, path string, r io.Reade
 	return n, nil
 }
 
-// ReadFile streams path in VM id to w through its agent, with no size
-// limit: the content is never held whole.
-func ReadFile(ctx context.Context, c *agent.Client, id, path string, w io.Writer) (int64, error) {
+// ReadFile implements vmm.VMOrchestrator.ReadFile for every backend: path
+// in VM id is streamed to w through its agent, with no size limit, as the
+// content is never held whole.
+func ReadFile(ctx context.Context, running RunningAgent, id, path string, w io.Writer) (int64, error) {
+	if err := checkPath(path); err != nil {
+		return 0, err
+	}
+	c, err := running(ctx, id)
+	if err != nil {
+		return 0, err
+	}
 	n, err := c.ReadFileTo(ctx, path, w, 0)
 	if err != nil {
 		return n, fmt.Errorf("vm %s: %w", id, err)
