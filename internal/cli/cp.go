@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
 	"path"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"github.com/spf13/cobra"
 
@@ -68,15 +70,21 @@ into a VM (--mode also to a local one).`,
 			case src.vm == "" && dst.vm == "":
 				return usageError{fmt.Errorf("cp: neither SRC nor DST is in a VM; name one as ID:/path")}
 			}
-			svc, err := a.service(cmd.Context())
+			// Ctrl-C ends the copy cleanly: no temporary file is left.
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			svc, err := a.service(ctx)
 			if err != nil {
 				return err
 			}
 			var n int64
 			if dst.vm != "" {
-				n, err = a.upload(cmd.Context(), svc, src.path, dst, o)
+				n, err = a.upload(ctx, svc, src.path, dst, o)
 			} else {
-				n, err = a.download(cmd.Context(), svc, src, dst.path, o.Mode)
+				n, err = a.download(ctx, svc, src, dst.path, o.Mode)
+			}
+			if err != nil && ctx.Err() != nil && cmd.Context().Err() == nil {
+				return exitError{exitInterrupted}
 			}
 			if err != nil {
 				return err

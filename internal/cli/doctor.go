@@ -12,6 +12,7 @@ import (
 	"github.com/aetherium/aetherium-core/internal/wiring"
 	"github.com/aetherium/aetherium-core/pkg/client"
 	"github.com/aetherium/aetherium-core/pkg/config"
+	"github.com/aetherium/aetherium-core/pkg/service"
 	"github.com/aetherium/aetherium-core/pkg/storage"
 	"github.com/aetherium/aetherium-core/pkg/storage/postgres"
 )
@@ -116,7 +117,7 @@ func (a *app) diagnose(ctx context.Context) []check {
 	}
 	add("vmm "+cfg.VMM.Provider, wiring.CheckVMM(ctx, cfg), "usable from this host",
 		"Worker can't create VMs: "+vmmFix(cfg.VMM.Provider))
-	out = append(out, checkAPI(ctx, cfg))
+	out = append(out, a.checkAPI(ctx, cfg)...)
 	return out
 }
 
@@ -127,15 +128,15 @@ const apiHealthTimeout = 3 * time.Second
 // remote mode (then a failure fails doctor: no command would work), else at
 // api.listen, where it only warns, as the API need not run for the local
 // CLI.
-func checkAPI(ctx context.Context, cfg *config.Config) check {
+func (a *app) checkAPI(ctx context.Context, cfg *config.Config) []check {
 	u, remote := cfg.APIURL, cfg.APIURL != ""
 	if !remote {
 		if cfg.API.Listen == "" || cfg.API.Listen == "off" {
-			return check{Name: "aether-api", OK: true, Detail: "api.listen is off"}
+			return []check{{Name: "aether-api", OK: true, Detail: "api.listen is off"}}
 		}
 		host, port, err := net.SplitHostPort(cfg.API.Listen)
 		if err != nil {
-			return check{Name: "aether-api", Detail: err.Error(), Fix: "set api.listen to host:port, e.g. 127.0.0.1:8080", Warning: true}
+			return []check{{Name: "aether-api", Detail: err.Error(), Fix: "set api.listen to host:port, e.g. 127.0.0.1:8080", Warning: true}}
 		}
 		if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
 			host = "127.0.0.1"
@@ -147,23 +148,33 @@ func checkAPI(ctx context.Context, cfg *config.Config) check {
 		u = scheme + "://" + net.JoinHostPort(host, port)
 	}
 	c := check{Name: "aether-api", Warning: !remote}
-	cl, err := client.New(u, "")
-	if err == nil {
-		defer cl.Close()
-		hctx, cancel := context.WithTimeout(ctx, apiHealthTimeout)
-		defer cancel()
-		err = cl.Health(hctx)
-	}
+	cl, err := client.New(u, cfg.APIKey)
 	if err != nil {
+		c.Detail, c.Fix = err.Error(), "set AETHERIUM_API_URL (api_url) to the API's base URL"
+		return []check{c}
+	}
+	defer cl.Close()
+	hctx, cancel := context.WithTimeout(ctx, apiHealthTimeout)
+	defer cancel()
+	if err := cl.Health(hctx); err != nil {
 		c.Detail = fmt.Sprintf("no answer at %s/healthz: %v", u, err)
 		c.Fix = "start it with `make up` (or `aether-api`)"
 		if remote {
 			c.Fix += ", or point AETHERIUM_API_URL (api_url) at a running one"
 		}
-		return c
+		return []check{c}
 	}
 	c.OK, c.Detail = true, "answers at "+u
-	return c
+	if !remote {
+		return []check{c}
+	}
+	// In remote mode every command needs the key: try it.
+	k := check{Name: "aether-api key", OK: true, Detail: "accepted"}
+	if _, err := cl.ListVMsWithOptions(hctx, service.ListVMsOptions{Limit: 1}); err != nil {
+		k.OK, k.Detail = false, err.Error()
+		k.Fix = "set AETHERIUM_API_KEY (api_key) to a key from `aether-cli apikey create NAME`, run where PostgreSQL is reachable"
+	}
+	return []check{c, k}
 }
 
 func (a *app) checkWorkers(ctx context.Context, store storage.Store, cfg *config.Config, add func(string, error, string, string) bool) {
