@@ -270,6 +270,7 @@ func TestVMsAndExec(t *testing.T) {
 		var e types.Execution
 		c.call("GET", "/v1/executions/"+first.ExecutionID, nil, http.StatusOK, &e)
 		require.Equal(t, 4, e.ExitCode)
+		c.fail(c.request("GET", "/v1/tasks/"+vm.ID+"/output", nil), http.StatusUnprocessableEntity, api.CodeInvalid)
 	})
 
 	t.Run("job and cancel", func(t *testing.T) {

@@ -125,8 +125,12 @@ func (s *Server) taskOutput(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	if _, err := s.svc.GetTask(r.Context(), id); err != nil {
+	t, err := s.svc.GetTask(r.Context(), id)
+	if err != nil {
 		return err
+	}
+	if t.Type != types.TaskVMExecute {
+		return fmt.Errorf("%w: task %s is a %s task; only exec tasks have output", types.ErrInvalid, id, t.Type)
 	}
 	s.pump(r, newEventWriter(w), id)
 	return nil

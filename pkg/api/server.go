@@ -95,6 +95,8 @@ func (s *Server) Handler() http.Handler { return s.handler }
 // HTTPS when the config names a certificate. Serve returns nil after a
 // clean shutdown.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	// No ReadTimeout or WriteTimeout: uploads, downloads and output
+	// streams may rightly last long. Streams bound each write instead.
 	srv := &http.Server{
 		Handler:           s.handler,
 		ReadHeaderTimeout: s.cfg.ReadHeaderTimeout,
@@ -116,12 +118,15 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	}
 
 	stopped := make(chan error, 1)
+	serving := make(chan struct{})
+	defer close(serving)
 	go func() {
 		select {
 		case <-ctx.Done():
 			stopped <- s.Shutdown(context.Background())
 		case <-s.closing:
 			stopped <- nil
+		case <-serving: // Serve failed on its own
 		}
 	}()
 	var err error

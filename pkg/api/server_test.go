@@ -44,6 +44,9 @@ func TestHealthMetricsAndOpenAPI(t *testing.T) {
 	c.call("GET", "/v1/vms?limit=2", nil, http.StatusOK, &list)
 	require.Len(t, list.VMs, 2)
 	require.Equal(t, list.VMs[1].ID, list.Next)
+	var labelled api.VMList
+	c.call("GET", "/v1/vms?label=a=1&label=b=2", nil, http.StatusOK, &labelled)
+	require.Empty(t, labelled.VMs)
 	var page2 api.VMList
 	c.call("GET", "/v1/vms?limit=2&after="+list.Next, nil, http.StatusOK, &page2)
 	require.Len(t, page2.VMs, 1)
@@ -67,7 +70,7 @@ func TestHealthMetricsAndOpenAPI(t *testing.T) {
 	m := string(body)
 	for _, want := range []string{
 		`aetherium_api_request_duration_seconds_bucket{code="200",method="GET",route="/v1/vms/{id}",le="+Inf"} 1`,
-		`aetherium_api_request_duration_seconds_count{code="200",method="GET",route="/v1/vms"} 2`,
+		`aetherium_api_request_duration_seconds_count{code="200",method="GET",route="/v1/vms"} 3`,
 		`aetherium_vms{provider="docker",state="running"} 2`,
 		`aetherium_vms{provider="docker",state="stopped"} 1`,
 		`aetherium_vms{provider="docker",state="pending"} 0`,
