@@ -167,12 +167,29 @@ func (w *Worker) HandleVMCreate(ctx context.Context, t *asynq.Task) error {
 			return nil, err
 		}
 		if err := w.setState(ctx, vm.ID, types.VMRunning, ""); err != nil {
-			return nil, err
+			return nil, w.raceLost(ctx, log, vm.ID, err)
 		}
 		w.metrics.vmCreate.WithLabelValues(w.cfg.Provider).Observe(since(vm.CreatedAt))
 		log.Info("vm running", "took", time.Since(start))
 		return map[string]any{"vm_id": vm.ID}, nil
 	})
+}
+
+// raceLost handles a VM that could not be marked running: when a delete
+// won the race (the service retires a VM it saw unclaimed while this
+// worker claimed it), what the backend made is removed, or it would leak
+// until the next Reconcile. Other errors are returned as they are.
+func (w *Worker) raceLost(ctx context.Context, log *slog.Logger, id string, err error) error {
+	bg := context.WithoutCancel(ctx)
+	cur, gerr := w.store.GetVM(bg, id)
+	if gerr != nil || (cur.State != types.VMDeleting && cur.State != types.VMDeleted) {
+		return err
+	}
+	log.Info("vm deleted while it was being created; removing it")
+	if derr := w.vmm.DeleteVM(bg, id); derr != nil {
+		log.Error("removing vm deleted during its creation", "err", derr)
+	}
+	return fmt.Errorf("%w: vm %s was deleted while it was being created", types.ErrConflict, id)
 }
 
 func (w *Worker) createAndStart(ctx context.Context, spec types.VMSpec) error {
