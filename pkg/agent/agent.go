@@ -29,7 +29,13 @@ const DefaultVsockPort = 9999
 
 // protocolRevision is reported by Info so a host can tell which features of
 // aetherium.agent.v1 the agent understands.
-const protocolRevision = 1
+//
+//	1: the first release.
+//	2: WriteFileHeader.user (an older agent ignores it).
+const protocolRevision = 2
+
+// protocolFileUser is the first revision that honours WriteFileHeader.user.
+const protocolFileUser = 2
 
 // chunkSize bounds every data message (output, file content, stdin): small
 // enough to stream promptly, large enough to keep per-message cost low.

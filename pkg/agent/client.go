@@ -122,6 +122,16 @@ func (c *Client) WaitReady(ctx context.Context) (*agentpb.InfoResponse, error) {
 // file may be left partly written.
 func (c *Client) WriteFile(ctx context.Context, path string, r io.Reader, o types.FileOptions) (int64, error) {
 	op := "writing " + path + " in the guest"
+	if o.User != "" {
+		// An older agent would drop the field and leave the file root's.
+		info, err := c.Info(ctx)
+		if err != nil {
+			return 0, err
+		}
+		if info.GetProtocol() < protocolFileUser {
+			return 0, fmt.Errorf("%s: %w: the guest agent (%s, protocol %d) cannot give files an owner; rebuild the guest image with a newer fc-agent", op, types.ErrNotSupported, info.GetVersion(), info.GetProtocol())
+		}
+	}
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	stream, err := c.api.WriteFile(sctx)
