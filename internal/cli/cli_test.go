@@ -154,7 +154,9 @@ func testSession(t *testing.T, provider string, remoteMode bool) {
 	require.Contains(t, r.stdout, "exit 4")
 	require.NotContains(t, r.stdout, "never")
 
-	r = run(t, cfg, "", "--json", "vm", "create", "--name", "cli-ttl", "--ttl", "10m")
+	// --wait: deleting a VM while a worker still creates it races (the
+	// delete can fail with "vm cannot go from failed to deleted").
+	r = run(t, cfg, "", "--json", "vm", "create", "--name", "cli-ttl", "--ttl", "10m", "--wait")
 	require.Equal(t, 0, r.code, r.stderr)
 	require.NoError(t, json.Unmarshal([]byte(r.stdout), &vm))
 	exp, err = time.Parse(time.RFC3339Nano, vm["expires_at"].(string))
