@@ -149,7 +149,11 @@ func (c *Client) do(req *http.Request) (*http.Response, error) {
 		return resp, nil
 	}
 	defer resp.Body.Close()
-	return nil, decodeError(resp)
+	err = decodeError(resp)
+	if ae, ok := err.(*Error); ok && req.Header.Get("Authorization") == "" {
+		ae.noKey = true
+	}
+	return nil, err
 }
 
 func unwrapURLError(err error) error {

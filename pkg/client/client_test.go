@@ -114,7 +114,13 @@ func TestErrorMapping(t *testing.T) {
 		require.NoError(t, err)
 		_, err = bad.ListVMs(t.Context())
 		require.ErrorIs(t, err, client.ErrUnauthenticated)
-		require.Contains(t, err.Error(), "AETHERIUM_API_KEY")
+		require.Contains(t, err.Error(), "API key was refused; check AETHERIUM_API_KEY")
+
+		none, err := client.New(c.URL(), "")
+		require.NoError(t, err)
+		_, err = none.ListVMs(t.Context())
+		require.ErrorIs(t, err, client.ErrUnauthenticated)
+		require.Contains(t, err.Error(), "no API key was given; set AETHERIUM_API_KEY")
 	})
 	t.Run("no server is unavailable with a hint", func(t *testing.T) {
 		srv := httptest.NewServer(http.NotFoundHandler())

@@ -19,10 +19,15 @@ type Error struct {
 	Code string
 	// Message is the server's explanation, meant for a person.
 	Message string
+	// noKey: the request carried no key at all.
+	noKey bool
 }
 
 func (e *Error) Error() string {
-	if e.Code == "unauthenticated" {
+	switch {
+	case e.Code == "unauthenticated" && e.noKey:
+		return "no API key was given; set AETHERIUM_API_KEY (or api_key in the config): " + e.Message
+	case e.Code == "unauthenticated":
 		return ErrUnauthenticated.Error() + ": " + e.Message
 	}
 	return e.Message
