@@ -273,6 +273,20 @@ func TestVMsAndExec(t *testing.T) {
 		c.fail(c.request("GET", "/v1/tasks/"+vm.ID+"/output", nil), http.StatusUnprocessableEntity, api.CodeInvalid)
 	})
 
+	t.Run("client leaves, command goes on", func(t *testing.T) {
+		c := c.on(t)
+		resp, evs := c.stream(vm.ID, api.ExecRequest{Command: "sh", Args: []string{"-c", "sleep 1; echo still here"}})
+		start := evs.next()
+		require.Equal(t, "start", start.Type)
+		require.NoError(t, resp.Body.Close())
+		var task types.Task
+		c.call("GET", "/v1/tasks/"+start.ExecutionID+"?wait=30s", nil, http.StatusOK, &task)
+		require.Equal(t, types.TaskSucceeded, task.State, task.Error)
+		var e types.Execution
+		c.call("GET", "/v1/executions/"+start.ExecutionID, nil, http.StatusOK, &e)
+		require.Equal(t, "still here\n", e.Stdout)
+	})
+
 	t.Run("job and cancel", func(t *testing.T) {
 		c := c.on(t)
 		var task types.Task

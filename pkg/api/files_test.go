@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/url"
+	"runtime"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -101,19 +102,29 @@ func TestFiles(t *testing.T) {
 	t.Run("100 MiB streamed both ways", func(t *testing.T) {
 		c := c.on(t)
 		const size = 100 << 20
+		base := liveHeap()
 		sum := sha256.New()
-		src := io.TeeReader(&randomReader{rng: rand.NewChaCha8([32]byte{7}), n: size}, sum)
+		up := &heapProbe{r: io.TeeReader(&randomReader{rng: rand.NewChaCha8([32]byte{7}), n: size}, sum), at: size * 9 / 10}
 		// Chunked: the server cannot know the size before it has read it.
-		c.answer(c.putFile(vm.ID, "/tmp/big", "", src, -1), http.StatusOK, &w)
+		c.answer(c.putFile(vm.ID, "/tmp/big", "", up, -1), http.StatusOK, &w)
 		require.EqualValues(t, size, w.Size)
 		resp := c.getFile(vm.ID, "/tmp/big")
 		defer resp.Body.Close()
 		require.Equal(t, http.StatusOK, resp.StatusCode)
 		back := sha256.New()
-		n, err := io.Copy(back, resp.Body)
+		down := &heapProbe{r: resp.Body, at: size * 9 / 10}
+		n, err := io.Copy(back, down)
 		require.NoError(t, err)
 		require.EqualValues(t, size, n)
 		require.Equal(t, sum.Sum(nil), back.Sum(nil))
+		// Client, API, data plane and agent client share this process: a
+		// copy of the file anywhere would be ~90 MiB of live heap when 90%
+		// of it has gone by.
+		for _, p := range []*heapProbe{up, down} {
+			grew := int64(p.live) - int64(base)
+			t.Logf("live heap at 90%%: %+d MiB", grew>>20)
+			require.Less(t, grew, int64(40<<20), "the file must be streamed, not buffered")
+		}
 	})
 
 	t.Run("errors", func(t *testing.T) {
@@ -140,4 +151,31 @@ func TestFiles(t *testing.T) {
 			require.Contains(t, e.Error.Message, "1048576")
 		}
 	})
+}
+
+// liveHeap returns the live heap (after a collection), in bytes.
+func liveHeap() uint64 {
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.HeapAlloc
+}
+
+// heapProbe passes r through and, once more than at bytes went by,
+// records the live heap: whoever held the file whole at that point would
+// show as that much more.
+type heapProbe struct {
+	r    io.Reader
+	n    int64
+	at   int64
+	live uint64
+}
+
+func (p *heapProbe) Read(b []byte) (int, error) {
+	n, err := p.r.Read(b)
+	p.n += int64(n)
+	if p.live == 0 && p.n > p.at {
+		p.live = liveHeap()
+	}
+	return n, err
 }
