@@ -1,6 +1,7 @@
 package api
 
 import (
+	"cmp"
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -193,10 +194,14 @@ func (s *Server) pump(r *http.Request, ew *eventWriter, id uuid.UUID) {
 		case <-grace:
 			finish()
 			bg := context.WithoutCancel(r.Context())
-			if e, err := s.svc.GetExecution(bg, id); err == nil {
+			e, err := s.svc.GetExecution(bg, id)
+			switch {
+			case err == nil && e.Error == "":
 				ew.send(exitEvent(e.ExitCode, e.TimedOut))
-			} else {
-				msg := cmpString(task.Error, "the command's task ended without a result")
+			case err == nil:
+				ew.send(Event{Type: "error", Error: &errorBody{CodeExecFailed, "the command could not run: " + e.Error}})
+			default:
+				msg := cmp.Or(task.Error, "the command's task ended without a result")
 				ew.send(Event{Type: "error", Error: &errorBody{CodeExecFailed, "the command could not run: " + msg}})
 			}
 			return
@@ -215,13 +220,6 @@ func (s *Server) pump(r *http.Request, ew *eventWriter, id uuid.UUID) {
 
 func exitEvent(code int, timedOut bool) Event {
 	return Event{Type: "exit", ExitCode: &code, TimedOut: &timedOut}
-}
-
-func cmpString(a, b string) string {
-	if a != "" {
-		return a
-	}
-	return b
 }
 
 // eventWriter writes events as NDJSON lines, each flushed at once. The
