@@ -32,10 +32,16 @@ const DefaultVsockPort = 9999
 //
 //	1: the first release.
 //	2: WriteFileHeader.user (an older agent ignores it).
-const protocolRevision = 2
+//	3: the process table (StartProcess, ConnectProcess, ...) and the file
+//	   system RPCs (Stat, ListDir, MakeDir, Move, Remove).
+const protocolRevision = 3
 
 // protocolFileUser is the first revision that honours WriteFileHeader.user.
 const protocolFileUser = 2
+
+// protocolProcessesFiles is the first revision with the process table and
+// the file system RPCs; an older agent answers them Unimplemented.
+const protocolProcessesFiles = 3
 
 // chunkSize bounds every data message (output, file content, stdin): small
 // enough to stream promptly, large enough to keep per-message cost low.

@@ -88,7 +88,7 @@ func TestInfo(t *testing.T) {
 	info, err := c.Info(t.Context())
 	require.NoError(t, err)
 	require.Equal(t, Version, info.GetVersion())
-	require.EqualValues(t, 2, info.GetProtocol())
+	require.EqualValues(t, protocolRevision, info.GetProtocol())
 	require.NotEmpty(t, info.GetKernel())
 	require.Positive(t, info.GetUptimeSeconds())
 	host, _ := os.Hostname()

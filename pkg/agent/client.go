@@ -34,8 +34,10 @@ const (
 // carries all calls and is re-dialled when it breaks.
 //
 // Errors wrap types.ErrUnavailable when the agent cannot be reached,
-// types.ErrNotFound for missing files, types.ErrInvalid for requests that
-// cannot succeed as given, and the context's error when ctx ended.
+// types.ErrNotFound for missing files and processes, types.ErrInvalid for
+// requests that cannot succeed as given, types.ErrConflict for what exists
+// already, types.ErrNotSupported when the agent is too old for a call, and
+// the context's error when ctx ended.
 type Client struct {
 	conn *grpc.ClientConn
 	api  agentpb.AgentClient
@@ -232,6 +234,10 @@ func rpcError(ctx context.Context, op string, err error) error {
 		return fmt.Errorf("%s: %w: %s", op, types.ErrNotFound, msg)
 	case codes.InvalidArgument, codes.FailedPrecondition, codes.PermissionDenied:
 		return fmt.Errorf("%s: %w: %s", op, types.ErrInvalid, msg)
+	case codes.AlreadyExists:
+		return fmt.Errorf("%s: %w: %s", op, types.ErrConflict, msg)
+	case codes.Unimplemented:
+		return fmt.Errorf("%s: %w: the guest agent is too old (%s); rebuild the guest image", op, types.ErrNotSupported, msg)
 	case codes.Unavailable:
 		return fmt.Errorf("%s: %w: cannot reach the guest agent (%s); check that the VM is running and fc-agent listens", op, types.ErrUnavailable, msg)
 	case codes.Canceled:

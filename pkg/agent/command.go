@@ -123,13 +123,21 @@ func lookupUser(spec string) (*user.User, error) {
 // own process group so that it and everything it spawns can be killed
 // together.
 func (s *Server) buildCmd(start *agentpb.ExecStart) (*exec.Cmd, error) {
-	if start.GetCmd() == "" {
+	return s.newCmd(start.GetCmd(), start.GetArgs(), start.GetEnv(), start.GetUser(),
+		func(home string) (string, error) { return workDir(start.GetCwd(), home) })
+}
+
+// newCmd builds a command run as user (see lookupIdentity) in its own
+// process group, with PATH, HOME, USER and LOGNAME under env. dir picks
+// the working directory from the user's home. Errors are *startError.
+func (s *Server) newCmd(name string, args []string, reqEnv map[string]string, userSpec string, dir func(home string) (string, error)) (*exec.Cmd, error) {
+	if name == "" {
 		return nil, &startError{code: exitCannotExecute, err: errors.New("command is empty")}
 	}
-	if err := types.ValidateEnv(start.GetEnv()); err != nil {
+	if err := types.ValidateEnv(reqEnv); err != nil {
 		return nil, &startError{code: exitCannotExecute, err: err}
 	}
-	id, err := s.lookupIdentity(start.GetUser())
+	id, err := s.lookupIdentity(userSpec)
 	if err != nil {
 		return nil, &startError{code: exitCannotExecute, err: err}
 	}
@@ -137,20 +145,20 @@ func (s *Server) buildCmd(start *agentpb.ExecStart) (*exec.Cmd, error) {
 	if id.name != "" {
 		env["USER"], env["LOGNAME"] = id.name, id.name
 	}
-	maps.Copy(env, start.GetEnv())
+	maps.Copy(env, reqEnv)
 
-	dir, err := workDir(start.GetCwd(), id.home)
+	wd, err := dir(id.home)
 	if err != nil {
 		return nil, &startError{code: exitCannotExecute, err: err}
 	}
-	path, err := lookPath(start.GetCmd(), env["PATH"])
+	path, err := lookPath(name, env["PATH"])
 	if err != nil {
 		return nil, cannotRun(err)
 	}
 	cmd := &exec.Cmd{
 		Path:        path,
-		Args:        append([]string{start.GetCmd()}, start.GetArgs()...),
-		Dir:         dir,
+		Args:        append([]string{name}, args...),
+		Dir:         wd,
 		SysProcAttr: &syscall.SysProcAttr{Setpgid: true, Credential: id.cred},
 	}
 	for _, k := range slices.Sorted(maps.Keys(env)) {
@@ -201,4 +209,41 @@ func lookPath(file, pathEnv string) (string, error) {
 		}
 	}
 	return "", &exec.Error{Name: file, Err: exec.ErrNotFound}
+}
+
+// homePath resolves p the way a shell in home would: absolute paths stay,
+// "~" and "~/x" and relative paths are taken from home, and "" is home
+// itself. The result is clean.
+func homePath(p, home string) string {
+	switch {
+	case p == "" || p == "~":
+		return filepath.Clean(home)
+	case strings.HasPrefix(p, "~/"):
+		return filepath.Join(home, p[2:])
+	case filepath.IsAbs(p):
+		return filepath.Clean(p)
+	default:
+		return filepath.Join(home, p)
+	}
+}
+
+// processDir is the working directory of a table process: cwd resolved
+// against home (see homePath). An empty cwd whose home does not exist is
+// "/", as for Exec, since many guests have no home for root.
+func processDir(cwd, home string) (string, error) {
+	dir := homePath(cwd, home)
+	fi, err := os.Stat(dir)
+	if err != nil {
+		if cwd == "" {
+			return "/", nil
+		}
+		if errors.Is(err, fs.ErrNotExist) {
+			return "", fmt.Errorf("cwd '%s' does not exist", dir)
+		}
+		return "", fmt.Errorf("cwd '%s': %w", dir, err)
+	}
+	if !fi.IsDir() {
+		return "", fmt.Errorf("cwd '%s' is not a directory", dir)
+	}
+	return dir, nil
 }

@@ -51,6 +51,7 @@ type Server struct {
 	grpc   *grpc.Server
 	waiter waiter
 	self   identity // the agent's own user
+	procs  *procTable
 
 	// stopping is cancelled by Stop; it kills every running command.
 	stopping context.Context
@@ -73,6 +74,7 @@ func NewServer(cfg ServerConfig) *Server {
 		grpc:   grpc.NewServer(),
 		waiter: directWaiter{},
 		self:   selfIdentity(),
+		procs:  newProcTable(),
 	}
 	if needsReaper() {
 		s.waiter = sharedReaper()
@@ -92,7 +94,8 @@ func (s *Server) Serve(l net.Listener) error {
 	return nil
 }
 
-// Stop kills every running command (its whole process group), lets the
+// Stop kills every running command and table process (its whole process
+// group), lets the
 // RPCs in flight finish and stops serving. It is safe to call more than once
 // and from several goroutines; every call returns once the server stopped.
 func (s *Server) Stop() {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"sync"
@@ -203,22 +204,7 @@ wait:
 	_ = e.cmd.Process.Release()
 	e.closeStdin()
 
-	pumped := make(chan struct{})
-	go func() {
-		wg.Wait()
-		close(pumped)
-	}()
-	select {
-	case <-pumped:
-	case <-time.After(pipeGrace):
-		log.Debug("background processes hold the output open; no longer reading it")
-		deadline := time.Now()
-		outR.SetReadDeadline(deadline)
-		errR.SetReadDeadline(deadline)
-		<-pumped
-	}
-	outR.Close()
-	errR.Close()
+	awaitPumps(&wg, log, outR, errR)
 
 	if res.err != nil {
 		return status.Errorf(codes.Internal, "collecting the exit status of pid %d: %v", pid, res.err)
@@ -246,6 +232,30 @@ wait:
 }
 
 var errStopping = errors.New("agent stopping")
+
+// awaitPumps waits for the goroutines reading a command's output pipes,
+// for at most pipeGrace once the command has exited, then closes the
+// pipes.
+func awaitPumps(wg *sync.WaitGroup, log *slog.Logger, pipes ...*os.File) {
+	pumped := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(pumped)
+	}()
+	select {
+	case <-pumped:
+	case <-time.After(pipeGrace):
+		log.Debug("background processes hold the output open; no longer reading it")
+		deadline := time.Now()
+		for _, f := range pipes {
+			f.SetReadDeadline(deadline)
+		}
+		<-pumped
+	}
+	for _, f := range pipes {
+		f.Close()
+	}
+}
 
 func stdoutResponse(b []byte) *agentpb.ExecResponse {
 	return &agentpb.ExecResponse{Msg: &agentpb.ExecResponse_Stdout{Stdout: b}}

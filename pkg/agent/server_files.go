@@ -142,7 +142,7 @@ func (s *Server) ReadFile(req *agentpb.ReadFileRequest, stream grpc.ServerStream
 // fileOwnership is who owns a written file.
 type fileOwnership struct{ uid, gid int }
 
-// fileOwner resolves a WriteFile user the way exec resolves its user: a
+// fileOwner resolves the user of WriteFile, MakeDir or Move the way exec resolves its user: a
 // name through the guest's /etc/passwd or a numeric uid. Empty: nil, the
 // agent's own user, and nothing is chowned.
 func (s *Server) fileOwner(spec string) (*fileOwnership, error) {
@@ -151,7 +151,7 @@ func (s *Server) fileOwner(spec string) (*fileOwnership, error) {
 	}
 	id, err := s.lookupIdentity(spec)
 	if err != nil {
-		return nil, status.Errorf(codes.InvalidArgument, "cannot write a file owned by user %q: %v; give a user from the guest's /etc/passwd or a numeric uid", spec, err)
+		return nil, status.Errorf(codes.InvalidArgument, "cannot give files to user %q: %v; give a user from the guest's /etc/passwd or a numeric uid", spec, err)
 	}
 	if id.cred == nil {
 		// The agent's own user (unprivileged agents may only name
@@ -205,10 +205,14 @@ func fileStatus(err error) error {
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 		code = codes.NotFound
+	case errors.Is(err, fs.ErrExist):
+		code = codes.AlreadyExists
 	case errors.Is(err, fs.ErrPermission):
 		code = codes.PermissionDenied
 	case errors.Is(err, syscall.EISDIR), errors.Is(err, syscall.ENOTDIR),
-		errors.Is(err, syscall.EROFS), errors.Is(err, syscall.ETXTBSY):
+		errors.Is(err, syscall.EROFS), errors.Is(err, syscall.ETXTBSY),
+		errors.Is(err, syscall.ENOTEMPTY), errors.Is(err, syscall.EXDEV),
+		errors.Is(err, syscall.EBUSY), errors.Is(err, syscall.EINVAL):
 		code = codes.FailedPrecondition
 	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
 		code = codes.ResourceExhausted

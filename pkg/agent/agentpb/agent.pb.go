@@ -24,6 +24,58 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type FileType int32
+
+const (
+	FileType_FILE_TYPE_UNSPECIFIED FileType = 0 // anything else: device, socket, fifo
+	FileType_FILE_TYPE_FILE        FileType = 1
+	FileType_FILE_TYPE_DIRECTORY   FileType = 2
+	FileType_FILE_TYPE_SYMLINK     FileType = 3
+)
+
+// Enum value maps for FileType.
+var (
+	FileType_name = map[int32]string{
+		0: "FILE_TYPE_UNSPECIFIED",
+		1: "FILE_TYPE_FILE",
+		2: "FILE_TYPE_DIRECTORY",
+		3: "FILE_TYPE_SYMLINK",
+	}
+	FileType_value = map[string]int32{
+		"FILE_TYPE_UNSPECIFIED": 0,
+		"FILE_TYPE_FILE":        1,
+		"FILE_TYPE_DIRECTORY":   2,
+		"FILE_TYPE_SYMLINK":     3,
+	}
+)
+
+func (x FileType) Enum() *FileType {
+	p := new(FileType)
+	*p = x
+	return p
+}
+
+func (x FileType) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (FileType) Descriptor() protoreflect.EnumDescriptor {
+	return file_agent_proto_enumTypes[0].Descriptor()
+}
+
+func (FileType) Type() protoreflect.EnumType {
+	return &file_agent_proto_enumTypes[0]
+}
+
+func (x FileType) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use FileType.Descriptor instead.
+func (FileType) EnumDescriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{0}
+}
+
 type InfoRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -945,6 +997,1620 @@ func (*ShutdownResponse) Descriptor() ([]byte, []int) {
 	return file_agent_proto_rawDescGZIP(), []int{12}
 }
 
+type ProcessStartRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Cmd   string                 `protobuf:"bytes,1,opt,name=cmd,proto3" json:"cmd,omitempty"`
+	Args  []string               `protobuf:"bytes,2,rep,name=args,proto3" json:"args,omitempty"`
+	Env   map[string]string      `protobuf:"bytes,3,rep,name=env,proto3" json:"env,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"` // over PATH, HOME, USER and LOGNAME
+	// cwd: empty is the user's home; relative or `~/...` is resolved against
+	// it.
+	Cwd                 string `protobuf:"bytes,4,opt,name=cwd,proto3" json:"cwd,omitempty"`
+	User                string `protobuf:"bytes,5,opt,name=user,proto3" json:"user,omitempty"`                                                             // name or numeric uid; empty: the agent's user
+	Tag                 string `protobuf:"bytes,6,opt,name=tag,proto3" json:"tag,omitempty"`                                                               // optional; unique among running processes
+	Stdin               bool   `protobuf:"varint,7,opt,name=stdin,proto3" json:"stdin,omitempty"`                                                          // stdin is a pipe fed by WriteStdin; otherwise /dev/null
+	TimeoutMs           int64  `protobuf:"varint,8,opt,name=timeout_ms,json=timeoutMs,proto3" json:"timeout_ms,omitempty"`                                 // 0: none; then the process group is killed
+	KeepaliveIntervalMs int64  `protobuf:"varint,9,opt,name=keepalive_interval_ms,json=keepaliveIntervalMs,proto3" json:"keepalive_interval_ms,omitempty"` // 0: no keepalives on this stream
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *ProcessStartRequest) Reset() {
+	*x = ProcessStartRequest{}
+	mi := &file_agent_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ProcessStartRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ProcessStartRequest) ProtoMessage() {}
+
+func (x *ProcessStartRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ProcessStartRequest.ProtoReflect.Descriptor instead.
+func (*ProcessStartRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *ProcessStartRequest) GetCmd() string {
+	if x != nil {
+		return x.Cmd
+	}
+	return ""
+}
+
+func (x *ProcessStartRequest) GetArgs() []string {
+	if x != nil {
+		return x.Args
+	}
+	return nil
+}
+
+func (x *ProcessStartRequest) GetEnv() map[string]string {
+	if x != nil {
+		return x.Env
+	}
+	return nil
+}
+
+func (x *ProcessStartRequest) GetCwd() string {
+	if x != nil {
+		return x.Cwd
+	}
+	return ""
+}
+
+func (x *ProcessStartRequest) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *ProcessStartRequest) GetTag() string {
+	if x != nil {
+		return x.Tag
+	}
+	return ""
+}
+
+func (x *ProcessStartRequest) GetStdin() bool {
+	if x != nil {
+		return x.Stdin
+	}
+	return false
+}
+
+func (x *ProcessStartRequest) GetTimeoutMs() int64 {
+	if x != nil {
+		return x.TimeoutMs
+	}
+	return 0
+}
+
+func (x *ProcessStartRequest) GetKeepaliveIntervalMs() int64 {
+	if x != nil {
+		return x.KeepaliveIntervalMs
+	}
+	return 0
+}
+
+// ProcessSelector names a process of the table.
+type ProcessSelector struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Selector:
+	//
+	//	*ProcessSelector_Pid
+	//	*ProcessSelector_Tag
+	Selector      isProcessSelector_Selector `protobuf_oneof:"selector"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ProcessSelector) Reset() {
+	*x = ProcessSelector{}
+	mi := &file_agent_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ProcessSelector) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ProcessSelector) ProtoMessage() {}
+
+func (x *ProcessSelector) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ProcessSelector.ProtoReflect.Descriptor instead.
+func (*ProcessSelector) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *ProcessSelector) GetSelector() isProcessSelector_Selector {
+	if x != nil {
+		return x.Selector
+	}
+	return nil
+}
+
+func (x *ProcessSelector) GetPid() uint32 {
+	if x != nil {
+		if x, ok := x.Selector.(*ProcessSelector_Pid); ok {
+			return x.Pid
+		}
+	}
+	return 0
+}
+
+func (x *ProcessSelector) GetTag() string {
+	if x != nil {
+		if x, ok := x.Selector.(*ProcessSelector_Tag); ok {
+			return x.Tag
+		}
+	}
+	return ""
+}
+
+type isProcessSelector_Selector interface {
+	isProcessSelector_Selector()
+}
+
+type ProcessSelector_Pid struct {
+	Pid uint32 `protobuf:"varint,1,opt,name=pid,proto3,oneof"`
+}
+
+type ProcessSelector_Tag struct {
+	Tag string `protobuf:"bytes,2,opt,name=tag,proto3,oneof"`
+}
+
+func (*ProcessSelector_Pid) isProcessSelector_Selector() {}
+
+func (*ProcessSelector_Tag) isProcessSelector_Selector() {}
+
+type ProcessConnectRequest struct {
+	state               protoimpl.MessageState `protogen:"open.v1"`
+	Process             *ProcessSelector       `protobuf:"bytes,1,opt,name=process,proto3" json:"process,omitempty"`
+	KeepaliveIntervalMs int64                  `protobuf:"varint,2,opt,name=keepalive_interval_ms,json=keepaliveIntervalMs,proto3" json:"keepalive_interval_ms,omitempty"` // 0: no keepalives
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *ProcessConnectRequest) Reset() {
+	*x = ProcessConnectRequest{}
+	mi := &file_agent_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ProcessConnectRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ProcessConnectRequest) ProtoMessage() {}
+
+func (x *ProcessConnectRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ProcessConnectRequest.ProtoReflect.Descriptor instead.
+func (*ProcessConnectRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *ProcessConnectRequest) GetProcess() *ProcessSelector {
+	if x != nil {
+		return x.Process
+	}
+	return nil
+}
+
+func (x *ProcessConnectRequest) GetKeepaliveIntervalMs() int64 {
+	if x != nil {
+		return x.KeepaliveIntervalMs
+	}
+	return 0
+}
+
+type ProcessStart struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Pid           uint32                 `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ProcessStart) Reset() {
+	*x = ProcessStart{}
+	mi := &file_agent_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ProcessStart) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ProcessStart) ProtoMessage() {}
+
+func (x *ProcessStart) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ProcessStart.ProtoReflect.Descriptor instead.
+func (*ProcessStart) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *ProcessStart) GetPid() uint32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+type ProcessData struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Output:
+	//
+	//	*ProcessData_Stdout
+	//	*ProcessData_Stderr
+	Output        isProcessData_Output `protobuf_oneof:"output"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ProcessData) Reset() {
+	*x = ProcessData{}
+	mi := &file_agent_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ProcessData) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ProcessData) ProtoMessage() {}
+
+func (x *ProcessData) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ProcessData.ProtoReflect.Descriptor instead.
+func (*ProcessData) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *ProcessData) GetOutput() isProcessData_Output {
+	if x != nil {
+		return x.Output
+	}
+	return nil
+}
+
+func (x *ProcessData) GetStdout() []byte {
+	if x != nil {
+		if x, ok := x.Output.(*ProcessData_Stdout); ok {
+			return x.Stdout
+		}
+	}
+	return nil
+}
+
+func (x *ProcessData) GetStderr() []byte {
+	if x != nil {
+		if x, ok := x.Output.(*ProcessData_Stderr); ok {
+			return x.Stderr
+		}
+	}
+	return nil
+}
+
+type isProcessData_Output interface {
+	isProcessData_Output()
+}
+
+type ProcessData_Stdout struct {
+	Stdout []byte `protobuf:"bytes,1,opt,name=stdout,proto3,oneof"`
+}
+
+type ProcessData_Stderr struct {
+	Stderr []byte `protobuf:"bytes,2,opt,name=stderr,proto3,oneof"`
+}
+
+func (*ProcessData_Stdout) isProcessData_Output() {}
+
+func (*ProcessData_Stderr) isProcessData_Output() {}
+
+type ProcessKeepalive struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ProcessKeepalive) Reset() {
+	*x = ProcessKeepalive{}
+	mi := &file_agent_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ProcessKeepalive) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ProcessKeepalive) ProtoMessage() {}
+
+func (x *ProcessKeepalive) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ProcessKeepalive.ProtoReflect.Descriptor instead.
+func (*ProcessKeepalive) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{18}
+}
+
+// ProcessEnd is how a process ended, as Go's os.ProcessState reports it.
+type ProcessEnd struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	ExitCode      int32                  `protobuf:"zigzag32,1,opt,name=exit_code,json=exitCode,proto3" json:"exit_code,omitempty"` // -1 when a signal ended it
+	Exited        bool                   `protobuf:"varint,2,opt,name=exited,proto3" json:"exited,omitempty"`                       // it exited on its own
+	Status        string                 `protobuf:"bytes,3,opt,name=status,proto3" json:"status,omitempty"`                        // e.g. "exit status 3", "signal: killed"
+	Error         string                 `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`                          // the wait error text; empty on success
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ProcessEnd) Reset() {
+	*x = ProcessEnd{}
+	mi := &file_agent_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ProcessEnd) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ProcessEnd) ProtoMessage() {}
+
+func (x *ProcessEnd) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ProcessEnd.ProtoReflect.Descriptor instead.
+func (*ProcessEnd) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *ProcessEnd) GetExitCode() int32 {
+	if x != nil {
+		return x.ExitCode
+	}
+	return 0
+}
+
+func (x *ProcessEnd) GetExited() bool {
+	if x != nil {
+		return x.Exited
+	}
+	return false
+}
+
+func (x *ProcessEnd) GetStatus() string {
+	if x != nil {
+		return x.Status
+	}
+	return ""
+}
+
+func (x *ProcessEnd) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+type ProcessEvent struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Event:
+	//
+	//	*ProcessEvent_Start
+	//	*ProcessEvent_Data
+	//	*ProcessEvent_Keepalive
+	//	*ProcessEvent_End
+	Event         isProcessEvent_Event `protobuf_oneof:"event"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ProcessEvent) Reset() {
+	*x = ProcessEvent{}
+	mi := &file_agent_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ProcessEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ProcessEvent) ProtoMessage() {}
+
+func (x *ProcessEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ProcessEvent.ProtoReflect.Descriptor instead.
+func (*ProcessEvent) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *ProcessEvent) GetEvent() isProcessEvent_Event {
+	if x != nil {
+		return x.Event
+	}
+	return nil
+}
+
+func (x *ProcessEvent) GetStart() *ProcessStart {
+	if x != nil {
+		if x, ok := x.Event.(*ProcessEvent_Start); ok {
+			return x.Start
+		}
+	}
+	return nil
+}
+
+func (x *ProcessEvent) GetData() *ProcessData {
+	if x != nil {
+		if x, ok := x.Event.(*ProcessEvent_Data); ok {
+			return x.Data
+		}
+	}
+	return nil
+}
+
+func (x *ProcessEvent) GetKeepalive() *ProcessKeepalive {
+	if x != nil {
+		if x, ok := x.Event.(*ProcessEvent_Keepalive); ok {
+			return x.Keepalive
+		}
+	}
+	return nil
+}
+
+func (x *ProcessEvent) GetEnd() *ProcessEnd {
+	if x != nil {
+		if x, ok := x.Event.(*ProcessEvent_End); ok {
+			return x.End
+		}
+	}
+	return nil
+}
+
+type isProcessEvent_Event interface {
+	isProcessEvent_Event()
+}
+
+type ProcessEvent_Start struct {
+	Start *ProcessStart `protobuf:"bytes,1,opt,name=start,proto3,oneof"`
+}
+
+type ProcessEvent_Data struct {
+	Data *ProcessData `protobuf:"bytes,2,opt,name=data,proto3,oneof"`
+}
+
+type ProcessEvent_Keepalive struct {
+	Keepalive *ProcessKeepalive `protobuf:"bytes,3,opt,name=keepalive,proto3,oneof"`
+}
+
+type ProcessEvent_End struct {
+	End *ProcessEnd `protobuf:"bytes,4,opt,name=end,proto3,oneof"`
+}
+
+func (*ProcessEvent_Start) isProcessEvent_Event() {}
+
+func (*ProcessEvent_Data) isProcessEvent_Event() {}
+
+func (*ProcessEvent_Keepalive) isProcessEvent_Event() {}
+
+func (*ProcessEvent_End) isProcessEvent_Event() {}
+
+type ListProcessesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListProcessesRequest) Reset() {
+	*x = ListProcessesRequest{}
+	mi := &file_agent_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListProcessesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListProcessesRequest) ProtoMessage() {}
+
+func (x *ListProcessesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListProcessesRequest.ProtoReflect.Descriptor instead.
+func (*ListProcessesRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{21}
+}
+
+type ProcessInfo struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Pid           uint32                 `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"`
+	Tag           string                 `protobuf:"bytes,2,opt,name=tag,proto3" json:"tag,omitempty"`
+	Cmd           string                 `protobuf:"bytes,3,opt,name=cmd,proto3" json:"cmd,omitempty"`
+	Args          []string               `protobuf:"bytes,4,rep,name=args,proto3" json:"args,omitempty"`
+	Env           map[string]string      `protobuf:"bytes,5,rep,name=env,proto3" json:"env,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"` // as requested
+	Cwd           string                 `protobuf:"bytes,6,opt,name=cwd,proto3" json:"cwd,omitempty"`                                                                           // as resolved
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ProcessInfo) Reset() {
+	*x = ProcessInfo{}
+	mi := &file_agent_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ProcessInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ProcessInfo) ProtoMessage() {}
+
+func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ProcessInfo.ProtoReflect.Descriptor instead.
+func (*ProcessInfo) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *ProcessInfo) GetPid() uint32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *ProcessInfo) GetTag() string {
+	if x != nil {
+		return x.Tag
+	}
+	return ""
+}
+
+func (x *ProcessInfo) GetCmd() string {
+	if x != nil {
+		return x.Cmd
+	}
+	return ""
+}
+
+func (x *ProcessInfo) GetArgs() []string {
+	if x != nil {
+		return x.Args
+	}
+	return nil
+}
+
+func (x *ProcessInfo) GetEnv() map[string]string {
+	if x != nil {
+		return x.Env
+	}
+	return nil
+}
+
+func (x *ProcessInfo) GetCwd() string {
+	if x != nil {
+		return x.Cwd
+	}
+	return ""
+}
+
+type ListProcessesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Processes     []*ProcessInfo         `protobuf:"bytes,1,rep,name=processes,proto3" json:"processes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListProcessesResponse) Reset() {
+	*x = ListProcessesResponse{}
+	mi := &file_agent_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListProcessesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListProcessesResponse) ProtoMessage() {}
+
+func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListProcessesResponse.ProtoReflect.Descriptor instead.
+func (*ListProcessesResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *ListProcessesResponse) GetProcesses() []*ProcessInfo {
+	if x != nil {
+		return x.Processes
+	}
+	return nil
+}
+
+type SignalProcessRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Process       *ProcessSelector       `protobuf:"bytes,1,opt,name=process,proto3" json:"process,omitempty"`
+	Signal        int32                  `protobuf:"varint,2,opt,name=signal,proto3" json:"signal,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SignalProcessRequest) Reset() {
+	*x = SignalProcessRequest{}
+	mi := &file_agent_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignalProcessRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignalProcessRequest) ProtoMessage() {}
+
+func (x *SignalProcessRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignalProcessRequest.ProtoReflect.Descriptor instead.
+func (*SignalProcessRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *SignalProcessRequest) GetProcess() *ProcessSelector {
+	if x != nil {
+		return x.Process
+	}
+	return nil
+}
+
+func (x *SignalProcessRequest) GetSignal() int32 {
+	if x != nil {
+		return x.Signal
+	}
+	return 0
+}
+
+type SignalProcessResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SignalProcessResponse) Reset() {
+	*x = SignalProcessResponse{}
+	mi := &file_agent_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignalProcessResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignalProcessResponse) ProtoMessage() {}
+
+func (x *SignalProcessResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignalProcessResponse.ProtoReflect.Descriptor instead.
+func (*SignalProcessResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{25}
+}
+
+type WriteStdinRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Process       *ProcessSelector       `protobuf:"bytes,1,opt,name=process,proto3" json:"process,omitempty"`
+	Data          []byte                 `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WriteStdinRequest) Reset() {
+	*x = WriteStdinRequest{}
+	mi := &file_agent_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WriteStdinRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WriteStdinRequest) ProtoMessage() {}
+
+func (x *WriteStdinRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WriteStdinRequest.ProtoReflect.Descriptor instead.
+func (*WriteStdinRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *WriteStdinRequest) GetProcess() *ProcessSelector {
+	if x != nil {
+		return x.Process
+	}
+	return nil
+}
+
+func (x *WriteStdinRequest) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+type WriteStdinResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WriteStdinResponse) Reset() {
+	*x = WriteStdinResponse{}
+	mi := &file_agent_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WriteStdinResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WriteStdinResponse) ProtoMessage() {}
+
+func (x *WriteStdinResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WriteStdinResponse.ProtoReflect.Descriptor instead.
+func (*WriteStdinResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{27}
+}
+
+type CloseStdinRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Process       *ProcessSelector       `protobuf:"bytes,1,opt,name=process,proto3" json:"process,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CloseStdinRequest) Reset() {
+	*x = CloseStdinRequest{}
+	mi := &file_agent_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CloseStdinRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CloseStdinRequest) ProtoMessage() {}
+
+func (x *CloseStdinRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CloseStdinRequest.ProtoReflect.Descriptor instead.
+func (*CloseStdinRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *CloseStdinRequest) GetProcess() *ProcessSelector {
+	if x != nil {
+		return x.Process
+	}
+	return nil
+}
+
+type CloseStdinResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CloseStdinResponse) Reset() {
+	*x = CloseStdinResponse{}
+	mi := &file_agent_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CloseStdinResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CloseStdinResponse) ProtoMessage() {}
+
+func (x *CloseStdinResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CloseStdinResponse.ProtoReflect.Descriptor instead.
+func (*CloseStdinResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{29}
+}
+
+type EntryInfo struct {
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	Name             string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Path             string                 `protobuf:"bytes,2,opt,name=path,proto3" json:"path,omitempty"`                                   // absolute and clean
+	Type             FileType               `protobuf:"varint,3,opt,name=type,proto3,enum=aetherium.agent.v1.FileType" json:"type,omitempty"` // of the entry itself (lstat)
+	Size             int64                  `protobuf:"varint,4,opt,name=size,proto3" json:"size,omitempty"`
+	Mode             uint32                 `protobuf:"varint,5,opt,name=mode,proto3" json:"mode,omitempty"`              // Go's os.FileMode bits
+	Permissions      string                 `protobuf:"bytes,6,opt,name=permissions,proto3" json:"permissions,omitempty"` // as ls -l shows them, e.g. "drwxr-xr-x"
+	Owner            string                 `protobuf:"bytes,7,opt,name=owner,proto3" json:"owner,omitempty"`             // user name, or the uid when it has none
+	Group            string                 `protobuf:"bytes,8,opt,name=group,proto3" json:"group,omitempty"`             // group name, or the gid
+	ModifiedUnixNano int64                  `protobuf:"varint,9,opt,name=modified_unix_nano,json=modifiedUnixNano,proto3" json:"modified_unix_nano,omitempty"`
+	SymlinkTarget    string                 `protobuf:"bytes,10,opt,name=symlink_target,json=symlinkTarget,proto3" json:"symlink_target,omitempty"` // for a symlink
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *EntryInfo) Reset() {
+	*x = EntryInfo{}
+	mi := &file_agent_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EntryInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EntryInfo) ProtoMessage() {}
+
+func (x *EntryInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EntryInfo.ProtoReflect.Descriptor instead.
+func (*EntryInfo) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *EntryInfo) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *EntryInfo) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *EntryInfo) GetType() FileType {
+	if x != nil {
+		return x.Type
+	}
+	return FileType_FILE_TYPE_UNSPECIFIED
+}
+
+func (x *EntryInfo) GetSize() int64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *EntryInfo) GetMode() uint32 {
+	if x != nil {
+		return x.Mode
+	}
+	return 0
+}
+
+func (x *EntryInfo) GetPermissions() string {
+	if x != nil {
+		return x.Permissions
+	}
+	return ""
+}
+
+func (x *EntryInfo) GetOwner() string {
+	if x != nil {
+		return x.Owner
+	}
+	return ""
+}
+
+func (x *EntryInfo) GetGroup() string {
+	if x != nil {
+		return x.Group
+	}
+	return ""
+}
+
+func (x *EntryInfo) GetModifiedUnixNano() int64 {
+	if x != nil {
+		return x.ModifiedUnixNano
+	}
+	return 0
+}
+
+func (x *EntryInfo) GetSymlinkTarget() string {
+	if x != nil {
+		return x.SymlinkTarget
+	}
+	return ""
+}
+
+type StatRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	User          string                 `protobuf:"bytes,2,opt,name=user,proto3" json:"user,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StatRequest) Reset() {
+	*x = StatRequest{}
+	mi := &file_agent_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StatRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StatRequest) ProtoMessage() {}
+
+func (x *StatRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StatRequest.ProtoReflect.Descriptor instead.
+func (*StatRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *StatRequest) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *StatRequest) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+type StatResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Entry         *EntryInfo             `protobuf:"bytes,1,opt,name=entry,proto3" json:"entry,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StatResponse) Reset() {
+	*x = StatResponse{}
+	mi := &file_agent_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StatResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StatResponse) ProtoMessage() {}
+
+func (x *StatResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StatResponse.ProtoReflect.Descriptor instead.
+func (*StatResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *StatResponse) GetEntry() *EntryInfo {
+	if x != nil {
+		return x.Entry
+	}
+	return nil
+}
+
+type ListDirRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	User          string                 `protobuf:"bytes,2,opt,name=user,proto3" json:"user,omitempty"`
+	Depth         uint32                 `protobuf:"varint,3,opt,name=depth,proto3" json:"depth,omitempty"` // levels below path; 0 and 1: direct children
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListDirRequest) Reset() {
+	*x = ListDirRequest{}
+	mi := &file_agent_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListDirRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListDirRequest) ProtoMessage() {}
+
+func (x *ListDirRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListDirRequest.ProtoReflect.Descriptor instead.
+func (*ListDirRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *ListDirRequest) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *ListDirRequest) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *ListDirRequest) GetDepth() uint32 {
+	if x != nil {
+		return x.Depth
+	}
+	return 0
+}
+
+type ListDirResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Entries       []*EntryInfo           `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListDirResponse) Reset() {
+	*x = ListDirResponse{}
+	mi := &file_agent_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListDirResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListDirResponse) ProtoMessage() {}
+
+func (x *ListDirResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListDirResponse.ProtoReflect.Descriptor instead.
+func (*ListDirResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *ListDirResponse) GetEntries() []*EntryInfo {
+	if x != nil {
+		return x.Entries
+	}
+	return nil
+}
+
+type MakeDirRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	User          string                 `protobuf:"bytes,2,opt,name=user,proto3" json:"user,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MakeDirRequest) Reset() {
+	*x = MakeDirRequest{}
+	mi := &file_agent_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MakeDirRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MakeDirRequest) ProtoMessage() {}
+
+func (x *MakeDirRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MakeDirRequest.ProtoReflect.Descriptor instead.
+func (*MakeDirRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *MakeDirRequest) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *MakeDirRequest) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+type MakeDirResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Entry         *EntryInfo             `protobuf:"bytes,1,opt,name=entry,proto3" json:"entry,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MakeDirResponse) Reset() {
+	*x = MakeDirResponse{}
+	mi := &file_agent_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MakeDirResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MakeDirResponse) ProtoMessage() {}
+
+func (x *MakeDirResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MakeDirResponse.ProtoReflect.Descriptor instead.
+func (*MakeDirResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *MakeDirResponse) GetEntry() *EntryInfo {
+	if x != nil {
+		return x.Entry
+	}
+	return nil
+}
+
+type MoveRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Source        string                 `protobuf:"bytes,1,opt,name=source,proto3" json:"source,omitempty"`
+	Destination   string                 `protobuf:"bytes,2,opt,name=destination,proto3" json:"destination,omitempty"`
+	User          string                 `protobuf:"bytes,3,opt,name=user,proto3" json:"user,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MoveRequest) Reset() {
+	*x = MoveRequest{}
+	mi := &file_agent_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MoveRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MoveRequest) ProtoMessage() {}
+
+func (x *MoveRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MoveRequest.ProtoReflect.Descriptor instead.
+func (*MoveRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *MoveRequest) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *MoveRequest) GetDestination() string {
+	if x != nil {
+		return x.Destination
+	}
+	return ""
+}
+
+func (x *MoveRequest) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+type MoveResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Entry         *EntryInfo             `protobuf:"bytes,1,opt,name=entry,proto3" json:"entry,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MoveResponse) Reset() {
+	*x = MoveResponse{}
+	mi := &file_agent_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MoveResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MoveResponse) ProtoMessage() {}
+
+func (x *MoveResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MoveResponse.ProtoReflect.Descriptor instead.
+func (*MoveResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *MoveResponse) GetEntry() *EntryInfo {
+	if x != nil {
+		return x.Entry
+	}
+	return nil
+}
+
+type RemoveRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Path          string                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	User          string                 `protobuf:"bytes,2,opt,name=user,proto3" json:"user,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveRequest) Reset() {
+	*x = RemoveRequest{}
+	mi := &file_agent_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveRequest) ProtoMessage() {}
+
+func (x *RemoveRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveRequest.ProtoReflect.Descriptor instead.
+func (*RemoveRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *RemoveRequest) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *RemoveRequest) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+type RemoveResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveResponse) Reset() {
+	*x = RemoveResponse{}
+	mi := &file_agent_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveResponse) ProtoMessage() {}
+
+func (x *RemoveResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveResponse.ProtoReflect.Descriptor instead.
+func (*RemoveResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{40}
+}
+
 var File_agent_proto protoreflect.FileDescriptor
 
 const file_agent_proto_rawDesc = "" +
@@ -1012,13 +2678,134 @@ const file_agent_proto_rawDesc = "" +
 	"\x04data\x18\x01 \x01(\fR\x04data\")\n" +
 	"\x0fShutdownRequest\x12\x16\n" +
 	"\x06reboot\x18\x01 \x01(\bR\x06reboot\"\x12\n" +
-	"\x10ShutdownResponse2\xad\x03\n" +
+	"\x10ShutdownResponse\"\xd8\x02\n" +
+	"\x13ProcessStartRequest\x12\x10\n" +
+	"\x03cmd\x18\x01 \x01(\tR\x03cmd\x12\x12\n" +
+	"\x04args\x18\x02 \x03(\tR\x04args\x12B\n" +
+	"\x03env\x18\x03 \x03(\v20.aetherium.agent.v1.ProcessStartRequest.EnvEntryR\x03env\x12\x10\n" +
+	"\x03cwd\x18\x04 \x01(\tR\x03cwd\x12\x12\n" +
+	"\x04user\x18\x05 \x01(\tR\x04user\x12\x10\n" +
+	"\x03tag\x18\x06 \x01(\tR\x03tag\x12\x14\n" +
+	"\x05stdin\x18\a \x01(\bR\x05stdin\x12\x1d\n" +
+	"\n" +
+	"timeout_ms\x18\b \x01(\x03R\ttimeoutMs\x122\n" +
+	"\x15keepalive_interval_ms\x18\t \x01(\x03R\x13keepaliveIntervalMs\x1a6\n" +
+	"\bEnvEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"E\n" +
+	"\x0fProcessSelector\x12\x12\n" +
+	"\x03pid\x18\x01 \x01(\rH\x00R\x03pid\x12\x12\n" +
+	"\x03tag\x18\x02 \x01(\tH\x00R\x03tagB\n" +
+	"\n" +
+	"\bselector\"\x8a\x01\n" +
+	"\x15ProcessConnectRequest\x12=\n" +
+	"\aprocess\x18\x01 \x01(\v2#.aetherium.agent.v1.ProcessSelectorR\aprocess\x122\n" +
+	"\x15keepalive_interval_ms\x18\x02 \x01(\x03R\x13keepaliveIntervalMs\" \n" +
+	"\fProcessStart\x12\x10\n" +
+	"\x03pid\x18\x01 \x01(\rR\x03pid\"K\n" +
+	"\vProcessData\x12\x18\n" +
+	"\x06stdout\x18\x01 \x01(\fH\x00R\x06stdout\x12\x18\n" +
+	"\x06stderr\x18\x02 \x01(\fH\x00R\x06stderrB\b\n" +
+	"\x06output\"\x12\n" +
+	"\x10ProcessKeepalive\"o\n" +
+	"\n" +
+	"ProcessEnd\x12\x1b\n" +
+	"\texit_code\x18\x01 \x01(\x11R\bexitCode\x12\x16\n" +
+	"\x06exited\x18\x02 \x01(\bR\x06exited\x12\x16\n" +
+	"\x06status\x18\x03 \x01(\tR\x06status\x12\x14\n" +
+	"\x05error\x18\x04 \x01(\tR\x05error\"\x82\x02\n" +
+	"\fProcessEvent\x128\n" +
+	"\x05start\x18\x01 \x01(\v2 .aetherium.agent.v1.ProcessStartH\x00R\x05start\x125\n" +
+	"\x04data\x18\x02 \x01(\v2\x1f.aetherium.agent.v1.ProcessDataH\x00R\x04data\x12D\n" +
+	"\tkeepalive\x18\x03 \x01(\v2$.aetherium.agent.v1.ProcessKeepaliveH\x00R\tkeepalive\x122\n" +
+	"\x03end\x18\x04 \x01(\v2\x1e.aetherium.agent.v1.ProcessEndH\x00R\x03endB\a\n" +
+	"\x05event\"\x16\n" +
+	"\x14ListProcessesRequest\"\xdd\x01\n" +
+	"\vProcessInfo\x12\x10\n" +
+	"\x03pid\x18\x01 \x01(\rR\x03pid\x12\x10\n" +
+	"\x03tag\x18\x02 \x01(\tR\x03tag\x12\x10\n" +
+	"\x03cmd\x18\x03 \x01(\tR\x03cmd\x12\x12\n" +
+	"\x04args\x18\x04 \x03(\tR\x04args\x12:\n" +
+	"\x03env\x18\x05 \x03(\v2(.aetherium.agent.v1.ProcessInfo.EnvEntryR\x03env\x12\x10\n" +
+	"\x03cwd\x18\x06 \x01(\tR\x03cwd\x1a6\n" +
+	"\bEnvEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"V\n" +
+	"\x15ListProcessesResponse\x12=\n" +
+	"\tprocesses\x18\x01 \x03(\v2\x1f.aetherium.agent.v1.ProcessInfoR\tprocesses\"m\n" +
+	"\x14SignalProcessRequest\x12=\n" +
+	"\aprocess\x18\x01 \x01(\v2#.aetherium.agent.v1.ProcessSelectorR\aprocess\x12\x16\n" +
+	"\x06signal\x18\x02 \x01(\x05R\x06signal\"\x17\n" +
+	"\x15SignalProcessResponse\"f\n" +
+	"\x11WriteStdinRequest\x12=\n" +
+	"\aprocess\x18\x01 \x01(\v2#.aetherium.agent.v1.ProcessSelectorR\aprocess\x12\x12\n" +
+	"\x04data\x18\x02 \x01(\fR\x04data\"\x14\n" +
+	"\x12WriteStdinResponse\"R\n" +
+	"\x11CloseStdinRequest\x12=\n" +
+	"\aprocess\x18\x01 \x01(\v2#.aetherium.agent.v1.ProcessSelectorR\aprocess\"\x14\n" +
+	"\x12CloseStdinResponse\"\xb0\x02\n" +
+	"\tEntryInfo\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04path\x18\x02 \x01(\tR\x04path\x120\n" +
+	"\x04type\x18\x03 \x01(\x0e2\x1c.aetherium.agent.v1.FileTypeR\x04type\x12\x12\n" +
+	"\x04size\x18\x04 \x01(\x03R\x04size\x12\x12\n" +
+	"\x04mode\x18\x05 \x01(\rR\x04mode\x12 \n" +
+	"\vpermissions\x18\x06 \x01(\tR\vpermissions\x12\x14\n" +
+	"\x05owner\x18\a \x01(\tR\x05owner\x12\x14\n" +
+	"\x05group\x18\b \x01(\tR\x05group\x12,\n" +
+	"\x12modified_unix_nano\x18\t \x01(\x03R\x10modifiedUnixNano\x12%\n" +
+	"\x0esymlink_target\x18\n" +
+	" \x01(\tR\rsymlinkTarget\"5\n" +
+	"\vStatRequest\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\x12\x12\n" +
+	"\x04user\x18\x02 \x01(\tR\x04user\"C\n" +
+	"\fStatResponse\x123\n" +
+	"\x05entry\x18\x01 \x01(\v2\x1d.aetherium.agent.v1.EntryInfoR\x05entry\"N\n" +
+	"\x0eListDirRequest\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\x12\x12\n" +
+	"\x04user\x18\x02 \x01(\tR\x04user\x12\x14\n" +
+	"\x05depth\x18\x03 \x01(\rR\x05depth\"J\n" +
+	"\x0fListDirResponse\x127\n" +
+	"\aentries\x18\x01 \x03(\v2\x1d.aetherium.agent.v1.EntryInfoR\aentries\"8\n" +
+	"\x0eMakeDirRequest\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\x12\x12\n" +
+	"\x04user\x18\x02 \x01(\tR\x04user\"F\n" +
+	"\x0fMakeDirResponse\x123\n" +
+	"\x05entry\x18\x01 \x01(\v2\x1d.aetherium.agent.v1.EntryInfoR\x05entry\"[\n" +
+	"\vMoveRequest\x12\x16\n" +
+	"\x06source\x18\x01 \x01(\tR\x06source\x12 \n" +
+	"\vdestination\x18\x02 \x01(\tR\vdestination\x12\x12\n" +
+	"\x04user\x18\x03 \x01(\tR\x04user\"C\n" +
+	"\fMoveResponse\x123\n" +
+	"\x05entry\x18\x01 \x01(\v2\x1d.aetherium.agent.v1.EntryInfoR\x05entry\"7\n" +
+	"\rRemoveRequest\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\x12\x12\n" +
+	"\x04user\x18\x02 \x01(\tR\x04user\"\x10\n" +
+	"\x0eRemoveResponse*i\n" +
+	"\bFileType\x12\x19\n" +
+	"\x15FILE_TYPE_UNSPECIFIED\x10\x00\x12\x12\n" +
+	"\x0eFILE_TYPE_FILE\x10\x01\x12\x17\n" +
+	"\x13FILE_TYPE_DIRECTORY\x10\x02\x12\x15\n" +
+	"\x11FILE_TYPE_SYMLINK\x10\x032\x82\v\n" +
 	"\x05Agent\x12I\n" +
 	"\x04Info\x12\x1f.aetherium.agent.v1.InfoRequest\x1a .aetherium.agent.v1.InfoResponse\x12M\n" +
 	"\x04Exec\x12\x1f.aetherium.agent.v1.ExecRequest\x1a .aetherium.agent.v1.ExecResponse(\x010\x01\x12Z\n" +
 	"\tWriteFile\x12$.aetherium.agent.v1.WriteFileRequest\x1a%.aetherium.agent.v1.WriteFileResponse(\x01\x12W\n" +
 	"\bReadFile\x12#.aetherium.agent.v1.ReadFileRequest\x1a$.aetherium.agent.v1.ReadFileResponse0\x01\x12U\n" +
-	"\bShutdown\x12#.aetherium.agent.v1.ShutdownRequest\x1a$.aetherium.agent.v1.ShutdownResponseB7Z5github.com/aetherium/aetherium-core/pkg/agent/agentpbb\x06proto3"
+	"\bShutdown\x12#.aetherium.agent.v1.ShutdownRequest\x1a$.aetherium.agent.v1.ShutdownResponse\x12[\n" +
+	"\fStartProcess\x12'.aetherium.agent.v1.ProcessStartRequest\x1a .aetherium.agent.v1.ProcessEvent0\x01\x12_\n" +
+	"\x0eConnectProcess\x12).aetherium.agent.v1.ProcessConnectRequest\x1a .aetherium.agent.v1.ProcessEvent0\x01\x12d\n" +
+	"\rListProcesses\x12(.aetherium.agent.v1.ListProcessesRequest\x1a).aetherium.agent.v1.ListProcessesResponse\x12d\n" +
+	"\rSignalProcess\x12(.aetherium.agent.v1.SignalProcessRequest\x1a).aetherium.agent.v1.SignalProcessResponse\x12[\n" +
+	"\n" +
+	"WriteStdin\x12%.aetherium.agent.v1.WriteStdinRequest\x1a&.aetherium.agent.v1.WriteStdinResponse\x12[\n" +
+	"\n" +
+	"CloseStdin\x12%.aetherium.agent.v1.CloseStdinRequest\x1a&.aetherium.agent.v1.CloseStdinResponse\x12I\n" +
+	"\x04Stat\x12\x1f.aetherium.agent.v1.StatRequest\x1a .aetherium.agent.v1.StatResponse\x12T\n" +
+	"\aListDir\x12\".aetherium.agent.v1.ListDirRequest\x1a#.aetherium.agent.v1.ListDirResponse0\x01\x12R\n" +
+	"\aMakeDir\x12\".aetherium.agent.v1.MakeDirRequest\x1a#.aetherium.agent.v1.MakeDirResponse\x12I\n" +
+	"\x04Move\x12\x1f.aetherium.agent.v1.MoveRequest\x1a .aetherium.agent.v1.MoveResponse\x12O\n" +
+	"\x06Remove\x12!.aetherium.agent.v1.RemoveRequest\x1a\".aetherium.agent.v1.RemoveResponseB7Z5github.com/aetherium/aetherium-core/pkg/agent/agentpbb\x06proto3"
 
 var (
 	file_agent_proto_rawDescOnce sync.Once
@@ -1032,43 +2819,113 @@ func file_agent_proto_rawDescGZIP() []byte {
 	return file_agent_proto_rawDescData
 }
 
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 44)
 var file_agent_proto_goTypes = []any{
-	(*InfoRequest)(nil),       // 0: aetherium.agent.v1.InfoRequest
-	(*InfoResponse)(nil),      // 1: aetherium.agent.v1.InfoResponse
-	(*ExecStart)(nil),         // 2: aetherium.agent.v1.ExecStart
-	(*ExecRequest)(nil),       // 3: aetherium.agent.v1.ExecRequest
-	(*ExecExit)(nil),          // 4: aetherium.agent.v1.ExecExit
-	(*ExecResponse)(nil),      // 5: aetherium.agent.v1.ExecResponse
-	(*WriteFileRequest)(nil),  // 6: aetherium.agent.v1.WriteFileRequest
-	(*WriteFileHeader)(nil),   // 7: aetherium.agent.v1.WriteFileHeader
-	(*WriteFileResponse)(nil), // 8: aetherium.agent.v1.WriteFileResponse
-	(*ReadFileRequest)(nil),   // 9: aetherium.agent.v1.ReadFileRequest
-	(*ReadFileResponse)(nil),  // 10: aetherium.agent.v1.ReadFileResponse
-	(*ShutdownRequest)(nil),   // 11: aetherium.agent.v1.ShutdownRequest
-	(*ShutdownResponse)(nil),  // 12: aetherium.agent.v1.ShutdownResponse
-	nil,                       // 13: aetherium.agent.v1.ExecStart.EnvEntry
+	(FileType)(0),                 // 0: aetherium.agent.v1.FileType
+	(*InfoRequest)(nil),           // 1: aetherium.agent.v1.InfoRequest
+	(*InfoResponse)(nil),          // 2: aetherium.agent.v1.InfoResponse
+	(*ExecStart)(nil),             // 3: aetherium.agent.v1.ExecStart
+	(*ExecRequest)(nil),           // 4: aetherium.agent.v1.ExecRequest
+	(*ExecExit)(nil),              // 5: aetherium.agent.v1.ExecExit
+	(*ExecResponse)(nil),          // 6: aetherium.agent.v1.ExecResponse
+	(*WriteFileRequest)(nil),      // 7: aetherium.agent.v1.WriteFileRequest
+	(*WriteFileHeader)(nil),       // 8: aetherium.agent.v1.WriteFileHeader
+	(*WriteFileResponse)(nil),     // 9: aetherium.agent.v1.WriteFileResponse
+	(*ReadFileRequest)(nil),       // 10: aetherium.agent.v1.ReadFileRequest
+	(*ReadFileResponse)(nil),      // 11: aetherium.agent.v1.ReadFileResponse
+	(*ShutdownRequest)(nil),       // 12: aetherium.agent.v1.ShutdownRequest
+	(*ShutdownResponse)(nil),      // 13: aetherium.agent.v1.ShutdownResponse
+	(*ProcessStartRequest)(nil),   // 14: aetherium.agent.v1.ProcessStartRequest
+	(*ProcessSelector)(nil),       // 15: aetherium.agent.v1.ProcessSelector
+	(*ProcessConnectRequest)(nil), // 16: aetherium.agent.v1.ProcessConnectRequest
+	(*ProcessStart)(nil),          // 17: aetherium.agent.v1.ProcessStart
+	(*ProcessData)(nil),           // 18: aetherium.agent.v1.ProcessData
+	(*ProcessKeepalive)(nil),      // 19: aetherium.agent.v1.ProcessKeepalive
+	(*ProcessEnd)(nil),            // 20: aetherium.agent.v1.ProcessEnd
+	(*ProcessEvent)(nil),          // 21: aetherium.agent.v1.ProcessEvent
+	(*ListProcessesRequest)(nil),  // 22: aetherium.agent.v1.ListProcessesRequest
+	(*ProcessInfo)(nil),           // 23: aetherium.agent.v1.ProcessInfo
+	(*ListProcessesResponse)(nil), // 24: aetherium.agent.v1.ListProcessesResponse
+	(*SignalProcessRequest)(nil),  // 25: aetherium.agent.v1.SignalProcessRequest
+	(*SignalProcessResponse)(nil), // 26: aetherium.agent.v1.SignalProcessResponse
+	(*WriteStdinRequest)(nil),     // 27: aetherium.agent.v1.WriteStdinRequest
+	(*WriteStdinResponse)(nil),    // 28: aetherium.agent.v1.WriteStdinResponse
+	(*CloseStdinRequest)(nil),     // 29: aetherium.agent.v1.CloseStdinRequest
+	(*CloseStdinResponse)(nil),    // 30: aetherium.agent.v1.CloseStdinResponse
+	(*EntryInfo)(nil),             // 31: aetherium.agent.v1.EntryInfo
+	(*StatRequest)(nil),           // 32: aetherium.agent.v1.StatRequest
+	(*StatResponse)(nil),          // 33: aetherium.agent.v1.StatResponse
+	(*ListDirRequest)(nil),        // 34: aetherium.agent.v1.ListDirRequest
+	(*ListDirResponse)(nil),       // 35: aetherium.agent.v1.ListDirResponse
+	(*MakeDirRequest)(nil),        // 36: aetherium.agent.v1.MakeDirRequest
+	(*MakeDirResponse)(nil),       // 37: aetherium.agent.v1.MakeDirResponse
+	(*MoveRequest)(nil),           // 38: aetherium.agent.v1.MoveRequest
+	(*MoveResponse)(nil),          // 39: aetherium.agent.v1.MoveResponse
+	(*RemoveRequest)(nil),         // 40: aetherium.agent.v1.RemoveRequest
+	(*RemoveResponse)(nil),        // 41: aetherium.agent.v1.RemoveResponse
+	nil,                           // 42: aetherium.agent.v1.ExecStart.EnvEntry
+	nil,                           // 43: aetherium.agent.v1.ProcessStartRequest.EnvEntry
+	nil,                           // 44: aetherium.agent.v1.ProcessInfo.EnvEntry
 }
 var file_agent_proto_depIdxs = []int32{
-	13, // 0: aetherium.agent.v1.ExecStart.env:type_name -> aetherium.agent.v1.ExecStart.EnvEntry
-	2,  // 1: aetherium.agent.v1.ExecRequest.start:type_name -> aetherium.agent.v1.ExecStart
-	4,  // 2: aetherium.agent.v1.ExecResponse.exit:type_name -> aetherium.agent.v1.ExecExit
-	7,  // 3: aetherium.agent.v1.WriteFileRequest.header:type_name -> aetherium.agent.v1.WriteFileHeader
-	0,  // 4: aetherium.agent.v1.Agent.Info:input_type -> aetherium.agent.v1.InfoRequest
-	3,  // 5: aetherium.agent.v1.Agent.Exec:input_type -> aetherium.agent.v1.ExecRequest
-	6,  // 6: aetherium.agent.v1.Agent.WriteFile:input_type -> aetherium.agent.v1.WriteFileRequest
-	9,  // 7: aetherium.agent.v1.Agent.ReadFile:input_type -> aetherium.agent.v1.ReadFileRequest
-	11, // 8: aetherium.agent.v1.Agent.Shutdown:input_type -> aetherium.agent.v1.ShutdownRequest
-	1,  // 9: aetherium.agent.v1.Agent.Info:output_type -> aetherium.agent.v1.InfoResponse
-	5,  // 10: aetherium.agent.v1.Agent.Exec:output_type -> aetherium.agent.v1.ExecResponse
-	8,  // 11: aetherium.agent.v1.Agent.WriteFile:output_type -> aetherium.agent.v1.WriteFileResponse
-	10, // 12: aetherium.agent.v1.Agent.ReadFile:output_type -> aetherium.agent.v1.ReadFileResponse
-	12, // 13: aetherium.agent.v1.Agent.Shutdown:output_type -> aetherium.agent.v1.ShutdownResponse
-	9,  // [9:14] is the sub-list for method output_type
-	4,  // [4:9] is the sub-list for method input_type
-	4,  // [4:4] is the sub-list for extension type_name
-	4,  // [4:4] is the sub-list for extension extendee
-	0,  // [0:4] is the sub-list for field type_name
+	42, // 0: aetherium.agent.v1.ExecStart.env:type_name -> aetherium.agent.v1.ExecStart.EnvEntry
+	3,  // 1: aetherium.agent.v1.ExecRequest.start:type_name -> aetherium.agent.v1.ExecStart
+	5,  // 2: aetherium.agent.v1.ExecResponse.exit:type_name -> aetherium.agent.v1.ExecExit
+	8,  // 3: aetherium.agent.v1.WriteFileRequest.header:type_name -> aetherium.agent.v1.WriteFileHeader
+	43, // 4: aetherium.agent.v1.ProcessStartRequest.env:type_name -> aetherium.agent.v1.ProcessStartRequest.EnvEntry
+	15, // 5: aetherium.agent.v1.ProcessConnectRequest.process:type_name -> aetherium.agent.v1.ProcessSelector
+	17, // 6: aetherium.agent.v1.ProcessEvent.start:type_name -> aetherium.agent.v1.ProcessStart
+	18, // 7: aetherium.agent.v1.ProcessEvent.data:type_name -> aetherium.agent.v1.ProcessData
+	19, // 8: aetherium.agent.v1.ProcessEvent.keepalive:type_name -> aetherium.agent.v1.ProcessKeepalive
+	20, // 9: aetherium.agent.v1.ProcessEvent.end:type_name -> aetherium.agent.v1.ProcessEnd
+	44, // 10: aetherium.agent.v1.ProcessInfo.env:type_name -> aetherium.agent.v1.ProcessInfo.EnvEntry
+	23, // 11: aetherium.agent.v1.ListProcessesResponse.processes:type_name -> aetherium.agent.v1.ProcessInfo
+	15, // 12: aetherium.agent.v1.SignalProcessRequest.process:type_name -> aetherium.agent.v1.ProcessSelector
+	15, // 13: aetherium.agent.v1.WriteStdinRequest.process:type_name -> aetherium.agent.v1.ProcessSelector
+	15, // 14: aetherium.agent.v1.CloseStdinRequest.process:type_name -> aetherium.agent.v1.ProcessSelector
+	0,  // 15: aetherium.agent.v1.EntryInfo.type:type_name -> aetherium.agent.v1.FileType
+	31, // 16: aetherium.agent.v1.StatResponse.entry:type_name -> aetherium.agent.v1.EntryInfo
+	31, // 17: aetherium.agent.v1.ListDirResponse.entries:type_name -> aetherium.agent.v1.EntryInfo
+	31, // 18: aetherium.agent.v1.MakeDirResponse.entry:type_name -> aetherium.agent.v1.EntryInfo
+	31, // 19: aetherium.agent.v1.MoveResponse.entry:type_name -> aetherium.agent.v1.EntryInfo
+	1,  // 20: aetherium.agent.v1.Agent.Info:input_type -> aetherium.agent.v1.InfoRequest
+	4,  // 21: aetherium.agent.v1.Agent.Exec:input_type -> aetherium.agent.v1.ExecRequest
+	7,  // 22: aetherium.agent.v1.Agent.WriteFile:input_type -> aetherium.agent.v1.WriteFileRequest
+	10, // 23: aetherium.agent.v1.Agent.ReadFile:input_type -> aetherium.agent.v1.ReadFileRequest
+	12, // 24: aetherium.agent.v1.Agent.Shutdown:input_type -> aetherium.agent.v1.ShutdownRequest
+	14, // 25: aetherium.agent.v1.Agent.StartProcess:input_type -> aetherium.agent.v1.ProcessStartRequest
+	16, // 26: aetherium.agent.v1.Agent.ConnectProcess:input_type -> aetherium.agent.v1.ProcessConnectRequest
+	22, // 27: aetherium.agent.v1.Agent.ListProcesses:input_type -> aetherium.agent.v1.ListProcessesRequest
+	25, // 28: aetherium.agent.v1.Agent.SignalProcess:input_type -> aetherium.agent.v1.SignalProcessRequest
+	27, // 29: aetherium.agent.v1.Agent.WriteStdin:input_type -> aetherium.agent.v1.WriteStdinRequest
+	29, // 30: aetherium.agent.v1.Agent.CloseStdin:input_type -> aetherium.agent.v1.CloseStdinRequest
+	32, // 31: aetherium.agent.v1.Agent.Stat:input_type -> aetherium.agent.v1.StatRequest
+	34, // 32: aetherium.agent.v1.Agent.ListDir:input_type -> aetherium.agent.v1.ListDirRequest
+	36, // 33: aetherium.agent.v1.Agent.MakeDir:input_type -> aetherium.agent.v1.MakeDirRequest
+	38, // 34: aetherium.agent.v1.Agent.Move:input_type -> aetherium.agent.v1.MoveRequest
+	40, // 35: aetherium.agent.v1.Agent.Remove:input_type -> aetherium.agent.v1.RemoveRequest
+	2,  // 36: aetherium.agent.v1.Agent.Info:output_type -> aetherium.agent.v1.InfoResponse
+	6,  // 37: aetherium.agent.v1.Agent.Exec:output_type -> aetherium.agent.v1.ExecResponse
+	9,  // 38: aetherium.agent.v1.Agent.WriteFile:output_type -> aetherium.agent.v1.WriteFileResponse
+	11, // 39: aetherium.agent.v1.Agent.ReadFile:output_type -> aetherium.agent.v1.ReadFileResponse
+	13, // 40: aetherium.agent.v1.Agent.Shutdown:output_type -> aetherium.agent.v1.ShutdownResponse
+	21, // 41: aetherium.agent.v1.Agent.StartProcess:output_type -> aetherium.agent.v1.ProcessEvent
+	21, // 42: aetherium.agent.v1.Agent.ConnectProcess:output_type -> aetherium.agent.v1.ProcessEvent
+	24, // 43: aetherium.agent.v1.Agent.ListProcesses:output_type -> aetherium.agent.v1.ListProcessesResponse
+	26, // 44: aetherium.agent.v1.Agent.SignalProcess:output_type -> aetherium.agent.v1.SignalProcessResponse
+	28, // 45: aetherium.agent.v1.Agent.WriteStdin:output_type -> aetherium.agent.v1.WriteStdinResponse
+	30, // 46: aetherium.agent.v1.Agent.CloseStdin:output_type -> aetherium.agent.v1.CloseStdinResponse
+	33, // 47: aetherium.agent.v1.Agent.Stat:output_type -> aetherium.agent.v1.StatResponse
+	35, // 48: aetherium.agent.v1.Agent.ListDir:output_type -> aetherium.agent.v1.ListDirResponse
+	37, // 49: aetherium.agent.v1.Agent.MakeDir:output_type -> aetherium.agent.v1.MakeDirResponse
+	39, // 50: aetherium.agent.v1.Agent.Move:output_type -> aetherium.agent.v1.MoveResponse
+	41, // 51: aetherium.agent.v1.Agent.Remove:output_type -> aetherium.agent.v1.RemoveResponse
+	36, // [36:52] is the sub-list for method output_type
+	20, // [20:36] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_agent_proto_init() }
@@ -1092,18 +2949,33 @@ func file_agent_proto_init() {
 		(*WriteFileRequest_Header)(nil),
 		(*WriteFileRequest_Data)(nil),
 	}
+	file_agent_proto_msgTypes[14].OneofWrappers = []any{
+		(*ProcessSelector_Pid)(nil),
+		(*ProcessSelector_Tag)(nil),
+	}
+	file_agent_proto_msgTypes[17].OneofWrappers = []any{
+		(*ProcessData_Stdout)(nil),
+		(*ProcessData_Stderr)(nil),
+	}
+	file_agent_proto_msgTypes[20].OneofWrappers = []any{
+		(*ProcessEvent_Start)(nil),
+		(*ProcessEvent_Data)(nil),
+		(*ProcessEvent_Keepalive)(nil),
+		(*ProcessEvent_End)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
-			NumEnums:      0,
-			NumMessages:   14,
+			NumEnums:      1,
+			NumMessages:   44,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
 		GoTypes:           file_agent_proto_goTypes,
 		DependencyIndexes: file_agent_proto_depIdxs,
+		EnumInfos:         file_agent_proto_enumTypes,
 		MessageInfos:      file_agent_proto_msgTypes,
 	}.Build()
 	File_agent_proto = out.File

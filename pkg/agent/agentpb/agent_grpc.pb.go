@@ -22,11 +22,22 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Agent_Info_FullMethodName      = "/aetherium.agent.v1.Agent/Info"
-	Agent_Exec_FullMethodName      = "/aetherium.agent.v1.Agent/Exec"
-	Agent_WriteFile_FullMethodName = "/aetherium.agent.v1.Agent/WriteFile"
-	Agent_ReadFile_FullMethodName  = "/aetherium.agent.v1.Agent/ReadFile"
-	Agent_Shutdown_FullMethodName  = "/aetherium.agent.v1.Agent/Shutdown"
+	Agent_Info_FullMethodName           = "/aetherium.agent.v1.Agent/Info"
+	Agent_Exec_FullMethodName           = "/aetherium.agent.v1.Agent/Exec"
+	Agent_WriteFile_FullMethodName      = "/aetherium.agent.v1.Agent/WriteFile"
+	Agent_ReadFile_FullMethodName       = "/aetherium.agent.v1.Agent/ReadFile"
+	Agent_Shutdown_FullMethodName       = "/aetherium.agent.v1.Agent/Shutdown"
+	Agent_StartProcess_FullMethodName   = "/aetherium.agent.v1.Agent/StartProcess"
+	Agent_ConnectProcess_FullMethodName = "/aetherium.agent.v1.Agent/ConnectProcess"
+	Agent_ListProcesses_FullMethodName  = "/aetherium.agent.v1.Agent/ListProcesses"
+	Agent_SignalProcess_FullMethodName  = "/aetherium.agent.v1.Agent/SignalProcess"
+	Agent_WriteStdin_FullMethodName     = "/aetherium.agent.v1.Agent/WriteStdin"
+	Agent_CloseStdin_FullMethodName     = "/aetherium.agent.v1.Agent/CloseStdin"
+	Agent_Stat_FullMethodName           = "/aetherium.agent.v1.Agent/Stat"
+	Agent_ListDir_FullMethodName        = "/aetherium.agent.v1.Agent/ListDir"
+	Agent_MakeDir_FullMethodName        = "/aetherium.agent.v1.Agent/MakeDir"
+	Agent_Move_FullMethodName           = "/aetherium.agent.v1.Agent/Move"
+	Agent_Remove_FullMethodName         = "/aetherium.agent.v1.Agent/Remove"
 )
 
 // AgentClient is the client API for Agent service.
@@ -49,6 +60,40 @@ type AgentClient interface {
 	// Shutdown syncs file systems and powers the guest off (when the agent is
 	// PID 1) or ends the agent process.
 	Shutdown(ctx context.Context, in *ShutdownRequest, opts ...grpc.CallOption) (*ShutdownResponse, error)
+	// StartProcess starts a process that keeps running when the caller goes
+	// away (unlike Exec). The stream sends `start` first, then output as it
+	// is produced, keepalives when idle, and one `end`. Errors before the
+	// start: InvalidArgument (cannot run as given), AlreadyExists (a running
+	// process has the tag), Unavailable (the agent is stopping).
+	StartProcess(ctx context.Context, in *ProcessStartRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ProcessEvent], error)
+	// ConnectProcess attaches to a process of the table: `start`, then only
+	// output produced from now on, keepalives, and `end`. A process that
+	// ended recently answers `start` then `end`. Unknown: NotFound.
+	ConnectProcess(ctx context.Context, in *ProcessConnectRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ProcessEvent], error)
+	// ListProcesses lists the running processes of the table.
+	ListProcesses(ctx context.Context, in *ListProcessesRequest, opts ...grpc.CallOption) (*ListProcessesResponse, error)
+	// SignalProcess signals a running process's group. Unknown or ended:
+	// NotFound.
+	SignalProcess(ctx context.Context, in *SignalProcessRequest, opts ...grpc.CallOption) (*SignalProcessResponse, error)
+	// WriteStdin writes to a running process's stdin. Unknown: NotFound;
+	// started without stdin or stdin closed: FailedPrecondition.
+	WriteStdin(ctx context.Context, in *WriteStdinRequest, opts ...grpc.CallOption) (*WriteStdinResponse, error)
+	// CloseStdin closes a process's stdin; closing twice is harmless.
+	CloseStdin(ctx context.Context, in *CloseStdinRequest, opts ...grpc.CallOption) (*CloseStdinResponse, error)
+	// Stat describes a path without following a final symlink. Missing:
+	// NotFound.
+	Stat(ctx context.Context, in *StatRequest, opts ...grpc.CallOption) (*StatResponse, error)
+	// ListDir streams the entries below a directory, in batches.
+	ListDir(ctx context.Context, in *ListDirRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ListDirResponse], error)
+	// MakeDir creates a directory and its missing parents. AlreadyExists
+	// when the directory exists.
+	MakeDir(ctx context.Context, in *MakeDirRequest, opts ...grpc.CallOption) (*MakeDirResponse, error)
+	// Move renames a file or directory, creating the destination's missing
+	// parents.
+	Move(ctx context.Context, in *MoveRequest, opts ...grpc.CallOption) (*MoveResponse, error)
+	// Remove removes a path and everything below it; a missing path is not
+	// an error.
+	Remove(ctx context.Context, in *RemoveRequest, opts ...grpc.CallOption) (*RemoveResponse, error)
 }
 
 type agentClient struct {
@@ -124,6 +169,143 @@ func (c *agentClient) Shutdown(ctx context.Context, in *ShutdownRequest, opts ..
 	return out, nil
 }
 
+func (c *agentClient) StartProcess(ctx context.Context, in *ProcessStartRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ProcessEvent], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Agent_ServiceDesc.Streams[3], Agent_StartProcess_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ProcessStartRequest, ProcessEvent]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Agent_StartProcessClient = grpc.ServerStreamingClient[ProcessEvent]
+
+func (c *agentClient) ConnectProcess(ctx context.Context, in *ProcessConnectRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ProcessEvent], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Agent_ServiceDesc.Streams[4], Agent_ConnectProcess_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ProcessConnectRequest, ProcessEvent]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Agent_ConnectProcessClient = grpc.ServerStreamingClient[ProcessEvent]
+
+func (c *agentClient) ListProcesses(ctx context.Context, in *ListProcessesRequest, opts ...grpc.CallOption) (*ListProcessesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListProcessesResponse)
+	err := c.cc.Invoke(ctx, Agent_ListProcesses_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentClient) SignalProcess(ctx context.Context, in *SignalProcessRequest, opts ...grpc.CallOption) (*SignalProcessResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SignalProcessResponse)
+	err := c.cc.Invoke(ctx, Agent_SignalProcess_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentClient) WriteStdin(ctx context.Context, in *WriteStdinRequest, opts ...grpc.CallOption) (*WriteStdinResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(WriteStdinResponse)
+	err := c.cc.Invoke(ctx, Agent_WriteStdin_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentClient) CloseStdin(ctx context.Context, in *CloseStdinRequest, opts ...grpc.CallOption) (*CloseStdinResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CloseStdinResponse)
+	err := c.cc.Invoke(ctx, Agent_CloseStdin_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentClient) Stat(ctx context.Context, in *StatRequest, opts ...grpc.CallOption) (*StatResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(StatResponse)
+	err := c.cc.Invoke(ctx, Agent_Stat_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentClient) ListDir(ctx context.Context, in *ListDirRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ListDirResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Agent_ServiceDesc.Streams[5], Agent_ListDir_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ListDirRequest, ListDirResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Agent_ListDirClient = grpc.ServerStreamingClient[ListDirResponse]
+
+func (c *agentClient) MakeDir(ctx context.Context, in *MakeDirRequest, opts ...grpc.CallOption) (*MakeDirResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(MakeDirResponse)
+	err := c.cc.Invoke(ctx, Agent_MakeDir_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentClient) Move(ctx context.Context, in *MoveRequest, opts ...grpc.CallOption) (*MoveResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(MoveResponse)
+	err := c.cc.Invoke(ctx, Agent_Move_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentClient) Remove(ctx context.Context, in *RemoveRequest, opts ...grpc.CallOption) (*RemoveResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RemoveResponse)
+	err := c.cc.Invoke(ctx, Agent_Remove_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AgentServer is the server API for Agent service.
 // All implementations must embed UnimplementedAgentServer
 // for forward compatibility.
@@ -144,6 +326,40 @@ type AgentServer interface {
 	// Shutdown syncs file systems and powers the guest off (when the agent is
 	// PID 1) or ends the agent process.
 	Shutdown(context.Context, *ShutdownRequest) (*ShutdownResponse, error)
+	// StartProcess starts a process that keeps running when the caller goes
+	// away (unlike Exec). The stream sends `start` first, then output as it
+	// is produced, keepalives when idle, and one `end`. Errors before the
+	// start: InvalidArgument (cannot run as given), AlreadyExists (a running
+	// process has the tag), Unavailable (the agent is stopping).
+	StartProcess(*ProcessStartRequest, grpc.ServerStreamingServer[ProcessEvent]) error
+	// ConnectProcess attaches to a process of the table: `start`, then only
+	// output produced from now on, keepalives, and `end`. A process that
+	// ended recently answers `start` then `end`. Unknown: NotFound.
+	ConnectProcess(*ProcessConnectRequest, grpc.ServerStreamingServer[ProcessEvent]) error
+	// ListProcesses lists the running processes of the table.
+	ListProcesses(context.Context, *ListProcessesRequest) (*ListProcessesResponse, error)
+	// SignalProcess signals a running process's group. Unknown or ended:
+	// NotFound.
+	SignalProcess(context.Context, *SignalProcessRequest) (*SignalProcessResponse, error)
+	// WriteStdin writes to a running process's stdin. Unknown: NotFound;
+	// started without stdin or stdin closed: FailedPrecondition.
+	WriteStdin(context.Context, *WriteStdinRequest) (*WriteStdinResponse, error)
+	// CloseStdin closes a process's stdin; closing twice is harmless.
+	CloseStdin(context.Context, *CloseStdinRequest) (*CloseStdinResponse, error)
+	// Stat describes a path without following a final symlink. Missing:
+	// NotFound.
+	Stat(context.Context, *StatRequest) (*StatResponse, error)
+	// ListDir streams the entries below a directory, in batches.
+	ListDir(*ListDirRequest, grpc.ServerStreamingServer[ListDirResponse]) error
+	// MakeDir creates a directory and its missing parents. AlreadyExists
+	// when the directory exists.
+	MakeDir(context.Context, *MakeDirRequest) (*MakeDirResponse, error)
+	// Move renames a file or directory, creating the destination's missing
+	// parents.
+	Move(context.Context, *MoveRequest) (*MoveResponse, error)
+	// Remove removes a path and everything below it; a missing path is not
+	// an error.
+	Remove(context.Context, *RemoveRequest) (*RemoveResponse, error)
 	mustEmbedUnimplementedAgentServer()
 }
 
@@ -168,6 +384,39 @@ func (UnimplementedAgentServer) ReadFile(*ReadFileRequest, grpc.ServerStreamingS
 }
 func (UnimplementedAgentServer) Shutdown(context.Context, *ShutdownRequest) (*ShutdownResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Shutdown not implemented")
+}
+func (UnimplementedAgentServer) StartProcess(*ProcessStartRequest, grpc.ServerStreamingServer[ProcessEvent]) error {
+	return status.Error(codes.Unimplemented, "method StartProcess not implemented")
+}
+func (UnimplementedAgentServer) ConnectProcess(*ProcessConnectRequest, grpc.ServerStreamingServer[ProcessEvent]) error {
+	return status.Error(codes.Unimplemented, "method ConnectProcess not implemented")
+}
+func (UnimplementedAgentServer) ListProcesses(context.Context, *ListProcessesRequest) (*ListProcessesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListProcesses not implemented")
+}
+func (UnimplementedAgentServer) SignalProcess(context.Context, *SignalProcessRequest) (*SignalProcessResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SignalProcess not implemented")
+}
+func (UnimplementedAgentServer) WriteStdin(context.Context, *WriteStdinRequest) (*WriteStdinResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method WriteStdin not implemented")
+}
+func (UnimplementedAgentServer) CloseStdin(context.Context, *CloseStdinRequest) (*CloseStdinResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CloseStdin not implemented")
+}
+func (UnimplementedAgentServer) Stat(context.Context, *StatRequest) (*StatResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Stat not implemented")
+}
+func (UnimplementedAgentServer) ListDir(*ListDirRequest, grpc.ServerStreamingServer[ListDirResponse]) error {
+	return status.Error(codes.Unimplemented, "method ListDir not implemented")
+}
+func (UnimplementedAgentServer) MakeDir(context.Context, *MakeDirRequest) (*MakeDirResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method MakeDir not implemented")
+}
+func (UnimplementedAgentServer) Move(context.Context, *MoveRequest) (*MoveResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Move not implemented")
+}
+func (UnimplementedAgentServer) Remove(context.Context, *RemoveRequest) (*RemoveResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Remove not implemented")
 }
 func (UnimplementedAgentServer) mustEmbedUnimplementedAgentServer() {}
 func (UnimplementedAgentServer) testEmbeddedByValue()               {}
@@ -251,6 +500,183 @@ func _Agent_Shutdown_Handler(srv interface{}, ctx context.Context, dec func(inte
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Agent_StartProcess_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(ProcessStartRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(AgentServer).StartProcess(m, &grpc.GenericServerStream[ProcessStartRequest, ProcessEvent]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Agent_StartProcessServer = grpc.ServerStreamingServer[ProcessEvent]
+
+func _Agent_ConnectProcess_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(ProcessConnectRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(AgentServer).ConnectProcess(m, &grpc.GenericServerStream[ProcessConnectRequest, ProcessEvent]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Agent_ConnectProcessServer = grpc.ServerStreamingServer[ProcessEvent]
+
+func _Agent_ListProcesses_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListProcessesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).ListProcesses(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_ListProcesses_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).ListProcesses(ctx, req.(*ListProcessesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Agent_SignalProcess_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SignalProcessRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).SignalProcess(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_SignalProcess_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).SignalProcess(ctx, req.(*SignalProcessRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Agent_WriteStdin_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(WriteStdinRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).WriteStdin(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_WriteStdin_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).WriteStdin(ctx, req.(*WriteStdinRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Agent_CloseStdin_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CloseStdinRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).CloseStdin(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_CloseStdin_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).CloseStdin(ctx, req.(*CloseStdinRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Agent_Stat_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(StatRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).Stat(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_Stat_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).Stat(ctx, req.(*StatRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Agent_ListDir_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(ListDirRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(AgentServer).ListDir(m, &grpc.GenericServerStream[ListDirRequest, ListDirResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Agent_ListDirServer = grpc.ServerStreamingServer[ListDirResponse]
+
+func _Agent_MakeDir_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(MakeDirRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).MakeDir(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_MakeDir_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).MakeDir(ctx, req.(*MakeDirRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Agent_Move_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(MoveRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).Move(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_Move_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).Move(ctx, req.(*MoveRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Agent_Remove_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RemoveRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).Remove(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_Remove_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).Remove(ctx, req.(*RemoveRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Agent_ServiceDesc is the grpc.ServiceDesc for Agent service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -265,6 +691,38 @@ var Agent_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Shutdown",
 			Handler:    _Agent_Shutdown_Handler,
+		},
+		{
+			MethodName: "ListProcesses",
+			Handler:    _Agent_ListProcesses_Handler,
+		},
+		{
+			MethodName: "SignalProcess",
+			Handler:    _Agent_SignalProcess_Handler,
+		},
+		{
+			MethodName: "WriteStdin",
+			Handler:    _Agent_WriteStdin_Handler,
+		},
+		{
+			MethodName: "CloseStdin",
+			Handler:    _Agent_CloseStdin_Handler,
+		},
+		{
+			MethodName: "Stat",
+			Handler:    _Agent_Stat_Handler,
+		},
+		{
+			MethodName: "MakeDir",
+			Handler:    _Agent_MakeDir_Handler,
+		},
+		{
+			MethodName: "Move",
+			Handler:    _Agent_Move_Handler,
+		},
+		{
+			MethodName: "Remove",
+			Handler:    _Agent_Remove_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
@@ -282,6 +740,21 @@ var Agent_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "ReadFile",
 			Handler:       _Agent_ReadFile_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "StartProcess",
+			Handler:       _Agent_StartProcess_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "ConnectProcess",
+			Handler:       _Agent_ConnectProcess_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "ListDir",
+			Handler:       _Agent_ListDir_Handler,
 			ServerStreams: true,
 		},
 	},
