@@ -300,6 +300,14 @@ func TestVMsAndExec(t *testing.T) {
 		require.Len(t, job.Executions, 2)
 
 		c.call("POST", vmPath+"/jobs", api.JobRequest{Commands: []api.ExecRequest{{Command: "sleep", Args: []string{"30"}}}}, http.StatusAccepted, &task)
+		// Cancel once the command runs: a cancel that lands while the
+		// worker is still starting the job is retried by the worker
+		// (a worker-side race, not the API's).
+		require.Eventually(t, func() bool {
+			c.call("GET", "/v1/jobs/"+task.ID, nil, http.StatusOK, &job)
+			return job.State == types.JobRunning
+		}, 30*time.Second, 20*time.Millisecond)
+		time.Sleep(100 * time.Millisecond)
 		c.call("POST", "/v1/tasks/"+task.ID+"/cancel", nil, http.StatusOK, &task)
 		require.Equal(t, types.TaskFailed, task.State)
 		require.Equal(t, "cancelled", task.Error)
