@@ -19,12 +19,20 @@ import (
 // a client that reconnects a moment late still learns how it ended.
 const endedRetention = 60 * time.Second
 
-// subscriberBuffer is how many output chunks (each at most chunkSize) a
-// stream following a process may fall behind before it is disconnected:
-// about 2 MiB. The process never waits for a reader; a reader this far
-// behind is cut off, rather than silently missing output in the middle,
-// and may connect again to follow new output.
-const subscriberBuffer = 64
+// Fan-out to the streams following a process. Each subscriber has a
+// buffer of subscriberBuffer output chunks (each at most chunkSize, so
+// about 2 MiB). When a buffer is full, the output pump waits for room, so
+// that a reader that is merely slower than the process loses nothing (the
+// process is slowed down, as by a terminal); but it waits at most
+// subscriberStall for a chunk's subscribers together. A subscriber that
+// took nothing for that long is cut off (its stream ends with
+// ResourceExhausted, and it may connect again to follow new output), so a
+// stuck or gone reader holds the process and the other readers up once,
+// for at most subscriberStall, and never again.
+const (
+	subscriberBuffer = 64
+	subscriberStall  = 2 * time.Second
+)
 
 // procTable holds the processes started by StartProcess, by pid and by
 // tag, while they run and for endedRetention after.
@@ -152,9 +160,10 @@ func (p *tableProc) info() *agentpb.ProcessInfo {
 // subscriber is one stream following a process's output.
 type subscriber struct {
 	events chan *agentpb.ProcessEvent
-	// lagged is closed when the subscriber fell subscriberBuffer chunks
-	// behind and was dropped from the process.
+	// lagged is closed when the subscriber was cut off for falling behind.
 	lagged chan struct{}
+	// gone is closed when the stream stopped following.
+	gone chan struct{}
 }
 
 // subscribe adds a subscriber for the output produced from now on. It
@@ -168,27 +177,62 @@ func (p *tableProc) subscribe() *subscriber {
 	sub := &subscriber{
 		events: make(chan *agentpb.ProcessEvent, subscriberBuffer),
 		lagged: make(chan struct{}),
+		gone:   make(chan struct{}),
 	}
 	p.subs[sub] = struct{}{}
 	return sub
 }
 
+// unsubscribe is called once, when the stream stops following.
 func (p *tableProc) unsubscribe(sub *subscriber) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	delete(p.subs, sub)
+	close(sub.gone)
 }
 
-// broadcast hands ev to every subscriber without waiting for any.
-func (p *tableProc) broadcast(ev *agentpb.ProcessEvent) {
+// cutOff drops a subscriber that fell behind.
+func (p *tableProc) cutOff(sub *subscriber) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for sub := range p.subs {
+	if _, ok := p.subs[sub]; ok {
+		delete(p.subs, sub)
+		close(sub.lagged)
+	}
+}
+
+// broadcast hands ev to every subscriber, waiting for full ones at most
+// subscriberStall in all (see subscriberBuffer).
+func (p *tableProc) broadcast(ev *agentpb.ProcessEvent) {
+	p.mu.Lock()
+	subs := slices.Collect(maps.Keys(p.subs))
+	p.mu.Unlock()
+	var (
+		stall   *time.Timer
+		expired bool
+	)
+	for _, sub := range subs {
 		select {
 		case sub.events <- ev:
+			continue
+		case <-sub.gone:
+			continue
 		default:
-			delete(p.subs, sub)
-			close(sub.lagged)
+		}
+		if expired {
+			p.cutOff(sub)
+			continue
+		}
+		if stall == nil {
+			stall = time.NewTimer(subscriberStall)
+			defer stall.Stop()
+		}
+		select {
+		case sub.events <- ev:
+		case <-sub.gone:
+		case <-stall.C:
+			expired = true
+			p.cutOff(sub)
 		}
 	}
 }

@@ -209,8 +209,8 @@ func (s *Server) follow(stream processStream, p *tableProc, sub *subscriber, kee
 		return stream.Send(ev)
 	}
 	lagged := func() error {
-		s.log.Info("a process stream fell behind and was cut off", "pid", p.pid, "chunks", subscriberBuffer)
-		return status.Errorf(codes.ResourceExhausted, "the stream fell %d chunks behind the output of process %d and was cut off; connect again to follow new output", subscriberBuffer, p.pid)
+		s.log.Info("a process stream fell behind and was cut off", "pid", p.pid, "stalled", subscriberStall)
+		return status.Errorf(codes.ResourceExhausted, "the stream fell behind the output of process %d, taking nothing for %s, and was cut off; connect again to follow new output", p.pid, subscriberStall)
 	}
 	for {
 		select {
