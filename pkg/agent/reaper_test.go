@@ -120,6 +120,31 @@ func reaperChild(t *testing.T) {
 
 	_, err = c.Exec(t.Context(), types.Command{Cmd: "/etc/passwd"}, nil, nil)
 	require.ErrorIs(t, err, types.ErrInvalid, "a failed exec is reported, not lost to the reaper")
+
+	// Table processes get their statuses from the reaper too, several at
+	// once, and keep them for a later ConnectProcess.
+	var streams []ProcessStream
+	for i := range 10 {
+		s, err := c.StartProcess(t.Context(), ProcessSpec{Cmd: "sh", Args: []string{"-c", fmt.Sprintf("exit %d", i)}})
+		require.NoError(t, err)
+		streams = append(streams, s)
+	}
+	for i, s := range streams {
+		f := follow(t, s)
+		want := ProcessEnd{ExitCode: int32(i), Exited: true, Status: fmt.Sprintf("exit status %d", i)}
+		if i != 0 {
+			want.Error = want.Status
+		}
+		require.Equal(t, want, *f.end)
+		again, err := c.ConnectProcess(t.Context(), ProcessSelector{PID: f.pid}, 0)
+		require.NoError(t, err)
+		require.Equal(t, f.end, follow(t, again).end)
+	}
+	s, err := c.StartProcess(t.Context(), ProcessSpec{Cmd: "sleep", Args: []string{"60"}, Timeout: 200 * time.Millisecond})
+	require.NoError(t, err)
+	require.Equal(t, "signal: killed", follow(t, s).end.Status)
+	_, err = c.StartProcess(t.Context(), ProcessSpec{Cmd: "/etc/passwd"})
+	require.ErrorIs(t, err, types.ErrInvalid, "a failed start is reported, not lost to the reaper")
 }
 
 func assertNoError(t *testing.T, err error) bool {
