@@ -174,7 +174,25 @@ func TestShutdownEndsStreams(t *testing.T) {
 			polled <- 0
 		}
 	}()
-	time.Sleep(200 * time.Millisecond)
+	// So does a buffered exec, with a 503 saying where its result goes.
+	type answer struct {
+		status int
+		body   string
+	}
+	buffered := make(chan answer, 1)
+	go func() {
+		req, _ := http.NewRequest("POST", a.URL+"/v1/vms/"+vm.ID+"/exec", strings.NewReader(`{"command":"sleep","args":["3"]}`))
+		req.Header.Set("Authorization", "Bearer "+c.key)
+		r, err := http.DefaultClient.Do(req)
+		if err != nil {
+			buffered <- answer{body: err.Error()}
+			return
+		}
+		b, _ := io.ReadAll(r.Body)
+		r.Body.Close()
+		buffered <- answer{r.StatusCode, string(b)}
+	}()
+	time.Sleep(300 * time.Millisecond)
 
 	began := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -190,6 +208,10 @@ func TestShutdownEndsStreams(t *testing.T) {
 	require.Equal(t, api.CodeUnavailable, last.Error.Code)
 	require.Contains(t, last.Error.Message, "/v1/executions/"+start.ExecutionID)
 	require.Equal(t, http.StatusOK, <-polled)
+	b := <-buffered
+	require.Equal(t, http.StatusServiceUnavailable, b.status, b.body)
+	require.Contains(t, b.body, `"code":"unavailable"`)
+	require.Contains(t, b.body, "GET /v1/executions/")
 	require.NoError(t, a.Wait())
 
 	// The command went on; its result is recorded.
