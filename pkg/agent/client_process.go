@@ -301,9 +301,10 @@ func (c *Client) WriteStdin(ctx context.Context, sel ProcessSelector, data []byt
 	}
 }
 
-// CloseStdin closes the stdin of a running process of the table, which
-// reads it as end of input. Closing it again is harmless. Errors are those
-// of WriteStdin.
+// CloseStdin closes the stdin of a process of the table, which reads it as
+// end of input. It is idempotent: closing it again, or once the process
+// has ended, is harmless. An unknown process gives types.ErrNotFound, one
+// started without ProcessSpec.Stdin types.ErrInvalid.
 func (c *Client) CloseStdin(ctx context.Context, sel ProcessSelector) error {
 	op := "closing the stdin of " + sel.String() + " in the guest"
 	psel, err := sel.proto(op)

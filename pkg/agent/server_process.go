@@ -315,10 +315,11 @@ func (s *Server) WriteStdin(ctx context.Context, req *agentpb.WriteStdinRequest)
 	}
 }
 
-// CloseStdin closes a running process's stdin, which it reads as end of
-// input; closing it again is harmless.
+// CloseStdin closes a process's stdin, which it reads as end of input.
+// Closing it again, or after the process ended (while the table keeps it),
+// is harmless, so that the call can be retried.
 func (s *Server) CloseStdin(_ context.Context, req *agentpb.CloseStdinRequest) (*agentpb.CloseStdinResponse, error) {
-	p, err := s.runningProc(req.GetProcess())
+	p, err := s.findProc(req.GetProcess())
 	if err != nil {
 		return nil, err
 	}

@@ -78,7 +78,9 @@ type AgentClient interface {
 	// WriteStdin writes to a running process's stdin. Unknown: NotFound;
 	// started without stdin or stdin closed: FailedPrecondition.
 	WriteStdin(ctx context.Context, in *WriteStdinRequest, opts ...grpc.CallOption) (*WriteStdinResponse, error)
-	// CloseStdin closes a process's stdin; closing twice is harmless.
+	// CloseStdin closes a process's stdin; closing it twice, or after the
+	// process ended, is harmless. Unknown: NotFound; started without stdin:
+	// FailedPrecondition.
 	CloseStdin(ctx context.Context, in *CloseStdinRequest, opts ...grpc.CallOption) (*CloseStdinResponse, error)
 	// Stat describes a path without following a final symlink. Missing:
 	// NotFound.
@@ -344,7 +346,9 @@ type AgentServer interface {
 	// WriteStdin writes to a running process's stdin. Unknown: NotFound;
 	// started without stdin or stdin closed: FailedPrecondition.
 	WriteStdin(context.Context, *WriteStdinRequest) (*WriteStdinResponse, error)
-	// CloseStdin closes a process's stdin; closing twice is harmless.
+	// CloseStdin closes a process's stdin; closing it twice, or after the
+	// process ended, is harmless. Unknown: NotFound; started without stdin:
+	// FailedPrecondition.
 	CloseStdin(context.Context, *CloseStdinRequest) (*CloseStdinResponse, error)
 	// Stat describes a path without following a final symlink. Missing:
 	// NotFound.
