@@ -1,9 +1,12 @@
 // Package agent is the guest agent, fc-agent, and the host's client for it.
 //
-// The agent runs inside every VM or container and runs commands for the host
-// over gRPC (the protocol in agentpb) on any byte stream: AF_VSOCK in a
-// Firecracker guest, a unix socket or TCP elsewhere. Server is the guest
-// side, Client the host side; Listen and Dialer connect the two.
+// The agent runs inside every VM or container and serves the host over gRPC
+// (the protocol in agentpb) on any byte stream: AF_VSOCK in a Firecracker
+// guest, a unix socket or TCP elsewhere. It runs commands that die with
+// their call (Exec), keeps a table of processes that outlive it
+// (StartProcess and the calls that follow, attach to, signal and feed
+// them), and reads, writes and manages files. Server is the guest side,
+// Client the host side; Listen and Dialer connect the two.
 package agent
 
 import (

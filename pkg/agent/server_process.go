@@ -123,6 +123,7 @@ func (s *Server) startTableProc(req *agentpb.ProcessStartRequest, cmd *exec.Cmd,
 	go s.superviseProc(p, cmd, waitc, time.Duration(req.GetTimeoutMs())*time.Millisecond, outR, errR)
 	if addErr != nil {
 		// Another start took the tag after the check above.
+		p.unsubscribe(sub)
 		killGroup(int(p.pid))
 		return nil, nil, tagInUse(p.tag)
 	}
