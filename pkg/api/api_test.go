@@ -225,6 +225,27 @@ func TestVMsAndExec(t *testing.T) {
 		require.NotEmpty(t, list.Executions)
 	})
 
+	t.Run("async", func(t *testing.T) {
+		c := c.on(t)
+		var task types.Task
+		c.call("POST", vmPath+"/exec?async=true&stream=true", api.ExecRequest{Command: "sh", Args: []string{"-c", "echo later; exit 2"}}, http.StatusAccepted, &task)
+		require.Equal(t, types.TaskVMExecute, task.Type)
+		var done types.Task
+		c.call("GET", "/v1/tasks/"+task.ID+"?wait=30s", nil, http.StatusOK, &done)
+		require.Equal(t, types.TaskSucceeded, done.State)
+		var e types.Execution
+		c.call("GET", "/v1/executions/"+task.ID, nil, http.StatusOK, &e)
+		require.Equal(t, 2, e.ExitCode)
+		require.Equal(t, "later\n", e.Stdout)
+		// stream=true kept the output for the output route.
+		resp := c.send(c.request("GET", "/v1/tasks/"+task.ID+"/output", nil))
+		defer resp.Body.Close()
+		evs := &events{t: t, sc: newScanner(resp)}
+		all := evs.all()
+		require.Equal(t, "stdout", all[0].Type, fmtEvents(all))
+		require.Equal(t, "exit", all[len(all)-1].Type, fmtEvents(all))
+	})
+
 	t.Run("timeout", func(t *testing.T) {
 		c := c.on(t)
 		var e types.Execution

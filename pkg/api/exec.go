@@ -93,12 +93,30 @@ func (s *Server) exec(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	async, err := queryBool(r, "async")
+	if err != nil {
+		return err
+	}
 	stream := wantsNDJSON(r)
+	if async {
+		// Submitted and answered at once; stream=true keeps the output for
+		// GET /v1/tasks/{id}/output.
+		if stream, err = queryBool(r, "stream"); err != nil {
+			return err
+		}
+	}
 	id, err := s.svc.ExecuteCommandTaskWithOptions(r.Context(), vmID.String(), cmd, service.ExecOptions{Stream: stream})
 	if err != nil {
 		return err
 	}
-	s.log.Debug("command submitted", "vm_id", vmID, "task_id", id, "stream", stream)
+	s.log.Debug("command submitted", "vm_id", vmID, "task_id", id, "stream", stream, "async", async)
+	if async {
+		t, err := s.svc.GetTask(r.Context(), id)
+		if err != nil {
+			return err
+		}
+		return writeJSON(w, http.StatusAccepted, t)
+	}
 	if stream {
 		ew := newEventWriter(w)
 		if ew.send(Event{Type: "start", ExecutionID: id.String()}) == nil {

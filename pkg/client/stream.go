@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"strings"
 	"time"
 
@@ -161,24 +162,22 @@ func (c *Client) StreamOutput(ctx context.Context, taskID uuid.UUID, stdout, std
 	return ei, err
 }
 
-// ExecuteCommandTaskWithOptions: the API runs a command within the request
-// that submits it, so this starts a streamed exec and returns as soon as
-// the server names its task, leaving the stream: the server never cancels
-// a command whose client left, and records its execution as usual.
-// o.Stream makes no difference over HTTP: StreamOutput can follow any
-// command submitted this way.
-func (c *Client) ExecuteCommandTaskWithOptions(ctx context.Context, vmID string, cmd types.Command, _ service.ExecOptions) (uuid.UUID, error) {
+// ExecuteCommandTaskWithOptions submits the command with ?async=true and
+// returns its task's id at once; o.Stream keeps its output for
+// StreamOutput.
+func (c *Client) ExecuteCommandTaskWithOptions(ctx context.Context, vmID string, cmd types.Command, o service.ExecOptions) (uuid.UUID, error) {
 	if err := cmd.Validate(); err != nil {
 		return uuid.Nil, err
 	}
-	sctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	defer cancel()
-	resp, _, id, err := c.startExec(ctx, sctx, vmID, cmd, io.Discard, io.Discard)
-	if err != nil {
+	q := url.Values{"async": {"true"}}
+	if o.Stream {
+		q.Set("stream", "true")
+	}
+	var t types.Task
+	if err := c.doJSON(ctx, http.MethodPost, vmPath(vmID, "exec"), q, newExecRequest(cmd), &t); err != nil {
 		return uuid.Nil, err
 	}
-	resp.Body.Close()
-	return id, nil
+	return parseUUID("task", t.ID)
 }
 
 // startExec opens an exec stream on sctx and reads it up to the start line
