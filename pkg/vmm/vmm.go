@@ -6,6 +6,7 @@ package vmm
 import (
 	"context"
 	"io"
+	"net"
 
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
@@ -87,6 +88,17 @@ type VMOrchestrator interface {
 	// and stopped VMs fail as in WriteFile. The content is streamed in
 	// chunks; if ctx ends or w fails, w holds part of the file.
 	ReadFile(ctx context.Context, id, path string, w io.Writer) (int64, error)
+
+	// DialAgent opens a fresh byte stream to the gRPC server of a running
+	// VM's guest agent, for callers that speak the agent's protocol
+	// themselves (agent.NewClient with a dialer that calls DialAgent). Each
+	// call makes a new connection shared with nothing else, so it is safe
+	// to retry; the caller closes it, which ends only the calls it carried.
+	// An unknown VM returns types.ErrNotFound, one that is not running
+	// types.ErrConflict, and an agent that cannot be reached
+	// types.ErrUnavailable. ctx bounds the dial only: once returned, the
+	// conn lives until closed.
+	DialAgent(ctx context.Context, id string) (net.Conn, error)
 
 	// GetVMStatus returns the backend's view of one VM, or types.ErrNotFound.
 	GetVMStatus(ctx context.Context, id string) (*VMStatus, error)

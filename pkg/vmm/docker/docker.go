@@ -15,6 +15,7 @@ import (
 	"io"
 	"log/slog"
 	"maps"
+	"net"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -493,21 +494,50 @@ func (o *Orchestrator) ExecuteCommand(ctx context.Context, id string, cmd types.
 	return vmutil.Exec(ctx, c, id, base, cmd, stream)
 }
 
-// runningAgent returns the agent client of a running VM and the container
-// as inspected.
-func (o *Orchestrator) runningAgent(ctx context.Context, id string) (*agent.Client, container.InspectResponse, error) {
+// running returns the container of a running VM as inspected, or
+// types.ErrNotFound or types.ErrConflict.
+func (o *Orchestrator) running(ctx context.Context, id string) (container.InspectResponse, error) {
 	if !idRE.MatchString(id) {
-		return nil, container.InspectResponse{}, notFound(id)
+		return container.InspectResponse{}, notFound(id)
 	}
 	ins, err := o.inspect(ctx, id)
 	if err != nil {
-		return nil, ins, err
+		return ins, err
 	}
 	if !ins.State.Running {
-		return nil, ins, fmt.Errorf("%w: vm %s is %s; start it first", types.ErrConflict, id, o.mapState(ins).State)
+		return ins, fmt.Errorf("%w: vm %s is %s; start it first", types.ErrConflict, id, o.mapState(ins).State)
+	}
+	return ins, nil
+}
+
+// runningAgent returns the agent client of a running VM and the container
+// as inspected.
+func (o *Orchestrator) runningAgent(ctx context.Context, id string) (*agent.Client, container.InspectResponse, error) {
+	ins, err := o.running(ctx, id)
+	if err != nil {
+		return nil, ins, err
 	}
 	c, err := o.client(id)
 	return c, ins, err
+}
+
+// DialAgent implements vmm.VMOrchestrator: a new connection to the agent's
+// unix socket in the VM's directory.
+func (o *Orchestrator) DialAgent(ctx context.Context, id string) (net.Conn, error) {
+	return vmutil.DialAgent(ctx, o.dialerOf, id)
+}
+
+// dialerOf is the dialer of a running VM's agent as a vmutil.RunningDialer.
+func (o *Orchestrator) dialerOf(ctx context.Context, id string) (agent.Dialer, error) {
+	if _, err := o.running(ctx, id); err != nil {
+		return nil, err
+	}
+	return o.dialer(id), nil
+}
+
+// dialer reaches VM id's agent; the cached client and DialAgent share it.
+func (o *Orchestrator) dialer(id string) agent.Dialer {
+	return agent.UnixDialer(o.socketPath(id))
 }
 
 // WriteFile implements vmm.VMOrchestrator.
@@ -634,7 +664,7 @@ func (o *Orchestrator) client(id string) (*agent.Client, error) {
 	if c, ok := o.clients[id]; ok {
 		return c, nil
 	}
-	c, err := agent.NewClient(agent.UnixDialer(o.socketPath(id)))
+	c, err := agent.NewClient(o.dialer(id))
 	if err != nil {
 		return nil, fmt.Errorf("connecting to vm %s's agent: %w", id, err)
 	}

@@ -987,28 +987,60 @@ func (o *Orchestrator) ExecuteCommand(ctx context.Context, id string, cmd types.
 	return vmutil.Exec(ctx, c, id, rec.Env, cmd, stream)
 }
 
-// runningAgent returns the agent client of a running VM and its record.
-func (o *Orchestrator) runningAgent(ctx context.Context, id string) (*agent.Client, *record, error) {
+// runningRecord returns the record of a running VM, or types.ErrNotFound
+// or types.ErrConflict.
+func (o *Orchestrator) runningRecord(ctx context.Context, id string) (*record, error) {
 	if !idRE.MatchString(id) {
-		return nil, nil, notFound(id)
+		return nil, notFound(id)
 	}
 	rec, err := o.readRecord(id)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	st, err := o.status(ctx, id)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	if st.State != types.VMRunning {
 		what := string(st.State)
 		if st.Detail != "" {
 			what += " (" + st.Detail + ")"
 		}
-		return nil, nil, fmt.Errorf("%w: vm %s is %s; start it first", types.ErrConflict, id, what)
+		return nil, fmt.Errorf("%w: vm %s is %s; start it first", types.ErrConflict, id, what)
+	}
+	return rec, nil
+}
+
+// runningAgent returns the agent client of a running VM and its record.
+func (o *Orchestrator) runningAgent(ctx context.Context, id string) (*agent.Client, *record, error) {
+	rec, err := o.runningRecord(ctx, id)
+	if err != nil {
+		return nil, nil, err
 	}
 	c, err := o.client(id)
 	return c, rec, err
+}
+
+// DialAgent implements vmm.VMOrchestrator: a new connection to the agent's
+// port through Firecracker's hybrid vsock socket.
+func (o *Orchestrator) DialAgent(ctx context.Context, id string) (net.Conn, error) {
+	return vmutil.DialAgent(ctx, o.dialerOf, id)
+}
+
+// dialerOf is the dialer of a running VM's agent as a vmutil.RunningDialer.
+func (o *Orchestrator) dialerOf(ctx context.Context, id string) (agent.Dialer, error) {
+	if _, err := o.runningRecord(ctx, id); err != nil {
+		return nil, err
+	}
+	return o.dialer(id), nil
+}
+
+// dialer reaches VM id's agent; the cached client and DialAgent share it.
+func (o *Orchestrator) dialer(id string) agent.Dialer {
+	uds := o.cfg.paths(id).host(vsockSockName)
+	return func(ctx context.Context) (net.Conn, error) {
+		return vsock.Dial(ctx, uds, agent.DefaultVsockPort)
+	}
 }
 
 // WriteFile implements vmm.VMOrchestrator.
@@ -1107,10 +1139,7 @@ func (o *Orchestrator) client(id string) (*agent.Client, error) {
 	if c, ok := o.clients[id]; ok {
 		return c, nil
 	}
-	uds := o.cfg.paths(id).host(vsockSockName)
-	c, err := agent.NewClient(func(ctx context.Context) (net.Conn, error) {
-		return vsock.Dial(ctx, uds, agent.DefaultVsockPort)
-	})
+	c, err := agent.NewClient(o.dialer(id))
 	if err != nil {
 		return nil, fmt.Errorf("connecting to vm %s's agent: %w", id, err)
 	}

@@ -959,14 +959,15 @@ func (o *Orchestrator) ExecuteCommand(ctx context.Context, id string, cmd types.
 	return vmutil.Exec(ctx, c, id, base, cmd, stream)
 }
 
-// runningAgent returns the agent client of a running VM and its record.
-func (o *Orchestrator) runningAgent(id string) (*agent.Client, *vmFile, error) {
+// running returns the record of a running VM, or types.ErrNotFound or
+// types.ErrConflict.
+func (o *Orchestrator) running(id string) (*vmFile, error) {
 	if !idRE.MatchString(id) {
-		return nil, nil, notFound(id)
+		return nil, notFound(id)
 	}
 	vf, err := o.readVM(id)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	p := o.procs(id)
 	if p == nil || !p.qemu.alive() {
@@ -974,10 +975,39 @@ func (o *Orchestrator) runningAgent(id string) (*agent.Client, *vmFile, error) {
 		if vf.Failed != "" {
 			st = types.VMFailed
 		}
-		return nil, nil, fmt.Errorf("%w: vm %s is %s; start it first", types.ErrConflict, id, st)
+		return nil, fmt.Errorf("%w: vm %s is %s; start it first", types.ErrConflict, id, st)
+	}
+	return vf, nil
+}
+
+// runningAgent returns the agent client of a running VM and its record.
+func (o *Orchestrator) runningAgent(id string) (*agent.Client, *vmFile, error) {
+	vf, err := o.running(id)
+	if err != nil {
+		return nil, nil, err
 	}
 	c, err := o.client(id)
 	return c, vf, err
+}
+
+// DialAgent implements vmm.VMOrchestrator: a new hybrid vsock connection
+// to the agent's port through vhost-device-vsock.
+func (o *Orchestrator) DialAgent(ctx context.Context, id string) (net.Conn, error) {
+	return vmutil.DialAgent(ctx, o.dialerOf, id)
+}
+
+// dialerOf is the dialer of a running VM's agent as a vmutil.RunningDialer.
+func (o *Orchestrator) dialerOf(ctx context.Context, id string) (agent.Dialer, error) {
+	if _, err := o.running(id); err != nil {
+		return nil, err
+	}
+	return o.dialer(id), nil
+}
+
+// dialer reaches VM id's agent; the cached client and DialAgent share it.
+func (o *Orchestrator) dialer(id string) agent.Dialer {
+	sock := o.path(id, fileVsock)
+	return func(ctx context.Context) (net.Conn, error) { return vsock.Dial(ctx, sock, AgentPort) }
 }
 
 // WriteFile implements vmm.VMOrchestrator.
@@ -1112,8 +1142,7 @@ func (o *Orchestrator) client(id string) (*agent.Client, error) {
 		return nil, fmt.Errorf("%w: vm %s is not running; start it first", types.ErrConflict, id)
 	}
 	if p.client == nil {
-		sock := o.path(id, fileVsock)
-		c, err := agent.NewClient(func(ctx context.Context) (net.Conn, error) { return vsock.Dial(ctx, sock, AgentPort) })
+		c, err := agent.NewClient(o.dialer(id))
 		if err != nil {
 			return nil, err
 		}

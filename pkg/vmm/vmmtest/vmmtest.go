@@ -10,15 +10,19 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"io"
+	"net"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/aetherium/aetherium-core/pkg/agent"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
 )
@@ -153,6 +157,8 @@ func (s *suite) testUnknownVM(t *testing.T) {
 	require.ErrorIs(t, err, types.ErrNotFound, "WriteFile")
 	_, err = s.o.ReadFile(ctx, id, "/etc/hostname", io.Discard)
 	require.ErrorIs(t, err, types.ErrNotFound, "ReadFile")
+	_, err = s.o.DialAgent(ctx, id)
+	require.ErrorIs(t, err, types.ErrNotFound, "DialAgent")
 	require.NoError(t, s.o.DeleteVM(ctx, id), "DeleteVM of an unknown id must succeed")
 }
 
@@ -225,6 +231,8 @@ func (s *suite) testExecNotRunning(t *testing.T) {
 	require.ErrorIs(t, err, types.ErrConflict, "WriteFile on a stopped VM")
 	_, err = s.o.ReadFile(ctx, sp.ID, "/etc/hostname", io.Discard)
 	require.ErrorIs(t, err, types.ErrConflict, "ReadFile on a stopped VM")
+	_, err = s.o.DialAgent(ctx, sp.ID)
+	require.ErrorIs(t, err, types.ErrConflict, "DialAgent on a stopped VM")
 }
 
 // testExecDeleted: once deleted, a VM is unknown.
@@ -312,6 +320,7 @@ func (s *suite) testExec(t *testing.T) {
 		{"OutputCap", s.testOutputCap},
 		{"Streaming", s.testStreaming},
 		{"Files", s.testFiles},
+		{"DialAgent", s.testDialAgent},
 		{"Limits", func(t *testing.T, id string) { s.testLimits(t, id, sp) }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -380,6 +389,39 @@ func (s *suite) testFiles(t *testing.T, id string) {
 		_, err := s.o.WriteFile(ctx, id, dir+"/made/f", strings.NewReader("x"), types.FileOptions{MakeParents: true})
 		require.NoError(t, err, "MakeParents creates the missing directory")
 	})
+}
+
+// testDialAgent: DialAgent yields a connection that an agent.Client of the
+// caller's own can speak over, independent of the backend's: closing it
+// leaves the backend's exec path working.
+func (s *suite) testDialAgent(t *testing.T, id string) {
+	ctx := s.ctx(t)
+	conn, err := s.o.DialAgent(ctx, id)
+	require.NoError(t, err)
+	// gRPC dials again after a broken connection; this client must get
+	// exactly the one conn DialAgent gave.
+	var used atomic.Bool
+	c, err := agent.NewClient(func(context.Context) (net.Conn, error) {
+		if used.Swap(true) {
+			return nil, errors.New("the test's one connection is used up")
+		}
+		return conn, nil
+	})
+	require.NoError(t, err)
+	info, err := c.Info(ctx)
+	require.NoError(t, err, "Info over the dialled connection")
+	require.NotEmpty(t, info.GetVersion())
+	require.NoError(t, c.Close())
+
+	// Each call is a fresh connection: a client redialling through
+	// DialAgent works as the backend's own does.
+	c, err = agent.NewClient(func(ctx context.Context) (net.Conn, error) { return s.o.DialAgent(ctx, id) })
+	require.NoError(t, err)
+	defer c.Close()
+	res, err := c.Exec(ctx, types.Command{Cmd: "sh", Args: []string{"-c", "echo dialled"}}, nil, nil)
+	require.NoError(t, err)
+	require.Equal(t, "dialled\n", string(res.Stdout))
+	require.Equal(t, "backend\n", Sh(t, s.o, id, "echo backend"), "the backend's own client is untouched")
 }
 
 func (s *suite) testRoundTrip(t *testing.T, id string) {

@@ -1,6 +1,6 @@
 // Package vmutil holds what every VM backend needs in the same form: a lock
-// per VM id, the exec path through the guest agent, and log tails for error
-// messages.
+// per VM id, the exec, file and dial paths to the guest agent, and log
+// tails for error messages.
 package vmutil
 
 import (
@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	"net"
 	"os"
 	"strings"
 	"sync"
@@ -132,6 +133,30 @@ func ReadFile(ctx context.Context, running RunningAgent, id, path string, w io.W
 		return n, fmt.Errorf("vm %s: %w", id, err)
 	}
 	return n, nil
+}
+
+// RunningDialer returns how to reach the agent of VM id when it runs, or
+// the backend's error for an unknown (types.ErrNotFound) or stopped
+// (types.ErrConflict) VM.
+type RunningDialer func(ctx context.Context, id string) (agent.Dialer, error)
+
+// DialAgent implements vmm.VMOrchestrator.DialAgent for every backend: a
+// new connection to VM id's agent, outside the backend's cached client so
+// that the caller owns it alone. A failed dial is types.ErrUnavailable,
+// or ctx's error when ctx ended.
+func DialAgent(ctx context.Context, running RunningDialer, id string) (net.Conn, error) {
+	d, err := running(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	conn, err := d(ctx)
+	if err != nil {
+		if ctxErr := ctx.Err(); ctxErr != nil {
+			return nil, fmt.Errorf("connecting to vm %s's agent: %w", id, ctxErr)
+		}
+		return nil, fmt.Errorf("%w: connecting to vm %s's agent: %w", types.ErrUnavailable, id, err)
+	}
+	return conn, nil
 }
 
 // Tail returns the last n lines of a log file (reading at most its last
