@@ -43,6 +43,10 @@ type ClientConfig struct {
 type Client struct {
 	token string
 	hc    *http.Client
+	// dialer and headerTimeout serve DialAgent, whose upgraded
+	// connections the transport cannot hand over.
+	dialer        *net.Dialer
+	headerTimeout time.Duration
 }
 
 var _ service.DataPlane = (*Client)(nil)
@@ -56,9 +60,10 @@ func NewClient(token string) *Client {
 // NewClientConfig is NewClient with tuning.
 func NewClientConfig(token string, cfg ClientConfig) *Client {
 	d := &net.Dialer{Timeout: cmp.Or(cfg.DialTimeout, DialTimeoutDefault), KeepAlive: 30 * time.Second}
+	headerTimeout := cmp.Or(cfg.ResponseHeaderTimeout, ResponseHeaderTimeoutDefault)
 	tr := &http.Transport{
 		DialContext:           d.DialContext,
-		ResponseHeaderTimeout: cmp.Or(cfg.ResponseHeaderTimeout, ResponseHeaderTimeoutDefault),
+		ResponseHeaderTimeout: headerTimeout,
 		// A refused upload (bad token, unknown VM) is answered before its
 		// body is sent.
 		ExpectContinueTimeout: time.Second,
@@ -67,7 +72,7 @@ func NewClientConfig(token string, cfg ClientConfig) *Client {
 		// The content is what it is; compression would only cost CPU.
 		DisableCompression: true,
 	}
-	return &Client{token: token, hc: &http.Client{Transport: tr}}
+	return &Client{token: token, hc: &http.Client{Transport: tr}, dialer: d, headerTimeout: headerTimeout}
 }
 
 // Close drops idle connections.
@@ -150,14 +155,11 @@ func (c *Client) do(req *http.Request, what string) (*http.Response, error) {
 	req.Header.Set("Authorization", "Bearer "+c.token)
 	resp, err := c.hc.Do(req)
 	if err != nil {
-		if ctxErr := req.Context().Err(); ctxErr != nil {
-			return nil, fmt.Errorf("%s: %w", what, ctxErr)
-		}
 		var ue *url.Error
 		if errors.As(err, &ue) {
 			err = ue.Err // the URL is in what already
 		}
-		return nil, fmt.Errorf("%s: %w: cannot reach the worker's data plane: %w; check that the worker runs and that worker.data_advertise is reachable from here", what, types.ErrUnavailable, err)
+		return nil, unreachable(req.Context(), what, err)
 	}
 	if resp.StatusCode/100 == 2 {
 		return resp, nil
@@ -166,6 +168,20 @@ func (c *Client) do(req *http.Request, what string) (*http.Response, error) {
 	var b errorBody
 	_ = json.NewDecoder(io.LimitReader(resp.Body, maxErrorBody)).Decode(&b)
 	return nil, errorOf(resp.StatusCode, b, what)
+}
+
+// unreachable is the error of a request that got no answer: ctx's error
+// when ctx ended (a conn deadline mirroring ctx's may fire first),
+// types.ErrUnavailable otherwise.
+func unreachable(ctx context.Context, what string, err error) error {
+	if ctxErr := ctx.Err(); ctxErr != nil {
+		return fmt.Errorf("%s: %w", what, ctxErr)
+	}
+	var ne net.Error
+	if dl, ok := ctx.Deadline(); ok && errors.As(err, &ne) && ne.Timeout() && !time.Now().Before(dl) {
+		return fmt.Errorf("%s: %w", what, context.DeadlineExceeded)
+	}
+	return fmt.Errorf("%s: %w: cannot reach the worker's data plane: %w; check that the worker runs and that worker.data_advertise is reachable from here", what, types.ErrUnavailable, err)
 }
 
 // trackingReader remembers the error its reader returned. The transport

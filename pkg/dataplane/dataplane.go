@@ -1,8 +1,9 @@
-// Package dataplane carries file content between the service and the worker
-// that owns a VM, over HTTP and outside the task queue: Handler is the
-// worker's side, Client (a service.DataPlane) the caller's. Content is
-// streamed both ways and never held whole. Every request carries the
-// cluster token, the shared secret of the API and the workers.
+// Package dataplane carries file content, and tunnels to the guest agents,
+// between the service and the worker that owns a VM, over HTTP and outside
+// the task queue: Handler is the worker's side, Client (a
+// service.DataPlane) the caller's. Content is streamed both ways and never
+// held whole. Every request carries the cluster token, the shared secret of
+// the API and the workers.
 //
 // The wire, under /internal/v1 because only Aetherium's own parts speak it:
 //
@@ -10,6 +11,9 @@
 //	    200 {"bytes_written": N}
 //	GET /internal/v1/vms/{id}/files?path=P
 //	    200 the content (application/octet-stream)
+//	GET /internal/v1/vms/{id}/agent   Connection: Upgrade, Upgrade: aetherium-agent/1
+//	    101 then the connection is the guest agent's gRPC stream, both ways,
+//	    until either end closes
 //
 // Errors answer {"error":{"code":C,"message":M}}, C being one of the Code
 // constants; the status and the code follow from the error's kind in

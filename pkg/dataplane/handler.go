@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/google/uuid"
 
@@ -34,7 +35,7 @@ type HandlerConfig struct {
 	// "Authorization: Bearer <token>". Required: an empty token would let
 	// anyone who reaches the port write into every VM.
 	Token string
-	// VMM moves the files. Required.
+	// VMM moves the files and dials the agents. Required.
 	VMM vmm.VMOrchestrator
 	// Store says who owns a VM. Required.
 	Store VMGetter
@@ -42,13 +43,18 @@ type HandlerConfig struct {
 	Logger *slog.Logger
 }
 
-// Handler is a worker's data plane: an http.Handler serving the files of
-// the VMs that worker owns.
+// Handler is a worker's data plane: an http.Handler serving the files and
+// the agent tunnels of the VMs that worker owns.
 type Handler struct {
 	cfg       HandlerConfig
 	tokenHash [sha256.Size]byte
 	mux       *http.ServeMux
 	log       *slog.Logger
+
+	mu      sync.Mutex
+	closing bool                  // CloseTunnels was called
+	tunnels map[*tunnel]struct{}  // the open agent tunnels
+	servers map[*http.Server]bool // whose Shutdown calls CloseTunnels
 }
 
 // NewHandler checks cfg and returns a handler. An empty token or worker id
@@ -69,6 +75,7 @@ func NewHandler(cfg HandlerConfig) (*Handler, error) {
 	}
 	h.mux.HandleFunc("PUT "+filesPath, h.putFile)
 	h.mux.HandleFunc("GET "+filesPath, h.getFile)
+	h.mux.HandleFunc("GET "+agentPath, h.agentTunnel)
 	return h, nil
 }
 

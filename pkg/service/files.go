@@ -5,16 +5,18 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"path"
 	"strings"
 
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
-// DataPlane carries file content straight between the service and the
-// worker that owns a VM, bypassing the queue: a file may be far larger
-// than anything Redis should hold, and it is streamed, never buffered
-// whole. pkg/dataplane implements it over HTTP.
+// DataPlane carries file content, and connections to the guest agents,
+// straight between the service and the worker that owns a VM, bypassing
+// the queue: a file may be far larger than anything Redis should hold, and
+// it is streamed, never buffered whole. pkg/dataplane implements it over
+// HTTP.
 type DataPlane interface {
 	// WriteFile streams r into path in VM vmID through the worker whose
 	// data plane listens at addr.
@@ -22,6 +24,10 @@ type DataPlane interface {
 	// ReadFile streams path in VM vmID to w through the worker at addr.
 	// Nothing is written to w when the file cannot be opened.
 	ReadFile(ctx context.Context, addr, vmID, path string, w io.Writer) (int64, error)
+	// DialAgent opens a byte stream to the gRPC server of VM vmID's guest
+	// agent through the worker at addr. ctx bounds the dial only; the
+	// caller closes the conn.
+	DialAgent(ctx context.Context, addr, vmID string) (net.Conn, error)
 }
 
 // MaxPathLength bounds a guest path (Linux's PATH_MAX).
@@ -71,7 +77,7 @@ func (s *Service) ReadFile(ctx context.Context, vmID, p string, w io.Writer) (in
 // dataAddr finds the data plane of the worker owning a running VM.
 func (s *Service) dataAddr(ctx context.Context, vmID, what string) (addr, id string, err error) {
 	if s.opts.dataPlane == nil {
-		return "", "", fmt.Errorf("%w: this service has no data plane to move files; give it one with service.WithDataPlane (set worker.data_token)", types.ErrNotSupported)
+		return "", "", fmt.Errorf("%w: cannot %s vm %s: this service has no data plane to reach the workers; give it one with service.WithDataPlane (set cluster.token)", types.ErrNotSupported, what, vmID)
 	}
 	vm, err := s.runningVM(ctx, vmID, what)
 	if err != nil {
