@@ -274,7 +274,9 @@ func TestAgentTunnelErrors(t *testing.T) {
 		defer resp.Body.Close()
 		require.Equal(t, http.StatusUpgradeRequired, resp.StatusCode)
 		require.Equal(t, dataplane.AgentProtocol, resp.Header.Get("Upgrade"))
-		var b struct{ Error struct{ Code, Message string } }
+		var b struct {
+			Error struct{ Code, Message string }
+		}
 		require.NoError(t, json.NewDecoder(resp.Body).Decode(&b))
 		require.Equal(t, dataplane.CodeInvalid, b.Error.Code)
 	})
