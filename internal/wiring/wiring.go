@@ -68,15 +68,31 @@ func (s *Service) Close() {
 
 // OpenService connects to storage and the queue and returns the API.
 func OpenService(ctx context.Context, c *config.Config, log *slog.Logger) (*Service, error) {
+	// Both connections are opened at once: a short-lived command line pays
+	// for their setup on every call (PostgreSQL starts a backend process per
+	// connection), so they should not add up.
+	type queueResult struct {
+		q   *queue.Redis
+		err error
+	}
+	qch := make(chan queueResult, 1)
+	go func() {
+		q, err := OpenQueue(ctx, c)
+		qch <- queueResult{q, err}
+	}()
 	st, err := OpenStore(ctx, c)
-	if err != nil {
+	qr := <-qch
+	if err != nil || qr.err != nil {
+		if err == nil {
+			st.Close()
+			err = qr.err
+		}
+		if qr.q != nil {
+			qr.q.Close()
+		}
 		return nil, err
 	}
-	q, err := OpenQueue(ctx, c)
-	if err != nil {
-		st.Close()
-		return nil, err
-	}
+	q := qr.q
 	opts := []service.Option{service.WithProvider(c.VMM.Provider), service.WithLogger(log)}
 	if c.Network.Enabled && c.VMM.Provider != "docker" {
 		opts = append(opts, service.WithDefaultNetwork(types.NetworkNAT))
