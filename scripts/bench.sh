@@ -13,3 +13,8 @@ go test -p 1 -run '^$' -bench 'BenchmarkExecTrue' -benchtime 300x -count 1 ./pkg
 go test -p 1 -run '^$' -bench 'BenchmarkIdleMemory' -benchtime 3x -count 1 ./pkg/vmm/qemu
 go test -p 1 -run '^$' -bench 'BenchmarkGuestThroughput' -benchtime 5x -count 1 ./pkg/vmm/qemu
 go test -p 1 -run '^$' -bench 'BenchmarkAttachDetach' -benchtime 50x -count 1 ./pkg/network
+# The HTTP API: exec against docker exec, first streamed byte, listing, the
+# CLI as a process in both modes, and 100 MiB files through the real binaries.
+go test -run '^$' -bench . -benchtime 100x -count 1 ./pkg/api
+go test -run '^$' -bench 'BenchmarkCLIExecTrue' -benchtime 100x -count 1 ./internal/cli
+go test -run '^$' -bench 'BenchmarkFileTransfer' -benchtime 3x -count 1 ./internal/e2e
