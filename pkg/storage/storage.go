@@ -37,6 +37,29 @@ type TaskUpdate struct {
 	Result   json.RawMessage
 }
 
+// Sandbox is a VM made through the E2B-compatible API (pkg/e2b).
+type Sandbox struct {
+	// VMID is the VM's id, which is also the sandbox id.
+	VMID string
+	// Template is the templateID it was made from.
+	Template string
+	// TokenHashes are the SHA-256 of its access tokens (envdAccessToken),
+	// oldest first: create issues one, and every connect adds one.
+	TokenHashes [][]byte
+	CreatedAt   time.Time
+}
+
+// Template is what an E2B templateID names: the size and default
+// environment of the VMs made from it.
+type Template struct {
+	Name     string
+	VCPUs    int
+	MemoryMB int
+	// Env is the default environment of every command in its VMs.
+	Env       map[string]string
+	CreatedAt time.Time
+}
+
 // Store persists VMs, tasks, executions, jobs and workers.
 //
 // Missing rows return an error wrapping types.ErrNotFound; unique clashes
@@ -101,6 +124,27 @@ type Store interface {
 	// RevokeAPIKey marks a key revoked. Revoking a revoked key is a no-op;
 	// an unknown id returns types.ErrNotFound.
 	RevokeAPIKey(ctx context.Context, id string) (*types.APIKey, error)
+
+	// CreateSandbox records a sandbox of an existing VM (types.ErrNotFound
+	// otherwise; types.ErrConflict if the VM has one already).
+	CreateSandbox(ctx context.Context, sb *Sandbox) error
+	// GetSandbox returns the sandbox of a VM, or types.ErrNotFound.
+	GetSandbox(ctx context.Context, vmID string) (*Sandbox, error)
+	// AddSandboxToken adds the hash of one more access token to a sandbox
+	// (types.ErrNotFound if there is none). Not idempotent: adding a hash
+	// twice stores it twice, which is harmless.
+	AddSandboxToken(ctx context.Context, vmID string, hash []byte) error
+
+	// CreateTemplate inserts a template (types.ErrConflict if the name is
+	// taken, types.ErrInvalid for a size the schema refuses).
+	CreateTemplate(ctx context.Context, tpl *Template) error
+	// GetTemplate returns a template, or types.ErrNotFound.
+	GetTemplate(ctx context.Context, name string) (*Template, error)
+	// ListTemplates returns every template, by name.
+	ListTemplates(ctx context.Context) ([]*Template, error)
+	// DeleteTemplate removes a template; an unknown name returns
+	// types.ErrNotFound. Sandboxes made from it keep running.
+	DeleteTemplate(ctx context.Context, name string) error
 
 	// Ping checks the connection.
 	Ping(ctx context.Context) error

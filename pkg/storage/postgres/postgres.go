@@ -193,6 +193,11 @@ var constraintText = map[string]string{
 	"network_leases_pkey":         "the vm already holds an address lease",
 	"network_leases_pool_ip_key":  "the address is leased to another vm",
 	"network_leases_ip_in_subnet": "the address is outside the pool's subnet",
+	"e2b_sandboxes_pkey":          "the vm has a sandbox already",
+	"e2b_sandboxes_vm_id_fkey":    "its vm does not exist",
+	"templates_pkey":              "a template with this name already exists; delete it first or pick another name",
+	"templates_vcpus_check":       "a template needs at least 1 vcpu",
+	"templates_memory_mb_check":   fmt.Sprintf("a template needs at least %d MiB of memory", types.MinMemoryMB),
 }
 
 // classify maps a server error to an error kind and a message, or returns

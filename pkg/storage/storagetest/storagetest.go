@@ -67,6 +67,8 @@ func Run(t *testing.T, newStore func(t *testing.T) storage.Store) {
 		{"ListVMsFilters", testListVMsFilters},
 		{"APIKeys", testAPIKeys},
 		{"WorkerDataAddr", testWorkerDataAddr},
+		{"Sandboxes", testSandboxes},
+		{"Templates", testTemplates},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -1173,5 +1175,71 @@ func testWorkerDataAddr(t *testing.T, s storage.Store) {
 	require.NoError(t, err)
 	require.Equal(t, "10.0.0.5:9465", got.DataAddr)
 	_, err = s.GetWorker(ctx, "missing")
+	require.ErrorIs(t, err, types.ErrNotFound)
+}
+
+func testSandboxes(t *testing.T, s storage.Store) {
+	ctx := t.Context()
+	vm := createVM(t, s, newID("sbx"), types.VMRunning)
+	sb := &storage.Sandbox{VMID: vm.ID, Template: "base", TokenHashes: [][]byte{{9, 8, 7}}, CreatedAt: at(0)}
+	require.NoError(t, s.CreateSandbox(ctx, sb))
+	require.ErrorIs(t, s.CreateSandbox(ctx, sb), types.ErrConflict)
+	got, err := s.GetSandbox(ctx, vm.ID)
+	require.NoError(t, err)
+	require.Equal(t, &storage.Sandbox{VMID: vm.ID, Template: "base", TokenHashes: [][]byte{{9, 8, 7}}, CreatedAt: micro(at(0))}, got)
+
+	require.NoError(t, s.AddSandboxToken(ctx, vm.ID, []byte{6}))
+	got, err = s.GetSandbox(ctx, vm.ID)
+	require.NoError(t, err)
+	require.Equal(t, [][]byte{{9, 8, 7}, {6}}, got.TokenHashes, "tokens are kept oldest first")
+
+	requireErrors(t, []errorCase{
+		{"missing vm", func() error {
+			return s.CreateSandbox(ctx, &storage.Sandbox{VMID: newID("vm"), Template: "base", TokenHashes: [][]byte{{1}}})
+		}, types.ErrNotFound},
+		{"no hash", func() error { return s.CreateSandbox(ctx, &storage.Sandbox{VMID: vm.ID, Template: "base"}) }, types.ErrInvalid},
+		{"empty hash", func() error { return s.CreateSandbox(ctx, &storage.Sandbox{VMID: vm.ID, TokenHashes: [][]byte{{}}}) }, types.ErrInvalid},
+		{"no vm id", func() error {
+			return s.CreateSandbox(ctx, &storage.Sandbox{Template: "base", TokenHashes: [][]byte{{1}}})
+		}, types.ErrInvalid},
+		{"add to missing", func() error { return s.AddSandboxToken(ctx, newID("vm"), []byte{1}) }, types.ErrNotFound},
+		{"add empty", func() error { return s.AddSandboxToken(ctx, vm.ID, nil) }, types.ErrInvalid},
+		{"get missing", func() error { _, err := s.GetSandbox(ctx, newID("vm")); return err }, types.ErrNotFound},
+	})
+}
+
+func testTemplates(t *testing.T, s storage.Store) {
+	ctx := t.Context()
+	big := &storage.Template{Name: newID("big"), VCPUs: 4, MemoryMB: 2048, Env: map[string]string{"A": "1"}, CreatedAt: at(0)}
+	bare := &storage.Template{Name: newID("bare"), VCPUs: 1, MemoryMB: 64}
+	require.NoError(t, s.CreateTemplate(ctx, big))
+	require.NoError(t, s.CreateTemplate(ctx, bare))
+	require.False(t, bare.CreatedAt.IsZero(), "a zero CreatedAt is filled in")
+
+	got, err := s.GetTemplate(ctx, big.Name)
+	require.NoError(t, err)
+	require.Equal(t, &storage.Template{Name: big.Name, VCPUs: 4, MemoryMB: 2048, Env: map[string]string{"A": "1"}, CreatedAt: micro(at(0))}, got)
+	got, err = s.GetTemplate(ctx, bare.Name)
+	require.NoError(t, err)
+	require.Nil(t, got.Env, "a nil env reads back nil")
+
+	list, err := s.ListTemplates(ctx)
+	require.NoError(t, err)
+	names := ids(list, func(tpl *storage.Template) string { return tpl.Name })
+	require.Subset(t, names, []string{big.Name, bare.Name})
+
+	requireErrors(t, []errorCase{
+		{"same name", func() error { return s.CreateTemplate(ctx, &storage.Template{Name: big.Name, VCPUs: 1, MemoryMB: 64}) }, types.ErrConflict},
+		{"no name", func() error { return s.CreateTemplate(ctx, &storage.Template{VCPUs: 1, MemoryMB: 64}) }, types.ErrInvalid},
+		{"zero vcpus", func() error { return s.CreateTemplate(ctx, &storage.Template{Name: newID("t"), MemoryMB: 64}) }, types.ErrInvalid},
+		{"small memory", func() error {
+			return s.CreateTemplate(ctx, &storage.Template{Name: newID("t"), VCPUs: 1, MemoryMB: 63})
+		}, types.ErrInvalid},
+		{"get missing", func() error { _, err := s.GetTemplate(ctx, "missing"); return err }, types.ErrNotFound},
+		{"delete missing", func() error { return s.DeleteTemplate(ctx, "missing") }, types.ErrNotFound},
+	})
+
+	require.NoError(t, s.DeleteTemplate(ctx, big.Name))
+	_, err = s.GetTemplate(ctx, big.Name)
 	require.ErrorIs(t, err, types.ErrNotFound)
 }
