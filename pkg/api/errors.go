@@ -6,26 +6,26 @@ import (
 	"fmt"
 	"net/http"
 
+	"github.com/aetherium/aetherium-core/pkg/api/wire"
 	"github.com/aetherium/aetherium-core/pkg/apikey"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
-// Error codes of the JSON error body. The first ones follow the kinds in
-// pkg/types; the *_failed ones report a task that ended failed.
+// Error codes of the JSON error body (see pkg/api/wire).
 const (
-	CodeInvalidRequest  = "invalid_request" // 400: the request itself is malformed
-	CodeUnauthenticated = "unauthenticated" // 401
-	CodeNotFound        = "not_found"       // 404
-	CodeConflict        = "conflict"        // 409
-	CodeTooLarge        = "too_large"       // 413
-	CodeInvalid         = "invalid"         // 422: well-formed but can never succeed
-	CodeLimitExceeded   = "limit_exceeded"  // 429: a tenant limit
-	CodeInternal        = "internal"        // 500
-	CodeCreateFailed    = "create_failed"   // 500: the create task failed
-	CodeDeleteFailed    = "delete_failed"   // 500: the delete task failed
-	CodeExecFailed      = "exec_failed"     // 500: the command could not run
-	CodeNotSupported    = "not_supported"   // 501
-	CodeUnavailable     = "unavailable"     // 503
+	CodeInvalidRequest  = wire.CodeInvalidRequest
+	CodeUnauthenticated = wire.CodeUnauthenticated
+	CodeNotFound        = wire.CodeNotFound
+	CodeConflict        = wire.CodeConflict
+	CodeTooLarge        = wire.CodeTooLarge
+	CodeInvalid         = wire.CodeInvalid
+	CodeLimitExceeded   = wire.CodeLimitExceeded
+	CodeInternal        = wire.CodeInternal
+	CodeCreateFailed    = wire.CodeCreateFailed
+	CodeDeleteFailed    = wire.CodeDeleteFailed
+	CodeExecFailed      = wire.CodeExecFailed
+	CodeNotSupported    = wire.CodeNotSupported
+	CodeUnavailable     = wire.CodeUnavailable
 )
 
 // Error is an error with its HTTP status and code decided where it is

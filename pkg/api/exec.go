@@ -15,31 +15,20 @@ import (
 
 	"github.com/google/uuid"
 
+	"github.com/aetherium/aetherium-core/pkg/api/wire"
 	"github.com/aetherium/aetherium-core/pkg/queue"
 	"github.com/aetherium/aetherium-core/pkg/service"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
 // NDJSON is the media type of output streams: one JSON Event per line.
-const NDJSON = "application/x-ndjson"
+const NDJSON = wire.NDJSON
 
-// ExecRequest is the body of POST /v1/vms/{id}/exec and one command of a
-// job.
-type ExecRequest struct {
-	Command        string            `json:"command"`
-	Args           []string          `json:"args,omitempty"`
-	Env            map[string]string `json:"env,omitempty"`
-	Cwd            string            `json:"cwd,omitempty"`
-	User           string            `json:"user,omitempty"`
-	TimeoutSeconds int64             `json:"timeout_seconds,omitempty"`
-	StdinB64       string            `json:"stdin_b64,omitempty"`
-}
-
-// JobRequest is the body of POST /v1/vms/{id}/jobs.
-type JobRequest struct {
-	Commands      []ExecRequest `json:"commands"`
-	StopOnFailure bool          `json:"stop_on_failure,omitempty"`
-}
+// The request bodies, shared with pkg/client through pkg/api/wire.
+type (
+	ExecRequest = wire.ExecRequest
+	JobRequest  = wire.JobRequest
+)
 
 // Event is one line of an output stream: "start" (exec only, first),
 // then "stdout"/"stderr" chunks as produced, then "exit" or "error".
@@ -53,21 +42,13 @@ type Event struct {
 }
 
 // command turns a request into a command to queue.
-func (req ExecRequest) command() (types.Command, error) {
-	c := types.Command{Cmd: req.Command, Args: req.Args, Env: req.Env, Cwd: req.Cwd, User: req.User}
-	const maxSec = int64(1<<63-1) / int64(time.Second)
-	if req.TimeoutSeconds > maxSec {
-		return c, fmt.Errorf("%w: timeout_seconds %d is too large", types.ErrInvalid, req.TimeoutSeconds)
+func command(req ExecRequest) (types.Command, error) {
+	c, err := req.ToCommand()
+	var bad wire.ErrBadStdin
+	if errors.As(err, &bad) {
+		return c, badRequest("%v", bad)
 	}
-	c.Timeout = time.Duration(req.TimeoutSeconds) * time.Second
-	if req.StdinB64 != "" {
-		in, err := base64.StdEncoding.DecodeString(req.StdinB64)
-		if err != nil {
-			return c, badRequest("stdin_b64 is not standard base64: %v", err)
-		}
-		c.Stdin = in
-	}
-	return c, nil
+	return c, err
 }
 
 // wantsNDJSON reports whether the Accept header asks for an NDJSON stream.
@@ -89,7 +70,7 @@ func (s *Server) exec(w http.ResponseWriter, r *http.Request) error {
 	if err := s.decode(w, r, &req); err != nil {
 		return err
 	}
-	cmd, err := req.command()
+	cmd, err := command(req)
 	if err != nil {
 		return err
 	}

@@ -7,14 +7,12 @@ import (
 	"net/http"
 	"strconv"
 
+	"github.com/aetherium/aetherium-core/pkg/api/wire"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
 // FileWritten answers PUT /v1/vms/{id}/files.
-type FileWritten struct {
-	Path string `json:"path"`
-	Size int64  `json:"size"`
-}
+type FileWritten = wire.FileWritten
 
 func (s *Server) putFile(w http.ResponseWriter, r *http.Request) error {
 	id, err := pathID(r, "id")

@@ -122,7 +122,7 @@ func (s *Server) runJob(w http.ResponseWriter, r *http.Request) error {
 	}
 	cmds := make([]types.Command, 0, len(req.Commands))
 	for _, c := range req.Commands {
-		cmd, err := c.command()
+		cmd, err := command(c)
 		if err != nil {
 			return err
 		}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/google/uuid"
 
+	"github.com/aetherium/aetherium-core/pkg/api/wire"
 	"github.com/aetherium/aetherium-core/pkg/service"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
@@ -21,28 +22,12 @@ const (
 	DefaultMemoryMB = 256
 )
 
-// CreateVMRequest is the body of POST /v1/vms.
-type CreateVMRequest struct {
-	Name       string            `json:"name"`
-	VCPUs      int               `json:"vcpus,omitempty"`
-	MemoryMB   int               `json:"memory_mb,omitempty"`
-	Network    string            `json:"network,omitempty"`
-	Labels     map[string]string `json:"labels,omitempty"`
-	Env        map[string]string `json:"env,omitempty"`
-	TTLSeconds int64             `json:"ttl_seconds,omitempty"`
-}
-
-// VMList is the answer of GET /v1/vms. Next, set when the page is full,
-// is the After of the next page.
-type VMList struct {
-	VMs  []*types.VM `json:"vms"`
-	Next string      `json:"next,omitempty"`
-}
-
-// TTLRequest is the body of POST /v1/vms/{id}/ttl.
-type TTLRequest struct {
-	TTLSeconds int64 `json:"ttl_seconds"`
-}
+// The bodies of the VM routes, shared with pkg/client (pkg/api/wire).
+type (
+	CreateVMRequest = wire.CreateVMRequest
+	VMList          = wire.VMList
+	TTLRequest      = wire.TTLRequest
+)
 
 func (s *Server) notFound(w http.ResponseWriter, r *http.Request) error {
 	return fmt.Errorf("%w: no route %s %s; GET /v1/openapi.json lists the routes", types.ErrNotFound, r.Method, r.URL.Path)

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"strings"
 
+	"github.com/aetherium/aetherium-core/pkg/api/wire"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
@@ -15,7 +16,7 @@ import (
 type Error struct {
 	// Status is the HTTP status.
 	Status int
-	// Code is the API's error code, e.g. "not_found".
+	// Code is the API's error code, e.g. wire.CodeNotFound.
 	Code string
 	// Message is the server's explanation, meant for a person.
 	Message string
@@ -25,9 +26,9 @@ type Error struct {
 
 func (e *Error) Error() string {
 	switch {
-	case e.Code == "unauthenticated" && e.noKey:
+	case e.Code == wire.CodeUnauthenticated && e.noKey:
 		return "no API key was given; set AETHERIUM_API_KEY (or api_key in the config): " + e.Message
-	case e.Code == "unauthenticated":
+	case e.Code == wire.CodeUnauthenticated:
 		return ErrUnauthenticated.Error() + ": " + e.Message
 	}
 	return e.Message
@@ -40,15 +41,15 @@ func (e *Error) Unwrap() error { return kindOf(e.Code) }
 // kinds maps the API's error codes back to the kinds in pkg/types: the
 // reverse of the server's mapping, in one place.
 var kinds = map[string]error{
-	"invalid_request": types.ErrInvalid,
-	"invalid":         types.ErrInvalid,
-	"too_large":       types.ErrInvalid,
-	"not_found":       types.ErrNotFound,
-	"conflict":        types.ErrConflict,
-	"limit_exceeded":  types.ErrLimit,
-	"unavailable":     types.ErrUnavailable,
-	"not_supported":   types.ErrNotSupported,
-	"unauthenticated": ErrUnauthenticated,
+	wire.CodeInvalidRequest:  types.ErrInvalid,
+	wire.CodeInvalid:         types.ErrInvalid,
+	wire.CodeTooLarge:        types.ErrInvalid,
+	wire.CodeNotFound:        types.ErrNotFound,
+	wire.CodeConflict:        types.ErrConflict,
+	wire.CodeLimitExceeded:   types.ErrLimit,
+	wire.CodeUnavailable:     types.ErrUnavailable,
+	wire.CodeNotSupported:    types.ErrNotSupported,
+	wire.CodeUnauthenticated: ErrUnauthenticated,
 }
 
 func kindOf(code string) error { return kinds[code] }
@@ -58,25 +59,25 @@ func kindOf(code string) error { return kinds[code] }
 func codeOfStatus(status int) string {
 	switch status {
 	case http.StatusBadRequest:
-		return "invalid_request"
+		return wire.CodeInvalidRequest
 	case http.StatusUnprocessableEntity:
-		return "invalid"
+		return wire.CodeInvalid
 	case http.StatusUnauthorized:
-		return "unauthenticated"
+		return wire.CodeUnauthenticated
 	case http.StatusNotFound:
-		return "not_found"
+		return wire.CodeNotFound
 	case http.StatusConflict:
-		return "conflict"
+		return wire.CodeConflict
 	case http.StatusRequestEntityTooLarge:
-		return "too_large"
+		return wire.CodeTooLarge
 	case http.StatusTooManyRequests:
-		return "limit_exceeded"
+		return wire.CodeLimitExceeded
 	case http.StatusServiceUnavailable, http.StatusBadGateway, http.StatusGatewayTimeout:
-		return "unavailable"
+		return wire.CodeUnavailable
 	case http.StatusNotImplemented:
-		return "not_supported"
+		return wire.CodeNotSupported
 	default:
-		return "internal"
+		return wire.CodeInternal
 	}
 }
 

@@ -14,13 +14,14 @@ import (
 
 	"github.com/google/uuid"
 
+	"github.com/aetherium/aetherium-core/pkg/api/wire"
 	"github.com/aetherium/aetherium-core/pkg/queue"
 	"github.com/aetherium/aetherium-core/pkg/service"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
 // ndjson is the media type of the exec and output streams.
-const ndjson = "application/x-ndjson"
+const ndjson = wire.NDJSON
 
 // maxEventBytes bounds one line of a stream (a chunk of output, base64).
 const maxEventBytes = 4 << 20
@@ -174,7 +175,7 @@ func (c *Client) ExecuteCommandTaskWithOptions(ctx context.Context, vmID string,
 		q.Set("stream", "true")
 	}
 	var t types.Task
-	if err := c.doJSON(ctx, http.MethodPost, vmPath(vmID, "exec"), q, newExecRequest(cmd), &t); err != nil {
+	if err := c.doJSON(ctx, http.MethodPost, vmPath(vmID, "exec"), q, wire.NewExecRequest(cmd), &t); err != nil {
 		return uuid.Nil, err
 	}
 	return parseUUID("task", t.ID)
@@ -191,7 +192,7 @@ func (c *Client) startExec(ctx, sctx context.Context, vmID string, cmd types.Com
 	}
 	done := make(chan started, 1)
 	go func() {
-		resp, err := c.openStream(sctx, http.MethodPost, vmPath(vmID, "exec"), newExecRequest(cmd))
+		resp, err := c.openStream(sctx, http.MethodPost, vmPath(vmID, "exec"), wire.NewExecRequest(cmd))
 		if err != nil {
 			done <- started{err: err}
 			return

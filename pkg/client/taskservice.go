@@ -3,60 +3,19 @@ package client
 import (
 	"cmp"
 	"context"
-	"encoding/base64"
 	"fmt"
-	"math"
 	"net/http"
 	"net/url"
 	"time"
 
 	"github.com/google/uuid"
 
+	"github.com/aetherium/aetherium-core/pkg/api/wire"
 	"github.com/aetherium/aetherium-core/pkg/service"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
 var _ service.TaskService = (*Client)(nil)
-
-// createVMRequest is the body of POST /v1/vms.
-type createVMRequest struct {
-	Name       string            `json:"name"`
-	VCPUs      int               `json:"vcpus"`
-	MemoryMB   int               `json:"memory_mb"`
-	Network    string            `json:"network,omitempty"`
-	Labels     map[string]string `json:"labels,omitempty"`
-	Env        map[string]string `json:"env,omitempty"`
-	TTLSeconds int64             `json:"ttl_seconds,omitempty"`
-}
-
-// execRequest is the body of POST /v1/vms/{id}/exec and one command of a
-// job.
-type execRequest struct {
-	Command        string            `json:"command"`
-	Args           []string          `json:"args,omitempty"`
-	Env            map[string]string `json:"env,omitempty"`
-	Cwd            string            `json:"cwd,omitempty"`
-	User           string            `json:"user,omitempty"`
-	TimeoutSeconds int64             `json:"timeout_seconds,omitempty"`
-	StdinB64       string            `json:"stdin_b64,omitempty"`
-}
-
-func newExecRequest(c types.Command) execRequest {
-	r := execRequest{Command: c.Cmd, Args: c.Args, Env: c.Env, Cwd: c.Cwd, User: c.User, TimeoutSeconds: seconds(c.Timeout)}
-	if len(c.Stdin) > 0 {
-		r.StdinB64 = base64.StdEncoding.EncodeToString(c.Stdin)
-	}
-	return r
-}
-
-// seconds rounds d up to whole seconds, the API's unit, so that a
-// positive duration never becomes zero (which means "none").
-func seconds(d time.Duration) int64 {
-	if d <= 0 {
-		return 0
-	}
-	return int64(math.Ceil(d.Seconds()))
-}
 
 // vmPath is the path of VM id, plus sub-resources.
 func vmPath(id string, sub ...string) string {
@@ -92,8 +51,8 @@ func (c *Client) CreateVMTaskWithOptions(ctx context.Context, o service.CreateVM
 		return uuid.Nil, fmt.Errorf("%w: ttl %s is negative", types.ErrInvalid, o.TTL)
 	}
 	var vm types.VM
-	err := c.doJSON(ctx, http.MethodPost, "/v1/vms", nil, createVMRequest{Name: o.Name, VCPUs: o.VCPUs, MemoryMB: o.MemoryMB,
-		Network: o.Network, Labels: o.Labels, Env: o.Env, TTLSeconds: seconds(o.TTL)}, &vm)
+	err := c.doJSON(ctx, http.MethodPost, "/v1/vms", nil, wire.CreateVMRequest{Name: o.Name, VCPUs: o.VCPUs, MemoryMB: o.MemoryMB,
+		Network: o.Network, Labels: o.Labels, Env: o.Env, TTLSeconds: wire.Seconds(o.TTL)}, &vm)
 	if err != nil {
 		return uuid.Nil, err
 	}
@@ -106,11 +65,11 @@ func (c *Client) ExecuteCommandTask(ctx context.Context, vmID, command string, a
 
 func (c *Client) RunJobTask(ctx context.Context, vmID string, cmds []types.Command, stopOnFailure bool) (uuid.UUID, error) {
 	body := struct {
-		Commands      []execRequest `json:"commands"`
-		StopOnFailure bool          `json:"stop_on_failure"`
-	}{Commands: make([]execRequest, 0, len(cmds)), StopOnFailure: stopOnFailure}
+		Commands      []wire.ExecRequest `json:"commands"`
+		StopOnFailure bool               `json:"stop_on_failure"`
+	}{Commands: make([]wire.ExecRequest, 0, len(cmds)), StopOnFailure: stopOnFailure}
 	for _, cmd := range cmds {
-		body.Commands = append(body.Commands, newExecRequest(cmd))
+		body.Commands = append(body.Commands, wire.NewExecRequest(cmd))
 	}
 	return c.taskCall(ctx, http.MethodPost, vmPath(vmID, "jobs"), body)
 }
@@ -198,7 +157,7 @@ func (c *Client) SetVMTTL(ctx context.Context, vmID uuid.UUID, ttl time.Duration
 	var vm types.VM
 	body := struct {
 		TTLSeconds int64 `json:"ttl_seconds"`
-	}{seconds(ttl)}
+	}{wire.Seconds(ttl)}
 	if err := c.doJSON(ctx, http.MethodPost, vmPath(vmID.String(), "ttl"), nil, body, &vm); err != nil {
 		return nil, err
 	}
