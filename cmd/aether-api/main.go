@@ -1,5 +1,6 @@
 // Command aether-api is Aetherium Core's HTTP API (docs/api.md): it serves
-// the TaskService over PostgreSQL and Redis to API-key holders.
+// the TaskService over PostgreSQL and Redis to API-key holders, and the
+// E2B-compatible API (docs/e2b.md) at the root of the same listener.
 package main
 
 import (
@@ -16,6 +17,7 @@ import (
 	"github.com/aetherium/aetherium-core/internal/wiring"
 	"github.com/aetherium/aetherium-core/pkg/api"
 	"github.com/aetherium/aetherium-core/pkg/config"
+	"github.com/aetherium/aetherium-core/pkg/e2b"
 )
 
 // defaultListen is where the API serves when api.listen is empty.
@@ -50,6 +52,12 @@ func run() error {
 	if (c.TLSCertFile == "") != (c.TLSKeyFile == "") {
 		return fmt.Errorf("api.tls_cert_file and api.tls_key_file must be set together (cert %q, key %q)", c.TLSCertFile, c.TLSKeyFile)
 	}
+	e2bSrv := e2b.New(e2b.Config{
+		DefaultLimits: c.Limits,
+		Domain:        c.E2BDomain,
+		MaxVCPUs:      cfg.VMM.MaxVCPUs,
+	}, svc, svc.Service, svc.Store, svc.Store, log.With("component", "e2b"))
+	defer e2bSrv.Close()
 	srv := api.New(api.Config{
 		DefaultLimits:     c.Limits,
 		MaxBodyBytes:      c.MaxBodyBytes,
@@ -61,7 +69,7 @@ func run() error {
 		ShutdownTimeout:   c.ShutdownTimeout,
 		TLSCertFile:       c.TLSCertFile,
 		TLSKeyFile:        c.TLSKeyFile,
-	}, svc, svc.Store, log, api.WithStore(svc.Store))
+	}, svc, svc.Store, log, api.WithStore(svc.Store), api.WithFallback(e2bSrv.Handler()))
 
 	addr := cmp.Or(c.Listen, defaultListen)
 	ln, err := net.Listen("tcp", addr)

@@ -50,6 +50,11 @@ type Option func(*Server)
 // is not exported.
 func WithStore(st Store) Option { return func(s *Server) { s.store = st } }
 
+// WithFallback serves every request that no API route takes with h (for
+// example the E2B-compatible API of pkg/e2b at the listener's root),
+// instead of the JSON 404.
+func WithFallback(h http.Handler) Option { return func(s *Server) { s.fallback = h } }
+
 // Server serves the API. Make one with New; serve it with Serve or mount
 // Handler in a server of your own (then call Shutdown before that
 // server's Shutdown so that streams end).
@@ -59,6 +64,8 @@ type Server struct {
 	keys  apikey.Store
 	store Store
 	log   *slog.Logger
+	// fallback takes the requests no route matches (WithFallback).
+	fallback http.Handler
 
 	handler  http.Handler
 	registry *prometheus.Registry
@@ -83,6 +90,15 @@ func New(cfg Config, svc service.TaskService, keys apikey.Store, log *slog.Logge
 	mux := http.NewServeMux()
 	s.routes(mux)
 	s.handler = mux
+	if s.fallback != nil {
+		s.handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if _, pattern := mux.Handler(r); pattern == "/" {
+				s.fallback.ServeHTTP(w, r)
+				return
+			}
+			mux.ServeHTTP(w, r)
+		})
+	}
 	return s
 }
 

@@ -72,6 +72,12 @@ type API struct {
 	// ReadyFile, when set, is written once the API serves (used by
 	// `make up`).
 	ReadyFile string `yaml:"ready_file"`
+	// E2BDomain is the domain of the E2B-compatible API (docs/e2b.md):
+	// answered as each sandbox's domain, and requests for the host
+	// 49983-<sandbox id>.<E2BDomain> are served as that sandbox's envd,
+	// for clients with wildcard DNS that leave E2B_SANDBOX_URL unset.
+	// Empty: no host routing (clients set E2B_SANDBOX_URL).
+	E2BDomain string `yaml:"e2b_domain"`
 }
 
 // Cluster holds what the API and the workers share.

@@ -12,6 +12,7 @@ import (
 
 	"github.com/aetherium/aetherium-core/pkg/api"
 	"github.com/aetherium/aetherium-core/pkg/apikey"
+	"github.com/aetherium/aetherium-core/pkg/e2b"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
@@ -32,6 +33,10 @@ type APIOptions struct {
 	// with https://.
 	TLSCertFile string
 	TLSKeyFile  string
+	// E2B serves the E2B-compatible API (pkg/e2b) at the listener's root,
+	// with E2BDomain as its domain (empty: no host routing).
+	E2B       bool
+	E2BDomain string
 }
 
 // API is an aether-api serving the stack's Service on 127.0.0.1.
@@ -49,6 +54,13 @@ type API struct {
 // port, stopped (Shutdown, then Serve's result checked) at the end of t.
 func (s *Stack) StartAPI(t testing.TB, o APIOptions) *API {
 	t.Helper()
+	opts := []api.Option{api.WithStore(s.Store)}
+	if o.E2B {
+		e := e2b.New(e2b.Config{DefaultLimits: o.Limits, Domain: o.E2BDomain}, s.Service, s.Service, s.Store, s.Store,
+			logger(t).With("component", "e2b"))
+		t.Cleanup(e.Close)
+		opts = append(opts, api.WithFallback(e.Handler()))
+	}
 	srv := api.New(api.Config{
 		DefaultLimits:   o.Limits,
 		MaxBodyBytes:    o.MaxBodyBytes,
@@ -58,7 +70,7 @@ func (s *Stack) StartAPI(t testing.TB, o APIOptions) *API {
 		ShutdownTimeout: o.ShutdownTimeout,
 		TLSCertFile:     o.TLSCertFile,
 		TLSKeyFile:      o.TLSKeyFile,
-	}, s.Service, s.Store, logger(t).With("component", "api"), api.WithStore(s.Store))
+	}, s.Service, s.Store, logger(t).With("component", "api"), opts...)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	scheme := "http"
