@@ -3,6 +3,9 @@ package e2b_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,9 +15,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
+	"github.com/stretchr/testify/require"
+
 	"github.com/aetherium/aetherium-core/internal/testenv"
 	"github.com/aetherium/aetherium-core/internal/testenv/stack"
 	"github.com/aetherium/aetherium-core/pkg/apikey"
+	"github.com/aetherium/aetherium-core/pkg/storage"
 )
 
 func TestMain(m *testing.M) { testenv.Main(m) }
@@ -25,8 +32,59 @@ var minNode = [3]int{20, 18, 1}
 // TestSDKDocker runs test/e2b/compat.mjs, the unmodified e2b SDK, against
 // aether-api with a docker worker: every check of the compatibility suite.
 func TestSDKDocker(t *testing.T) {
-	runSDK(t, stack.Options{Workers: []string{"e2b"}}, "compat.mjs", nil)
+	a, key := runSDK(t, stack.Options{Workers: []string{"e2b"}}, "compat.mjs", nil)
+	t.Run("HostRouting", func(t *testing.T) { testHostRouting(t, a, key) })
 }
+
+// testHostRouting: a request for host 49983-<id>.<e2b_domain> is served as
+// that sandbox's envd, with its token only; other ports are refused.
+func testHostRouting(t *testing.T, a *stack.API, key string) {
+	req, err := http.NewRequest(http.MethodPost, a.URL+"/sandboxes", strings.NewReader(`{"templateID":"base","timeout":60}`))
+	require.NoError(t, err)
+	req.Header.Set("X-API-KEY", key)
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	var sb struct {
+		SandboxID       string `json:"sandboxID"`
+		EnvdAccessToken string `json:"envdAccessToken"`
+		Domain          string `json:"domain"`
+	}
+	require.NoError(t, json.NewDecoder(resp.Body).Decode(&sb))
+	resp.Body.Close()
+	require.Equal(t, http.StatusCreated, resp.StatusCode)
+	require.Equal(t, testDomain, sb.Domain)
+
+	get := func(host, path, token string) (int, string) {
+		req, err := http.NewRequest(http.MethodGet, a.URL+path, nil)
+		require.NoError(t, err)
+		req.Host = host
+		if token != "" {
+			req.Header.Set("X-Access-Token", token)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	host := "49983-" + sb.SandboxID + "." + testDomain
+	code, _ := get(host, "/health", sb.EnvdAccessToken)
+	require.Equal(t, http.StatusNoContent, code)
+	code, body := get(host+":443", "/files?path=/etc/hostname", sb.EnvdAccessToken)
+	require.Equal(t, http.StatusOK, code, body)
+	code, _ = get(host, "/files?path=/etc/hostname", "")
+	require.Equal(t, http.StatusUnauthorized, code, "no token")
+	code, body = get("8080-"+sb.SandboxID+"."+testDomain, "/", sb.EnvdAccessToken)
+	require.Equal(t, http.StatusBadGateway, code)
+	require.Contains(t, body, "not served")
+	code, _ = get("49983-"+uuid.NewString()+"."+testDomain, "/health", sb.EnvdAccessToken)
+	require.Equal(t, http.StatusBadGateway, code, "unknown sandbox")
+	code, _ = get("localhost", "/healthz", "")
+	require.Equal(t, http.StatusOK, code, "the API's own routes are unchanged")
+}
+
+// testDomain is the e2b_domain of the docker run.
+const testDomain = "e2b.test"
 
 // TestSDKQEMU runs the core checks (create, run, files, kill) on microVMs.
 func TestSDKQEMU(t *testing.T) {
@@ -35,12 +93,15 @@ func TestSDKQEMU(t *testing.T) {
 
 // runSDK starts a stack and an API serving E2B, then runs a node script
 // of test/e2b with the SDK pointed at it, and fails on a non-zero exit.
-func runSDK(t *testing.T, o stack.Options, script string, env []string) {
+func runSDK(t *testing.T, o stack.Options, script string, env []string) (*stack.API, string) {
 	dir := npmCI(t)
 	s := stack.Start(t, o)
-	a := s.StartAPI(t, stack.APIOptions{E2B: true})
+	a := s.StartAPI(t, stack.APIOptions{E2B: true, E2BDomain: testDomain})
 	key := a.Key(t, apikey.Options{Tenant: "e2b"})
 	other := a.Key(t, apikey.Options{Tenant: "other"})
+	// A registered template for the template checks of the script.
+	require.NoError(t, s.Store.CreateTemplate(t.Context(), &storage.Template{Name: "small", VCPUs: 1, MemoryMB: 256,
+		Env: map[string]string{"TPL_VAR": "from-template"}}))
 
 	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Minute)
 	defer cancel()
@@ -56,6 +117,7 @@ func runSDK(t *testing.T, o stack.Options, script string, env []string) {
 	if err != nil {
 		t.Fatalf("node %s failed: %v (its output is above)", script, err)
 	}
+	return a, key
 }
 
 // cleanEnv is the environment without E2B settings of the caller's, which

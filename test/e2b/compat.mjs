@@ -216,6 +216,21 @@ if (!core) {
     await rejects(() => Sandbox.create({ metadata: { 'a b': 'x' } }), SandboxError, (e) => assert.match(e.message, /^400: metadata key "a b"/))
   })
 
+  await check('Sandbox.create(template): size and env from a registered template', async () => {
+    const t = await Sandbox.create('small', { timeoutMs: 60_000 })
+    try {
+      const info = await t.getInfo()
+      assert.equal(info.templateId, 'small')
+      assert.equal(info.cpuCount, 1)
+      assert.equal(info.memoryMB, 256)
+      assert.equal((await t.commands.run('echo $TPL_VAR')).stdout, 'from-template\n')
+    } finally {
+      await t.kill()
+    }
+    const { SandboxError } = await import('e2b')
+    await rejects(() => Sandbox.create('no-such-template'), SandboxError, (e) => assert.match(e.message, /^400: template "no-such-template" is not registered/))
+  })
+
   await check('Sandbox.list() with a metadata filter and paging', async () => {
     const p = Sandbox.list({ query: { metadata: { run: runID } } })
     const items = await p.nextItems()
