@@ -23,6 +23,8 @@ have /usr/sbin/debootstrap || need+=(debootstrap)
 have /usr/sbin/mkfs.ext4 || need+=(e2fsprogs)
 have debugfs || have /usr/sbin/debugfs || need+=(e2fsprogs)
 have cpio || need+=(cpio)
+# Node runs the e2b SDK compatibility tests (test/e2b, docs/e2b.md).
+have node || need+=(nodejs npm)
 
 # vhost-device-vsock serves vsock to QEMU guests (see docs/architecture.md).
 # Only Debian's sid suite packages it, so it is fetched with a private apt
@@ -73,6 +75,12 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 install_vhost_device_vsock
+
+# The e2b SDK 2.51.0 needs Node 20.18.1 or newer; Debian 12's nodejs is 18.
+node_version=$(node --version 2>/dev/null | sed 's/^v//')
+if ! printf '%s\n' 20.18.1 "$node_version" | sort -V -C; then
+  die "Node ${node_version:-(none)} is too old for the e2b SDK tests (test/e2b): install Node 20.18.1 or newer (e.g. from nodejs.org or NodeSource) and put node and npm in PATH"
+fi
 
 if ! command -v go >/dev/null 2>&1; then
   die "Go is missing: install Go 1.26 or newer at /usr/local/go (the build machines have it there)"
