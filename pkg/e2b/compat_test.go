@@ -2,6 +2,7 @@ package e2b_test
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"io"
@@ -93,7 +94,13 @@ func TestSDKQEMU(t *testing.T) {
 
 // runSDK starts a stack and an API serving E2B, then runs a node script
 // of test/e2b with the SDK pointed at it, and fails on a non-zero exit.
-func runSDK(t *testing.T, o stack.Options, script string, env []string) (*stack.API, string) {
+func runSDK(t testing.TB, o stack.Options, script string, env []string) (*stack.API, string) {
+	a, key, _ := runScript(t, o, script, env)
+	return a, key
+}
+
+// runScript is runSDK that also returns the script's output.
+func runScript(t testing.TB, o stack.Options, script string, env []string) (*stack.API, string, string) {
 	dir := npmCI(t)
 	s := stack.Start(t, o)
 	a := s.StartAPI(t, stack.APIOptions{E2B: true, E2BDomain: testDomain})
@@ -117,7 +124,28 @@ func runSDK(t *testing.T, o stack.Options, script string, env []string) (*stack.
 	if err != nil {
 		t.Fatalf("node %s failed: %v (its output is above)", script, err)
 	}
-	return a, key
+	return a, key, out.String()
+}
+
+// BenchmarkSDK runs test/e2b/bench.mjs once per backend (whatever b.N):
+// commands.run('true') against the native exec of the same VM, and
+// Sandbox.create() to the first command's result. BENCH_RUNS and
+// BENCH_CREATES tune it.
+func BenchmarkSDK(b *testing.B) {
+	for _, p := range []string{"docker", "qemu"} {
+		b.Run(p, func(b *testing.B) {
+			_, _, out := runScript(b, stack.Options{Provider: p, Workers: []string{"bench-" + p}}, "bench.mjs",
+				[]string{"BENCH_RUNS=" + cmp.Or(os.Getenv("BENCH_RUNS"), "200"), "BENCH_CREATES=" + cmp.Or(os.Getenv("BENCH_CREATES"), "10")})
+			lines := strings.Split(strings.TrimSpace(out), "\n")
+			var figures map[string]float64
+			require.NoError(b, json.Unmarshal([]byte(lines[len(lines)-1]), &figures))
+			for k, v := range figures {
+				b.ReportMetric(v, k+"_ms")
+			}
+			for range b.N {
+			}
+		})
+	}
 }
 
 // cleanEnv is the environment without E2B settings of the caller's, which
@@ -140,7 +168,7 @@ var (
 
 // npmCI installs test/e2b's locked packages once per test process and
 // returns the directory; it skips when Node or npm is missing or too old.
-func npmCI(t *testing.T) string {
+func npmCI(t testing.TB) string {
 	t.Helper()
 	dir := filepath.Join(testenv.RepoRoot(), "test", "e2b")
 	npmOnce.Do(func() {
