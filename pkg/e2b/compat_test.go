@@ -217,3 +217,11 @@ func nodeAtLeast(v string, min [3]int) bool {
 	}
 	return true
 }
+
+func TestNodeAtLeast(t *testing.T) {
+	for v, want := range map[string]bool{
+		"v20.20.2": true, "v20.18.1": true, "v22.0.0": true, "v20.18.0": false, "v18.19.0": false, "v20": false, "garbage": false,
+	} {
+		require.Equal(t, want, nodeAtLeast(v, minNode), v)
+	}
+}
