@@ -93,5 +93,6 @@ func run() error {
 	case <-ctx.Done():
 	}
 	log.Info("signal received; draining requests", "timeout", cmp.Or(c.ShutdownTimeout, api.DefaultShutdownTimeout))
+	e2bSrv.Close() // E2B process streams end now instead of holding the drain up
 	return <-served
 }

@@ -2,6 +2,7 @@ package e2b
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net"
 	"sync"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/aetherium/aetherium-core/pkg/agent"
 	"github.com/aetherium/aetherium-core/pkg/service"
+	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
 // clientCache holds one agent client per sandbox, so that calls share a
@@ -42,6 +44,9 @@ func newClientCache(d service.AgentDialer, idle time.Duration, log *slog.Logger)
 func (cc *clientCache) get(ctx context.Context, id string) (*agent.Client, error) {
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
+	if cc.stopped {
+		return nil, fmt.Errorf("%w: aether-api is shutting down; try again shortly", types.ErrUnavailable)
+	}
 	if e, ok := cc.clients[id]; ok {
 		e.lastUsed = time.Now()
 		return e.c, nil
@@ -53,9 +58,7 @@ func (cc *clientCache) get(ctx context.Context, id string) (*agent.Client, error
 	if err != nil {
 		return nil, err
 	}
-	if !cc.stopped {
-		cc.clients[id] = &cachedClient{c: c, lastUsed: time.Now()}
-	}
+	cc.clients[id] = &cachedClient{c: c, lastUsed: time.Now()}
 	return c, nil
 }
 

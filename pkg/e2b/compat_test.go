@@ -16,12 +16,15 @@ import (
 	"testing"
 	"time"
 
+	"connectrpc.com/connect"
 	"github.com/google/uuid"
 	"github.com/stretchr/testify/require"
 
 	"github.com/aetherium/aetherium-core/internal/testenv"
 	"github.com/aetherium/aetherium-core/internal/testenv/stack"
 	"github.com/aetherium/aetherium-core/pkg/apikey"
+	processpb "github.com/aetherium/aetherium-core/pkg/e2b/gen/process"
+	"github.com/aetherium/aetherium-core/pkg/e2b/gen/process/processconnect"
 	"github.com/aetherium/aetherium-core/pkg/storage"
 )
 
@@ -35,25 +38,66 @@ var minNode = [3]int{20, 18, 1}
 func TestSDKDocker(t *testing.T) {
 	a, key := runSDK(t, stack.Options{Workers: []string{"e2b"}}, "compat.mjs", nil)
 	t.Run("HostRouting", func(t *testing.T) { testHostRouting(t, a, key) })
+	t.Run("CloseEndsStreams", func(t *testing.T) { testCloseEndsStreams(t, a, key) }) // last: it closes the E2B server
 }
 
-// testHostRouting: a request for host 49983-<id>.<e2b_domain> is served as
-// that sandbox's envd, with its token only; other ports are refused.
-func testHostRouting(t *testing.T, a *stack.API, key string) {
+// createSandbox makes a sandbox over plain HTTP and returns its id, token
+// and domain.
+func createSandbox(t *testing.T, a *stack.API, key string) (id, token, domain string) {
 	req, err := http.NewRequest(http.MethodPost, a.URL+"/sandboxes", strings.NewReader(`{"templateID":"base","timeout":60}`))
 	require.NoError(t, err)
 	req.Header.Set("X-API-KEY", key)
 	resp, err := http.DefaultClient.Do(req)
 	require.NoError(t, err)
+	defer resp.Body.Close()
 	var sb struct {
 		SandboxID       string `json:"sandboxID"`
 		EnvdAccessToken string `json:"envdAccessToken"`
 		Domain          string `json:"domain"`
 	}
 	require.NoError(t, json.NewDecoder(resp.Body).Decode(&sb))
-	resp.Body.Close()
 	require.Equal(t, http.StatusCreated, resp.StatusCode)
-	require.Equal(t, testDomain, sb.Domain)
+	return sb.SandboxID, sb.EnvdAccessToken, sb.Domain
+}
+
+// testCloseEndsStreams: Close (aether-api draining) ends a process stream
+// with unavailable at once, and the process runs on. The client here is
+// connect-go's own, over the JSON codec, as another SDK would be.
+func testCloseEndsStreams(t *testing.T, a *stack.API, key string) {
+	id, token, _ := createSandbox(t, a, key)
+	c := processconnect.NewProcessClient(http.DefaultClient, a.URL, connect.WithProtoJSON())
+	req := connect.NewRequest(&processpb.StartRequest{Process: &processpb.ProcessConfig{Cmd: "/bin/sh", Args: []string{"-c", "sleep 30"}}})
+	req.Header().Set("E2b-Sandbox-Id", id)
+	req.Header().Set("X-Access-Token", token)
+	stream, err := c.Start(t.Context(), req)
+	require.NoError(t, err)
+	defer stream.Close()
+	require.True(t, stream.Receive(), "start event: %v", stream.Err())
+	pid := stream.Msg().GetEvent().GetStart().GetPid()
+	require.NotZero(t, pid)
+
+	start := time.Now()
+	a.E2B.Close()
+	for stream.Receive() {
+		require.NotNil(t, stream.Msg().GetEvent().GetKeepalive(), "only keepalives may come before the end: %v", stream.Msg())
+	}
+	require.Equal(t, connect.CodeUnavailable, connect.CodeOf(stream.Err()), "%v", stream.Err())
+	require.Less(t, time.Since(start), 5*time.Second)
+
+	list := connect.NewRequest(&processpb.ListRequest{})
+	list.Header().Set("E2b-Sandbox-Id", id)
+	list.Header().Set("X-Access-Token", token)
+	_, err = c.List(t.Context(), list)
+	require.Equal(t, connect.CodeUnavailable, connect.CodeOf(err), "after Close the sandbox plane answers unavailable: %v", err)
+}
+
+// testHostRouting: a request for host 49983-<id>.<e2b_domain> is served as
+// that sandbox's envd, with its token only; other ports are refused.
+func testHostRouting(t *testing.T, a *stack.API, key string) {
+	var sb struct{ SandboxID, EnvdAccessToken string }
+	var domain string
+	sb.SandboxID, sb.EnvdAccessToken, domain = createSandbox(t, a, key)
+	require.Equal(t, testDomain, domain)
 
 	get := func(host, path, token string) (int, string) {
 		req, err := http.NewRequest(http.MethodGet, a.URL+path, nil)
@@ -87,9 +131,10 @@ func testHostRouting(t *testing.T, a *stack.API, key string) {
 // testDomain is the e2b_domain of the docker run.
 const testDomain = "e2b.test"
 
-// TestSDKQEMU runs the core checks (create, run, files, kill) on microVMs.
+// TestSDKQEMU runs the same checks on QEMU microVMs (about 20 s);
+// E2B_QEMU_CASES=core keeps only create, run, files and kill.
 func TestSDKQEMU(t *testing.T) {
-	runSDK(t, stack.Options{Provider: "qemu", Workers: []string{"e2bq"}}, "compat.mjs", []string{"E2B_CASES=core"})
+	runSDK(t, stack.Options{Provider: "qemu", Workers: []string{"e2bq"}}, "compat.mjs", []string{"E2B_CASES=" + cmp.Or(os.Getenv("E2B_QEMU_CASES"), "all")})
 }
 
 // runSDK starts a stack and an API serving E2B, then runs a node script

@@ -121,6 +121,7 @@ type Server struct {
 	// "/bin/bash" or "/bin/sh").
 	shells sync.Map
 
+	closing   chan struct{} // closed by Close: open streams end
 	closeOnce sync.Once
 }
 
@@ -131,17 +132,46 @@ func New(cfg Config, svc service.TaskService, dialer service.AgentDialer, store 
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{cfg: cfg.withDefaults(), svc: svc, dialer: dialer, store: store, keys: keys, log: log}
+	s := &Server{cfg: cfg.withDefaults(), svc: svc, dialer: dialer, store: store, keys: keys, log: log, closing: make(chan struct{})}
 	s.clients = newClientCache(dialer, s.cfg.ClientIdle, log)
 	s.control = s.controlRoutes()
 	s.envd = s.envdRoutes()
 	return s
 }
 
-// Close closes the agent connections the server holds. Calling it twice
-// is harmless.
+// Close ends the open process streams (the processes run on; clients
+// can reconnect to them elsewhere) and closes the agent connections the
+// server holds; later sandbox-plane calls answer unavailable. Call it
+// when the server begins to drain, so that streams do not hold the drain
+// up. Calling it twice is harmless.
 func (s *Server) Close() {
-	s.closeOnce.Do(s.clients.close)
+	s.closeOnce.Do(func() {
+		close(s.closing)
+		s.clients.close()
+	})
+}
+
+// streamCtx returns a context that also ends when Close is called.
+func (s *Server) streamCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(ctx)
+	go func() {
+		select {
+		case <-s.closing:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	return ctx, cancel
+}
+
+// closed reports whether Close was called.
+func (s *Server) closed() bool {
+	select {
+	case <-s.closing:
+		return true
+	default:
+		return false
+	}
 }
 
 // Handler returns the handler of both planes.

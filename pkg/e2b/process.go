@@ -63,6 +63,8 @@ func (p *processService) Start(ctx context.Context, req *connect.Request[pb.Star
 	if dl, ok := ctx.Deadline(); ok {
 		spec.Timeout = max(time.Until(dl), time.Millisecond)
 	}
+	ctx, cancel := p.s.streamCtx(ctx)
+	defer cancel()
 	if spec.Cmd == bash {
 		if spec.Cmd, err = p.s.shell(ctx, sb); err != nil {
 			return p.s.rpcError(err)
@@ -101,6 +103,8 @@ func (p *processService) Connect(ctx context.Context, req *connect.Request[pb.Co
 	if err != nil {
 		return err
 	}
+	ctx, cancel := p.s.streamCtx(ctx)
+	defer cancel()
 	ps, err := sandboxFrom(ctx).client.ConnectProcess(ctx, sel, keepaliveOf(req.Header()))
 	if err != nil {
 		return p.s.rpcError(err)
@@ -118,7 +122,10 @@ func (s *Server) follow(ctx context.Context, ps agent.ProcessStream, send func(*
 			return nil
 		}
 		if err != nil {
-			if ctx.Err() != nil {
+			switch {
+			case s.closed():
+				return connect.NewError(connect.CodeUnavailable, errors.New("aether-api is shutting down; the process keeps running: reconnect with commands.connect(pid)"))
+			case ctx.Err() != nil:
 				return s.rpcError(ctx.Err())
 			}
 			return s.rpcError(err)

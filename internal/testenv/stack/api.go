@@ -44,10 +44,12 @@ type API struct {
 	// URL is the base URL, e.g. http://127.0.0.1:41234 (no trailing /).
 	URL    string
 	Server *api.Server
-	stack  *Stack
-	keys   atomic.Int64
-	done   chan struct{} // closed when Serve returned
-	err    error         // Serve's result
+	// E2B is the E2B-compatible API when APIOptions.E2B is set.
+	E2B   *e2b.Server
+	stack *Stack
+	keys  atomic.Int64
+	done  chan struct{} // closed when Serve returned
+	err   error         // Serve's result
 }
 
 // StartAPI runs a real api.Server over s.Service and s.Store on a free
@@ -55,11 +57,11 @@ type API struct {
 func (s *Stack) StartAPI(t testing.TB, o APIOptions) *API {
 	t.Helper()
 	opts := []api.Option{api.WithStore(s.Store)}
+	var e2bSrv *e2b.Server
 	if o.E2B {
-		e := e2b.New(e2b.Config{DefaultLimits: o.Limits, Domain: o.E2BDomain}, s.Service, s.Service, s.Store, s.Store,
+		e2bSrv = e2b.New(e2b.Config{DefaultLimits: o.Limits, Domain: o.E2BDomain}, s.Service, s.Service, s.Store, s.Store,
 			logger(t).With("component", "e2b"))
-		t.Cleanup(e.Close)
-		opts = append(opts, api.WithFallback(e.Handler()))
+		opts = append(opts, api.WithFallback(e2bSrv.Handler()))
 	}
 	srv := api.New(api.Config{
 		DefaultLimits:   o.Limits,
@@ -77,7 +79,7 @@ func (s *Stack) StartAPI(t testing.TB, o APIOptions) *API {
 	if o.TLSCertFile != "" && o.TLSKeyFile != "" {
 		scheme = "https"
 	}
-	a := &API{URL: fmt.Sprintf("%s://%s", scheme, ln.Addr()), Server: srv, stack: s, done: make(chan struct{})}
+	a := &API{URL: fmt.Sprintf("%s://%s", scheme, ln.Addr()), Server: srv, E2B: e2bSrv, stack: s, done: make(chan struct{})}
 	go func() {
 		a.err = srv.Serve(context.Background(), ln)
 		close(a.done)
@@ -92,6 +94,9 @@ func (s *Stack) StartAPI(t testing.TB, o APIOptions) *API {
 			t.Errorf("API server: %v", err)
 		}
 	})
+	if e2bSrv != nil {
+		t.Cleanup(e2bSrv.Close) // runs first, as aether-api does on SIGTERM
+	}
 	return a
 }
 
