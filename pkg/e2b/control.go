@@ -443,7 +443,7 @@ func (s *Server) listV1(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	out, _, err := s.list(r.Context(), md, map[string]bool{"running": true}, "", 0)
+	out, _, err := s.list(r.Context(), listFilter{metadata: md, states: map[string]bool{"running": true}}, "", 0)
 	if err != nil {
 		return err
 	}
@@ -458,15 +458,25 @@ func (s *Server) listV2(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	states := map[string]bool{"running": true, "paused": true}
+	f := listFilter{metadata: md, states: map[string]bool{"running": true, "paused": true}, template: q.Get("template")}
 	if v := q.Get("state"); v != "" {
-		states = map[string]bool{}
+		f.states = map[string]bool{}
 		for _, st := range strings.Split(v, ",") {
 			if st != "running" && st != "paused" {
 				return errStatus(http.StatusBadRequest, "state %q is unknown; use running, paused or both", st)
 			}
-			states[st] = true
+			f.states[st] = true
 		}
+	}
+	if v := q.Get("startedAfter"); v != "" {
+		t, err := time.Parse(time.RFC3339Nano, v)
+		if err != nil {
+			return errStatus(http.StatusBadRequest, "startedAfter %q is not an RFC 3339 time", v)
+		}
+		f.startedAfter = t
+	}
+	if v := q.Get("order"); v != "" && v != "asc" {
+		return errStatus(http.StatusNotImplemented, "order=%s is not supported by Aetherium's E2B API yet: sandboxes are listed oldest first (order=asc)", v)
 	}
 	limit := defaultListLimit
 	if v := q.Get("limit"); v != "" {
@@ -482,7 +492,7 @@ func (s *Server) listV2(w http.ResponseWriter, r *http.Request) error {
 			return errStatus(http.StatusBadRequest, "nextToken %q is not one this server gave", after)
 		}
 	}
-	out, next, err := s.list(r.Context(), md, states, after, limit)
+	out, next, err := s.list(r.Context(), f, after, limit)
 	if err != nil {
 		return err
 	}
@@ -493,20 +503,33 @@ func (s *Server) listV2(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-// list pages through the caller's VMs after `after`, keeping sandboxes in
-// states, until it has limit of them (0: all). next is the token of the
-// following page, "" at the end.
-func (s *Server) list(ctx context.Context, md map[string]string, states map[string]bool, after string, limit int) ([]listedSandbox, string, error) {
+// listFilter narrows a list of sandboxes.
+type listFilter struct {
+	metadata     map[string]string // every one of these labels
+	states       map[string]bool   // E2B states kept
+	template     string            // "": any
+	startedAfter time.Time         // zero: any
+}
+
+// keepsVM reports whether f keeps vm, template aside.
+func (f listFilter) keepsVM(vm *types.VM) bool {
+	return vm.State != types.VMDeleting && f.states[sandboxState(vm.State)] && vm.CreatedAt.After(f.startedAfter)
+}
+
+// list pages through the caller's VMs after `after`, oldest first,
+// keeping the sandboxes f keeps, until it has limit of them (0: all).
+// next is the token of the following page, "" at the end.
+func (s *Server) list(ctx context.Context, f listFilter, after string, limit int) ([]listedSandbox, string, error) {
 	out := []listedSandbox{}
 	const page = 100
 	for {
-		vms, err := s.svc.ListVMsWithOptions(ctx, service.ListVMsOptions{Labels: md, After: after, Limit: page})
+		vms, err := s.svc.ListVMsWithOptions(ctx, service.ListVMsOptions{Labels: f.metadata, After: after, Limit: page})
 		if err != nil {
 			return nil, "", err
 		}
 		for _, vm := range vms {
 			after = vm.ID
-			if vm.State == types.VMDeleting || !states[sandboxState(vm.State)] {
+			if !f.keepsVM(vm) {
 				continue
 			}
 			sb, err := s.store.GetSandbox(ctx, vm.ID)
@@ -515,6 +538,9 @@ func (s *Server) list(ctx context.Context, md map[string]string, states map[stri
 			}
 			if err != nil {
 				return nil, "", err
+			}
+			if f.template != "" && sb.Template != f.template {
+				continue
 			}
 			out = append(out, listed(vm, sb))
 			if limit > 0 && len(out) == limit {

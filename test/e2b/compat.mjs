@@ -241,6 +241,10 @@ if (!core) {
     while (pages.hasNext) all.push(...await pages.nextItems())
     const ids = all.map((i) => i.sandboxId)
     assert.ok(ids.includes(sbx.sandboxId) && ids.includes(sbx2.sandboxId), `pages of 1 list both: ${ids}`)
+    const running = await Sandbox.list({ query: { state: ['running'], metadata: { run: runID } } }).nextItems()
+    assert.equal(running.length, 1)
+    const paused = await Sandbox.list({ query: { state: ['paused'], metadata: { run: runID } } }).nextItems()
+    assert.deepEqual(paused, [])
   })
 
   await check('Sandbox.connect()', async () => {
