@@ -115,6 +115,20 @@ if (!core) {
     assert.deepEqual(Array.from(got), Array.from(data))
   })
 
+  await check('files.write + files.read of 32 MiB (streamed both ways)', async () => {
+    const { createHash } = await import('node:crypto')
+    const data = new Uint8Array(32 << 20)
+    for (let i = 0; i < data.length; i += 4096) data[i] = (i / 4096) & 0xff
+    await sbx.files.write('/tmp/e2b/big.bin', data)
+    const stream = await sbx.files.read('/tmp/e2b/big.bin', { format: 'stream' })
+    const h = createHash('sha256')
+    let n = 0
+    for await (const chunk of stream) { h.update(chunk); n += chunk.length }
+    assert.equal(n, data.length)
+    assert.equal(h.digest('hex'), createHash('sha256').update(data).digest('hex'))
+    await sbx.files.remove('/tmp/e2b/big.bin')
+  })
+
   await check('files.write several files in one request', async () => {
     const infos = await sbx.files.write([
       { path: '/tmp/e2b/multi/a.txt', data: 'A' },
