@@ -65,6 +65,15 @@ if (!core) {
     assert.equal(r.stdout, '/tmp\n')
   })
 
+  await check("user: root by default, and user: 'root' given (Basic auth, username)", async () => {
+    assert.equal((await sbx.commands.run('id -un')).stdout, 'root\n')
+    assert.equal((await sbx.commands.run('id -un; pwd', { user: 'root' })).stdout, 'root\n/root\n')
+    const info = await sbx.files.write('u.txt', 'u', { user: 'root' })
+    assert.equal(info.path, '/root/u.txt')
+    assert.equal(await sbx.files.read('u.txt', { user: 'root' }), 'u')
+    assert.equal((await sbx.files.list('/root', { user: 'root' })).some((e) => e.name === 'u.txt'), true)
+  })
+
   await check('commands.run onStdout/onStderr streaming', async () => {
     const chunks = []
     const errs = []
