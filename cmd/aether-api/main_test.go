@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -62,6 +63,22 @@ func TestBinary(t *testing.T) {
 	require.NoError(t, err)
 	resp.Body.Close()
 	require.Equal(t, http.StatusUnauthorized, resp.StatusCode)
+
+	// The E2B-compatible API shares the listener (docs/e2b.md).
+	req, err = http.NewRequest("GET", base+"/v2/sandboxes", nil)
+	require.NoError(t, err)
+	req.Header.Set("X-API-KEY", key)
+	resp, err = http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	require.Equal(t, http.StatusOK, resp.StatusCode, string(body))
+	require.JSONEq(t, `[]`, string(body))
+	resp, err = http.Get(base + "/health")
+	require.NoError(t, err)
+	body, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	require.Equal(t, http.StatusBadGateway, resp.StatusCode, "no sandbox named: %s", body)
 
 	require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
 	select {
