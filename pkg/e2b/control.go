@@ -34,6 +34,10 @@ const (
 	maxListLimit     = 100
 )
 
+// maxTimeout is the longest timeout in seconds that a time.Duration holds
+// with room to spare (about 31 years); api.max_ttl may bound it further.
+const maxTimeout = 1 << 30
+
 // killWait bounds how long kill waits for the VM to be deleted before it
 // answers; the deletion goes on if it takes longer.
 const killWait = 20 * time.Second
@@ -200,12 +204,9 @@ func (s *Server) create(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	ttl := s.cfg.DefaultTimeout
-	if req.Timeout != nil {
-		if *req.Timeout <= 0 {
-			return errStatus(http.StatusBadRequest, "timeout %d must be a positive number of seconds", *req.Timeout)
-		}
-		ttl = time.Duration(*req.Timeout) * time.Second
+	ttl, err := timeoutRequest{Timeout: req.Timeout}.ttl(s.cfg.DefaultTimeout)
+	if err != nil {
+		return err
 	}
 	for k := range req.Metadata {
 		// The label rules are types.VMSpec's: check one key at a time to
@@ -250,7 +251,7 @@ func (s *Server) create(w http.ResponseWriter, r *http.Request) error {
 		return err
 	case task.State != types.TaskSucceeded:
 		s.abandon(ctx, id)
-		return fmt.Errorf("creating sandbox %s failed: %s", id, task.Error)
+		return errStatus(http.StatusInternalServerError, "creating sandbox %s failed: %s", id, task.Error)
 	}
 	s.log.Info("e2b: sandbox created", "vm_id", id, "template", tpl.Name)
 	w.Header().Set("Location", "/sandboxes/"+id.String())
@@ -370,8 +371,8 @@ func (req timeoutRequest) ttl(def time.Duration) (time.Duration, error) {
 	if req.Timeout == nil {
 		return def, nil
 	}
-	if *req.Timeout <= 0 {
-		return 0, errStatus(http.StatusBadRequest, "timeout %d must be a positive number of seconds", *req.Timeout)
+	if *req.Timeout <= 0 || *req.Timeout > maxTimeout {
+		return 0, errStatus(http.StatusBadRequest, "timeout %d must be a number of seconds from 1 to %d", *req.Timeout, maxTimeout)
 	}
 	return time.Duration(*req.Timeout) * time.Second, nil
 }

@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"net/http"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 )
@@ -91,5 +92,30 @@ func TestRPCUser(t *testing.T) {
 		}
 		require.NoError(t, err, tc.header)
 		require.Equal(t, tc.want, got, tc.header)
+	}
+}
+
+func TestTimeoutTTL(t *testing.T) {
+	n := func(v int64) *int64 { return &v }
+	for _, tc := range []struct {
+		in   *int64
+		want time.Duration
+		ok   bool
+	}{
+		{nil, DefaultTimeout, true},
+		{n(1), time.Second, true},
+		{n(maxTimeout), maxTimeout * time.Second, true},
+		{n(0), 0, false},
+		{n(-5), 0, false},
+		{n(maxTimeout + 1), 0, false},
+		{n(1 << 62), 0, false},
+	} {
+		got, err := timeoutRequest{Timeout: tc.in}.ttl(DefaultTimeout)
+		if !tc.ok {
+			require.Error(t, err)
+			continue
+		}
+		require.NoError(t, err)
+		require.Equal(t, tc.want, got)
 	}
 }
