@@ -18,3 +18,5 @@ go test -p 1 -run '^$' -bench 'BenchmarkAttachDetach' -benchtime 50x -count 1 ./
 go test -run '^$' -bench . -benchtime 100x -count 1 ./pkg/api
 go test -run '^$' -bench 'BenchmarkCLIExecTrue' -benchtime 100x -count 1 ./internal/cli
 go test -run '^$' -bench 'BenchmarkFileTransfer' -benchtime 3x -count 1 ./internal/e2e
+# The unmodified E2B SDK against the native API (docker and qemu).
+go test -p 1 -run '^$' -bench 'BenchmarkSDK' -benchtime 1x -count 1 ./pkg/e2b
