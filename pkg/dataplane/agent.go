@@ -113,8 +113,14 @@ func (h *Handler) agentTunnel(w http.ResponseWriter, r *http.Request) {
 	h.log.Debug("agent tunnel opened", "vm_id", id, "remote", r.RemoteAddr)
 	start := time.Now()
 	// The client sends nothing before the 101, but whatever the server
-	// read ahead is in brw.Reader and must go first.
-	up, down := t.splice(brw.Reader)
+	// read ahead must go first. Past it, the copy reads the socket itself
+	// rather than through the server's buffers, so the kernel can splice.
+	var fromClient io.Reader = conn
+	if n := brw.Reader.Buffered(); n > 0 {
+		early, _ := brw.Reader.Peek(n)
+		fromClient = io.MultiReader(bytes.NewReader(bytes.Clone(early)), conn)
+	}
+	up, down := t.splice(fromClient)
 	h.log.Debug("agent tunnel closed", "vm_id", id, "remote", r.RemoteAddr, "bytes_in", up, "bytes_out", down, "duration", time.Since(start))
 }
 
