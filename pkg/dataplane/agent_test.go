@@ -9,7 +9,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -19,6 +18,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/aetherium/aetherium-core/pkg/dataplane"
+	"github.com/aetherium/aetherium-core/pkg/dataplane/dataplanetest"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
 )
@@ -95,7 +95,7 @@ func startTunnelEnv(t *testing.T) *tunnelEnv {
 		defer cancel()
 		_ = e.srv.Shutdown(ctx)
 		<-done
-		requireNoTunnels(t)
+		dataplanetest.RequireNoTunnels(t)
 	})
 	return e
 }
@@ -111,28 +111,6 @@ func (e *tunnelEnv) agent(t *testing.T) net.Conn {
 		t.Fatal("the handler did not dial the agent")
 		return nil
 	}
-}
-
-// spliceGoroutines counts the goroutines of this process that splice a
-// tunnel.
-func spliceGoroutines() int {
-	buf := make([]byte, 1<<20)
-	for {
-		n := runtime.Stack(buf, true)
-		if n < len(buf) {
-			return strings.Count(string(buf[:n]), "dataplane.(*tunnel).splice")
-		}
-		buf = make([]byte, 2*len(buf))
-	}
-}
-
-// requireNoTunnels waits for every tunnel of the process, and its
-// goroutines, to be gone.
-func requireNoTunnels(t *testing.T) {
-	t.Helper()
-	require.Eventually(t, func() bool {
-		return dataplane.OpenTunnels() == 0 && spliceGoroutines() == 0
-	}, 5*time.Second, 5*time.Millisecond, "tunnels left open: %d, splicing goroutines: %d", dataplane.OpenTunnels(), spliceGoroutines())
 }
 
 func TestAgentTunnelSplices(t *testing.T) {
@@ -163,7 +141,7 @@ func TestAgentTunnelSplices(t *testing.T) {
 	require.NoError(t, conn.Close())
 	_, err = agent.Read(make([]byte, 1))
 	require.ErrorIs(t, err, io.EOF)
-	requireNoTunnels(t)
+	dataplanetest.RequireNoTunnels(t)
 
 	// The agent closing ends it too.
 	conn, err = e.client.DialAgent(ctx, e.addr, e.vmID)
@@ -174,7 +152,7 @@ func TestAgentTunnelSplices(t *testing.T) {
 	_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
 	_, err = conn.Read(make([]byte, 1))
 	require.ErrorIs(t, err, io.EOF)
-	requireNoTunnels(t)
+	dataplanetest.RequireNoTunnels(t)
 }
 
 // TestAgentTunnelEarlyBytes: bytes the agent sent at once can arrive in
@@ -341,7 +319,7 @@ func TestAgentTunnelErrors(t *testing.T) {
 		require.NoError(t, err)
 		e.agent(t)
 		conn.Close()
-		requireNoTunnels(t)
+		dataplanetest.RequireNoTunnels(t)
 	})
 }
 
@@ -361,7 +339,7 @@ func TestAgentTunnelShutdown(t *testing.T) {
 	require.True(t, errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) || isReset(err), "the client's end is closed: %v", err)
 	_, err = agent.Read(make([]byte, 1))
 	require.ErrorIs(t, err, io.EOF, "the agent's end is closed")
-	requireNoTunnels(t)
+	dataplanetest.RequireNoTunnels(t)
 	e.handler.CloseTunnels() // again: harmless
 }
 

@@ -5,9 +5,7 @@ import (
 	"encoding/json"
 	"io"
 	"net"
-	"runtime"
 	"slices"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -19,6 +17,7 @@ import (
 	"github.com/aetherium/aetherium-core/internal/testenv/stack"
 	"github.com/aetherium/aetherium-core/pkg/agent"
 	"github.com/aetherium/aetherium-core/pkg/dataplane"
+	"github.com/aetherium/aetherium-core/pkg/dataplane/dataplanetest"
 	"github.com/aetherium/aetherium-core/pkg/service"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
@@ -51,26 +50,6 @@ func agentClient(t testing.TB, d agent.Dialer) *agent.Client {
 	require.NoError(t, err)
 	t.Cleanup(func() { c.Close() })
 	return c
-}
-
-// spliceGoroutines counts the goroutines of this process (the stack's
-// workers run in it) that splice an agent tunnel.
-func spliceGoroutines() int {
-	buf := make([]byte, 1<<20)
-	for {
-		n := runtime.Stack(buf, true)
-		if n < len(buf) {
-			return strings.Count(string(buf[:n]), "dataplane.(*tunnel).splice")
-		}
-		buf = make([]byte, 2*len(buf))
-	}
-}
-
-func requireNoTunnels(t *testing.T) {
-	t.Helper()
-	require.Eventually(t, func() bool {
-		return dataplane.OpenTunnels() == 0 && spliceGoroutines() == 0
-	}, 10*time.Second, 10*time.Millisecond, "the worker still splices %d tunnels (%d goroutines)", dataplane.OpenTunnels(), spliceGoroutines())
 }
 
 // TestDialAgent drives a VM's guest agent from the service's side, through
@@ -120,7 +99,7 @@ func TestDialAgent(t *testing.T) {
 	// Closing the client leaves nothing behind on the worker.
 	require.Positive(t, dataplane.OpenTunnels())
 	require.NoError(t, c.Close())
-	requireNoTunnels(t)
+	dataplanetest.RequireNoTunnels(t)
 }
 
 func TestDialAgentErrors(t *testing.T) {
@@ -175,7 +154,7 @@ func TestDialAgentErrors(t *testing.T) {
 		require.ErrorIs(t, err, types.ErrConflict)
 		require.ErrorContains(t, err, "vm start")
 	})
-	requireNoTunnels(t)
+	dataplanetest.RequireNoTunnels(t)
 }
 
 // BenchmarkAgentInfo measures an Info RPC straight to the agent's socket
