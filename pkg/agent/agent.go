@@ -22,13 +22,15 @@ import (
 
 	"github.com/mdlayher/vsock"
 	"golang.org/x/sys/unix"
+
+	"github.com/aetherium/aetherium-core/pkg/agent/bootparams"
 )
 
 // Version is the agent's version, reported by Info.
 const Version = "0.1.0"
 
 // DefaultVsockPort is the AF_VSOCK port the agent listens on in a guest.
-const DefaultVsockPort = 9999
+const DefaultVsockPort = bootparams.AgentPort
 
 // protocolRevision is reported by Info so a host can tell which features of
 // aetherium.agent.v1 the agent understands.

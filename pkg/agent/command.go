@@ -16,18 +16,19 @@ import (
 	"syscall"
 
 	"github.com/aetherium/aetherium-core/pkg/agent/agentpb"
+	"github.com/aetherium/aetherium-core/pkg/agent/bootparams"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
 // defaultPath is every command's PATH unless the request sets one. The
 // agent's own environment is not inherited: as PID 1 it has next to none,
 // and commands should not depend on how the agent was started.
-const defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+const defaultPath = bootparams.DefaultPath
 
 // Exit codes of commands that never ran, as a shell reports them.
 const (
-	exitNotFound      = 127
-	exitCannotExecute = 126
+	exitNotFound      = bootparams.ExitNotFound
+	exitCannotExecute = bootparams.ExitCannotExecute
 )
 
 // startError is a command that could not be started; the host turns it into

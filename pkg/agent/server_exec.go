@@ -17,11 +17,12 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/aetherium/aetherium-core/pkg/agent/agentpb"
+	"github.com/aetherium/aetherium-core/pkg/agent/bootparams"
 )
 
 // exitTimedOut is the exit code of a command killed by its timeout, as
 // coreutils timeout(1) reports it.
-const exitTimedOut = 124
+const exitTimedOut = bootparams.ExitTimedOut
 
 // pipeGrace is how long output is still read after a command exited, for
 // background processes it left behind that keep its stdout or stderr open.

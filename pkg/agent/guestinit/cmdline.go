@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"strings"
 
+	"github.com/aetherium/aetherium-core/pkg/agent/bootparams"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
@@ -17,10 +18,9 @@ const (
 	DefaultRootFSType = "ext4"
 	// DefaultHostname is the guest's hostname without a valid
 	// aetherium.hostname=.
-	DefaultHostname = "aetherium"
-	// DefaultListen is where the agent listens without aetherium.listen=;
-	// port 9999 is agent.DefaultVsockPort.
-	DefaultListen = "vsock://:9999"
+	DefaultHostname = bootparams.DefaultHostname
+	// DefaultListen is where the agent listens without aetherium.listen=.
+	DefaultListen = bootparams.DefaultListen
 )
 
 // Config is what the init reads from the kernel command line. The zero
@@ -68,143 +68,67 @@ type Config struct {
 func ParseCmdline(cmdline string) (Config, error) {
 	cfg := Config{RootFSType: DefaultRootFSType, Hostname: DefaultHostname, Listen: DefaultListen}
 	var errs []error
-	for _, p := range splitCmdline(cmdline) {
-		if p.key == "--" && !p.hasValue {
+	for _, p := range bootparams.Parse(cmdline) {
+		if p.Key == "--" && !p.HasValue {
 			break
 		}
-		switch p.key {
+		switch p.Key {
 		case "root":
-			cfg.Root = p.value
+			cfg.Root = p.Value
 		case "rootfstype":
-			cfg.RootFSType = p.value
-			if p.value == "" {
+			cfg.RootFSType = p.Value
+			if p.Value == "" {
 				cfg.RootFSType = DefaultRootFSType
 			}
 		case "rootflags":
-			cfg.RootFlags = p.value
+			cfg.RootFlags = p.Value
 		case "ro":
-			if !p.hasValue {
+			if !p.HasValue {
 				cfg.ReadOnly = true
 			}
 		case "rw":
-			if !p.hasValue {
+			if !p.HasValue {
 				cfg.ReadOnly = false
 			}
-		case "aetherium.hostname":
-			if err := ValidHostname(p.value); err != nil {
-				errs = append(errs, fmt.Errorf("aetherium.hostname=%q: %w; using %q", p.value, err, DefaultHostname))
+		case bootparams.Hostname:
+			if err := ValidHostname(p.Value); err != nil {
+				errs = append(errs, fmt.Errorf("aetherium.hostname=%q: %w; using %q", p.Value, err, DefaultHostname))
 				cfg.Hostname = DefaultHostname
 				continue
 			}
-			cfg.Hostname = p.value
-		case "aetherium.listen":
-			if !strings.Contains(p.value, "://") {
+			cfg.Hostname = p.Value
+		case bootparams.Listen:
+			if !strings.Contains(p.Value, "://") {
 				errs = append(errs, fmt.Errorf("aetherium.listen=%q: %w: want vsock://:PORT, unix:///path or tcp://host:port; using %s",
-					p.value, types.ErrInvalid, DefaultListen))
+					p.Value, types.ErrInvalid, DefaultListen))
 				cfg.Listen = DefaultListen
 				continue
 			}
-			cfg.Listen = p.value
-		case "aetherium.log":
+			cfg.Listen = p.Value
+		case bootparams.Log:
 			var level slog.Level
-			if err := level.UnmarshalText([]byte(p.value)); err != nil {
-				errs = append(errs, fmt.Errorf("aetherium.log=%q: %w: want debug, info, warn or error; using info", p.value, types.ErrInvalid))
+			if err := level.UnmarshalText([]byte(p.Value)); err != nil {
+				errs = append(errs, fmt.Errorf("aetherium.log=%q: %w: want debug, info, warn or error; using info", p.Value, types.ErrInvalid))
 				cfg.LogLevel = slog.LevelInfo
 				continue
 			}
 			cfg.LogLevel = level
-		case "aetherium.net":
-			cfg.Net = p.value
-		case "aetherium.init":
-			switch p.value {
+		case bootparams.Net:
+			cfg.Net = p.Value
+		case bootparams.Init:
+			switch p.Value {
 			case "raw":
 				cfg.Raw = true
 			case "", "agent":
 				cfg.Raw = false
 			default:
-				errs = append(errs, fmt.Errorf("aetherium.init=%q: %w: want raw or agent; booting the agent", p.value, types.ErrInvalid))
+				errs = append(errs, fmt.Errorf("aetherium.init=%q: %w: want raw or agent; booting the agent", p.Value, types.ErrInvalid))
 			}
 		}
 	}
 	return cfg, errors.Join(errs...)
 }
 
-// ValidHostname checks that name is an RFC 1123 host label: 1 to 63
-// letters, digits and hyphens, not starting or ending with a hyphen.
-func ValidHostname(name string) error {
-	if name == "" || len(name) > 63 {
-		return fmt.Errorf("%w: a hostname has 1 to 63 characters, not %d", types.ErrInvalid, len(name))
-	}
-	if name[0] == '-' || name[len(name)-1] == '-' {
-		return fmt.Errorf("%w: a hostname cannot start or end with '-'", types.ErrInvalid)
-	}
-	for _, c := range []byte(name) {
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-') {
-			return fmt.Errorf("%w: a hostname has only letters, digits and '-', not %q", types.ErrInvalid, c)
-		}
-	}
-	return nil
-}
-
-// param is one parameter of a kernel command line.
-type param struct {
-	key, value string
-	hasValue   bool // key=value rather than a bare key
-}
-
-// splitCmdline splits a kernel command line the way the kernel's
-// next_arg() does: at unquoted whitespace; double quotes group spaces into
-// one parameter and are removed around a whole parameter or its value.
-// Written by hand because no library parses this exact grammar.
-func splitCmdline(s string) []param {
-	var params []param
-	for {
-		s = strings.TrimLeft(s, " \t\n\r\v\f")
-		if s == "" {
-			return params
-		}
-		inQuote := false
-		end := len(s)
-		for i := 0; i < len(s); i++ {
-			c := s[i]
-			if c == '"' {
-				inQuote = !inQuote
-			} else if !inQuote && isSpace(c) {
-				end = i
-				break
-			}
-		}
-		params = append(params, parseParam(s[:end]))
-		s = s[end:]
-	}
-}
-
-func isSpace(c byte) bool {
-	return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'
-}
-
-// parseParam splits one parameter at its first unquoted '=' and removes
-// the quotes the kernel removes: a leading quote of the parameter, and a
-// quote opening the value together with the final quote.
-func parseParam(arg string) param {
-	quoted := false
-	if strings.HasPrefix(arg, `"`) {
-		arg = arg[1:]
-		quoted = true
-	}
-	key, value, hasValue := strings.Cut(arg, "=")
-	if !hasValue {
-		if quoted {
-			key = strings.TrimSuffix(key, `"`)
-		}
-		return param{key: key}
-	}
-	if strings.HasPrefix(value, `"`) {
-		value = value[1:]
-		quoted = true
-	}
-	if quoted {
-		value = strings.TrimSuffix(value, `"`)
-	}
-	return param{key: key, value: value, hasValue: true}
-}
+// ValidHostname checks that name is an RFC 1123 host label
+// (bootparams.ValidHostname).
+func ValidHostname(name string) error { return bootparams.ValidHostname(name) }

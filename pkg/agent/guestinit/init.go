@@ -30,6 +30,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/aetherium/aetherium-core/pkg/agent"
+	"github.com/aetherium/aetherium-core/pkg/agent/bootparams"
 )
 
 // InitFlag on fc-agent's command line forces init mode.
@@ -146,7 +147,7 @@ var errCtrlAltDel = errors.New("ctrl-alt-del")
 
 // AgentReadyLine starts the console line init prints once the agent
 // listens; the host waits for it before connecting.
-const AgentReadyLine = "aetherium-init: agent ready on"
+const AgentReadyLine = bootparams.ReadyLine
 
 func handleSignals(log *slog.Logger) context.Context {
 	if err := unix.Reboot(unix.LINUX_REBOOT_CMD_CAD_OFF); err != nil {

@@ -16,6 +16,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/aetherium/aetherium-core/pkg/agent/bootparams"
 	"github.com/aetherium/aetherium-core/pkg/network/guestnet"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
@@ -34,7 +35,7 @@ const (
 
 // Environment given to the commands the agent runs.
 const (
-	envPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+	envPath = bootparams.DefaultPath
 	envHome = "/root"
 	envTerm = "linux"
 )

@@ -24,6 +24,7 @@ import (
 	"github.com/docker/docker/api/types/image"
 	"github.com/docker/docker/client"
 
+	"github.com/aetherium/aetherium-core/pkg/agent/bootparams"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
@@ -35,7 +36,7 @@ const (
 	// agent's socket.
 	GuestRunDir  = "/run/aetherium"
 	guestBusybox = "/bin/busybox"
-	guestPath    = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+	guestPath    = bootparams.DefaultPath
 )
 
 // BaseImageRepo is the repository of the images this package builds; the

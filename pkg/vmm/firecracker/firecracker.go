@@ -42,6 +42,7 @@ import (
 	"time"
 
 	"github.com/aetherium/aetherium-core/pkg/agent"
+	"github.com/aetherium/aetherium-core/pkg/agent/bootparams"
 	"github.com/aetherium/aetherium-core/pkg/network"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
@@ -496,7 +497,7 @@ func writeFileAtomic(path string, b []byte) error {
 // and aetherium.hostname=; reboot=k makes a guest reboot (and Ctrl-Alt-Del)
 // end the Firecracker process.
 func (o *Orchestrator) bootArgs(rec *record) string {
-	args := "console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda rw aetherium.hostname=" + rec.Name
+	args := "console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda rw " + bootparams.HostnameArg(rec.Name)
 	if rec.Options.KernelArg != "" {
 		args += " " + rec.Options.KernelArg
 	}
@@ -739,7 +740,7 @@ func (o *Orchestrator) waitAgent(ctx context.Context, id string, p paths, pr *pr
 			return fmt.Errorf("starting vm %s: waiting for its agent: %w", id, ctx.Err())
 		}
 		return fmt.Errorf("%w: starting vm %s: VSock connection timeout: fc-agent did not answer on vsock port %d via %s within %s: %v; check that the guest kernel has virtio_vsock and that fc-agent is the initramfs's /init. Firecracker's log ends with:\n%s",
-			types.ErrUnavailable, id, agent.DefaultVsockPort, p.host(vsockSockName), o.cfg.ReadyTimeout, err, vmutil.Tail(p.host(logName), 20))
+			types.ErrUnavailable, id, bootparams.AgentPort, p.host(vsockSockName), o.cfg.ReadyTimeout, err, vmutil.Tail(p.host(logName), 20))
 	case <-exited:
 		cancel()
 		<-ready
@@ -1039,7 +1040,7 @@ func (o *Orchestrator) dialerOf(ctx context.Context, id string) (agent.Dialer, e
 func (o *Orchestrator) dialer(id string) agent.Dialer {
 	uds := o.cfg.paths(id).host(vsockSockName)
 	return func(ctx context.Context) (net.Conn, error) {
-		return vsock.Dial(ctx, uds, agent.DefaultVsockPort)
+		return vsock.Dial(ctx, uds, bootparams.AgentPort)
 	}
 }
 

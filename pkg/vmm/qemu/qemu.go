@@ -55,7 +55,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/aetherium/aetherium-core/pkg/agent"
-	"github.com/aetherium/aetherium-core/pkg/agent/guestinit"
+	"github.com/aetherium/aetherium-core/pkg/agent/bootparams"
 	"github.com/aetherium/aetherium-core/pkg/network"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
@@ -74,8 +74,6 @@ const (
 	DefaultRunDir       = "/var/lib/aetherium/qemu"
 	DefaultReadyTimeout = 90 * time.Second
 	DefaultStopTimeout  = 10 * time.Second
-	// AgentPort is the guest vsock port fc-agent listens on.
-	AgentPort = 9999
 	// guestCID is the guest's vsock context id. Each VM has its own
 	// vhost-device-vsock, so every guest can use the same one.
 	guestCID = 3
@@ -94,10 +92,6 @@ const (
 	fileQEMULog  = "qemu.log"
 	fileVsockLog = "vsock.log"
 )
-
-// guestPath is the PATH commands get unless the VM or command sets one;
-// the agent starts commands with only the environment it is given.
-const guestPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 // Config configures the qemu backend. The zero value of every field selects
 // its default, except the three image paths, which are required.
@@ -568,7 +562,7 @@ func (o *Orchestrator) qemuArgs(id string, vf *vmFile) []string {
 	spec := vf.Spec
 	mem := strconv.Itoa(spec.MemoryMB)
 	args := append([]string{"console=ttyS0", "reboot=t", "panic=-1"}, ClockArgs(o.accel.Name)...)
-	args = append(args, "root=/dev/vda", "rw", "aetherium.hostname="+Hostname(spec.Name), o.cfg.KernelArgs)
+	args = append(args, "root=/dev/vda", "rw", bootparams.HostnameArg(spec.Name), o.cfg.KernelArgs)
 	if vf.Net != nil {
 		args = append(args, vf.Net.KernelArg)
 	}
@@ -592,27 +586,6 @@ func (o *Orchestrator) qemuArgs(id string, vf *vmFile) []string {
 		"-device", "vhost-user-vsock-device,chardev=vs0",
 		"-qmp", "unix:" + o.path(id, fileQMP) + ",server=on,wait=off",
 	}, netArgs(vf.Net)...)
-}
-
-// Hostname turns a VM name into a valid host name label.
-func Hostname(name string) string {
-	var b strings.Builder
-	for _, r := range strings.ToLower(name) {
-		switch {
-		case r >= 'a' && r <= 'z', r >= '0' && r <= '9':
-			b.WriteRune(r)
-		case b.Len() > 0:
-			b.WriteByte('-')
-		}
-		if b.Len() == 63 {
-			break
-		}
-	}
-	s := strings.Trim(b.String(), "-")
-	if s == "" {
-		return "aetherium"
-	}
-	return s
 }
 
 // waitAgent waits until the agent answers over vsock, failing fast when
@@ -657,8 +630,8 @@ func (o *Orchestrator) waitAgent(ctx context.Context, id string, p *vmProcs) err
 }
 
 // agentReadyLine is what fc-agent as init prints on the console once the
-// agent listens (guestinit.AgentReadyLine).
-const agentReadyLine = guestinit.AgentReadyLine
+// agent listens.
+const agentReadyLine = bootparams.ReadyLine
 
 // waitConsole waits until the console log, past offset from, holds
 // agentReadyLine, or limit passes, or ctx ends. Connections over
@@ -710,7 +683,7 @@ const handshakeWindow = 5 * time.Second
 func dialAgentRetry(ctx context.Context, sock string) (net.Conn, error) {
 	for {
 		wctx, cancel := context.WithTimeout(ctx, handshakeWindow)
-		conn, err := vsock.DialRetry(wctx, sock, AgentPort, vsock.Backoff{Initial: 5 * time.Millisecond, Max: 50 * time.Millisecond})
+		conn, err := vsock.DialRetry(wctx, sock, bootparams.AgentPort, vsock.Backoff{Initial: 5 * time.Millisecond, Max: 50 * time.Millisecond})
 		cancel()
 		if err == nil || ctx.Err() != nil {
 			return conn, err
@@ -954,7 +927,7 @@ func (o *Orchestrator) ExecuteCommand(ctx context.Context, id string, cmd types.
 	if err != nil {
 		return nil, err
 	}
-	base := map[string]string{"PATH": guestPath, "HOME": "/root"}
+	base := map[string]string{"PATH": bootparams.DefaultPath, "HOME": "/root"}
 	maps.Copy(base, vf.Spec.Env)
 	return vmutil.Exec(ctx, c, id, base, cmd, stream)
 }
@@ -1007,7 +980,7 @@ func (o *Orchestrator) dialerOf(ctx context.Context, id string) (agent.Dialer, e
 // dialer reaches VM id's agent; the cached client and DialAgent share it.
 func (o *Orchestrator) dialer(id string) agent.Dialer {
 	sock := o.path(id, fileVsock)
-	return func(ctx context.Context) (net.Conn, error) { return vsock.Dial(ctx, sock, AgentPort) }
+	return func(ctx context.Context) (net.Conn, error) { return vsock.Dial(ctx, sock, bootparams.AgentPort) }
 }
 
 // WriteFile implements vmm.VMOrchestrator.

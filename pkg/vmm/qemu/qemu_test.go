@@ -229,12 +229,6 @@ func TestDetectAccel(t *testing.T) {
 	t.Logf("accelerator here: %s (%s)", a.Name, a.Reason)
 }
 
-func TestHostname(t *testing.T) {
-	for in, want := range map[string]string{"web": "web", "Web_Server 1": "web-server-1", "--": "aetherium", "": "aetherium", "ünïcode": "n-code", strings.Repeat("a", 80): strings.Repeat("a", 63)} {
-		require.Equal(t, want, qemu.Hostname(in), "Hostname(%q)", in)
-	}
-}
-
 func fileHash(t testing.TB, path string) string {
 	f, err := os.Open(path)
 	require.NoError(t, err)
