@@ -2,7 +2,6 @@ package worker
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -14,102 +13,9 @@ import (
 	"github.com/hibiken/asynq"
 
 	"github.com/aetherium/aetherium-core/pkg/queue"
-	"github.com/aetherium/aetherium-core/pkg/storage"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
 )
-
-// permanent reports whether err can never succeed on retry.
-func permanent(err error) bool {
-	return errors.Is(err, types.ErrInvalid) || errors.Is(err, types.ErrNotFound) ||
-		errors.Is(err, types.ErrConflict) || errors.Is(err, types.ErrNotSupported) ||
-		errors.Is(err, asynq.SkipRetry)
-}
-
-// final reports whether a failing attempt is the task's last one, so the
-// handler must clean up instead of leaving the work for a retry.
-func final(ctx context.Context, err error) bool {
-	retry, _ := asynq.GetRetryCount(ctx)
-	maxRetry, _ := asynq.GetMaxRetry(ctx)
-	return permanent(err) || retry >= maxRetry
-}
-
-// track wraps a handler: it records the task's state transitions in storage,
-// notifies waiters, skips tasks that already ended (redelivery after a
-// crash) and turns permanent errors into asynq.SkipRetry.
-func (w *Worker) track(ctx context.Context, t *asynq.Task, fn func(ctx context.Context, log *slog.Logger) (map[string]any, error)) error {
-	id, _ := asynq.GetTaskID(ctx)
-	retry, _ := asynq.GetRetryCount(ctx)
-	log := w.log.With("task_id", id, "type", t.Type())
-	rec, err := w.store.GetTask(ctx, id)
-	switch {
-	case errors.Is(err, types.ErrNotFound):
-		// Enqueued without going through TaskService: record it now so it
-		// cannot vanish.
-		now := time.Now().UTC()
-		payload := json.RawMessage(t.Payload())
-		if !json.Valid(payload) {
-			// Keep the bytes for the post-mortem, as a JSON string.
-			payload, _ = json.Marshal(string(payload))
-		}
-		rec = &types.Task{ID: id, Type: types.TaskType(t.Type()), Payload: payload, State: types.TaskPending, CreatedAt: now, UpdatedAt: now}
-		if err := w.store.CreateTask(ctx, rec); err != nil && !errors.Is(err, types.ErrConflict) {
-			return fmt.Errorf("recording task %s: %w", id, err)
-		}
-	case err != nil:
-		return fmt.Errorf("loading task %s: %w", id, err)
-	case rec.State.Terminal():
-		log.Info("task already ended; skipping", "state", rec.State)
-		return nil
-	}
-	if retry == 0 && rec.Attempts == 0 {
-		w.metrics.queueLatency.WithLabelValues(t.Type()).Observe(since(rec.CreatedAt))
-	}
-	w.update(ctx, id, storage.TaskUpdate{State: ptr(types.TaskRunning), Attempts: ptr(retry + 1)})
-
-	res, err := fn(ctx, log)
-	bg := context.WithoutCancel(ctx)
-	if err == nil {
-		if res == nil {
-			res = map[string]any{}
-		}
-		res["worker_id"] = w.cfg.ID // which worker did it: ownership is observable
-		w.update(bg, id, storage.TaskUpdate{State: ptr(types.TaskSucceeded), Result: result(res), Error: ptr("")})
-		w.metrics.taskEnded(t.Type(), types.TaskSucceeded)
-		return nil
-	}
-	if ctx.Err() != nil {
-		if cur, e := w.store.GetTask(bg, id); e == nil && cur.State == types.TaskFailed {
-			log.Info("task cancelled")
-			w.metrics.taskEnded(t.Type(), types.TaskFailed)
-			return fmt.Errorf("task %s cancelled: %w", id, asynq.SkipRetry)
-		}
-	}
-	state := types.TaskRetrying
-	if final(ctx, err) {
-		state = types.TaskFailed
-	}
-	log.Warn("task failed", "err", err, "state", state, "attempt", retry+1)
-	w.update(bg, id, storage.TaskUpdate{State: &state, Error: ptr(err.Error())})
-	w.metrics.taskEnded(t.Type(), state)
-	if permanent(err) {
-		return fmt.Errorf("%w (%w)", err, asynq.SkipRetry)
-	}
-	return err
-}
-
-func (w *Worker) update(ctx context.Context, id string, u storage.TaskUpdate) {
-	if _, err := w.store.UpdateTask(ctx, id, u); err != nil {
-		w.log.Error("recording task state", "task_id", id, "err", err)
-	}
-	if w.notifier != nil {
-		if err := w.notifier.NotifyTask(ctx, id); err != nil {
-			w.log.Warn("notifying task waiters", "task_id", id, "err", err)
-		}
-	}
-}
-
-func ptr[T any](v T) *T { return &v }
 
 // ownedVM loads a VM that this worker must own.
 func (w *Worker) ownedVM(ctx context.Context, id string) (*types.VM, error) {
@@ -131,48 +37,46 @@ func (w *Worker) setState(ctx context.Context, id string, to types.VMState, msg 
 	return nil
 }
 
-// HandleVMCreate creates and boots a VM and returns once its agent answers.
+// handleVMCreate creates and boots a VM and returns once its agent answers.
 // A retry resumes: the backend's CreateVM and StartVM are idempotent. On the
 // last failed attempt everything made is removed and the VM is marked failed.
-func (w *Worker) HandleVMCreate(ctx context.Context, t *asynq.Task) error {
-	return w.track(ctx, t, func(ctx context.Context, log *slog.Logger) (map[string]any, error) {
-		p, err := queue.Decode[queue.VMCreatePayload](t.Payload())
-		if err != nil {
-			return nil, err
+func (w *Worker) handleVMCreate(ctx context.Context, t *asynq.Task, log *slog.Logger) (map[string]any, error) {
+	p, err := queue.Decode[queue.VMCreatePayload](t.Payload())
+	if err != nil {
+		return nil, err
+	}
+	vm, err := w.ownedVM(ctx, p.VMID)
+	if err != nil {
+		return nil, err
+	}
+	log = log.With("vm_id", vm.ID)
+	switch vm.State {
+	case types.VMDeleting, types.VMDeleted:
+		return nil, fmt.Errorf("%w: vm %s was deleted before it could be created", types.ErrConflict, vm.ID)
+	case types.VMRunning:
+		if st, err := w.vmm.GetVMStatus(ctx, vm.ID); err == nil && st.State == types.VMRunning {
+			return map[string]any{"vm_id": vm.ID}, nil
 		}
-		vm, err := w.ownedVM(ctx, p.VMID)
-		if err != nil {
-			return nil, err
+	}
+	if err := w.store.ClaimVM(ctx, vm.ID, w.cfg.ID); err != nil {
+		return nil, err
+	}
+	if err := w.setState(ctx, vm.ID, types.VMCreating, ""); err != nil {
+		return nil, err
+	}
+	start := time.Now()
+	if err := w.createAndStart(ctx, vm.Spec()); err != nil {
+		if final(ctx, err) {
+			w.discard(context.WithoutCancel(ctx), log, vm.ID, err)
 		}
-		log = log.With("vm_id", vm.ID)
-		switch vm.State {
-		case types.VMDeleting, types.VMDeleted:
-			return nil, fmt.Errorf("%w: vm %s was deleted before it could be created", types.ErrConflict, vm.ID)
-		case types.VMRunning:
-			if st, err := w.vmm.GetVMStatus(ctx, vm.ID); err == nil && st.State == types.VMRunning {
-				return map[string]any{"vm_id": vm.ID}, nil
-			}
-		}
-		if err := w.store.ClaimVM(ctx, vm.ID, w.cfg.ID); err != nil {
-			return nil, err
-		}
-		if err := w.setState(ctx, vm.ID, types.VMCreating, ""); err != nil {
-			return nil, err
-		}
-		start := time.Now()
-		if err := w.createAndStart(ctx, vm.Spec()); err != nil {
-			if final(ctx, err) {
-				w.discard(context.WithoutCancel(ctx), log, vm.ID, err)
-			}
-			return nil, err
-		}
-		if err := w.setState(ctx, vm.ID, types.VMRunning, ""); err != nil {
-			return nil, w.raceLost(ctx, log, vm.ID, err)
-		}
-		w.metrics.vmCreate.WithLabelValues(w.cfg.Provider).Observe(since(vm.CreatedAt))
-		log.Info("vm running", "took", time.Since(start))
-		return map[string]any{"vm_id": vm.ID}, nil
-	})
+		return nil, err
+	}
+	if err := w.setState(ctx, vm.ID, types.VMRunning, ""); err != nil {
+		return nil, w.raceLost(ctx, log, vm.ID, err)
+	}
+	w.metrics.vmCreate.WithLabelValues(w.cfg.Provider).Observe(since(vm.CreatedAt))
+	log.Info("vm running", "took", time.Since(start))
+	return map[string]any{"vm_id": vm.ID}, nil
 }
 
 // raceLost handles a VM that could not be marked running: when a delete
@@ -213,40 +117,38 @@ func (w *Worker) discard(ctx context.Context, log *slog.Logger, id string, cause
 	}
 }
 
-// HandleVMExecute runs one command through the VM's agent and records the
+// handleVMExecute runs one command through the VM's agent and records the
 // execution (its id is the task id). When the command ran, the task
 // succeeds whatever its exit code; only an unreachable agent is retried.
-func (w *Worker) HandleVMExecute(ctx context.Context, t *asynq.Task) error {
-	return w.track(ctx, t, func(ctx context.Context, log *slog.Logger) (map[string]any, error) {
-		p, err := queue.Decode[queue.VMExecutePayload](t.Payload())
-		if err != nil {
-			return nil, err
-		}
-		id, _ := asynq.GetTaskID(ctx)
-		var sio vmm.ExecIO
-		var exit *queue.ExitInfo
-		if p.Stream && w.output != nil {
-			sio = vmm.ExecIO{Stdout: &chunkWriter{w, id, queue.OutputStdout}, Stderr: &chunkWriter{w, id, queue.OutputStderr}}
-			exit = &queue.ExitInfo{}
-			defer func() {
-				if err := w.output.AppendOutput(context.WithoutCancel(ctx), id, queue.OutputChunk{Kind: queue.OutputExit, Exit: exit}); err != nil {
-					log.Warn("ending output stream", "err", err)
-				}
-			}()
-		}
-		e, err := w.runCommand(ctx, log, p.VMID, id, "", p.Command, sio)
-		if exit != nil {
-			if err != nil {
-				exit.Error = err.Error()
-			} else {
-				exit.ExitCode, exit.TimedOut = e.ExitCode, e.TimedOut
+func (w *Worker) handleVMExecute(ctx context.Context, t *asynq.Task, log *slog.Logger) (map[string]any, error) {
+	p, err := queue.Decode[queue.VMExecutePayload](t.Payload())
+	if err != nil {
+		return nil, err
+	}
+	id, _ := asynq.GetTaskID(ctx)
+	var sio vmm.ExecIO
+	var exit *queue.ExitInfo
+	if p.Stream && w.output != nil {
+		sio = vmm.ExecIO{Stdout: &chunkWriter{w, id, queue.OutputStdout}, Stderr: &chunkWriter{w, id, queue.OutputStderr}}
+		exit = &queue.ExitInfo{}
+		defer func() {
+			if err := w.output.AppendOutput(context.WithoutCancel(ctx), id, queue.OutputChunk{Kind: queue.OutputExit, Exit: exit}); err != nil {
+				log.Warn("ending output stream", "err", err)
 			}
-		}
+		}()
+	}
+	e, err := w.runCommand(ctx, log, p.VMID, id, "", p.Command, sio)
+	if exit != nil {
 		if err != nil {
-			return nil, err
+			exit.Error = err.Error()
+		} else {
+			exit.ExitCode, exit.TimedOut = e.ExitCode, e.TimedOut
 		}
-		return map[string]any{"execution_id": e.ID, "exit_code": e.ExitCode, "timed_out": e.TimedOut}, nil
-	})
+	}
+	if err != nil {
+		return nil, err
+	}
+	return map[string]any{"execution_id": e.ID, "exit_code": e.ExitCode, "timed_out": e.TimedOut}, nil
 }
 
 // runCommand runs cmd in the VM and stores the execution.
@@ -298,28 +200,24 @@ func (c *chunkWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// HandleVMDelete stops a VM and removes all its resources. Deleting a
+// handleVMDelete stops a VM and removes all its resources. Deleting a
 // deleted VM succeeds.
-func (w *Worker) HandleVMDelete(ctx context.Context, t *asynq.Task) error {
-	return w.track(ctx, t, func(ctx context.Context, log *slog.Logger) (map[string]any, error) {
-		p, err := queue.Decode[queue.VMDeletePayload](t.Payload())
-		if err != nil {
-			return nil, err
-		}
-		return w.moveVM(ctx, log, p.VMID, types.VMDeleting, types.VMDeleted, "deleting", w.vmm.DeleteVM)
-	})
+func (w *Worker) handleVMDelete(ctx context.Context, t *asynq.Task, log *slog.Logger) (map[string]any, error) {
+	p, err := queue.Decode[queue.VMDeletePayload](t.Payload())
+	if err != nil {
+		return nil, err
+	}
+	return w.moveVM(ctx, log, p.VMID, types.VMDeleting, types.VMDeleted, "deleting", w.vmm.DeleteVM)
 }
 
-// HandleVMStop stops a running VM.
-func (w *Worker) HandleVMStop(ctx context.Context, t *asynq.Task) error {
-	return w.track(ctx, t, func(ctx context.Context, log *slog.Logger) (map[string]any, error) {
-		p, err := queue.Decode[queue.VMStopPayload](t.Payload())
-		if err != nil {
-			return nil, err
-		}
-		return w.moveVM(ctx, log, p.VMID, types.VMStopping, types.VMStopped, "stopping",
-			func(ctx context.Context, id string) error { return w.vmm.StopVM(ctx, id, p.Force) })
-	})
+// handleVMStop stops a running VM.
+func (w *Worker) handleVMStop(ctx context.Context, t *asynq.Task, log *slog.Logger) (map[string]any, error) {
+	p, err := queue.Decode[queue.VMStopPayload](t.Payload())
+	if err != nil {
+		return nil, err
+	}
+	return w.moveVM(ctx, log, p.VMID, types.VMStopping, types.VMStopped, "stopping",
+		func(ctx context.Context, id string) error { return w.vmm.StopVM(ctx, id, p.Force) })
 }
 
 // moveVM takes an owned VM through state `via` to `to` while op runs. A VM
@@ -351,78 +249,74 @@ func (w *Worker) moveVM(ctx context.Context, log *slog.Logger, id string, via, t
 	return res, nil
 }
 
-// HandleVMStart boots a stopped VM again.
-func (w *Worker) HandleVMStart(ctx context.Context, t *asynq.Task) error {
-	return w.track(ctx, t, func(ctx context.Context, log *slog.Logger) (map[string]any, error) {
-		p, err := queue.Decode[queue.VMStartPayload](t.Payload())
-		if err != nil {
+// handleVMStart boots a stopped VM again.
+func (w *Worker) handleVMStart(ctx context.Context, t *asynq.Task, log *slog.Logger) (map[string]any, error) {
+	p, err := queue.Decode[queue.VMStartPayload](t.Payload())
+	if err != nil {
+		return nil, err
+	}
+	vm, err := w.ownedVM(ctx, p.VMID)
+	if err != nil {
+		return nil, err
+	}
+	if vm.State != types.VMRunning {
+		if err := types.CheckTransition(vm.State, types.VMRunning); err != nil {
 			return nil, err
 		}
-		vm, err := w.ownedVM(ctx, p.VMID)
-		if err != nil {
-			return nil, err
+		if err := w.vmm.StartVM(ctx, vm.ID); err != nil {
+			return nil, fmt.Errorf("starting vm %s: %w", vm.ID, err)
 		}
-		if vm.State != types.VMRunning {
-			if err := types.CheckTransition(vm.State, types.VMRunning); err != nil {
-				return nil, err
-			}
-			if err := w.vmm.StartVM(ctx, vm.ID); err != nil {
-				return nil, fmt.Errorf("starting vm %s: %w", vm.ID, err)
-			}
-		}
-		return map[string]any{"vm_id": vm.ID}, w.setState(ctx, vm.ID, types.VMRunning, "")
-	})
+	}
+	return map[string]any{"vm_id": vm.ID}, w.setState(ctx, vm.ID, types.VMRunning, "")
 }
 
-// HandleJobRun runs a job's commands in order. A retry resumes after the
+// handleJobRun runs a job's commands in order. A retry resumes after the
 // commands already recorded (their execution ids are derived from the job).
-func (w *Worker) HandleJobRun(ctx context.Context, t *asynq.Task) error {
-	return w.track(ctx, t, func(ctx context.Context, log *slog.Logger) (map[string]any, error) {
-		p, err := queue.Decode[queue.JobRunPayload](t.Payload())
+func (w *Worker) handleJobRun(ctx context.Context, t *asynq.Task, log *slog.Logger) (map[string]any, error) {
+	p, err := queue.Decode[queue.JobRunPayload](t.Payload())
+	if err != nil {
+		return nil, err
+	}
+	job, err := w.store.GetJob(ctx, p.JobID)
+	if err != nil {
+		return nil, err
+	}
+	jobUUID, err := uuid.Parse(job.ID)
+	if err != nil {
+		return nil, fmt.Errorf("%w: job id %q is not a UUID", types.ErrInvalid, job.ID)
+	}
+	if err := w.store.UpdateJobState(ctx, job.ID, types.JobRunning, ""); err != nil {
+		return nil, err
+	}
+	state, failedAt := types.JobSucceeded, 0
+	for i, cmd := range job.Commands {
+		execID := uuid.NewSHA1(jobUUID, []byte(strconv.Itoa(i))).String()
+		e, err := w.store.GetExecution(ctx, execID)
+		if errors.Is(err, types.ErrNotFound) {
+			e, err = w.runCommand(ctx, log, job.VMID, execID, job.ID, cmd, vmm.ExecIO{})
+		}
 		if err != nil {
-			return nil, err
-		}
-		job, err := w.store.GetJob(ctx, p.JobID)
-		if err != nil {
-			return nil, err
-		}
-		jobUUID, err := uuid.Parse(job.ID)
-		if err != nil {
-			return nil, fmt.Errorf("%w: job id %q is not a UUID", types.ErrInvalid, job.ID)
-		}
-		if err := w.store.UpdateJobState(ctx, job.ID, types.JobRunning, ""); err != nil {
-			return nil, err
-		}
-		state, failedAt := types.JobSucceeded, 0
-		for i, cmd := range job.Commands {
-			execID := uuid.NewSHA1(jobUUID, []byte(strconv.Itoa(i))).String()
-			e, err := w.store.GetExecution(ctx, execID)
-			if errors.Is(err, types.ErrNotFound) {
-				e, err = w.runCommand(ctx, log, job.VMID, execID, job.ID, cmd, vmm.ExecIO{})
+			if final(ctx, err) {
+				_ = w.store.UpdateJobState(context.WithoutCancel(ctx), job.ID, types.JobFailed, err.Error())
 			}
-			if err != nil {
-				if final(ctx, err) {
-					_ = w.store.UpdateJobState(context.WithoutCancel(ctx), job.ID, types.JobFailed, err.Error())
-				}
-				return nil, err
+			return nil, err
+		}
+		if e.ExitCode != 0 || e.TimedOut {
+			if state == types.JobSucceeded {
+				failedAt = i + 1
 			}
-			if e.ExitCode != 0 || e.TimedOut {
-				if state == types.JobSucceeded {
-					failedAt = i + 1
-				}
-				state = types.JobFailed
-				if job.StopOnFailure {
-					break
-				}
+			state = types.JobFailed
+			if job.StopOnFailure {
+				break
 			}
 		}
-		msg := ""
-		if state == types.JobFailed {
-			msg = fmt.Sprintf("command %d failed", failedAt)
-		}
-		if err := w.store.UpdateJobState(ctx, job.ID, state, msg); err != nil {
-			return nil, err
-		}
-		return map[string]any{"job_id": job.ID, "state": state}, nil
-	})
+	}
+	msg := ""
+	if state == types.JobFailed {
+		msg = fmt.Sprintf("command %d failed", failedAt)
+	}
+	if err := w.store.UpdateJobState(ctx, job.ID, state, msg); err != nil {
+		return nil, err
+	}
+	return map[string]any{"job_id": job.ID, "state": state}, nil
 }

@@ -130,15 +130,17 @@ func (w *Worker) ID() string { return w.cfg.ID }
 // Queue returns the worker's own queue.
 func (w *Worker) Queue() string { return queue.WorkerQueue(w.cfg.ID) }
 
-// Mux returns the handler mux, for tests and embedding.
+// Mux returns the handler mux, for tests and embedding. The bookkeeping
+// middleware records every task, so the handlers only do the work.
 func (w *Worker) Mux() *asynq.ServeMux {
 	mux := asynq.NewServeMux()
-	mux.HandleFunc(string(types.TaskVMCreate), w.HandleVMCreate)
-	mux.HandleFunc(string(types.TaskVMExecute), w.HandleVMExecute)
-	mux.HandleFunc(string(types.TaskVMDelete), w.HandleVMDelete)
-	mux.HandleFunc(string(types.TaskVMStop), w.HandleVMStop)
-	mux.HandleFunc(string(types.TaskVMStart), w.HandleVMStart)
-	mux.HandleFunc(string(types.TaskJobRun), w.HandleJobRun)
+	mux.Use(w.bookkeeping)
+	mux.Handle(string(types.TaskVMCreate), taskHandler(w.handleVMCreate))
+	mux.Handle(string(types.TaskVMExecute), taskHandler(w.handleVMExecute))
+	mux.Handle(string(types.TaskVMDelete), taskHandler(w.handleVMDelete))
+	mux.Handle(string(types.TaskVMStop), taskHandler(w.handleVMStop))
+	mux.Handle(string(types.TaskVMStart), taskHandler(w.handleVMStart))
+	mux.Handle(string(types.TaskJobRun), taskHandler(w.handleJobRun))
 	return mux
 }
 
