@@ -82,14 +82,30 @@ func Diagnose(cfg Config) []Check {
 	return out
 }
 
-// health turns Diagnose's failures into one error.
-func health(cfg Config) error {
+// health is what runs at every heartbeat: the cheap subset of Diagnose.
+// The binaries are looked up, /dev/kvm opened and the guest image files
+// stat'ed; the CPU flags, read once by New (hwErr), do not change while the
+// host runs, and the kernel's ELF header is left to Diagnose (doctor).
+func health(cfg Config, hwErr error) error {
 	var msgs []string
-	for _, c := range Diagnose(cfg) {
-		if !c.OK {
-			msgs = append(msgs, fmt.Sprintf("%s: %s; fix: %s", c.Name, c.Detail, c.Hint))
+	add := func(name string, err error, hint string) {
+		if err != nil {
+			msgs = append(msgs, fmt.Sprintf("%s: %v; fix: %s", name, err, hint))
 		}
 	}
+	_, err := exec.LookPath(cfg.Binary)
+	add("firecracker binary", err, symptomNoVMs+": install Firecracker v1.16 and set vmm.firecracker.binary or put it in PATH (see `aether-cli doctor`)")
+	if cfg.Jailer.Enabled {
+		_, err := exec.LookPath(cfg.Jailer.Binary)
+		add("jailer binary", err, symptomNoVMs+": install the jailer of the same Firecracker release, or set vmm.firecracker.jailer.enabled to false")
+	}
+	add("/dev/kvm", openKVM(), symptomNoVMs+": load the KVM module and give the worker read-write access to /dev/kvm")
+	add("hardware virtualization", hwErr, symptomNoVMs+": Firecracker needs VT-x or AMD-V; use vmm.provider qemu or docker on this host")
+	add("kernel", checkFile(cfg.KernelPath), symptomNoVMs+": set vmm.firecracker.kernel_path")
+	if cfg.InitrdPath != "" {
+		add("initrd", checkFile(cfg.InitrdPath), symptomVsockTimeout+": rebuild the initramfs (see docs/firecracker.md)")
+	}
+	add("rootfs", checkFile(cfg.RootfsPath), symptomNoVMs+": set vmm.firecracker.rootfs_path")
 	if len(msgs) == 0 {
 		return nil
 	}

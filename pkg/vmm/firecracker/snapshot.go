@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 
 	"github.com/aetherium/aetherium-core/pkg/types"
+	"github.com/aetherium/aetherium-core/pkg/vmm/internal/vmutil"
 )
 
 // Snapshot is a full snapshot of a VM: the microVM state and the guest
@@ -28,10 +29,10 @@ func (o *Orchestrator) Resume(ctx context.Context, id string) error {
 }
 
 func (o *Orchestrator) setPaused(ctx context.Context, id string, pause bool) error {
-	if !idRE.MatchString(id) {
-		return notFound(id)
+	unlock, err := o.enter(ctx, id)
+	if err != nil {
+		return err
 	}
-	unlock := o.lock(id)
 	defer unlock()
 	info, c, err := o.liveInstance(ctx, id)
 	if err != nil {
@@ -77,10 +78,10 @@ func (o *Orchestrator) liveInstance(ctx context.Context, id string) (*InstanceIn
 // that the snapshot is consistent and the caller decides when the guest
 // stops.
 func (o *Orchestrator) CreateSnapshot(ctx context.Context, id string) (*Snapshot, error) {
-	if !idRE.MatchString(id) {
-		return nil, notFound(id)
+	unlock, err := o.enter(ctx, id)
+	if err != nil {
+		return nil, err
 	}
-	unlock := o.lock(id)
 	defer unlock()
 	info, c, err := o.liveInstance(ctx, id)
 	if err != nil {
@@ -107,14 +108,11 @@ func (o *Orchestrator) CreateSnapshot(ctx context.Context, id string) (*Snapshot
 // refers to the rootfs by the path it had when taken, so restore a VM's
 // own snapshots. A running VM returns types.ErrConflict.
 func (o *Orchestrator) LoadSnapshot(ctx context.Context, id string, snap Snapshot, resume bool) error {
-	if !idRE.MatchString(id) {
-		return notFound(id)
-	}
-	unlock := o.lock(id)
-	defer unlock()
-	if _, err := o.readRecord(id); err != nil {
+	unlock, err := o.enter(ctx, id)
+	if err != nil {
 		return err
 	}
+	defer unlock()
 	if o.running(id) != nil {
 		return fmt.Errorf("%w: vm %s runs; stop it before loading a snapshot", types.ErrConflict, id)
 	}
@@ -161,4 +159,10 @@ func (o *Orchestrator) LoadSnapshot(ctx context.Context, id string, snap Snapsho
 		}
 	}
 	return o.markRunning(id)
+}
+
+// enter is the life-cycle prologue (vmutil.Enter) of the snapshot steps.
+func (o *Orchestrator) enter(ctx context.Context, id string) (unlock func(), err error) {
+	_, unlock, err = vmutil.Enter(ctx, &o.locks, id, o.readRecord)
+	return unlock, err
 }

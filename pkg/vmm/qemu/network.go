@@ -30,32 +30,19 @@ func newNetFile(a *network.Attachment) *netFile {
 	return &netFile{TAP: a.TAP, MAC: a.MAC.String(), IP: a.IP.String(), KernelArg: a.KernelArg}
 }
 
-// errNoNetwork is CreateVM's answer to a nat VM on a backend without a
-// network manager.
-var errNoNetwork = fmt.Errorf("%w: networking is not configured; set network.enabled (and the network section) in the worker's configuration, or create the vm with --network none", types.ErrInvalid)
-
 // attach gives a nat VM its network (idempotent) and returns what vm.json
 // records of it.
 func (o *Orchestrator) attach(ctx context.Context, id string) (*netFile, error) {
-	if o.cfg.Network == nil {
-		return nil, errNoNetwork
-	}
-	a, err := o.cfg.Network.Attach(ctx, id)
+	a, err := o.net.Attach(ctx, id)
 	if err != nil {
-		return nil, fmt.Errorf("attaching vm %s to the network: %w", id, err)
+		return nil, err
 	}
 	return newNetFile(a), nil
 }
 
 // detach removes a VM's network. Without a network manager there is none.
 func (o *Orchestrator) detach(ctx context.Context, id string) error {
-	if o.cfg.Network == nil {
-		return nil
-	}
-	if err := o.cfg.Network.Detach(ctx, id); err != nil {
-		return fmt.Errorf("detaching vm %s from the network: %w; its network is kept, delete the vm again to retry", id, err)
-	}
-	return nil
+	return o.net.Detach(ctx, id)
 }
 
 // netArgs are QEMU's network device arguments for a nat VM.
@@ -72,10 +59,10 @@ func netArgs(n *netFile) []string {
 // inNetns runs fn where the VM's processes must run: in the network's
 // namespace for a nat VM, here otherwise.
 func (o *Orchestrator) inNetns(n *netFile, fn func() error) error {
-	if n == nil || o.cfg.Network == nil {
+	if n == nil {
 		return fn()
 	}
-	return o.cfg.Network.Do(fn)
+	return o.net.Do(fn)
 }
 
 // Reconcile removes what a killed worker left half-made: temporary
@@ -114,7 +101,7 @@ func (o *Orchestrator) Reconcile(ctx context.Context) error {
 			o.log.Info("reconcile removed a half-made vm directory", "dir", path)
 			continue
 		}
-		if !e.IsDir() || !idRE.MatchString(name) {
+		if !e.IsDir() || types.ValidateID(name) != nil {
 			continue
 		}
 		if _, err := o.readVM(name); errors.Is(err, types.ErrNotFound) {
@@ -124,14 +111,8 @@ func (o *Orchestrator) Reconcile(ctx context.Context) error {
 		// kept rather than pulled from under a VM that may run.
 		live = append(live, name)
 	}
-	if o.cfg.Network != nil {
-		cleaned, err := o.cfg.Network.Reconcile(ctx, live)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("reconciling the network: %w", err))
-		}
-		if len(cleaned) > 0 {
-			o.log.Info("reconcile removed the network of gone vms", "cleaned", cleaned)
-		}
+	if err := o.net.Reconcile(ctx, o.log, live); err != nil {
+		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }
@@ -140,10 +121,10 @@ func (o *Orchestrator) Reconcile(ctx context.Context) error {
 // copy files into the guest). The client belongs to the Orchestrator: do
 // not close it.
 func (o *Orchestrator) Agent(id string) (*agent.Client, error) {
-	if !idRE.MatchString(id) {
+	if types.ValidateID(id) != nil {
 		return nil, notFound(id)
 	}
-	if p := o.procs(id); p == nil || !p.qemu.alive() {
+	if p := o.procs(id); p == nil || !p.qemu.Alive() {
 		return nil, fmt.Errorf("%w: vm %s is not running; start it first", types.ErrConflict, id)
 	}
 	return o.client(id)

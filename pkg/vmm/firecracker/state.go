@@ -1,0 +1,117 @@
+package firecracker
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/aetherium/aetherium-core/pkg/types"
+	"github.com/aetherium/aetherium-core/pkg/vmm"
+	"github.com/aetherium/aetherium-core/pkg/vmm/internal/vmutil"
+)
+
+// record is a VM's state.json: what the backend must remember across
+// restarts of the worker.
+type record struct {
+	ID       string            `json:"id"`
+	Name     string            `json:"name"`
+	VCPUs    int               `json:"vcpus"`
+	MemoryMB int               `json:"memory_mb"`
+	Labels   map[string]string `json:"labels,omitempty"`
+	Env      map[string]string `json:"env,omitempty"`
+	Owner    string            `json:"owner,omitempty"`
+	Options  VMOptions         `json:"options"`
+	Created  time.Time         `json:"created_at"`
+	// Attached is set when the backend's network manager attached the VM,
+	// so delete knows to detach it.
+	Attached bool `json:"attached,omitempty"`
+}
+
+func (o *Orchestrator) readRecord(id string) (*record, error) {
+	var r record
+	if err := vmutil.ReadRecord(filepath.Join(o.cfg.paths(id).run, stateFileName), id, &r); err != nil {
+		return nil, err
+	}
+	return &r, nil
+}
+
+// writeRecord replaces state.json atomically.
+func (o *Orchestrator) writeRecord(rec *record) error {
+	return vmutil.WriteRecord(filepath.Join(o.cfg.paths(rec.ID).run, stateFileName), rec)
+}
+
+// GetVMStatus implements vmm.VMOrchestrator.
+func (o *Orchestrator) GetVMStatus(ctx context.Context, id string) (*vmm.VMStatus, error) {
+	if types.ValidateID(id) != nil {
+		return nil, notFound(id)
+	}
+	return o.status(ctx, id)
+}
+
+// Detail strings of VMs whose VMM runs but whose guest does not.
+const (
+	detailPaused   = "paused"
+	detailStarting = "firecracker runs but its guest has not started"
+)
+
+func (o *Orchestrator) status(ctx context.Context, id string) (*vmm.VMStatus, error) {
+	rec, err := o.readRecord(id)
+	if err != nil {
+		return nil, err
+	}
+	st := &vmm.VMStatus{ID: rec.ID, Name: rec.Name, Labels: rec.Labels, State: types.VMStopped}
+	if o.running(id) == nil {
+		run := o.cfg.paths(id).run
+		if _, err := os.Stat(filepath.Join(run, runningMarker)); err == nil {
+			st.State = types.VMFailed
+			st.Detail = "firecracker exited without being stopped (killed or crashed); its output is in " + filepath.Join(run, consoleName)
+		}
+		return st, nil
+	}
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	info, err := NewClient(o.cfg.paths(id).host(apiSockName)).Describe(cctx)
+	switch {
+	case err != nil:
+		st.Detail = detailStarting
+	case info.State == InstanceRunning:
+		st.State = types.VMRunning
+	case info.State == InstancePaused:
+		st.Detail = detailPaused
+	default:
+		st.Detail = detailStarting
+	}
+	return st, nil
+}
+
+// ListVMs implements vmm.VMOrchestrator.
+func (o *Orchestrator) ListVMs(ctx context.Context) ([]vmm.VMStatus, error) {
+	entries, err := os.ReadDir(o.cfg.SocketDir)
+	if err != nil {
+		return nil, fmt.Errorf("listing vms in %s: %w", o.cfg.SocketDir, err)
+	}
+	out := []vmm.VMStatus{}
+	for _, e := range entries {
+		if !e.IsDir() || types.ValidateID(e.Name()) != nil {
+			continue
+		}
+		rec, err := o.readRecord(e.Name())
+		if err != nil {
+			continue // being created or deleted
+		}
+		if o.cfg.Owner != "" && rec.Owner != o.cfg.Owner {
+			continue
+		}
+		st, err := o.status(ctx, rec.ID)
+		if err != nil {
+			continue
+		}
+		out = append(out, *st)
+	}
+	slices.SortFunc(out, func(a, b vmm.VMStatus) int { return strings.Compare(a.ID, b.ID) })
+	return out, nil
+}

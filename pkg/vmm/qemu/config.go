@@ -1,0 +1,65 @@
+package qemu
+
+import (
+	"log/slog"
+	"time"
+)
+
+// Provider is the backend's name in configuration.
+const Provider = "qemu"
+
+// Defaults for Config's zero values.
+const (
+	DefaultBinary       = "qemu-system-x86_64"
+	DefaultVsockBinary  = "vhost-device-vsock"
+	DefaultImgBinary    = "qemu-img"
+	DefaultRunDir       = "/var/lib/aetherium/qemu"
+	DefaultReadyTimeout = 90 * time.Second
+	DefaultStopTimeout  = 10 * time.Second
+	// guestCID is the guest's vsock context id. Each VM has its own
+	// vhost-device-vsock, so every guest can use the same one.
+	guestCID = 3
+)
+
+// Config configures the qemu backend. The zero value of every field selects
+// its default, except the three image paths, which are required.
+type Config struct {
+	// Binary is the QEMU system emulator. Default qemu-system-x86_64 on PATH.
+	Binary string
+	// VsockBinary is vhost-device-vsock. Default: on PATH.
+	VsockBinary string
+	// ImgBinary is qemu-img, used to make each VM's overlay. Default: on PATH.
+	ImgBinary string
+	// KernelPath is the guest kernel (a bzImage). Required.
+	KernelPath string
+	// InitrdPath is the initramfs whose /init is fc-agent. Required.
+	InitrdPath string
+	// RootfsPath is the base ext4 root file system. VMs never write to it:
+	// each gets a qcow2 overlay backed by it. Required.
+	RootfsPath string
+	// RunDir holds one directory per VM. Keep it short: Unix socket paths
+	// are limited to 107 bytes. Default /var/lib/aetherium/qemu.
+	RunDir string
+	// Accel is "auto" (KVM when the host can run stock kernels under it,
+	// TCG otherwise), "kvm" or "tcg". Default auto.
+	Accel string
+	// KernelArgs are appended to the kernel command line.
+	KernelArgs string
+	// MaxVCPUs is the most vCPUs one VM may ask for. Default: the host's
+	// CPU count.
+	MaxVCPUs int
+	// ReadyTimeout bounds how long StartVM waits for the agent to answer.
+	// Default 90s (software emulation on a loaded host is slow).
+	ReadyTimeout time.Duration
+	// StopTimeout bounds each step of a graceful stop (agent power-off,
+	// then QMP quit) before the next. Default 10s.
+	StopTimeout time.Duration
+	// Owner is the id of the worker that owns the VMs; ListVMs returns only
+	// that owner's VMs when it is set.
+	Owner string
+	// Network attaches VMs created with network nat (a *network.Manager).
+	// Nil: no networking; such VMs are refused with types.ErrInvalid.
+	Network Network
+	// Logger receives the backend's logs. Default slog.Default().
+	Logger *slog.Logger
+}

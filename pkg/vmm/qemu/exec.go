@@ -1,0 +1,109 @@
+package qemu
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"maps"
+	"net"
+
+	"github.com/aetherium/aetherium-core/pkg/agent"
+	"github.com/aetherium/aetherium-core/pkg/agent/bootparams"
+	"github.com/aetherium/aetherium-core/pkg/types"
+	"github.com/aetherium/aetherium-core/pkg/vmm"
+	"github.com/aetherium/aetherium-core/pkg/vmm/internal/vmutil"
+	"github.com/aetherium/aetherium-core/pkg/vsock"
+)
+
+// ExecuteCommand implements vmm.VMOrchestrator. The command's environment
+// is a default PATH and HOME, overlaid with the VM spec's environment, then
+// with cmd.Env.
+func (o *Orchestrator) ExecuteCommand(ctx context.Context, id string, cmd types.Command, stream vmm.ExecIO) (*types.ExecResult, error) {
+	if err := cmd.Validate(); err != nil {
+		return nil, err
+	}
+	c, vf, err := o.runningAgent(id)
+	if err != nil {
+		return nil, err
+	}
+	base := map[string]string{"PATH": bootparams.DefaultPath, "HOME": "/root"}
+	maps.Copy(base, vf.Spec.Env)
+	return vmutil.Exec(ctx, c, id, base, cmd, stream)
+}
+
+// running returns the record of a running VM, or types.ErrNotFound or
+// types.ErrConflict.
+func (o *Orchestrator) running(id string) (*vmFile, error) {
+	if types.ValidateID(id) != nil {
+		return nil, notFound(id)
+	}
+	vf, err := o.readVM(id)
+	if err != nil {
+		return nil, err
+	}
+	p := o.procs(id)
+	if p == nil || !p.qemu.Alive() {
+		st := types.VMStopped
+		if vf.Failed != "" {
+			st = types.VMFailed
+		}
+		return nil, fmt.Errorf("%w: vm %s is %s; start it first", types.ErrConflict, id, st)
+	}
+	return vf, nil
+}
+
+// runningAgent returns the agent client of a running VM and its record.
+func (o *Orchestrator) runningAgent(id string) (*agent.Client, *vmFile, error) {
+	vf, err := o.running(id)
+	if err != nil {
+		return nil, nil, err
+	}
+	c, err := o.client(id)
+	return c, vf, err
+}
+
+// DialAgent implements vmm.VMOrchestrator: a new hybrid vsock connection
+// to the agent's port through vhost-device-vsock.
+func (o *Orchestrator) DialAgent(ctx context.Context, id string) (net.Conn, error) {
+	return vmutil.DialAgent(ctx, o.dialerOf, id)
+}
+
+// dialerOf is the dialer of a running VM's agent as a vmutil.RunningDialer.
+func (o *Orchestrator) dialerOf(ctx context.Context, id string) (agent.Dialer, error) {
+	if _, err := o.running(id); err != nil {
+		return nil, err
+	}
+	return o.dialer(id), nil
+}
+
+// dialer reaches VM id's agent; the cached client and DialAgent share it.
+func (o *Orchestrator) dialer(id string) agent.Dialer {
+	sock := o.path(id, fileVsock)
+	return func(ctx context.Context) (net.Conn, error) { return vsock.Dial(ctx, sock, bootparams.AgentPort) }
+}
+
+// WriteFile implements vmm.VMOrchestrator.
+func (o *Orchestrator) WriteFile(ctx context.Context, id, path string, r io.Reader, opts types.FileOptions) (int64, error) {
+	return vmutil.WriteFile(ctx, o.agentOf, id, path, r, opts)
+}
+
+// ReadFile implements vmm.VMOrchestrator.
+func (o *Orchestrator) ReadFile(ctx context.Context, id, path string, w io.Writer) (int64, error) {
+	return vmutil.ReadFile(ctx, o.agentOf, id, path, w)
+}
+
+// agentOf is runningAgent as a vmutil.RunningAgent.
+func (o *Orchestrator) agentOf(ctx context.Context, id string) (*agent.Client, error) {
+	c, _, err := o.runningAgent(id)
+	return c, err
+}
+
+// client returns the agent client of a running VM, making it on first use.
+func (o *Orchestrator) client(id string) (*agent.Client, error) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.vms[id] == nil {
+		return nil, fmt.Errorf("%w: vm %s is not running; start it first", types.ErrConflict, id)
+	}
+	return o.clients.Get(id, o.dialer(id))
+}

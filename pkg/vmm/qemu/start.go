@@ -1,0 +1,250 @@
+package qemu
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/aetherium/aetherium-core/pkg/agent/bootparams"
+	"github.com/aetherium/aetherium-core/pkg/types"
+	"github.com/aetherium/aetherium-core/pkg/vmm/internal/vmutil"
+	"github.com/aetherium/aetherium-core/pkg/vsock"
+)
+
+// StartVM implements vmm.VMOrchestrator.
+func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
+	vf, unlock, err := vmutil.Enter(ctx, &o.locks, id, o.readVM)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	p := o.procs(id)
+	if p == nil || !p.qemu.Alive() {
+		if p, err = o.boot(ctx, id, vf); err != nil {
+			return err
+		}
+	}
+	err = o.waitAgent(ctx, id, p)
+	if errors.Is(err, types.ErrUnavailable) && ctx.Err() == nil {
+		// A guest that boots but never answers is powered off, so that a
+		// retry boots it afresh instead of waiting on the same one again.
+		o.stopProcs(id, true)
+		o.cleanRuntime(id)
+		if vf, rerr := o.readVM(id); rerr == nil {
+			vf.Running = false
+			_ = o.writeVM(id, vf)
+		}
+		return fmt.Errorf("%w; vhost-device-vsock's log ends with:\n%s\nthe VM was powered off, so starting it again boots it afresh", err, vmutil.Tail(o.path(id, fileVsockLog), 5))
+	}
+	return err
+}
+
+// boot spawns vhost-device-vsock and QEMU for a VM that does not run.
+func (o *Orchestrator) boot(ctx context.Context, id string, vf *vmFile) (p *vmProcs, err error) {
+	o.stopProcs(id, true) // leftovers of a crash, if any
+	o.cleanRuntime(id)
+	dir := o.RunDir(id)
+	if vf.Spec.Network == types.NetworkNAT {
+		// Idempotent: repairs a TAP lost since (a host reboot, a
+		// reconcile) and keeps the lease, so the guest's address stays.
+		n, err := o.attach(ctx, id)
+		if err != nil {
+			return nil, fmt.Errorf("starting vm %s: %w", id, err)
+		}
+		vf.Net = n
+	}
+
+	var vs *vmutil.Proc
+	err = o.inNetns(vf.Net, func() (err error) {
+		vs, err = vmutil.SpawnLogged(o.cfg.VsockBinary, []string{"--vm", fmt.Sprintf("guest-cid=%d,socket=%s,uds-path=%s",
+			guestCID, o.path(id, fileVhost), o.path(id, fileVsock))}, o.path(id, fileVsockLog), o.path(id, fileVsockPid), nil)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("starting vm %s: %w", id, err)
+	}
+	defer func() {
+		if err != nil {
+			vs.Stop(syscall.SIGTERM, time.Second)
+			o.cleanRuntime(id)
+			if vf.Running {
+				// It never ran: record why instead of "should run".
+				vf.Running, vf.Failed = false, err.Error()
+				_ = o.writeVM(id, vf)
+			}
+		}
+	}()
+	if err := vmutil.WaitFile(o.path(id, fileVhost), vs, 10*time.Second); err != nil {
+		return nil, fmt.Errorf("starting vm %s: vhost-device-vsock: %v; its log ends with:\n%s", id, err, vmutil.Tail(o.path(id, fileVsockLog), 10))
+	}
+
+	vf.Running = true
+	vf.Failed = ""
+	vf.Boots++
+	if err := o.writeVM(id, vf); err != nil {
+		return nil, err
+	}
+	var consoleFrom int64
+	if fi, err := os.Stat(o.path(id, fileConsole)); err == nil {
+		consoleFrom = fi.Size()
+	}
+	var q *vmutil.Proc
+	err = o.inNetns(vf.Net, func() (err error) {
+		q, err = vmutil.SpawnLogged(o.cfg.Binary, o.qemuArgs(id, vf), o.path(id, fileQEMULog), o.path(id, fileQEMUPid), nil)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("starting vm %s: %w", id, err)
+	}
+	p = &vmProcs{qemu: q, vsock: vs, consoleFrom: consoleFrom}
+	o.mu.Lock()
+	o.vms[id] = p
+	o.mu.Unlock()
+	go o.watch(id, p)
+	o.log.Info("started vm", "vm_id", id, "qemu_pid", q.Pid(), "accel", o.accel.Name, "dir", dir)
+	return p, nil
+}
+
+// qemuArgs is QEMU's command line for a VM. Every value in it comes from
+// the validated spec or the configuration; no shell is involved.
+func (o *Orchestrator) qemuArgs(id string, vf *vmFile) []string {
+	spec := vf.Spec
+	mem := strconv.Itoa(spec.MemoryMB)
+	args := append([]string{"console=ttyS0", "reboot=t", "panic=-1"}, ClockArgs(o.accel.Name)...)
+	args = append(args, "root=/dev/vda", "rw", bootparams.HostnameArg(spec.Name), o.cfg.KernelArgs)
+	if vf.Net != nil {
+		args = append(args, vf.Net.KernelArg)
+	}
+	cmdline := strings.Join(slices.DeleteFunc(args, func(s string) bool { return s == "" }), " ")
+	return append([]string{
+		"-name", "aetherium-" + id + ",process=aetherium-" + id,
+		"-M", "microvm,memory-backend=mem",
+		"-accel", o.accel.Name,
+		"-smp", strconv.Itoa(spec.VCPUs),
+		"-m", mem + "M",
+		"-object", "memory-backend-memfd,id=mem,size=" + mem + "M,share=on",
+		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+		"-chardev", "file,id=con,path=" + o.path(id, fileConsole) + ",append=on",
+		"-serial", "chardev:con",
+		"-kernel", o.cfg.KernelPath,
+		"-initrd", o.cfg.InitrdPath,
+		"-append", cmdline,
+		"-drive", "id=root,file=" + o.path(id, fileOverlay) + ",format=qcow2,if=none,discard=unmap",
+		"-device", "virtio-blk-device,drive=root",
+		"-chardev", "socket,id=vs0,path=" + o.path(id, fileVhost),
+		"-device", "vhost-user-vsock-device,chardev=vs0",
+		"-qmp", "unix:" + o.path(id, fileQMP) + ",server=on,wait=off",
+	}, netArgs(vf.Net)...)
+}
+
+// waitAgent waits until the agent answers over vsock, failing fast when
+// QEMU exits first.
+func (o *Orchestrator) waitAgent(ctx context.Context, id string, p *vmProcs) error {
+	readyCtx, cancel := context.WithTimeout(ctx, o.cfg.ReadyTimeout)
+	defer cancel()
+	ready := make(chan error, 1)
+	go func() {
+		// The hybrid vsock dial with retry is the readiness probe: it
+		// succeeds once the guest listens on the agent's port. It starts
+		// once the init says the agent listens (see agentReadyLine).
+		waitConsole(readyCtx, o.path(id, fileConsole), p.consoleFrom, o.cfg.ReadyTimeout/2)
+		conn, err := dialAgentRetry(readyCtx, o.path(id, fileVsock))
+		if err != nil {
+			ready <- err
+			return
+		}
+		conn.Close()
+		c, err := o.client(id)
+		if err == nil {
+			_, err = c.WaitReady(readyCtx)
+		}
+		ready <- err
+	}()
+	select {
+	case err := <-ready:
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("starting vm %s: waiting for its agent: %w", id, ctx.Err())
+		}
+		return fmt.Errorf("%w: starting vm %s: its agent did not answer within %s: %v; the serial console ends with:\n%s",
+			types.ErrUnavailable, id, o.cfg.ReadyTimeout, err, vmutil.Tail(o.path(id, fileConsole), 20))
+	case <-p.qemu.Done():
+		cancel()
+		<-ready
+		return fmt.Errorf("starting vm %s: QEMU %s before the agent answered; its log ends with:\n%s\nthe serial console ends with:\n%s",
+			id, p.qemu.Status(), vmutil.Tail(o.path(id, fileQEMULog), 10), vmutil.Tail(o.path(id, fileConsole), 20))
+	}
+}
+
+// agentReadyLine is what fc-agent as init prints on the console once the
+// agent listens.
+const agentReadyLine = bootparams.ReadyLine
+
+// waitConsole waits until the console log, past offset from, holds
+// agentReadyLine, or limit passes, or ctx ends. Connections over
+// vhost-device-vsock made while the guest's vsock driver is still starting
+// were seen to wedge the device for good when ten guests booted at once
+// under TCG, so the first CONNECT waits for the guest to say it is ready.
+// The line is only a hint (a guest that logs less still gets dialled after
+// limit); the vsock handshake stays the real test.
+func waitConsole(ctx context.Context, path string, from int64, limit time.Duration) {
+	ctx, cancel := context.WithTimeout(ctx, limit)
+	defer cancel()
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	// Only what is new since the last look is read; the tail of the last
+	// read is kept so a line split across two reads is still found.
+	off := from
+	var carry []byte
+	for {
+		if f, err := os.Open(path); err == nil {
+			if _, err := f.Seek(off, io.SeekStart); err == nil {
+				b, _ := io.ReadAll(io.LimitReader(f, 1<<20))
+				off += int64(len(b))
+				carry = append(carry, b...)
+			}
+			f.Close()
+			if bytes.Contains(carry, []byte(agentReadyLine)) {
+				return
+			}
+			if keep := len(agentReadyLine) - 1; len(carry) > keep {
+				carry = append(carry[:0], carry[len(carry)-keep:]...)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// handshakeWindow bounds one round of vsock dial attempts while a VM boots.
+// A CONNECT that reaches the guest while its vsock driver is starting can
+// go unanswered for good (seen with ten guests booting at once under TCG),
+// and vsock.DialRetry bounds a handshake only by its context; a fresh
+// window lets a later attempt succeed instead of waiting out ReadyTimeout.
+const handshakeWindow = 5 * time.Second
+
+// dialAgentRetry dials the agent's vsock port until it answers or ctx ends.
+func dialAgentRetry(ctx context.Context, sock string) (net.Conn, error) {
+	for {
+		wctx, cancel := context.WithTimeout(ctx, handshakeWindow)
+		conn, err := vsock.DialRetry(wctx, sock, bootparams.AgentPort, vsock.Backoff{Initial: 5 * time.Millisecond, Max: 50 * time.Millisecond})
+		cancel()
+		if err == nil || ctx.Err() != nil {
+			return conn, err
+		}
+	}
+}

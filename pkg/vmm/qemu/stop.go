@@ -1,0 +1,201 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/digitalocean/go-qemu/qmp"
+
+	"github.com/aetherium/aetherium-core/pkg/vmm/internal/vmutil"
+)
+
+// watch waits for QEMU to end. An end nobody asked for marks the VM failed
+// and frees what it held, so a killed or crashed VM leaks nothing.
+func (o *Orchestrator) watch(id string, p *vmProcs) {
+	var vsockDone <-chan struct{} // nil: never
+	if p.vsock != nil {
+		vsockDone = p.vsock.Done()
+	}
+	var why string
+	select {
+	case <-p.qemu.Done():
+		why = "QEMU " + p.qemu.Status()
+	case <-vsockDone:
+		// QEMU runs on, but nothing reaches its agent any more: the VM is
+		// as good as dead, and is ended rather than reported running.
+		why = "vhost-device-vsock " + p.vsock.Status() + ", so the host could no longer reach the agent"
+	}
+	unlock := o.locks.Lock(id)
+	defer unlock()
+	o.mu.Lock()
+	stopping := p.stopping
+	current := o.vms[id] == p && !o.closed
+	o.mu.Unlock()
+	if stopping || !current {
+		return
+	}
+	o.log.Warn("vm ended unexpectedly", "vm_id", id, "why", why)
+	o.stopProcs(id, true)
+	o.cleanRuntime(id)
+	vf, err := o.readVM(id)
+	if err != nil {
+		return
+	}
+	vf.Running = false
+	vf.Failed = why + lastLine(o.path(id, fileConsole))
+	if err := o.writeVM(id, vf); err != nil {
+		o.log.Warn("cannot record failed vm", "vm_id", id, "err", err)
+	}
+}
+
+// lastLine returns "; console: <last line>" from the serial log, if any.
+func lastLine(path string) string {
+	t := strings.TrimSpace(vmutil.Tail(path, 1))
+	if t == "" || strings.HasPrefix(t, "(") {
+		return ""
+	}
+	return "; console: " + t
+}
+
+// StopVM implements vmm.VMOrchestrator. A graceful stop asks the agent to
+// power the guest off, then asks QEMU to quit over QMP, then kills it,
+// giving each step StopTimeout.
+func (o *Orchestrator) StopVM(ctx context.Context, id string, force bool) error {
+	vf, unlock, err := vmutil.Enter(ctx, &o.locks, id, o.readVM)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	p := o.procs(id)
+	if p != nil && p.qemu.Alive() {
+		o.mu.Lock()
+		p.stopping = true
+		o.mu.Unlock()
+		if !force {
+			o.gracefulStop(ctx, id, p)
+		}
+	}
+	o.stopProcs(id, true)
+	o.cleanRuntime(id)
+	if vf.Running || vf.Failed != "" {
+		// A stopped VM is stopped, whatever ended its last run.
+		vf.Running, vf.Failed = false, ""
+		if err := o.writeVM(id, vf); err != nil {
+			return err
+		}
+		o.log.Info("stopped vm", "vm_id", id, "force", force)
+	}
+	return nil
+}
+
+func (o *Orchestrator) gracefulStop(ctx context.Context, id string, p *vmProcs) {
+	wait := func(d time.Duration) bool {
+		t := time.NewTimer(d)
+		defer t.Stop()
+		select {
+		case <-p.qemu.Done():
+			return true
+		case <-ctx.Done():
+			return false
+		case <-t.C:
+			return false
+		}
+	}
+	// o.client makes the client when this worker has none yet (a VM found
+	// again after a restart), so the guest always gets to sync first.
+	if c, err := o.client(id); err == nil {
+		sctx, cancel := context.WithTimeout(ctx, o.cfg.StopTimeout)
+		err := c.Shutdown(sctx, false)
+		cancel()
+		if err == nil && wait(o.cfg.StopTimeout) {
+			return
+		}
+		o.log.Debug("agent power-off did not end the vm; asking QEMU to quit", "vm_id", id, "err", err)
+	}
+	if err := qmpQuit(ctx, o.path(id, fileQMP), o.cfg.StopTimeout); err != nil {
+		o.log.Debug("QMP quit failed; killing QEMU", "vm_id", id, "err", err)
+		return
+	}
+	wait(o.cfg.StopTimeout)
+}
+
+// qmpQuit asks QEMU to exit through its monitor.
+//
+// go-qemu bounds only the connect, and QMP serves one client at a time, so
+// a monitor someone else holds (or a wedged QEMU) would block the greeting
+// forever: the exchange runs in a goroutine and is given up after timeout
+// or when ctx ends, and the caller goes on to SIGKILL.
+func qmpQuit(ctx context.Context, sock string, timeout time.Duration) error {
+	done := make(chan error, 1)
+	go func() {
+		m, err := qmp.NewSocketMonitor("unix", sock, 2*time.Second)
+		if err != nil {
+			done <- err
+			return
+		}
+		if err := m.Connect(); err != nil {
+			done <- err
+			return
+		}
+		defer m.Disconnect()
+		_, err = m.Run([]byte(`{"execute":"quit"}`))
+		if err != nil && (errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed)) {
+			err = nil // QEMU closed the monitor as it quit
+		}
+		done <- err
+	}()
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case err := <-done:
+		return err
+	case <-t.C:
+		return fmt.Errorf("QMP did not answer within %s", timeout)
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// stopProcs ends the VM's processes (SIGKILL for QEMU when kill is set) and
+// forgets them. It must be called with the VM's lock held.
+func (o *Orchestrator) stopProcs(id string, kill bool) {
+	o.mu.Lock()
+	p := o.vms[id]
+	if p != nil {
+		p.stopping = true
+		delete(o.vms, id)
+	}
+	o.mu.Unlock()
+	if p == nil {
+		// Not known to this worker: a leftover from an earlier one.
+		dir := o.RunDir(id)
+		p = &vmProcs{qemu: vmutil.Adopt(o.path(id, fileQEMUPid), vmutil.MentionsDir(dir)), vsock: vmutil.Adopt(o.path(id, fileVsockPid), vmutil.MentionsDir(dir))}
+	}
+	o.clients.Drop(id)
+	if p.qemu != nil {
+		if kill {
+			p.qemu.Stop(syscall.SIGKILL, 0)
+		} else {
+			p.qemu.Stop(syscall.SIGTERM, o.cfg.StopTimeout)
+		}
+	}
+	if p.vsock != nil {
+		p.vsock.Stop(syscall.SIGTERM, 2*time.Second)
+	}
+}
+
+// cleanRuntime removes what only a running VM has: sockets and pidfiles.
+func (o *Orchestrator) cleanRuntime(id string) {
+	for _, f := range []string{fileQEMUPid, fileQMP, fileVsockPid, fileVhost, fileVsock} {
+		if err := os.Remove(o.path(id, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			o.log.Warn("cannot remove vm file", "vm_id", id, "file", f, "err", err)
+		}
+	}
+}
