@@ -18,7 +18,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"regexp"
 	"runtime"
 	"slices"
 	"strconv"
@@ -34,6 +33,7 @@ import (
 	"github.com/docker/docker/pkg/stdcopy"
 
 	"github.com/aetherium/aetherium-core/pkg/agent"
+	"github.com/aetherium/aetherium-core/pkg/agent/bootparams"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
 	"github.com/aetherium/aetherium-core/pkg/vmm/internal/vmutil"
@@ -111,8 +111,8 @@ type Orchestrator struct {
 	locks vmutil.KeyedMutex // one per VM id, held by the life-cycle steps
 
 	mu      sync.Mutex
-	image   string                   // the reference VMs are created from
-	clients map[string]*agent.Client // by VM id
+	image   string         // the reference VMs are created from
+	clients vmutil.Clients // agent clients by VM id
 }
 
 var _ vmm.VMOrchestrator = (*Orchestrator)(nil)
@@ -149,7 +149,7 @@ func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: docker host %q: %v", types.ErrInvalid, cfg.Host, err)
 	}
-	o := &Orchestrator{cfg: cfg, api: api, log: cfg.Logger.With("provider", Provider), clients: map[string]*agent.Client{}}
+	o := &Orchestrator{cfg: cfg, api: api, log: cfg.Logger.With("provider", Provider)}
 	if err := o.ping(ctx); err != nil {
 		api.Close()
 		return nil, err
@@ -230,19 +230,9 @@ func (o *Orchestrator) ping(ctx context.Context) error {
 
 // Close implements vmm.VMOrchestrator. Containers keep running.
 func (o *Orchestrator) Close() error {
-	o.mu.Lock()
-	clients := o.clients
-	o.clients = map[string]*agent.Client{}
-	o.mu.Unlock()
-	for _, c := range clients {
-		c.Close()
-	}
+	o.clients.CloseAll()
 	return o.api.Close()
 }
-
-// idRE is what a VM id may look like here: it becomes part of a container
-// name and of a host path.
-var idRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
 
 func containerName(id string) string { return containerPrefix + id }
 func (o *Orchestrator) vmDir(id string) string {
@@ -254,8 +244,8 @@ func (o *Orchestrator) socketPath(id string) string {
 
 // CreateVM implements vmm.VMOrchestrator.
 func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (*vmm.VMStatus, error) {
-	if !idRE.MatchString(spec.ID) {
-		return nil, fmt.Errorf("%w: vm id %q must be 1-64 characters of [A-Za-z0-9_.-]", types.ErrInvalid, spec.ID)
+	if err := types.ValidateID(spec.ID); err != nil {
+		return nil, err
 	}
 	if err := spec.Validate(o.cfg.MaxVCPUs); err != nil {
 		return nil, err
@@ -266,7 +256,10 @@ func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (*vmm.VM
 	if p := o.socketPath(spec.ID); len(p) > maxSocketPathLen {
 		return nil, fmt.Errorf("%w: agent socket path %s is %d bytes, over the %d a unix socket allows; choose a shorter socket dir", types.ErrInvalid, p, len(p), maxSocketPathLen)
 	}
-	unlock := o.locks.Lock(spec.ID)
+	unlock, err := o.locks.LockContext(ctx, spec.ID)
+	if err != nil {
+		return nil, err
+	}
 	defer unlock()
 	if st, err := o.GetVMStatus(ctx, spec.ID); err == nil {
 		return st, nil
@@ -298,7 +291,7 @@ func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (*vmm.VM
 	noInit := false
 	mem := int64(spec.MemoryMB) << 20
 	cfg := &container.Config{
-		Hostname:   spec.Name,
+		Hostname:   bootparams.SanitizeHostname(spec.Name),
 		Image:      o.Image(),
 		Entrypoint: []string{GuestAgentPath, "--listen", "unix://" + GuestRunDir + "/" + agentSocketName},
 		Env:        env,
@@ -314,7 +307,7 @@ func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (*vmm.VM
 			MemorySwap: mem, // equal to Memory: no swap, as in a VM
 		},
 	}
-	_, err := o.api.ContainerCreate(ctx, cfg, hostCfg, nil, nil, containerName(spec.ID))
+	_, err = o.api.ContainerCreate(ctx, cfg, hostCfg, nil, nil, containerName(spec.ID))
 	if err != nil && cerrdefs.IsNotFound(err) && o.cfg.Image == "" {
 		// Someone removed the image since New; import it again once.
 		if err = o.ensureImage(ctx); err == nil {
@@ -338,15 +331,11 @@ func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (*vmm.VM
 
 // StartVM implements vmm.VMOrchestrator.
 func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
-	if !idRE.MatchString(id) {
-		return notFound(id)
-	}
-	unlock := o.locks.Lock(id)
-	defer unlock()
-	ins, err := o.inspect(ctx, id)
+	ins, unlock, err := vmutil.Enter(ctx, &o.locks, id, func(id string) (container.InspectResponse, error) { return o.inspect(ctx, id) })
 	if err != nil {
 		return err
 	}
+	defer unlock()
 
 	if !ins.State.Running {
 		// The socket of a previous run would only refuse connections.
@@ -396,15 +385,11 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 
 // StopVM implements vmm.VMOrchestrator.
 func (o *Orchestrator) StopVM(ctx context.Context, id string, force bool) error {
-	if !idRE.MatchString(id) {
-		return notFound(id)
-	}
-	unlock := o.locks.Lock(id)
-	defer unlock()
-	ins, err := o.inspect(ctx, id)
+	ins, unlock, err := vmutil.Enter(ctx, &o.locks, id, func(id string) (container.InspectResponse, error) { return o.inspect(ctx, id) })
 	if err != nil {
 		return err
 	}
+	defer unlock()
 	defer o.dropClient(id)
 	// Record that the stop was asked for, so the exit is not taken for a
 	// crash.
@@ -452,10 +437,10 @@ func (o *Orchestrator) StopVM(ctx context.Context, id string, force bool) error 
 
 // DeleteVM implements vmm.VMOrchestrator.
 func (o *Orchestrator) DeleteVM(ctx context.Context, id string) error {
-	if !idRE.MatchString(id) {
-		return nil // no VM can have such an id
+	unlock, ok, err := vmutil.Lock(ctx, &o.locks, id)
+	if !ok {
+		return err // nil for an id no VM can have
 	}
-	unlock := o.locks.Lock(id)
 	defer unlock()
 	o.dropClient(id)
 	removed := true
@@ -497,7 +482,7 @@ func (o *Orchestrator) ExecuteCommand(ctx context.Context, id string, cmd types.
 // running returns the container of a running VM as inspected, or
 // types.ErrNotFound or types.ErrConflict.
 func (o *Orchestrator) running(ctx context.Context, id string) (container.InspectResponse, error) {
-	if !idRE.MatchString(id) {
+	if types.ValidateID(id) != nil {
 		return container.InspectResponse{}, notFound(id)
 	}
 	ins, err := o.inspect(ctx, id)
@@ -558,7 +543,7 @@ func (o *Orchestrator) agentOf(ctx context.Context, id string) (*agent.Client, e
 
 // GetVMStatus implements vmm.VMOrchestrator.
 func (o *Orchestrator) GetVMStatus(ctx context.Context, id string) (*vmm.VMStatus, error) {
-	if !idRE.MatchString(id) {
+	if types.ValidateID(id) != nil {
 		return nil, notFound(id)
 	}
 	ins, err := o.inspect(ctx, id)
@@ -659,28 +644,10 @@ func (o *Orchestrator) mapState(ins container.InspectResponse) vmm.VMStatus {
 
 // client returns the cached agent client of VM id.
 func (o *Orchestrator) client(id string) (*agent.Client, error) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if c, ok := o.clients[id]; ok {
-		return c, nil
-	}
-	c, err := agent.NewClient(o.dialer(id))
-	if err != nil {
-		return nil, fmt.Errorf("connecting to vm %s's agent: %w", id, err)
-	}
-	o.clients[id] = c
-	return c, nil
+	return o.clients.Get(id, o.dialer(id))
 }
 
-func (o *Orchestrator) dropClient(id string) {
-	o.mu.Lock()
-	c, ok := o.clients[id]
-	delete(o.clients, id)
-	o.mu.Unlock()
-	if ok {
-		c.Close()
-	}
-}
+func (o *Orchestrator) dropClient(id string) { o.clients.Drop(id) }
 
 // logTail returns the last n lines the container wrote, for error messages.
 func (o *Orchestrator) logTail(id string, n int) string {
