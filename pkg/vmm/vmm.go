@@ -20,8 +20,9 @@ type Capabilities struct {
 	MaxVCPUs int `json:"max_vcpus"`
 	// Isolation describes the boundary: "container" or "vm".
 	Isolation string `json:"isolation"`
-	// PauseResume and Snapshot report optional features; calling them on a
-	// backend that lacks them returns types.ErrNotSupported.
+	// PauseResume and Snapshot report the optional Snapshotter's features
+	// (see AsSnapshotter); a Snapshotter method whose feature is false
+	// returns types.ErrNotSupported.
 	PauseResume bool `json:"pause_resume"`
 	Snapshot    bool `json:"snapshot"`
 	// Networking reports whether the backend can attach VMs to a network.
@@ -115,6 +116,56 @@ type VMOrchestrator interface {
 
 	// Close releases connections held by the orchestrator. VMs keep running.
 	Close() error
+}
+
+// Snapshot is a full snapshot of a VM: its VMM state and its guest memory,
+// as host paths.
+type Snapshot struct {
+	StatePath string `json:"state_path"`
+	MemPath   string `json:"mem_path"`
+}
+
+// Snapshotter is the optional interface of backends that can pause, resume
+// and snapshot VMs. Find it with AsSnapshotter, never by a type assertion
+// of your own, so that Capabilities stays the one description.
+type Snapshotter interface {
+	// Pause freezes a running VM's vCPUs. Pausing a paused VM is a no-op.
+	// An unknown VM returns types.ErrNotFound, one that does not run
+	// types.ErrConflict. Cancelling ctx abandons the request; the VM is
+	// then paused or not, and a retry settles it.
+	Pause(ctx context.Context, id string) error
+
+	// Resume lets a paused VM run again. Resuming a running VM is a
+	// no-op; errors as for Pause.
+	Resume(ctx context.Context, id string) error
+
+	// CreateSnapshot writes a full snapshot of a paused VM, replacing the
+	// VM's earlier one, and returns where it is. A VM that is not paused
+	// returns types.ErrConflict (pause it first, so that the snapshot is
+	// consistent). Calling it again takes a new snapshot; a cancelled one
+	// may leave a partial snapshot that the next call replaces.
+	CreateSnapshot(ctx context.Context, id string) (*Snapshot, error)
+
+	// LoadSnapshot restores a stopped VM from snap in a fresh VMM and, when
+	// resume is set, resumes it and returns once its agent answers. A
+	// running VM returns types.ErrConflict; an unknown one
+	// types.ErrNotFound. If ctx ends, the new VMM is killed and the VM
+	// stays stopped.
+	LoadSnapshot(ctx context.Context, id string, snap Snapshot, resume bool) error
+}
+
+// AsSnapshotter returns o's Snapshotter when o has one and its
+// Capabilities advertise pause/resume or snapshots; ok is false otherwise.
+// It is the one documented way to reach these optional methods.
+func AsSnapshotter(o VMOrchestrator) (s Snapshotter, ok bool) {
+	s, ok = o.(Snapshotter)
+	if !ok {
+		return nil, false
+	}
+	if c := o.Capabilities(); !c.PauseResume && !c.Snapshot {
+		return nil, false
+	}
+	return s, true
 }
 
 // VMStatus is a backend's view of a VM.

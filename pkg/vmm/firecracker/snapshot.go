@@ -6,15 +6,16 @@ import (
 	"path/filepath"
 
 	"github.com/aetherium/aetherium-core/pkg/types"
+	"github.com/aetherium/aetherium-core/pkg/vmm"
 	"github.com/aetherium/aetherium-core/pkg/vmm/internal/vmutil"
 )
 
 // Snapshot is a full snapshot of a VM: the microVM state and the guest
 // memory, as host paths.
-type Snapshot struct {
-	StatePath string `json:"state_path"`
-	MemPath   string `json:"mem_path"`
-}
+type Snapshot = vmm.Snapshot
+
+// The snapshot methods are reached through vmm.AsSnapshotter.
+var _ vmm.Snapshotter = (*Orchestrator)(nil)
 
 // Pause pauses a running VM (PATCH /vm Paused). Pausing a paused VM is a
 // no-op. A VM that does not run returns types.ErrConflict.
