@@ -22,7 +22,6 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/storage/postgres"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
-	"github.com/aetherium/aetherium-core/pkg/vmm/docker"
 	"github.com/aetherium/aetherium-core/pkg/vmm/firecracker"
 	"github.com/aetherium/aetherium-core/pkg/vmm/qemu"
 )
@@ -125,61 +124,14 @@ func AgentPath(c *config.Config) string {
 }
 
 // NewOrchestrator builds the configured VM backend for worker owner. store
-// keeps the VM network's address leases (nil: the qemu backend runs without
-// networking).
+// keeps the VM network's address leases (nil: the microVM backends run
+// without networking).
 func NewOrchestrator(ctx context.Context, c *config.Config, owner string, log *slog.Logger, store storage.Store) (vmm.VMOrchestrator, error) {
-	switch c.VMM.Provider {
-	case "docker":
-		rootfs := c.VMM.Docker.RootfsTar
-		if rootfs == "" && c.VMM.Docker.Image == "" {
-			if m, err := image.Latest(c.VMM.ImageDir); err == nil {
-				rootfs = m.RootfsTarPath()
-			}
-		}
-		return docker.New(ctx, docker.Config{
-			Host:        c.VMM.Docker.Host,
-			AgentPath:   AgentPath(c),
-			RootfsTar:   rootfs,
-			BusyboxPath: c.VMM.Docker.BusyboxPath,
-			SocketDir:   c.VMM.Docker.SocketDir,
-			Image:       c.VMM.Docker.Image,
-			MaxVCPUs:    c.VMM.MaxVCPUs,
-			Owner:       owner,
-			Logger:      log.With("provider", "docker"),
-		})
-	case "qemu":
-		qc, err := QEMUConfig(c)
-		if err != nil {
-			return nil, err
-		}
-		qc.Owner = owner
-		qc.Logger = log.With("provider", "qemu")
-		m, err := networkManager(c, store, log)
-		if err != nil {
-			return nil, err
-		}
-		if m != nil {
-			qc.Network = m
-		}
-		return qemu.New(ctx, qc)
-	case "firecracker":
-		fc, err := FirecrackerConfig(c)
-		if err != nil {
-			return nil, err
-		}
-		fc.Owner = owner
-		fc.Logger = log.With("provider", firecracker.Provider)
-		m, err := networkManager(c, store, log)
-		if err != nil {
-			return nil, err
-		}
-		if m != nil {
-			fc.Network = m
-		}
-		return firecracker.New(fc)
-	default:
-		return nil, fmt.Errorf("%w: vmm.provider %q is unknown; use docker, qemu or firecracker", types.ErrInvalid, c.VMM.Provider)
+	p, err := lookupProvider(c.VMM.Provider)
+	if err != nil {
+		return nil, err
 	}
+	return p.New(ctx, c, owner, log.With("provider", c.VMM.Provider), store)
 }
 
 // FirecrackerConfig maps the vmm.firecracker section to the backend's
@@ -217,7 +169,7 @@ func networkManager(c *config.Config, store storage.Store, log *slog.Logger) (*n
 	}
 	nc := NetworkConfig(c)
 	nc.Logger = log.With("component", "network")
-	if j := c.VMM.Firecracker.Jailer; c.VMM.Provider == "firecracker" && j.Enabled {
+	if j := c.VMM.Firecracker.Jailer; c.VMM.Provider == firecracker.Provider && j.Enabled {
 		nc.TAPOwner, nc.TAPGroup = j.UID, j.GID
 	}
 	return network.New(nc, leases)
@@ -262,49 +214,30 @@ func QEMUConfig(c *config.Config) (qemu.Config, error) {
 	return qc, nil
 }
 
-// DiagnoseVMM returns the configured backend's host checks for doctor
-// (empty for backends that have none beyond CheckVMM).
+// DiagnoseVMM returns the configured backend's host checks for doctor.
 func DiagnoseVMM(ctx context.Context, c *config.Config) []vmm.Check {
-	switch c.VMM.Provider {
-	case "qemu":
-		qc, err := QEMUConfig(c)
-		checks := qemu.Diagnose(ctx, qc)
-		if err != nil {
-			for i := range checks {
-				if checks[i].Name == "guest image" {
-					checks[i] = vmm.Check{Name: "guest image", Detail: err.Error(), Fix: "Worker can't create VMs: build it with `aether-cli image build` (or `make guest-image`)"}
-				}
-			}
-		}
-		return checks
-	case "firecracker":
-		fc, err := FirecrackerConfig(c)
-		var checks []vmm.Check
-		if err != nil {
-			checks = append(checks, vmm.Check{Name: "guest image", Detail: err.Error(), Fix: "Worker can't create VMs: build it with `aether-cli image build` (or `make guest-image`)"})
-		}
-		for _, ch := range firecracker.Diagnose(fc) {
-			checks = append(checks, vmm.Check{Name: ch.Name, OK: ch.OK, Detail: ch.Detail, Fix: ch.Hint})
-		}
-		return checks
+	p, err := lookupProvider(c.VMM.Provider)
+	if err != nil {
+		return nil
 	}
-	return nil
+	return p.Diagnose(ctx, c)
 }
 
 // CheckVMM checks from this host that the configured backend is usable,
-// without creating anything.
+// without creating anything: every check of its Diagnose but the
+// accelerator (TCG is slow, not broken) must pass.
 func CheckVMM(ctx context.Context, c *config.Config) error {
-	switch c.VMM.Provider {
-	case "docker":
-		return docker.Ping(ctx, c.VMM.Docker.Host)
-	case "qemu", "firecracker":
-		for _, ch := range DiagnoseVMM(ctx, c) {
-			if !ch.OK && ch.Name != "accelerator" {
-				return fmt.Errorf("%w: %s: %s; %s", types.ErrUnavailable, ch.Name, ch.Detail, ch.Fix)
-			}
-		}
-		return nil
-	default:
-		return fmt.Errorf("%w: vmm.provider %q is not available in this build yet", types.ErrNotSupported, c.VMM.Provider)
+	p, err := lookupProvider(c.VMM.Provider)
+	if err != nil {
+		return err
 	}
+	if p.Check != nil {
+		return p.Check(ctx, c)
+	}
+	for _, ch := range p.Diagnose(ctx, c) {
+		if !ch.OK && ch.Name != "accelerator" {
+			return fmt.Errorf("%w: %s: %s; %s", types.ErrUnavailable, ch.Name, ch.Detail, ch.Fix)
+		}
+	}
+	return nil
 }

@@ -8,6 +8,7 @@ import (
 	"github.com/docker/docker/client"
 
 	"github.com/aetherium/aetherium-core/pkg/types"
+	"github.com/aetherium/aetherium-core/pkg/vmm"
 )
 
 // Ping checks that the Docker engine at host ("" = DOCKER_HOST or the
@@ -27,4 +28,14 @@ func Ping(ctx context.Context, host string) error {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	return o.ping(ctx)
+}
+
+// Diagnose checks this host for the docker backend without creating
+// anything: the engine at cfg.Host answers. It is the same shape as the
+// other backends' Diagnose.
+func Diagnose(ctx context.Context, cfg Config) []vmm.Check {
+	if err := Ping(ctx, cfg.Host); err != nil {
+		return []vmm.Check{{Name: "docker engine", Detail: err.Error(), Fix: "start it with `make up` (which starts a private dockerd) or set vmm.docker.host"}}
+	}
+	return []vmm.Check{{Name: "docker engine", OK: true, Detail: "answers"}}
 }

@@ -69,7 +69,7 @@ func TestConformance(t *testing.T) {
 	}
 	vmmtest.Run(t, vmmtest.Harness{
 		New: func(t *testing.T) vmm.VMOrchestrator {
-			o, err := firecracker.New(cfg)
+			o, err := firecracker.New(t.Context(), cfg)
 			require.NoError(t, err)
 			t.Cleanup(func() { o.Close() })
 			return o
@@ -95,20 +95,20 @@ func TestDiagnose(t *testing.T) {
 	t.Parallel()
 	cfg := fakeConfig(t)
 	cfg.Binary = "/nonexistent/firecracker"
-	checks := firecracker.Diagnose(cfg)
+	checks := firecracker.Diagnose(t.Context(), cfg)
 	byName := map[string]firecracker.Check{}
 	for _, c := range checks {
 		byName[c.Name] = c
-		t.Logf("ok=%v %-24s %s %s", c.OK, c.Name, c.Detail, c.Hint)
+		t.Logf("ok=%v %-24s %s %s", c.OK, c.Name, c.Detail, c.Fix)
 		if !c.OK {
-			require.NotEmpty(t, c.Hint, c.Name)
+			require.NotEmpty(t, c.Fix, c.Name)
 		}
 	}
 	for _, n := range []string{"firecracker binary", "/dev/kvm", "hardware virtualization", "kernel", "initrd", "rootfs", "vsock"} {
 		require.Contains(t, byName, n)
 	}
 	require.False(t, byName["firecracker binary"].OK)
-	require.Contains(t, byName["firecracker binary"].Hint, "Worker can't create VMs")
+	require.Contains(t, byName["firecracker binary"].Fix, "Worker can't create VMs")
 	require.False(t, byName["kernel"].OK, "the stand-in kernel is no ELF image")
 	require.True(t, byName["rootfs"].OK)
 	require.True(t, byName["vsock"].OK)
@@ -117,7 +117,7 @@ func TestDiagnose(t *testing.T) {
 	require.Equal(t, usable, byName["/dev/kvm"].OK && byName["hardware virtualization"].OK, why)
 	if !usable {
 		t.Logf("KVM is not usable here: %s", why)
-		require.Contains(t, byName["hardware virtualization"].Hint+byName["/dev/kvm"].Hint, "Worker can't create VMs")
+		require.Contains(t, byName["hardware virtualization"].Fix+byName["/dev/kvm"].Fix, "Worker can't create VMs")
 	}
 
 	o := newOrchestrator(t, cfg)
@@ -126,11 +126,11 @@ func TestDiagnose(t *testing.T) {
 	require.Contains(t, err.Error(), "firecracker binary")
 
 	cfg.SocketDir = "/" + strings.Repeat("d", 80)
-	bad := firecracker.Diagnose(cfg)
+	bad := firecracker.Diagnose(t.Context(), cfg)
 	for _, c := range bad {
 		if c.Name == "vsock" {
 			require.False(t, c.OK)
-			require.Contains(t, c.Hint, "VSock connection timeout")
+			require.Contains(t, c.Fix, "VSock connection timeout")
 			require.Contains(t, c.Detail, "107")
 			return
 		}

@@ -2,6 +2,7 @@ package firecracker
 
 import (
 	"bufio"
+	"context"
 	"debug/elf"
 	"errors"
 	"fmt"
@@ -13,20 +14,12 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/aetherium/aetherium-core/pkg/types"
+	"github.com/aetherium/aetherium-core/pkg/vmm"
 )
 
-// Check is one line of `aether-cli doctor`'s report on this backend.
-type Check struct {
-	// Name says what was checked, e.g. "firecracker binary".
-	Name string `json:"check"`
-	// OK is true when the check passed.
-	OK bool `json:"ok"`
-	// Detail is what was found.
-	Detail string `json:"detail"`
-	// Hint says how to fix a failed check, in the terms of the
-	// troubleshooting guide; empty when OK.
-	Hint string `json:"fix,omitempty"`
-}
+// Check is one line of `aether-cli doctor`'s report on this backend; its
+// Fix is in the terms of the troubleshooting guide.
+type Check = vmm.Check
 
 // The troubleshooting guide's symptoms that the hints refer to.
 const (
@@ -38,12 +31,12 @@ const (
 // Firecracker VMs with cfg: the binaries, /dev/kvm, hardware virtualization,
 // the guest images and the vsock socket directory. It never fails; each
 // check says what it found.
-func Diagnose(cfg Config) []Check {
+func Diagnose(ctx context.Context, cfg Config) []vmm.Check {
 	cfg.setDefaults()
 	var out []Check
 	add := func(name string, err error, ok, hint string) {
 		if err != nil {
-			out = append(out, Check{Name: name, Detail: err.Error(), Hint: hint})
+			out = append(out, Check{Name: name, Detail: err.Error(), Fix: hint})
 			return
 		}
 		out = append(out, Check{Name: name, OK: true, Detail: ok})

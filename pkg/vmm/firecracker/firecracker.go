@@ -59,7 +59,7 @@ var _ vmm.VMOrchestrator = (*Orchestrator)(nil)
 
 // New checks cfg and prepares the socket directory. It does not require
 // KVM or the binary: Health and Diagnose report on those.
-func New(cfg Config) (*Orchestrator, error) {
+func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
 	cfg.setDefaults()
 	if cfg.MaxVCPUs < 0 || cfg.ReadyTimeout < 0 || cfg.StopTimeout < 0 {
 		return nil, fmt.Errorf("%w: firecracker backend: max vcpus, ready timeout and stop timeout must not be negative", types.ErrInvalid)
@@ -99,7 +99,7 @@ func New(cfg Config) (*Orchestrator, error) {
 	if o.net.Enabled() {
 		// TAPs, rules and leases of VMs whose create a crash cut short go
 		// now; every VM with a record keeps its network.
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		ctx, cancel := context.WithTimeout(ctx, time.Minute)
 		defer cancel()
 		if err := o.net.Reconcile(ctx, o.log, o.recordedIDs()); err != nil {
 			o.log.Warn("reconciling the network of earlier runs", "err", err)

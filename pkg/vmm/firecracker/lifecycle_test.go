@@ -302,7 +302,7 @@ func TestPauseResumeSnapshot(t *testing.T) {
 func TestWorkerRestart(t *testing.T) {
 	t.Parallel()
 	cfg := fakeConfig(t)
-	first, err := firecracker.New(cfg)
+	first, err := firecracker.New(context.Background(), cfg)
 	require.NoError(t, err)
 	sp := vmmtest.NewSpec(t)
 	id := vmmtest.StartVM(t, first, sp)

@@ -116,7 +116,7 @@ func fakeConfig(t testing.TB) firecracker.Config {
 
 func newOrchestrator(t testing.TB, cfg firecracker.Config) *firecracker.Orchestrator {
 	t.Helper()
-	o, err := firecracker.New(cfg)
+	o, err := firecracker.New(context.Background(), cfg)
 	require.NoError(t, err)
 	t.Cleanup(func() { o.Close() })
 	return o
