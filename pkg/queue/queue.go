@@ -120,6 +120,12 @@ type JobRunPayload struct {
 }
 
 // Payload is implemented by every payload type.
+//
+// Encoding and decoding check only the payload's shape: that it is JSON and
+// carries the ids and fields its task cannot be routed or run without. What
+// a person typed is validated once, by pkg/service before it enqueues, and
+// the guest agent checks a command again at the trust boundary; the queue
+// in between trusts both.
 type Payload interface {
 	vmID() string
 	validate() error
@@ -132,11 +138,21 @@ func (p VMStopPayload) vmID() string    { return p.VMID }
 func (p VMStartPayload) vmID() string   { return p.VMID }
 func (p JobRunPayload) vmID() string    { return p.VMID }
 
-func (p VMCreatePayload) validate() error  { return nil }
-func (p VMExecutePayload) validate() error { return p.Command.Validate() }
-func (p VMDeletePayload) validate() error  { return nil }
-func (p VMStopPayload) validate() error    { return nil }
-func (p VMStartPayload) validate() error   { return nil }
+func (p VMCreatePayload) validate() error { return nil }
+func (p VMDeletePayload) validate() error { return nil }
+func (p VMStopPayload) validate() error   { return nil }
+func (p VMStartPayload) validate() error  { return nil }
+
+// validate asks only for a program: the rest of the command (env names,
+// limits, stdin size) is the service's to validate and the agent's to
+// enforce.
+func (p VMExecutePayload) validate() error {
+	if p.Command.Cmd == "" {
+		return fmt.Errorf("%w: command.cmd is empty", types.ErrInvalid)
+	}
+	return nil
+}
+
 func (p JobRunPayload) validate() error {
 	if p.JobID == "" {
 		return fmt.Errorf("%w: job_id is empty", types.ErrInvalid)
@@ -193,8 +209,8 @@ func NewJobRunTask(id string, p JobRunPayload) (*types.Task, error) {
 	return newTask(id, types.TaskJobRun, p)
 }
 
-// Decode parses and validates a payload. Errors wrap types.ErrInvalid: such
-// a task can never succeed and must not be retried.
+// Decode parses a payload and checks its shape (see Payload). Errors wrap
+// types.ErrInvalid: such a task can never succeed and must not be retried.
 func Decode[P Payload](raw []byte) (P, error) {
 	var p P
 	if err := json.Unmarshal(raw, &p); err != nil {

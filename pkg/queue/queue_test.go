@@ -73,3 +73,12 @@ func TestRedisNotifyAndOutput(t *testing.T) {
 	require.Equal(t, "a\x00c", out.String())
 	require.Equal(t, "b", errb.String())
 }
+
+// TestPayloadShapeOnly: the queue checks a payload's shape, not what the
+// user asked for, which the service validated before enqueueing.
+func TestPayloadShapeOnly(t *testing.T) {
+	raw := `{"vm_id":"v","command":{"cmd":"true","env":{"1X":"y"},"timeout":-1}}`
+	p, err := queue.Decode[queue.VMExecutePayload]([]byte(raw))
+	require.NoError(t, err)
+	require.Equal(t, "true", p.Command.Cmd)
+}
