@@ -61,8 +61,11 @@ type Process struct {
 // command has exited, the goroutine reading it lingers until Read returns.
 func (c *Client) Start(ctx context.Context, cmd types.Command, r io.Reader, stdout, stderr io.Writer) (*Process, error) {
 	op := fmt.Sprintf("running %q in the guest", cmd.Cmd)
-	if err := cmd.Validate(); err != nil {
-		return nil, fmt.Errorf("%s: %w", op, err)
+	// The command is not validated here: the service validated what the
+	// user typed and the agent checks what it is asked to run (empty
+	// command, env names). Only what would break this process is refused.
+	if cmd.MaxOutputBytes < 0 {
+		return nil, fmt.Errorf("%s: %w: max output bytes %d is negative", op, types.ErrInvalid, cmd.MaxOutputBytes)
 	}
 	if len(cmd.Stdin) > 0 {
 		if r == nil {

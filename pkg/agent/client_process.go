@@ -115,16 +115,10 @@ type ProcessInfo struct {
 // than this call with types.ErrNotSupported. It is not idempotent: each
 // call starts a process.
 func (c *Client) StartProcess(ctx context.Context, spec ProcessSpec) (ProcessStream, error) {
+	// The spec is the agent's to check (empty command, env names, negative
+	// durations), at the trust boundary; its refusal comes back as
+	// types.ErrInvalid.
 	op := fmt.Sprintf("starting %q in the guest", spec.Cmd)
-	switch {
-	case spec.Cmd == "":
-		return nil, fmt.Errorf("%s: %w: command is empty; give the program to run", op, types.ErrInvalid)
-	case spec.Timeout < 0 || spec.KeepaliveInterval < 0:
-		return nil, fmt.Errorf("%s: %w: timeout %s and keepalive interval %s must not be negative", op, types.ErrInvalid, spec.Timeout, spec.KeepaliveInterval)
-	}
-	if err := types.ValidateEnv(spec.Env); err != nil {
-		return nil, fmt.Errorf("%s: %w", op, err)
-	}
 	req := &agentpb.ProcessStartRequest{
 		Cmd:                 spec.Cmd,
 		Args:                spec.Args,
@@ -153,9 +147,6 @@ func (c *Client) ConnectProcess(ctx context.Context, sel ProcessSelector, keepal
 	psel, err := sel.proto(op)
 	if err != nil {
 		return nil, err
-	}
-	if keepalive < 0 {
-		return nil, fmt.Errorf("%s: %w: keepalive interval %s is negative", op, types.ErrInvalid, keepalive)
 	}
 	req := &agentpb.ProcessConnectRequest{Process: psel, KeepaliveIntervalMs: millis(keepalive)}
 	return c.openProcessStream(ctx, op, func(ctx context.Context) (grpc.ServerStreamingClient[agentpb.ProcessEvent], error) {
