@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"strconv"
 	"time"
 
@@ -151,7 +150,11 @@ func (w *Worker) handleVMExecute(ctx context.Context, t *asynq.Task, log *slog.L
 	return map[string]any{"execution_id": e.ID, "exit_code": e.ExitCode, "timed_out": e.TimedOut}, nil
 }
 
-// runCommand runs cmd in the VM and stores the execution.
+// runCommand runs cmd in the VM and stores the execution. The VM's env is
+// left to the backend, which lays it beneath cmd.Env (vmm.VMOrchestrator's
+// ExecuteCommand, checked by vmmtest) together with what only it knows:
+// the image's env, the guest's defaults. cmd is not validated again: the
+// service did, and the agent does.
 func (w *Worker) runCommand(ctx context.Context, log *slog.Logger, vmID, execID, jobID string, cmd types.Command, sio vmm.ExecIO) (*types.Execution, error) {
 	vm, err := w.ownedVM(ctx, vmID)
 	if err != nil {
@@ -160,12 +163,6 @@ func (w *Worker) runCommand(ctx context.Context, log *slog.Logger, vmID, execID,
 	if vm.State != types.VMRunning {
 		return nil, fmt.Errorf("%w: vm %s is %s, not running", types.ErrConflict, vm.ID, vm.State)
 	}
-	env := maps.Clone(vm.Env)
-	if env == nil {
-		env = map[string]string{}
-	}
-	maps.Copy(env, cmd.Env)
-	cmd.Env = env
 	if cmd.MaxOutputBytes == 0 {
 		cmd.MaxOutputBytes = w.cfg.MaxOutputBytes
 	}
