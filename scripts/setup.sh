@@ -82,6 +82,46 @@ if ! printf '%s\n' 20.18.1 "$node_version" | sort -V -C; then
   die "Node ${node_version:-(none)} is too old for the e2b SDK tests (test/e2b): install Node 20.18.1 or newer (e.g. from nodejs.org or NodeSource) and put node and npm in PATH"
 fi
 
+# mise provisions tools for VMs (pkg/tools, docs/tools.md). The pinned build
+# comes from the npm registry's @jdxcode/mise-linux-x64 package, the source
+# these machines can reach, and is checked against the registry's sha512
+# integrity before it is unpacked. AETHERIUM_MISE_SOURCE overrides the source:
+# another npm spec or a local .tgz (then set AETHERIUM_MISE_INTEGRITY to its
+# "sha512-..." value too). With internet access the official installer
+# (https://mise.run, `curl https://mise.run | sh`) works as well; point
+# tools.mise_binary at the result.
+MISE_VERSION=2026.9.15
+MISE_INTEGRITY=sha512-ButPFGyztN0Rk/HOHvHuf+W80CkvQRAjbDWHvhGJc3PnL3e2KhCYZIOyjx8wPkhr9VJa/7sJZXpxtt5JLjsfaQ==
+install_mise() {
+  local src=${AETHERIUM_MISE_SOURCE:-@jdxcode/mise-linux-x64@$MISE_VERSION}
+  local want=${AETHERIUM_MISE_INTEGRITY:-$MISE_INTEGRITY}
+  local cache=/var/cache/aetherium/mise dest=/usr/local/lib/aetherium/mise/$MISE_VERSION
+  if [ -x "$dest/mise" ] && "$dest/mise" --version >/dev/null 2>&1; then
+    ln -sf "$dest/mise" /usr/local/bin/mise
+    return 0
+  fi
+  command -v npm >/dev/null 2>&1 || die "npm is needed to fetch mise from the npm registry; install nodejs and npm"
+  log "fetching mise from $src"
+  mkdir -p "$cache"
+  local tgz
+  tgz=$(cd "$cache" && npm pack --silent "$src" | tail -n1) || die "npm pack $src failed; check the npm registry is reachable or set AETHERIUM_MISE_SOURCE"
+  local got
+  got="sha512-$(openssl dgst -sha512 -binary "$cache/$tgz" | base64 -w0)"
+  if [ "$got" != "$want" ]; then
+    rm -f "$cache/$tgz"
+    die "mise tarball $tgz has integrity $got, expected $want; refusing to install it"
+  fi
+  rm -rf "$dest.tmp" && mkdir -p "$dest.tmp"
+  tar -xzf "$cache/$tgz" -C "$dest.tmp" --strip-components=2 package/bin/mise ||
+    die "$tgz holds no package/bin/mise"
+  chmod 0755 "$dest.tmp/mise"
+  "$dest.tmp/mise" --version >/dev/null || die "the mise from $tgz does not run here"
+  rm -rf "$dest" && mv "$dest.tmp" "$dest"
+  ln -sf "$dest/mise" /usr/local/bin/mise
+  log "installed mise $("$dest/mise" --version)"
+}
+install_mise
+
 if ! command -v go >/dev/null 2>&1; then
   die "Go is missing: install Go 1.26 or newer at /usr/local/go (the build machines have it there)"
 fi
