@@ -71,6 +71,7 @@ func TestConformance(t *testing.T) {
 			require.NoError(t, err)
 			require.NoError(t, syscall.Kill(ins.State.Pid, syscall.SIGKILL))
 		},
+		LockVM: func(o vmm.VMOrchestrator, id string) func() { return o.(*docker.Orchestrator).LockVM(id) },
 	})
 }
 

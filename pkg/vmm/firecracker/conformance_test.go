@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -76,8 +77,24 @@ func TestConformance(t *testing.T) {
 		},
 		OpTimeout: time.Minute,
 		Crash:     crash,
+		LockVM:    lockVM,
+		RecordPath: func(o vmm.VMOrchestrator, id string) string {
+			return filepath.Join(cfg.SocketDir, id, "state.json")
+		},
+		PIDFiles: func(o vmm.VMOrchestrator, id string) []string {
+			return []string{filepath.Join(cfg.SocketDir, id, "firecracker.pid")}
+		},
+		Restart: func(t *testing.T, o vmm.VMOrchestrator) vmm.VMOrchestrator {
+			require.NoError(t, o.Close())
+			n, err := firecracker.New(t.Context(), cfg)
+			require.NoError(t, err)
+			t.Cleanup(func() { n.Close() })
+			return n
+		},
 	})
 }
+
+func lockVM(o vmm.VMOrchestrator, id string) func() { return o.(*firecracker.Orchestrator).LockVM(id) }
 
 // crash kills VM id's VMM from outside, as a crash would.
 func crash(t *testing.T, o vmm.VMOrchestrator, id string) {

@@ -94,6 +94,21 @@ func TestConformance(t *testing.T) {
 			pid := qemuPid(t, o.(*qemu.Orchestrator), id)
 			require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
 		},
+		LockVM: func(o vmm.VMOrchestrator, id string) func() { return o.(*qemu.Orchestrator).LockVM(id) },
+		RecordPath: func(o vmm.VMOrchestrator, id string) string {
+			return filepath.Join(o.(*qemu.Orchestrator).RunDir(id), "vm.json")
+		},
+		PIDFiles: func(o vmm.VMOrchestrator, id string) []string {
+			dir := o.(*qemu.Orchestrator).RunDir(id)
+			return []string{filepath.Join(dir, "qemu.pid"), filepath.Join(dir, "vsock.pid")}
+		},
+		Restart: func(t *testing.T, o vmm.VMOrchestrator) vmm.VMOrchestrator {
+			dir := filepath.Dir(o.(*qemu.Orchestrator).RunDir("x"))
+			require.NoError(t, o.Close())
+			n := newOrchestrator(t, dir)
+			t.Cleanup(func() { deleteAll(t, n) })
+			return n
+		},
 	})
 }
 

@@ -46,6 +46,24 @@ type Harness struct {
 	// checks that the backend then reports the VM failed, frees it, and can
 	// still delete it.
 	Crash func(t *testing.T, o vmm.VMOrchestrator, id string)
+
+	// LockVM takes the backend's own lock of VM id from outside, as a long
+	// step of another call would, and returns its release (the backend's
+	// export_test.go reaches it). Required.
+	LockVM func(o vmm.VMOrchestrator, id string) (unlock func())
+	// Hostname returns the hostname VM id's guest was given. Default: the
+	// guest's /proc/sys/kernel/hostname, read through ExecuteCommand.
+	Hostname func(t *testing.T, o vmm.VMOrchestrator, id string) string
+	// RecordPath returns the file of VM id's record; nil for a backend that
+	// keeps none (docker: the engine holds the state).
+	RecordPath func(o vmm.VMOrchestrator, id string) string
+	// PIDFiles returns the pidfiles of VM id's host processes; nil for a
+	// backend that adopts no process after a restart (docker).
+	PIDFiles func(o vmm.VMOrchestrator, id string) []string
+	// Restart closes o and returns a new orchestrator on the same state, as
+	// a worker restart does, registering its cleanup. Required with
+	// RecordPath or PIDFiles.
+	Restart func(t *testing.T, o vmm.VMOrchestrator) vmm.VMOrchestrator
 }
 
 func (h *Harness) defaults() {
@@ -64,6 +82,7 @@ type suite struct {
 func Run(t *testing.T, h Harness) {
 	require.NotNil(t, h.New, "Harness.New is required")
 	require.NotNil(t, h.Crash, "Harness.Crash is required")
+	require.NotNil(t, h.LockVM, "Harness.LockVM is required")
 	h.defaults()
 	s := &suite{h: h, o: h.New(t)}
 
@@ -77,6 +96,7 @@ func Run(t *testing.T, h Harness) {
 	t.Run("Concurrent", s.testConcurrent)
 	t.Run("Exec", s.testExec)
 	t.Run("Crash", s.testCrash)
+	t.Run("Shared", s.runShared)
 }
 
 // ctx returns a context bounded by the harness's operation timeout.
@@ -103,6 +123,8 @@ func (s *suite) testCapabilities(t *testing.T) {
 	require.NotEmpty(t, c.Provider)
 	require.Positive(t, c.MaxVCPUs)
 	require.Contains(t, []string{"container", "vm"}, c.Isolation)
+	_, ok := vmm.AsSnapshotter(s.o)
+	require.Equal(t, c.PauseResume || c.Snapshot, ok, "Capabilities describes the Snapshotter truthfully")
 }
 
 // testInvalidSpecs: an invalid spec returns ErrInvalid and leaves nothing.
