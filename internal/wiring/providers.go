@@ -121,13 +121,9 @@ func DockerConfig(c *config.Config) docker.Config {
 			rootfs = m.RootfsTarPath()
 		}
 	}
-	return docker.Config{
-		Host:        c.VMM.Docker.Host,
-		AgentPath:   AgentPath(c),
-		RootfsTar:   rootfs,
-		BusyboxPath: c.VMM.Docker.BusyboxPath,
-		SocketDir:   c.VMM.Docker.SocketDir,
-		Image:       c.VMM.Docker.Image,
-		MaxVCPUs:    c.VMM.MaxVCPUs,
-	}
+	dc := c.VMM.Docker
+	dc.AgentPath = AgentPath(c)
+	dc.RootfsTar = rootfs
+	dc.MaxVCPUs = c.VMM.MaxVCPUs
+	return dc
 }

@@ -137,17 +137,8 @@ func NewOrchestrator(ctx context.Context, c *config.Config, owner string, log *s
 // FirecrackerConfig maps the vmm.firecracker section to the backend's
 // config. Unset image paths come from the newest image in vmm.image_dir.
 func FirecrackerConfig(c *config.Config) (firecracker.Config, error) {
-	f := c.VMM.Firecracker
-	fc := firecracker.Config{
-		Binary: f.Binary, KernelPath: f.KernelPath, InitrdPath: f.InitrdPath, RootfsPath: f.RootfsPath,
-		SocketDir: f.SocketDir, BootArgs: f.BootArgs, LogLevel: f.LogLevel,
-		ReadyTimeout: f.ReadyTimeout, StopTimeout: f.StopTimeout, MaxVCPUs: c.VMM.MaxVCPUs,
-		Jailer: firecracker.JailerConfig{
-			Enabled: f.Jailer.Enabled, Binary: f.Jailer.Binary, UID: f.Jailer.UID, GID: f.Jailer.GID,
-			ChrootBaseDir: f.Jailer.ChrootBaseDir, CgroupVersion: f.Jailer.CgroupVersion,
-			ParentCgroup: f.Jailer.ParentCgroup, NetNS: f.Jailer.NetNS,
-		},
-	}
+	fc := c.VMM.Firecracker
+	fc.MaxVCPUs = c.VMM.MaxVCPUs
 	if fc.KernelPath == "" || fc.InitrdPath == "" || fc.RootfsPath == "" {
 		m, err := image.Latest(c.VMM.ImageDir)
 		if err != nil {
@@ -189,19 +180,8 @@ func NetworkConfig(c *config.Config) network.Config {
 // image's files come from the section when set, else from the newest image
 // in vmm.image_dir.
 func QEMUConfig(c *config.Config) (qemu.Config, error) {
-	q := c.VMM.QEMU
-	qc := qemu.Config{
-		Binary:       q.Binary,
-		VsockBinary:  q.VsockBinary,
-		Accel:        q.Accel,
-		RunDir:       q.RunDir,
-		KernelPath:   q.KernelPath,
-		InitrdPath:   q.InitrdPath,
-		RootfsPath:   q.RootfsPath,
-		KernelArgs:   q.KernelArgs,
-		MaxVCPUs:     c.VMM.MaxVCPUs,
-		ReadyTimeout: q.ReadyTimeout,
-	}
+	qc := c.VMM.QEMU
+	qc.MaxVCPUs = c.VMM.MaxVCPUs
 	if qc.KernelPath == "" || qc.InitrdPath == "" || qc.RootfsPath == "" {
 		m, err := image.Latest(c.VMM.ImageDir)
 		if err != nil {

@@ -22,6 +22,9 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/aetherium/aetherium-core/pkg/types"
+	"github.com/aetherium/aetherium-core/pkg/vmm/docker"
+	"github.com/aetherium/aetherium-core/pkg/vmm/firecracker"
+	"github.com/aetherium/aetherium-core/pkg/vmm/qemu"
 )
 
 // Config is the whole configuration file.
@@ -110,56 +113,21 @@ type VMM struct {
 	Firecracker Firecracker `yaml:"firecracker"`
 }
 
-// Firecracker configures the firecracker backend (docs/firecracker.md).
-type Firecracker struct {
-	// Binary is the firecracker executable. Default firecracker on PATH.
-	Binary string `yaml:"binary"`
-	// KernelPath is the guest's uncompressed ELF vmlinux. Default: the
-	// newest guest image's vmlinux in vmm.image_dir.
-	KernelPath string `yaml:"kernel_path"`
-	// InitrdPath is the initramfs whose /init is fc-agent. Default: the
-	// newest guest image's.
-	InitrdPath string `yaml:"initrd_path"`
-	// RootfsPath is the ext4 image each VM gets a copy-on-write copy of.
-	// Default: the newest guest image's.
-	RootfsPath string `yaml:"rootfs_path"`
-	// SocketDir holds one run directory per VM (API socket, vsock socket,
-	// logs). Default /var/lib/aetherium/firecracker.
-	SocketDir string `yaml:"socket_dir"`
-	// BootArgs are appended to the guest kernel command line.
-	BootArgs string `yaml:"boot_args"`
-	// LogLevel is Firecracker's: Error, Warning, Info, Debug, Trace or Off.
-	// Default Warning.
-	LogLevel string `yaml:"log_level"`
-	// ReadyTimeout bounds the wait for the API socket and the agent.
-	// Default 30s.
-	ReadyTimeout time.Duration `yaml:"ready_timeout"`
-	// StopTimeout bounds each step of a graceful stop. Default 10s.
-	StopTimeout time.Duration `yaml:"stop_timeout"`
-	// Jailer runs every VMM through Firecracker's jailer.
-	Jailer FirecrackerJailer `yaml:"jailer"`
-}
-
-// FirecrackerJailer configures Firecracker's jailer (its docs/jailer.md).
-type FirecrackerJailer struct {
-	// Enabled starts every VMM through the jailer. Default false.
-	Enabled bool `yaml:"enabled"`
-	// Binary is the jailer of the same release as firecracker. Default jailer.
-	Binary string `yaml:"binary"`
-	// UID and GID the VMM runs as once jailed. 0 means root: not for
-	// production.
-	UID int `yaml:"uid"`
-	GID int `yaml:"gid"`
-	// ChrootBaseDir is where jails are built. Default /srv/jailer.
-	ChrootBaseDir string `yaml:"chroot_base_dir"`
-	// CgroupVersion is 1 or 2. Default 2.
-	CgroupVersion int `yaml:"cgroup_version"`
-	// ParentCgroup nests the VMs' cgroups under this relative path.
-	// Default: the binary's name.
-	ParentCgroup string `yaml:"parent_cgroup"`
-	// NetNS is a network namespace the VMM joins, e.g. /var/run/netns/aeth.
-	NetNS string `yaml:"netns"`
-}
+// The backend sections are the backends' own config structs: each backend
+// owns its fields, their comments and its defaults (one exported constant
+// per default), and its yaml tags are the section's keys, so there is no
+// copy here to keep in step. Fields tagged yaml:"-" (the owner, logger,
+// network manager, vCPU limit) are set by internal/wiring.
+type (
+	// Firecracker configures the firecracker backend (docs/firecracker.md).
+	Firecracker = firecracker.Config
+	// FirecrackerJailer configures Firecracker's jailer (its docs/jailer.md).
+	FirecrackerJailer = firecracker.JailerConfig
+	// QEMU configures the qemu backend (QEMU's microvm machine).
+	QEMU = qemu.Config
+	// Docker configures the docker backend.
+	Docker = docker.Config
+)
 
 // Network configures VM networking for the qemu and firecracker backends:
 // a TAP per VM on a bridge, addresses from a pool kept in PostgreSQL, NAT
@@ -190,52 +158,6 @@ type Network struct {
 	// Pool names this bridge's address pool in PostgreSQL. Default
 	// <hostname>/<bridge>.
 	Pool string `yaml:"pool"`
-}
-
-// QEMU configures the qemu backend (QEMU's microvm machine).
-type QEMU struct {
-	// Binary is the QEMU system emulator. Default qemu-system-x86_64.
-	Binary string `yaml:"binary"`
-	// VsockBinary is vhost-device-vsock. Default: found on PATH.
-	VsockBinary string `yaml:"vsock_binary"`
-	// Accel is auto (KVM only when the CPU has vmx/svm and /dev/kvm opens),
-	// kvm or tcg. Default auto.
-	Accel string `yaml:"accel"`
-	// RunDir holds one directory per VM. Default /var/lib/aetherium/qemu.
-	RunDir string `yaml:"run_dir"`
-	// KernelPath, InitrdPath and RootfsPath override the guest image's
-	// files. Default: the newest image in vmm.image_dir.
-	KernelPath string `yaml:"kernel_path"`
-	InitrdPath string `yaml:"initrd_path"`
-	RootfsPath string `yaml:"rootfs_path"`
-	// KernelArgs are appended to the guest kernel's command line.
-	KernelArgs string `yaml:"kernel_args"`
-	// ReadyTimeout bounds how long a boot may take until the agent
-	// answers. Default 90s.
-	ReadyTimeout time.Duration `yaml:"ready_timeout"`
-}
-
-// Docker configures the docker backend.
-type Docker struct {
-	// Host is the Engine API address, e.g. unix:///var/run/docker.sock.
-	// Empty: DOCKER_HOST or the default socket.
-	Host string `yaml:"host"`
-	// AgentPath is the fc-agent binary baked into the base image. Empty:
-	// fc-agent next to the running executable.
-	AgentPath string `yaml:"agent_path"`
-	// BusyboxPath is a static busybox giving the image a shell. Default
-	// /bin/busybox (Debian's busybox-static).
-	BusyboxPath string `yaml:"busybox_path"`
-	// SocketDir holds one directory per VM with the agent's socket.
-	// Default /var/lib/aetherium/docker.
-	SocketDir string `yaml:"socket_dir"`
-	// Image is an existing image to run instead of the built base image.
-	Image string `yaml:"image"`
-	// RootfsTar is the root file system tarball the base image is built
-	// from. Empty: the newest guest image's rootfs.tar in vmm.image_dir, so
-	// containers run the same userland as the microVMs, or, when no guest
-	// image was built, a busybox tree.
-	RootfsTar string `yaml:"rootfs_tar"`
 }
 
 // Queue configures the task queue.
@@ -369,18 +291,18 @@ func Load(explicit string) (*Config, error) {
 func (c *Config) setDefaults() {
 	c.VMM.Provider = cmp.Or(c.VMM.Provider, "docker")
 	c.VMM.MaxOutputBytes = cmp.Or(c.VMM.MaxOutputBytes, types.DefaultMaxOutputBytes)
-	c.VMM.Docker.BusyboxPath = cmp.Or(c.VMM.Docker.BusyboxPath, "/bin/busybox")
-	c.VMM.Docker.SocketDir = cmp.Or(c.VMM.Docker.SocketDir, "/var/lib/aetherium/docker")
+	c.VMM.Docker.BusyboxPath = cmp.Or(c.VMM.Docker.BusyboxPath, docker.DefaultBusyboxPath)
+	c.VMM.Docker.SocketDir = cmp.Or(c.VMM.Docker.SocketDir, docker.DefaultSocketDir)
 	c.VMM.ImageDir = cmp.Or(c.VMM.ImageDir, "/var/cache/aetherium")
-	c.VMM.QEMU.Binary = cmp.Or(c.VMM.QEMU.Binary, "qemu-system-x86_64")
-	c.VMM.QEMU.VsockBinary = cmp.Or(c.VMM.QEMU.VsockBinary, "vhost-device-vsock")
-	c.VMM.QEMU.Accel = cmp.Or(c.VMM.QEMU.Accel, "auto")
-	c.VMM.QEMU.RunDir = cmp.Or(c.VMM.QEMU.RunDir, "/var/lib/aetherium/qemu")
-	c.VMM.Firecracker.Binary = cmp.Or(c.VMM.Firecracker.Binary, "firecracker")
-	c.VMM.Firecracker.SocketDir = cmp.Or(c.VMM.Firecracker.SocketDir, "/var/lib/aetherium/firecracker")
-	c.VMM.Firecracker.Jailer.Binary = cmp.Or(c.VMM.Firecracker.Jailer.Binary, "jailer")
-	c.VMM.Firecracker.Jailer.ChrootBaseDir = cmp.Or(c.VMM.Firecracker.Jailer.ChrootBaseDir, "/srv/jailer")
-	c.VMM.Firecracker.Jailer.CgroupVersion = cmp.Or(c.VMM.Firecracker.Jailer.CgroupVersion, 2)
+	c.VMM.QEMU.Binary = cmp.Or(c.VMM.QEMU.Binary, qemu.DefaultBinary)
+	c.VMM.QEMU.VsockBinary = cmp.Or(c.VMM.QEMU.VsockBinary, qemu.DefaultVsockBinary)
+	c.VMM.QEMU.Accel = cmp.Or(c.VMM.QEMU.Accel, qemu.AccelAuto)
+	c.VMM.QEMU.RunDir = cmp.Or(c.VMM.QEMU.RunDir, qemu.DefaultRunDir)
+	c.VMM.Firecracker.Binary = cmp.Or(c.VMM.Firecracker.Binary, firecracker.DefaultBinary)
+	c.VMM.Firecracker.SocketDir = cmp.Or(c.VMM.Firecracker.SocketDir, firecracker.DefaultSocketDir)
+	c.VMM.Firecracker.Jailer.Binary = cmp.Or(c.VMM.Firecracker.Jailer.Binary, firecracker.DefaultJailerBinary)
+	c.VMM.Firecracker.Jailer.ChrootBaseDir = cmp.Or(c.VMM.Firecracker.Jailer.ChrootBaseDir, firecracker.DefaultChrootBaseDir)
+	c.VMM.Firecracker.Jailer.CgroupVersion = cmp.Or(c.VMM.Firecracker.Jailer.CgroupVersion, firecracker.DefaultCgroupVersion)
 	c.Network.Bridge = cmp.Or(c.Network.Bridge, "aeth0")
 	c.Network.Subnet = cmp.Or(c.Network.Subnet, "10.88.0.0/16")
 	c.Network.Table = cmp.Or(c.Network.Table, "aetherium")

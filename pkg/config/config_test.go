@@ -10,6 +10,9 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/aetherium/aetherium-core/pkg/types"
+	"github.com/aetherium/aetherium-core/pkg/vmm/docker"
+	"github.com/aetherium/aetherium-core/pkg/vmm/firecracker"
+	"github.com/aetherium/aetherium-core/pkg/vmm/qemu"
 )
 
 func writeFile(t *testing.T, body string) string {
@@ -94,4 +97,50 @@ func TestPathOrder(t *testing.T) {
 	c, err := Load(home) // empty file: defaults
 	require.NoError(t, err)
 	require.Equal(t, "127.0.0.1:6379", c.Queue.RedisAddr)
+}
+
+// TestExampleIsTheBackendsDefaults: aetherium.example.yaml, the
+// configuration's documentation, loads with every key known, and the
+// backend sections it shows are the backends' own defaults (the backends
+// own their config structs and default constants; see the QEMU, Firecracker
+// and Docker aliases).
+func TestExampleIsTheBackendsDefaults(t *testing.T) {
+	t.Setenv("AETHERIUM_CONFIG", "")
+	c, err := Load(filepath.Join("..", "..", "aetherium.example.yaml"))
+	require.NoError(t, err)
+	q, f, d := c.VMM.QEMU, c.VMM.Firecracker, c.VMM.Docker
+	require.Equal(t, qemu.DefaultBinary, q.Binary)
+	require.Equal(t, qemu.DefaultVsockBinary, q.VsockBinary)
+	require.Equal(t, qemu.DefaultImgBinary, q.ImgBinary)
+	require.Equal(t, qemu.DefaultRunDir, q.RunDir)
+	require.Equal(t, qemu.AccelAuto, q.Accel)
+	require.Equal(t, qemu.DefaultReadyTimeout, q.ReadyTimeout)
+	require.Equal(t, qemu.DefaultStopTimeout, q.StopTimeout)
+	require.Equal(t, firecracker.DefaultBinary, f.Binary)
+	require.Equal(t, firecracker.DefaultSocketDir, f.SocketDir)
+	require.Equal(t, firecracker.DefaultLogLevel, f.LogLevel)
+	require.Equal(t, firecracker.DefaultReadyTimeout, f.ReadyTimeout)
+	require.Equal(t, firecracker.DefaultStopTimeout, f.StopTimeout)
+	require.Equal(t, firecracker.DefaultJailerBinary, f.Jailer.Binary)
+	require.Equal(t, firecracker.DefaultChrootBaseDir, f.Jailer.ChrootBaseDir)
+	require.Equal(t, firecracker.DefaultCgroupVersion, f.Jailer.CgroupVersion)
+	require.Equal(t, docker.DefaultBusyboxPath, d.BusyboxPath)
+	require.Equal(t, docker.DefaultSocketDir, d.SocketDir)
+	require.Equal(t, docker.DefaultReadyTimeout, d.ReadyTimeout)
+	require.Equal(t, docker.DefaultStopTimeout, d.StopTimeout)
+}
+
+// TestBackendSectionsFromEnv: the backends' own fields are overridden by
+// the environment like every other key, and the fields wiring sets are not
+// configuration keys.
+func TestBackendSectionsFromEnv(t *testing.T) {
+	t.Setenv("AETHERIUM_CONFIG", "")
+	t.Setenv("AETHERIUM_VMM_QEMU_STOP_TIMEOUT", "3s")
+	t.Setenv("AETHERIUM_VMM_FIRECRACKER_JAILER_UID", "123")
+	c, err := Load(writeFile(t, "vmm: {provider: qemu}\n"))
+	require.NoError(t, err)
+	require.Equal(t, 3*time.Second, c.VMM.QEMU.StopTimeout)
+	require.Equal(t, 123, c.VMM.Firecracker.Jailer.UID)
+	_, err = Load(writeFile(t, "vmm: {qemu: {owner: w1}}\n"))
+	require.ErrorContains(t, err, "field owner not found")
 }

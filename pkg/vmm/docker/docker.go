@@ -68,39 +68,39 @@ const (
 type Config struct {
 	// Host is the Docker engine's address, e.g. unix:///run/aetherium/docker.sock.
 	// Empty: DOCKER_HOST from the environment, or the engine's default socket.
-	Host string
+	Host string `yaml:"host"`
 	// AgentPath is the fc-agent binary on the host that is put into the
 	// image. Required unless Image is set.
-	AgentPath string
+	AgentPath string `yaml:"agent_path"`
 	// BusyboxPath is a statically linked busybox on the host (Debian's
 	// busybox-static) that gives the image its shell and tools. Default
 	// /bin/busybox.
-	BusyboxPath string
+	BusyboxPath string `yaml:"busybox_path"`
 	// RootfsTar is an optional root file system tarball (.tar or .tar.gz,
 	// e.g. a Debian one made with debootstrap) to build the image from
 	// instead of busybox; the agent is added to it.
-	RootfsTar string
+	RootfsTar string `yaml:"rootfs_tar"`
 	// Image is a ready image to create VMs from instead of building one. It
 	// must hold the agent at GuestAgentPath.
-	Image string
+	Image string `yaml:"image"`
 	// SocketDir is the host directory that holds one directory per VM with
 	// the agent's socket. Keep it short: unix socket paths are limited to
 	// 107 bytes. Default /var/lib/aetherium/docker.
-	SocketDir string
+	SocketDir string `yaml:"socket_dir"`
 	// MaxVCPUs is the most vCPUs one VM may ask for. Default: the host's
 	// CPU count.
-	MaxVCPUs int
+	MaxVCPUs int `yaml:"-"`
 	// ReadyTimeout bounds how long StartVM waits for the agent to answer.
 	// Default 30s.
-	ReadyTimeout time.Duration
+	ReadyTimeout time.Duration `yaml:"ready_timeout"`
 	// StopTimeout is how long a graceful StopVM waits before killing the
 	// container. Default 10s.
-	StopTimeout time.Duration
+	StopTimeout time.Duration `yaml:"stop_timeout"`
 	// Owner is the id of the worker that owns the VMs; it is stored as a
 	// label, and ListVMs returns only that owner's VMs when it is set.
-	Owner string
+	Owner string `yaml:"-"`
 	// Logger receives the backend's logs. Default slog.Default().
-	Logger *slog.Logger
+	Logger *slog.Logger `yaml:"-"`
 }
 
 // Orchestrator runs VMs as Docker containers. It implements vmm.VMOrchestrator.

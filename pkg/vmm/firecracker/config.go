@@ -55,67 +55,67 @@ const (
 type Config struct {
 	// Binary is the firecracker executable, a path or a name looked up in
 	// PATH. Default "firecracker".
-	Binary string
+	Binary string `yaml:"binary"`
 	// Jailer runs each VMM through Firecracker's jailer. Default off.
-	Jailer JailerConfig
+	Jailer JailerConfig `yaml:"jailer"`
 	// KernelPath is the guest kernel, an uncompressed ELF vmlinux. Required.
-	KernelPath string
+	KernelPath string `yaml:"kernel_path"`
 	// InitrdPath is the initramfs whose /init is fc-agent (it loads the
 	// virtio and vsock modules, then mounts /dev/vda). Empty: none.
-	InitrdPath string
+	InitrdPath string `yaml:"initrd_path"`
 	// RootfsPath is the ext4 root file system image; each VM gets a
 	// copy-on-write copy of it as /dev/vda. Required.
-	RootfsPath string
+	RootfsPath string `yaml:"rootfs_path"`
 	// SocketDir holds one run directory per VM. Keep it short: unix socket
 	// paths are limited to 107 bytes. Default /var/lib/aetherium/firecracker.
-	SocketDir string
+	SocketDir string `yaml:"socket_dir"`
 	// BootArgs are appended to the kernel command line the backend builds.
-	BootArgs string
+	BootArgs string `yaml:"boot_args"`
 	// Network gives nat VMs their TAP, address and isolation rules (the
 	// same manager the qemu backend uses); its namespace is where the VMM
 	// runs unless the jailer joins one of its own. nil: no networking.
-	Network network.VMNetwork
+	Network network.VMNetwork `yaml:"-"`
 	// LogLevel is Firecracker's log level: Error, Warning, Info, Debug,
 	// Trace or Off. Default Warning.
-	LogLevel string
+	LogLevel string `yaml:"log_level"`
 	// MaxVCPUs is the most vCPUs one VM may ask for. Default: the host's CPU
 	// count, at most 32 (Firecracker's limit).
-	MaxVCPUs int
+	MaxVCPUs int `yaml:"-"`
 	// ReadyTimeout bounds how long StartVM waits for the API socket and then
 	// for the guest agent. Default 30s.
-	ReadyTimeout time.Duration
+	ReadyTimeout time.Duration `yaml:"ready_timeout"`
 	// StopTimeout is how long each step of a graceful StopVM (agent
 	// poweroff, then Ctrl-Alt-Del) waits for the VMM to exit before the
 	// next. Default 10s.
-	StopTimeout time.Duration
+	StopTimeout time.Duration `yaml:"stop_timeout"`
 	// Owner is the id of the worker that owns the VMs; ListVMs returns only
 	// that owner's VMs when it is set.
-	Owner string
+	Owner string `yaml:"-"`
 	// Logger receives the backend's logs. Default slog.Default().
-	Logger *slog.Logger
+	Logger *slog.Logger `yaml:"-"`
 }
 
 // JailerConfig configures Firecracker's jailer (docs/jailer.md).
 type JailerConfig struct {
 	// Enabled starts every VMM through the jailer.
-	Enabled bool
+	Enabled bool `yaml:"enabled"`
 	// Binary is the jailer executable, a path or a name in PATH. Default
 	// "jailer".
-	Binary string
+	Binary string `yaml:"binary"`
 	// UID and GID are what the jailer drops to before it execs Firecracker.
 	// Zero keeps root; set a dedicated unprivileged user in production.
-	UID int
-	GID int
+	UID int `yaml:"uid"`
+	GID int `yaml:"gid"`
 	// ChrootBaseDir is where jails are built. Default /srv/jailer.
-	ChrootBaseDir string
+	ChrootBaseDir string `yaml:"chroot_base_dir"`
 	// CgroupVersion is 1 or 2. Default 2.
-	CgroupVersion int
+	CgroupVersion int `yaml:"cgroup_version"`
 	// ParentCgroup places each VM's cgroup under this relative path.
 	// Empty: the jailer's default (the firecracker binary's name).
-	ParentCgroup string
+	ParentCgroup string `yaml:"parent_cgroup"`
 	// NetNS is the path of a network namespace handle the VMM joins, e.g.
 	// /var/run/netns/aetherium. Empty: the host's namespace.
-	NetNS string
+	NetNS string `yaml:"netns"`
 }
 
 func (c *Config) setDefaults() {

@@ -25,41 +25,41 @@ const (
 // its default, except the three image paths, which are required.
 type Config struct {
 	// Binary is the QEMU system emulator. Default qemu-system-x86_64 on PATH.
-	Binary string
+	Binary string `yaml:"binary"`
 	// VsockBinary is vhost-device-vsock. Default: on PATH.
-	VsockBinary string
+	VsockBinary string `yaml:"vsock_binary"`
 	// ImgBinary is qemu-img, used to make each VM's overlay. Default: on PATH.
-	ImgBinary string
+	ImgBinary string `yaml:"img_binary"`
 	// KernelPath is the guest kernel (a bzImage). Required.
-	KernelPath string
+	KernelPath string `yaml:"kernel_path"`
 	// InitrdPath is the initramfs whose /init is fc-agent. Required.
-	InitrdPath string
+	InitrdPath string `yaml:"initrd_path"`
 	// RootfsPath is the base ext4 root file system. VMs never write to it:
 	// each gets a qcow2 overlay backed by it. Required.
-	RootfsPath string
+	RootfsPath string `yaml:"rootfs_path"`
 	// RunDir holds one directory per VM. Keep it short: Unix socket paths
 	// are limited to 107 bytes. Default /var/lib/aetherium/qemu.
-	RunDir string
+	RunDir string `yaml:"run_dir"`
 	// Accel is "auto" (KVM when the host can run stock kernels under it,
 	// TCG otherwise), "kvm" or "tcg". Default auto.
-	Accel string
+	Accel string `yaml:"accel"`
 	// KernelArgs are appended to the kernel command line.
-	KernelArgs string
+	KernelArgs string `yaml:"kernel_args"`
 	// MaxVCPUs is the most vCPUs one VM may ask for. Default: the host's
 	// CPU count.
-	MaxVCPUs int
+	MaxVCPUs int `yaml:"-"`
 	// ReadyTimeout bounds how long StartVM waits for the agent to answer.
 	// Default 90s (software emulation on a loaded host is slow).
-	ReadyTimeout time.Duration
+	ReadyTimeout time.Duration `yaml:"ready_timeout"`
 	// StopTimeout bounds each step of a graceful stop (agent power-off,
 	// then QMP quit) before the next. Default 10s.
-	StopTimeout time.Duration
+	StopTimeout time.Duration `yaml:"stop_timeout"`
 	// Owner is the id of the worker that owns the VMs; ListVMs returns only
 	// that owner's VMs when it is set.
-	Owner string
+	Owner string `yaml:"-"`
 	// Network attaches VMs created with network nat (a *network.Manager).
 	// Nil: no networking; such VMs are refused with types.ErrInvalid.
-	Network Network
+	Network Network `yaml:"-"`
 	// Logger receives the backend's logs. Default slog.Default().
-	Logger *slog.Logger
+	Logger *slog.Logger `yaml:"-"`
 }
