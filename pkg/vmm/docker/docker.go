@@ -15,7 +15,6 @@ import (
 	"io"
 	"log/slog"
 	"maps"
-	"net"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -105,6 +104,8 @@ type Config struct {
 
 // Orchestrator runs VMs as Docker containers. It implements vmm.VMOrchestrator.
 type Orchestrator struct {
+	// AgentIO gives WriteFile, ReadFile and DialAgent.
+	vmutil.AgentIO
 	cfg   Config
 	api   *client.Client
 	log   *slog.Logger
@@ -150,6 +151,7 @@ func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
 		return nil, fmt.Errorf("%w: docker host %q: %v", types.ErrInvalid, cfg.Host, err)
 	}
 	o := &Orchestrator{cfg: cfg, api: api, log: cfg.Logger.With("provider", Provider)}
+	o.AgentIO = vmutil.AgentIO{Agent: o.agentOf, Dialer: o.dialerOf}
 	if err := o.ping(ctx); err != nil {
 		api.Close()
 		return nil, err
@@ -506,12 +508,6 @@ func (o *Orchestrator) runningAgent(ctx context.Context, id string) (*agent.Clie
 	return c, ins, err
 }
 
-// DialAgent implements vmm.VMOrchestrator: a new connection to the agent's
-// unix socket in the VM's directory.
-func (o *Orchestrator) DialAgent(ctx context.Context, id string) (net.Conn, error) {
-	return vmutil.DialAgent(ctx, o.dialerOf, id)
-}
-
 // dialerOf is the dialer of a running VM's agent as a vmutil.RunningDialer.
 func (o *Orchestrator) dialerOf(ctx context.Context, id string) (agent.Dialer, error) {
 	if _, err := o.running(ctx, id); err != nil {
@@ -523,16 +519,6 @@ func (o *Orchestrator) dialerOf(ctx context.Context, id string) (agent.Dialer, e
 // dialer reaches VM id's agent; the cached client and DialAgent share it.
 func (o *Orchestrator) dialer(id string) agent.Dialer {
 	return agent.UnixDialer(o.socketPath(id))
-}
-
-// WriteFile implements vmm.VMOrchestrator.
-func (o *Orchestrator) WriteFile(ctx context.Context, id, path string, r io.Reader, opts types.FileOptions) (int64, error) {
-	return vmutil.WriteFile(ctx, o.agentOf, id, path, r, opts)
-}
-
-// ReadFile implements vmm.VMOrchestrator.
-func (o *Orchestrator) ReadFile(ctx context.Context, id, path string, w io.Writer) (int64, error) {
-	return vmutil.ReadFile(ctx, o.agentOf, id, path, w)
 }
 
 // agentOf is runningAgent as a vmutil.RunningAgent.

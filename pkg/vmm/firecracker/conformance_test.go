@@ -5,7 +5,6 @@ import (
 	"errors"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -68,7 +67,7 @@ func TestConformance(t *testing.T) {
 		t.Log("skipping the firecracker conformance suite: " + why)
 		t.Skip(why)
 	}
-	vmmtest.Run(t, vmmtest.Harness{
+	vmmtest.Run(t, withState(cfg, vmmtest.Harness{
 		New: func(t *testing.T) vmm.VMOrchestrator {
 			o, err := firecracker.New(t.Context(), cfg)
 			require.NoError(t, err)
@@ -77,21 +76,7 @@ func TestConformance(t *testing.T) {
 		},
 		OpTimeout: time.Minute,
 		Crash:     crash,
-		LockVM:    lockVM,
-		RecordPath: func(o vmm.VMOrchestrator, id string) string {
-			return filepath.Join(cfg.SocketDir, id, "state.json")
-		},
-		PIDFiles: func(o vmm.VMOrchestrator, id string) []string {
-			return []string{filepath.Join(cfg.SocketDir, id, "firecracker.pid")}
-		},
-		Restart: func(t *testing.T, o vmm.VMOrchestrator) vmm.VMOrchestrator {
-			require.NoError(t, o.Close())
-			n, err := firecracker.New(t.Context(), cfg)
-			require.NoError(t, err)
-			t.Cleanup(func() { n.Close() })
-			return n
-		},
-	})
+	}))
 }
 
 func lockVM(o vmm.VMOrchestrator, id string) func() { return o.(*firecracker.Orchestrator).LockVM(id) }

@@ -3,7 +3,6 @@ package firecracker
 import (
 	"context"
 	"fmt"
-	"io"
 	"net"
 
 	"github.com/aetherium/aetherium-core/pkg/agent"
@@ -61,12 +60,6 @@ func (o *Orchestrator) runningAgent(ctx context.Context, id string) (*agent.Clie
 	return c, rec, err
 }
 
-// DialAgent implements vmm.VMOrchestrator: a new connection to the agent's
-// port through Firecracker's hybrid vsock socket.
-func (o *Orchestrator) DialAgent(ctx context.Context, id string) (net.Conn, error) {
-	return vmutil.DialAgent(ctx, o.dialerOf, id)
-}
-
 // dialerOf is the dialer of a running VM's agent as a vmutil.RunningDialer.
 func (o *Orchestrator) dialerOf(ctx context.Context, id string) (agent.Dialer, error) {
 	if _, err := o.runningRecord(ctx, id); err != nil {
@@ -81,16 +74,6 @@ func (o *Orchestrator) dialer(id string) agent.Dialer {
 	return func(ctx context.Context) (net.Conn, error) {
 		return vsock.Dial(ctx, uds, bootparams.AgentPort)
 	}
-}
-
-// WriteFile implements vmm.VMOrchestrator.
-func (o *Orchestrator) WriteFile(ctx context.Context, id, path string, r io.Reader, opts types.FileOptions) (int64, error) {
-	return vmutil.WriteFile(ctx, o.agentOf, id, path, r, opts)
-}
-
-// ReadFile implements vmm.VMOrchestrator.
-func (o *Orchestrator) ReadFile(ctx context.Context, id, path string, w io.Writer) (int64, error) {
-	return vmutil.ReadFile(ctx, o.agentOf, id, path, w)
 }
 
 // agentOf is runningAgent as a vmutil.RunningAgent.

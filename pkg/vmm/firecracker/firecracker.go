@@ -38,6 +38,8 @@ import (
 // Orchestrator runs VMs as Firecracker microVMs. It implements
 // vmm.VMOrchestrator.
 type Orchestrator struct {
+	// AgentIO gives WriteFile, ReadFile and DialAgent.
+	vmutil.AgentIO
 	cfg Config
 	log *slog.Logger
 
@@ -95,6 +97,7 @@ func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
 		net:   vmutil.NewNet(cfg.Network),
 		procs: map[string]*vmutil.Proc{},
 	}
+	o.AgentIO = vmutil.AgentIO{Agent: o.agentOf, Dialer: o.dialerOf}
 	_, o.hwErr = hardwareVirt()
 	if o.net.Enabled() {
 		// TAPs, rules and leases of VMs whose create a crash cut short go

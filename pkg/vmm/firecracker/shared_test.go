@@ -21,11 +21,10 @@ import (
 func TestSharedFake(t *testing.T) {
 	t.Parallel()
 	cfg := fakeConfig(t)
-	vmmtest.RunShared(t, vmmtest.Harness{
+	vmmtest.RunShared(t, withState(cfg, vmmtest.Harness{
 		New: func(t *testing.T) vmm.VMOrchestrator {
 			return newOrchestrator(t, cfg)
 		},
-		LockVM: lockVM,
 		Hostname: func(t *testing.T, o vmm.VMOrchestrator, id string) string {
 			boot := find(t, requests(t, filepath.Join(cfg.SocketDir, id)), "PUT", "/boot-source")
 			for _, p := range bootparams.Parse(boot["boot_args"].(string)) {
@@ -36,18 +35,25 @@ func TestSharedFake(t *testing.T) {
 			t.Fatalf("no %s in the boot arguments %q", bootparams.Hostname, boot["boot_args"])
 			return ""
 		},
-		RecordPath: func(o vmm.VMOrchestrator, id string) string {
-			return filepath.Join(cfg.SocketDir, id, "state.json")
-		},
-		PIDFiles: func(o vmm.VMOrchestrator, id string) []string {
-			return []string{filepath.Join(cfg.SocketDir, id, "firecracker.pid")}
-		},
-		Restart: func(t *testing.T, o vmm.VMOrchestrator) vmm.VMOrchestrator {
-			require.NoError(t, o.Close())
-			n, err := firecracker.New(context.Background(), cfg)
-			require.NoError(t, err)
-			t.Cleanup(func() { n.Close() })
-			return n
-		},
-	})
+	}))
+}
+
+// withState completes h with what the shared cases need to reach this
+// backend's own state: its lock, record, pidfile and a restart on cfg.
+func withState(cfg firecracker.Config, h vmmtest.Harness) vmmtest.Harness {
+	h.LockVM = lockVM
+	h.RecordPath = func(o vmm.VMOrchestrator, id string) string {
+		return filepath.Join(cfg.SocketDir, id, "state.json")
+	}
+	h.PIDFiles = func(o vmm.VMOrchestrator, id string) []string {
+		return []string{filepath.Join(cfg.SocketDir, id, "firecracker.pid")}
+	}
+	h.Restart = func(t *testing.T, o vmm.VMOrchestrator) vmm.VMOrchestrator {
+		require.NoError(t, o.Close())
+		n, err := firecracker.New(context.Background(), cfg)
+		require.NoError(t, err)
+		t.Cleanup(func() { n.Close() })
+		return n
+	}
+	return h
 }

@@ -3,7 +3,6 @@ package qemu
 import (
 	"context"
 	"fmt"
-	"io"
 	"maps"
 	"net"
 
@@ -62,12 +61,6 @@ func (o *Orchestrator) runningAgent(id string) (*agent.Client, *vmFile, error) {
 	return c, vf, err
 }
 
-// DialAgent implements vmm.VMOrchestrator: a new hybrid vsock connection
-// to the agent's port through vhost-device-vsock.
-func (o *Orchestrator) DialAgent(ctx context.Context, id string) (net.Conn, error) {
-	return vmutil.DialAgent(ctx, o.dialerOf, id)
-}
-
 // dialerOf is the dialer of a running VM's agent as a vmutil.RunningDialer.
 func (o *Orchestrator) dialerOf(ctx context.Context, id string) (agent.Dialer, error) {
 	if _, err := o.running(id); err != nil {
@@ -80,16 +73,6 @@ func (o *Orchestrator) dialerOf(ctx context.Context, id string) (agent.Dialer, e
 func (o *Orchestrator) dialer(id string) agent.Dialer {
 	sock := o.path(id, fileVsock)
 	return func(ctx context.Context) (net.Conn, error) { return vsock.Dial(ctx, sock, bootparams.AgentPort) }
-}
-
-// WriteFile implements vmm.VMOrchestrator.
-func (o *Orchestrator) WriteFile(ctx context.Context, id, path string, r io.Reader, opts types.FileOptions) (int64, error) {
-	return vmutil.WriteFile(ctx, o.agentOf, id, path, r, opts)
-}
-
-// ReadFile implements vmm.VMOrchestrator.
-func (o *Orchestrator) ReadFile(ctx context.Context, id, path string, w io.Writer) (int64, error) {
-	return vmutil.ReadFile(ctx, o.agentOf, id, path, w)
 }
 
 // agentOf is runningAgent as a vmutil.RunningAgent.

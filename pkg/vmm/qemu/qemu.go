@@ -63,6 +63,8 @@ const (
 // Orchestrator runs VMs as QEMU microvm machines. It implements
 // vmm.VMOrchestrator.
 type Orchestrator struct {
+	// AgentIO gives WriteFile, ReadFile and DialAgent.
+	vmutil.AgentIO
 	cfg   Config
 	accel Accel
 	log   *slog.Logger
@@ -159,6 +161,7 @@ func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
 		return nil, fmt.Errorf("%w: run dir %s is in use by another worker (%v); give each worker its own vmm.qemu.run_dir", types.ErrConflict, dir, err)
 	}
 	o := &Orchestrator{cfg: cfg, accel: accel, net: vmutil.NewNet(cfg.Network), log: cfg.Logger.With("provider", Provider), vms: map[string]*vmProcs{}, creating: map[string]string{}, lock: lock}
+	o.AgentIO = vmutil.AgentIO{Agent: o.agentOf, Dialer: o.dialerOf}
 	o.log.Info("qemu backend ready", "accel", accel.Name, "why", accel.Reason, "run_dir", dir)
 	if err := o.recover(ctx); err != nil {
 		lock.Close()

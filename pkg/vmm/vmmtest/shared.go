@@ -153,12 +153,7 @@ func (s *suite) testRecordCrash(t *testing.T) {
 	if s.h.RecordPath == nil || s.h.Restart == nil {
 		t.Skip("this backend keeps no record file of its own (its VMs' state lives in the engine); nothing to tear")
 	}
-	t.Parallel()
-	o := s.h.New(t)
-	ctx := s.ctx(t)
-	sp := s.spec(t)
-	_, err := o.CreateVM(ctx, sp)
-	require.NoError(t, err)
+	o, ctx, sp := s.createOnOwn(t)
 	path := s.h.RecordPath(o, sp.ID)
 	whole, err := os.ReadFile(path)
 	require.NoError(t, err)
@@ -187,12 +182,7 @@ func (s *suite) testReusedPid(t *testing.T) {
 	if s.h.PIDFiles == nil || s.h.Restart == nil {
 		t.Skip("this backend adopts no host process after a restart (the engine keeps its containers)")
 	}
-	t.Parallel()
-	o := s.h.New(t)
-	ctx := s.ctx(t)
-	sp := s.spec(t)
-	_, err := o.CreateVM(ctx, sp)
-	require.NoError(t, err)
+	o, ctx, sp := s.createOnOwn(t)
 
 	stranger := exec.Command("sleep", "300")
 	require.NoError(t, stranger.Start())
@@ -215,4 +205,16 @@ func (s *suite) testReusedPid(t *testing.T) {
 	case <-time.After(200 * time.Millisecond):
 	}
 	require.False(t, slices.Contains(listIDs(t, o), sp.ID))
+}
+
+// createOnOwn creates a VM (not started) on an orchestrator of the test's
+// own, which the test may restart without disturbing the others.
+func (s *suite) createOnOwn(t *testing.T) (vmm.VMOrchestrator, context.Context, types.VMSpec) {
+	t.Parallel()
+	o := s.h.New(t)
+	ctx := s.ctx(t)
+	sp := s.spec(t)
+	_, err := o.CreateVM(ctx, sp)
+	require.NoError(t, err)
+	return o, ctx, sp
 }

@@ -186,3 +186,28 @@ func Tail(path string, n int) string {
 	}
 	return "(empty)"
 }
+
+// AgentIO is the agent-facing part of vmm.VMOrchestrator (WriteFile,
+// ReadFile, DialAgent), the same in every backend once it says how to find
+// a running VM's agent. Backends embed it and set both funcs in New.
+type AgentIO struct {
+	// Agent returns the cached agent client of a running VM.
+	Agent RunningAgent
+	// Dialer returns how to reach a running VM's agent afresh.
+	Dialer RunningDialer
+}
+
+// WriteFile implements vmm.VMOrchestrator.WriteFile (see WriteFile).
+func (a AgentIO) WriteFile(ctx context.Context, id, path string, r io.Reader, o types.FileOptions) (int64, error) {
+	return WriteFile(ctx, a.Agent, id, path, r, o)
+}
+
+// ReadFile implements vmm.VMOrchestrator.ReadFile (see ReadFile).
+func (a AgentIO) ReadFile(ctx context.Context, id, path string, w io.Writer) (int64, error) {
+	return ReadFile(ctx, a.Agent, id, path, w)
+}
+
+// DialAgent implements vmm.VMOrchestrator.DialAgent (see DialAgent).
+func (a AgentIO) DialAgent(ctx context.Context, id string) (net.Conn, error) {
+	return DialAgent(ctx, a.Dialer, id)
+}
