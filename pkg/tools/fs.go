@@ -1,25 +1,20 @@
 package tools
 
 import (
-	"encoding/json"
 	"io/fs"
 	"os"
 	"path/filepath"
 )
 
-// writeFileAtomic writes v as JSON to path through a synced temporary file
-// and a rename, so readers see the whole record or none.
-func writeFileAtomic(path string, v any) error {
-	b, err := json.MarshalIndent(v, "", "  ")
-	if err != nil {
-		return err
-	}
+// writeFileAtomic writes b to path through a synced temporary file and a
+// rename, so readers see the whole file or none.
+func writeFileAtomic(path string, b []byte) error {
 	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
 	if err != nil {
 		return err
 	}
 	defer os.Remove(f.Name())
-	if _, err := f.Write(append(b, '\n')); err != nil {
+	if _, err := f.Write(b); err != nil {
 		f.Close()
 		return err
 	}

@@ -116,6 +116,7 @@ func NewMise(cfg Config) (*Mise, error) {
 //	ROOT/KEY/              MISE_DATA_DIR of one tool version (mounted read-only)
 //	ROOT/.meta/KEY.json    the entry's record, written last: no record, no entry
 //	ROOT/.meta/KEY.used    its mtime is the entry's last use
+//	ROOT/.meta/spec-H.key  the key spec H (hashed) last resolved to
 //	ROOT/.locks/KEY.lock   flock held while the entry is installed or pruned
 //	ROOT/.mise/{cache,config,state,resolve}  mise's pinned directories
 type layout struct{ root string }
@@ -124,6 +125,10 @@ func (l layout) entryDir(key string) string { return filepath.Join(l.root, key) 
 func (l layout) metaDir() string            { return filepath.Join(l.root, ".meta") }
 func (l layout) metaFile(key string) string { return filepath.Join(l.metaDir(), key+".json") }
 func (l layout) usedFile(key string) string { return filepath.Join(l.metaDir(), key+".used") }
+func (l layout) aliasFile(spec string) string {
+	sum := sha256.Sum256([]byte(spec))
+	return filepath.Join(l.metaDir(), "spec-"+hex.EncodeToString(sum[:8])+".key")
+}
 func (l layout) lockDir() string            { return filepath.Join(l.root, ".locks") }
 func (l layout) lockFile(key string) string { return filepath.Join(l.lockDir(), key+".lock") }
 func (l layout) miseDir(name string) string { return filepath.Join(l.root, ".mise", name) }
@@ -178,11 +183,20 @@ func (m *Mise) installOne(ctx context.Context, s Spec) (Entry, error) {
 		return m.touch(e), nil
 	}
 	version, err := m.resolve(ctx, s)
+	if errors.Is(err, types.ErrUnavailable) {
+		// Offline, or the registry is down: a request already served (e.g.
+		// node@22) keeps working from the cache, with the version it got.
+		if e, ok := m.lastFor(s); ok {
+			m.log.Warn("cannot resolve tool version; using the cached one", "spec", s.String(), "version", e.Version, "error", err)
+			return m.touch(e), nil
+		}
+	}
 	if err != nil {
 		return Entry{}, err
 	}
 	key := entryKey(s.Tool(), version)
 	if e, ok := m.lookup(key); ok {
+		m.remember(s, e)
 		return m.touch(e), nil
 	}
 
@@ -199,6 +213,7 @@ func (m *Mise) installOne(ctx context.Context, s Spec) (Entry, error) {
 	}
 	defer release()
 	if e, ok := m.lookup(key); ok {
+		m.remember(s, e)
 		return m.touch(e), nil
 	}
 
@@ -212,6 +227,7 @@ func (m *Mise) installOne(ctx context.Context, s Spec) (Entry, error) {
 	}
 	m.log.Info("tool installed", "spec", s.String(), "version", version, "key", key,
 		"size", e.Size, "duration", m.now().Sub(start).Round(time.Millisecond))
+	m.remember(s, e)
 	return m.touch(e), nil
 }
 
@@ -257,7 +273,11 @@ func (m *Mise) install(ctx context.Context, s Spec, version, key string) (Entry,
 	if err := syncTree(dir); err != nil {
 		return Entry{}, fmt.Errorf("syncing %s: %w", dir, err)
 	}
-	if err := writeFileAtomic(m.layout.metaFile(key), e); err != nil {
+	rec, err := json.MarshalIndent(e, "", "  ")
+	if err != nil {
+		return Entry{}, fmt.Errorf("recording tool entry %s: %w", key, err)
+	}
+	if err := writeFileAtomic(m.layout.metaFile(key), append(rec, '\n')); err != nil {
 		return Entry{}, fmt.Errorf("recording tool entry %s: %w", key, err)
 	}
 	return e, nil
@@ -383,6 +403,27 @@ func (m *Mise) lookup(key string) (Entry, bool) {
 	return e, true
 }
 
+// lastFor returns the entry the spec s was last resolved to, if it is
+// still cached.
+func (m *Mise) lastFor(s Spec) (Entry, bool) {
+	b, err := os.ReadFile(m.layout.aliasFile(s.String()))
+	if err != nil {
+		return Entry{}, false
+	}
+	return m.lookup(strings.TrimSpace(string(b)))
+}
+
+// remember records that s resolved to e, for lastFor. It is best effort:
+// without it only the offline fallback is lost.
+func (m *Mise) remember(s Spec, e Entry) {
+	if s.Version == e.Version {
+		return
+	}
+	if err := writeFileAtomic(m.layout.aliasFile(s.String()), []byte(e.Key+"\n")); err != nil {
+		m.log.Warn("cannot record a tool spec's resolution", "spec", s.String(), "key", e.Key, "error", err)
+	}
+}
+
 // touch records that e was used now.
 func (m *Mise) touch(e Entry) Entry {
 	now := m.now()
@@ -456,6 +497,22 @@ func (m *Mise) Prune(ctx context.Context, olderThan time.Duration) ([]Entry, err
 		key := d.Name()
 		if _, err := m.remove(ctx, key, func() bool { _, ok := m.lookup(key); return !ok }); err != nil {
 			return pruned, err
+		}
+	}
+	// Resolutions pointing at entries gone.
+	metas, err := os.ReadDir(m.layout.metaDir())
+	if err != nil {
+		return pruned, fmt.Errorf("reading the tools cache %s: %w", m.root, err)
+	}
+	for _, f := range metas {
+		if !strings.HasPrefix(f.Name(), "spec-") || !strings.HasSuffix(f.Name(), ".key") {
+			continue
+		}
+		p := filepath.Join(m.layout.metaDir(), f.Name())
+		if b, err := os.ReadFile(p); err == nil {
+			if _, ok := m.lookup(strings.TrimSpace(string(b))); !ok {
+				_ = os.Remove(p)
+			}
 		}
 	}
 	return pruned, nil

@@ -359,4 +359,27 @@ func TestInstallNpmFromRegistry(t *testing.T) {
 	_, err = m.Install(ctx, []Spec{spec})
 	require.NoError(t, err)
 	t.Logf("npm:cowsay@1.6.0 first install %v, cached %v, %d bytes", first.Round(time.Millisecond), time.Since(start).Round(time.Microsecond), set.Entries[0].Size)
+
+	// A version prefix is resolved by mise each time; when the registry
+	// is unreachable, the entry it got last time serves.
+	prefix, err := ParseSpec("npm:cowsay@1")
+	require.NoError(t, err)
+	set, err = m.Install(ctx, []Spec{prefix})
+	require.NoError(t, err)
+	require.Equal(t, "1.6.0", set.Entries[0].Version)
+	// mise caches version lists; drop them so it must ask the registry.
+	require.NoError(t, os.RemoveAll(filepath.Join(m.root, ".mise", "cache")))
+	offline, err := NewMise(Config{Root: m.root, Env: map[string]string{
+		"MISE_NPM_PACKAGE_MANAGER":           "npm",
+		"MISE_FETCH_REMOTE_VERSIONS_TIMEOUT": "2s",
+		"npm_config_registry":                "http://127.0.0.1:1/",
+	}})
+	require.NoError(t, err)
+	set, err = offline.Install(ctx, []Spec{prefix})
+	require.NoError(t, err, "the cached entry serves when the registry is down")
+	require.Equal(t, "1.6.0", set.Entries[0].Version)
+	_, err = offline.Install(ctx, []Spec{{Backend: "npm", Name: "cowsay", Version: "1.5"}})
+	require.ErrorIs(t, err, types.ErrUnavailable, "nothing cached for this spec")
+	require.NotContains(t, err.Error(), "\n")
+	t.Logf("offline error: %v", err)
 }

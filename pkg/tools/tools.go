@@ -25,7 +25,8 @@ type Installer interface {
 	// calls for one spec share one install. It is idempotent. An unknown
 	// tool or version returns an error wrapping types.ErrInvalid, a failed
 	// download one wrapping types.ErrUnavailable, each with mise's reason in
-	// one line. Cancelling ctx stops the running install (killing mise and
+	// one line. When mise cannot resolve a spec for lack of network, the
+	// entry that spec last installed is returned, if any. Cancelling ctx stops the running install (killing mise and
 	// its children) and leaves no partial entry behind; entries already
 	// completed for earlier specs stay cached.
 	Install(ctx context.Context, specs []Spec) (*Set, error)
