@@ -179,6 +179,16 @@ type VMStatus struct {
 	Labels map[string]string `json:"labels,omitempty"`
 }
 
+// Diagnoser is what every backend offers beside VMOrchestrator: a report
+// on the host, for aether-cli doctor. Each backend package also has a
+// function Diagnose(ctx, Config) that needs no orchestrator.
+type Diagnoser interface {
+	// Diagnose checks, without creating anything, what the backend needs
+	// of this host. It never fails: each Check says what it found and,
+	// when it failed, how to fix it. Cancelling ctx cuts the checks short.
+	Diagnose(ctx context.Context) []Check
+}
+
 // Check is one finding of a backend's host diagnosis (aether-cli doctor).
 type Check struct {
 	Name   string `json:"name"`

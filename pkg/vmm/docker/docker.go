@@ -116,7 +116,10 @@ type Orchestrator struct {
 	clients vmutil.Clients // agent clients by VM id
 }
 
-var _ vmm.VMOrchestrator = (*Orchestrator)(nil)
+var (
+	_ vmm.VMOrchestrator = (*Orchestrator)(nil)
+	_ vmm.Diagnoser      = (*Orchestrator)(nil)
+)
 
 // New connects to the engine and makes sure the image exists, importing it
 // when needed.

@@ -39,3 +39,6 @@ func Diagnose(ctx context.Context, cfg Config) []vmm.Check {
 	}
 	return []vmm.Check{{Name: "docker engine", OK: true, Detail: "answers"}}
 }
+
+// Diagnose checks this host for the backend as configured (see Diagnose).
+func (o *Orchestrator) Diagnose(ctx context.Context) []vmm.Check { return Diagnose(ctx, o.cfg) }

@@ -57,7 +57,10 @@ type Orchestrator struct {
 // Net is the network steps (vmutil.Net).
 type Net = vmutil.Net
 
-var _ vmm.VMOrchestrator = (*Orchestrator)(nil)
+var (
+	_ vmm.VMOrchestrator = (*Orchestrator)(nil)
+	_ vmm.Diagnoser      = (*Orchestrator)(nil)
+)
 
 // New checks cfg and prepares the socket directory. It does not require
 // KVM or the binary: Health and Diagnose report on those.
@@ -141,3 +144,6 @@ func (o *Orchestrator) Close() error {
 }
 
 func notFound(id string) error { return vmutil.NotFound(id) }
+
+// Diagnose checks this host for the backend as configured (see Diagnose).
+func (o *Orchestrator) Diagnose(ctx context.Context) []vmm.Check { return Diagnose(ctx, o.cfg) }

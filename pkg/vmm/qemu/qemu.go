@@ -92,7 +92,10 @@ type vmProcs struct {
 	stopping    bool // set while StopVM or DeleteVM ends it on purpose
 }
 
-var _ vmm.VMOrchestrator = (*Orchestrator)(nil)
+var (
+	_ vmm.VMOrchestrator = (*Orchestrator)(nil)
+	_ vmm.Diagnoser      = (*Orchestrator)(nil)
+)
 
 // New checks the configuration and finds the VMs of earlier runs again.
 func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
@@ -224,3 +227,6 @@ func (o *Orchestrator) Close() error {
 const createPrefix = ".create-"
 
 func notFound(id string) error { return vmutil.NotFound(id) }
+
+// Diagnose checks this host for the backend as configured (see Diagnose).
+func (o *Orchestrator) Diagnose(ctx context.Context) []vmm.Check { return Diagnose(ctx, o.cfg) }

@@ -88,6 +88,7 @@ func Run(t *testing.T, h Harness) {
 
 	t.Run("Health", s.testHealth)
 	t.Run("Capabilities", s.testCapabilities)
+	t.Run("Diagnose", s.testDiagnose)
 	t.Run("InvalidSpecs", s.testInvalidSpecs)
 	t.Run("UnknownVM", s.testUnknownVM)
 	t.Run("Lifecycle", s.testLifecycle)
@@ -125,6 +126,21 @@ func (s *suite) testCapabilities(t *testing.T) {
 	require.Contains(t, []string{"container", "vm"}, c.Isolation)
 	_, ok := vmm.AsSnapshotter(s.o)
 	require.Equal(t, c.PauseResume || c.Snapshot, ok, "Capabilities describes the Snapshotter truthfully")
+}
+
+// testDiagnose: every backend reports on its host in the same shape.
+func (s *suite) testDiagnose(t *testing.T) {
+	t.Parallel()
+	d, ok := s.o.(vmm.Diagnoser)
+	require.True(t, ok, "every backend implements vmm.Diagnoser")
+	checks := d.Diagnose(s.ctx(t))
+	require.NotEmpty(t, checks)
+	for _, c := range checks {
+		require.NotEmpty(t, c.Name)
+		if !c.OK {
+			require.NotEmpty(t, c.Fix, "a failed check %q says how to fix it", c.Name)
+		}
+	}
 }
 
 // testInvalidSpecs: an invalid spec returns ErrInvalid and leaves nothing.
