@@ -374,11 +374,7 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 		if err == nil {
 			return nil
 		}
-		if ctx.Err() != nil {
-			return fmt.Errorf("starting vm %s: waiting for its agent: %w", id, ctx.Err())
-		}
-		return fmt.Errorf("%w: starting vm %s: its agent did not answer within %s: %v; its log ends with:\n%s",
-			types.ErrUnavailable, id, o.cfg.ReadyTimeout, err, o.logTail(id, 20))
+		return vmutil.ReadyError(ctx, id, o.cfg.ReadyTimeout, err, "its log", o.logTail(id, 20))
 	case w := <-exited:
 		cancel()
 		<-ready

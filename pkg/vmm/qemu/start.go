@@ -174,11 +174,7 @@ func (o *Orchestrator) waitAgent(ctx context.Context, id string, p *vmProcs) err
 		if err == nil {
 			return nil
 		}
-		if ctx.Err() != nil {
-			return fmt.Errorf("starting vm %s: waiting for its agent: %w", id, ctx.Err())
-		}
-		return fmt.Errorf("%w: starting vm %s: its agent did not answer within %s: %v; the serial console ends with:\n%s",
-			types.ErrUnavailable, id, o.cfg.ReadyTimeout, err, vmutil.Tail(o.path(id, fileConsole), 20))
+		return vmutil.ReadyError(ctx, id, o.cfg.ReadyTimeout, err, "the serial console", vmutil.Tail(o.path(id, fileConsole), 20))
 	case <-p.qemu.Done():
 		cancel()
 		<-ready

@@ -205,3 +205,14 @@ func TestNet(t *testing.T) {
 	require.Empty(t, f.attached)
 	require.NoError(t, n.Do(func() error { return nil }))
 }
+
+func TestReadyError(t *testing.T) {
+	err := ReadyError(context.Background(), "vm1", time.Second, errors.New("refused"), "its log", "last line")
+	require.ErrorIs(t, err, types.ErrUnavailable)
+	require.ErrorContains(t, err, "its log ends with:\nlast line")
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	err = ReadyError(ctx, "vm1", time.Second, errors.New("refused"), "its log", "last line")
+	require.ErrorIs(t, err, context.Canceled)
+	require.NotErrorIs(t, err, types.ErrUnavailable)
+}

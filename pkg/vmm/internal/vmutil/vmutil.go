@@ -12,6 +12,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/aetherium/aetherium-core/pkg/agent"
 	"github.com/aetherium/aetherium-core/pkg/types"
@@ -210,4 +211,16 @@ func (a AgentIO) ReadFile(ctx context.Context, id, path string, w io.Writer) (in
 // DialAgent implements vmm.VMOrchestrator.DialAgent (see DialAgent).
 func (a AgentIO) DialAgent(ctx context.Context, id string) (net.Conn, error) {
 	return DialAgent(ctx, a.Dialer, id)
+}
+
+// ReadyError is StartVM's error for an agent that did not answer: ctx's
+// error when the caller gave up, otherwise types.ErrUnavailable with err and
+// the last lines of what the VM wrote (tail, named by what), so that the
+// reader sees why the guest never came up.
+func ReadyError(ctx context.Context, id string, timeout time.Duration, err error, what, tail string) error {
+	if ctx.Err() != nil {
+		return fmt.Errorf("starting vm %s: waiting for its agent: %w", id, ctx.Err())
+	}
+	return fmt.Errorf("%w: starting vm %s: its agent did not answer within %s: %v; %s ends with:\n%s",
+		types.ErrUnavailable, id, timeout, err, what, tail)
 }
