@@ -68,6 +68,9 @@ type VMOrchestrator interface {
 	// run: types.ErrNotFound for an unknown VM, types.ErrConflict when the VM
 	// is not running, types.ErrUnavailable when the agent cannot be reached.
 	// Cancelling ctx kills the command's process group in the guest.
+	// cmd is not validated here: the service checks user input and the
+	// guest agent, the trust boundary, refuses what it cannot run. The
+	// backend alone puts the VM spec's environment beneath cmd.Env.
 	ExecuteCommand(ctx context.Context, id string, cmd types.Command, stream ExecIO) (*types.ExecResult, error)
 
 	// WriteFile streams what r yields into path in a running VM's guest and

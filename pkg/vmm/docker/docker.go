@@ -462,9 +462,6 @@ func (o *Orchestrator) DeleteVM(ctx context.Context, id string) error {
 // ExecuteCommand implements vmm.VMOrchestrator. The command's environment
 // is the VM's (the image's and the spec's) overlaid with cmd.Env.
 func (o *Orchestrator) ExecuteCommand(ctx context.Context, id string, cmd types.Command, stream vmm.ExecIO) (*types.ExecResult, error) {
-	if err := cmd.Validate(); err != nil {
-		return nil, err
-	}
 	c, ins, err := o.runningAgent(ctx, id)
 	if err != nil {
 		return nil, err

@@ -16,9 +16,6 @@ import (
 // ExecuteCommand implements vmm.VMOrchestrator. The command's environment
 // is the VM spec's overlaid with cmd.Env.
 func (o *Orchestrator) ExecuteCommand(ctx context.Context, id string, cmd types.Command, stream vmm.ExecIO) (*types.ExecResult, error) {
-	if err := cmd.Validate(); err != nil {
-		return nil, err
-	}
 	c, rec, err := o.runningAgent(ctx, id)
 	if err != nil {
 		return nil, err

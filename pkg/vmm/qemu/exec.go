@@ -18,9 +18,6 @@ import (
 // is a default PATH and HOME, overlaid with the VM spec's environment, then
 // with cmd.Env.
 func (o *Orchestrator) ExecuteCommand(ctx context.Context, id string, cmd types.Command, stream vmm.ExecIO) (*types.ExecResult, error) {
-	if err := cmd.Validate(); err != nil {
-		return nil, err
-	}
 	c, vf, err := o.runningAgent(id)
 	if err != nil {
 		return nil, err
