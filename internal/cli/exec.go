@@ -13,14 +13,15 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/aetherium/aetherium-core/pkg/agent/bootparams"
 	"github.com/aetherium/aetherium-core/pkg/service"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
 // Exit codes of exec besides the command's own.
 const (
-	exitTimedOut    = 124 // as coreutils timeout
-	exitInterrupted = 130 // 128 + SIGINT
+	exitTimedOut    = bootparams.ExitTimedOut // as coreutils timeout
+	exitInterrupted = 130                     // 128 + SIGINT
 )
 
 func (a *app) execCmd() *cobra.Command {
