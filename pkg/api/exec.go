@@ -204,7 +204,7 @@ func (s *Server) pump(r *http.Request, ew *eventWriter, id uuid.UUID) {
 				ew.send(Event{Type: "error", Error: &errorBody{CodeExecFailed, "the command could not run: " + msg}})
 			}
 			return
-		case <-s.closing:
+		case <-s.closing.Done():
 			ew.stopOutput()
 			ew.send(Event{Type: "error", Error: &errorBody{CodeUnavailable,
 				"the server is shutting down; the command goes on and its result is recorded at GET /v1/executions/" + id.String()}})

@@ -71,7 +71,8 @@ type Server struct {
 	registry *prometheus.Registry
 	duration *prometheus.HistogramVec
 
-	closing   chan struct{} // closed when Shutdown begins
+	closing   context.Context // done when Shutdown begins
+	drain     context.CancelFunc
 	closeOnce sync.Once
 	mu        sync.Mutex
 	srv       *http.Server
@@ -79,7 +80,8 @@ type Server struct {
 
 // New returns a server acting through svc and authenticating with keys.
 func New(cfg Config, svc service.TaskService, keys apikey.Store, log *slog.Logger, opts ...Option) *Server {
-	s := &Server{cfg: cfg.withDefaults(), svc: svc, keys: keys, log: log, closing: make(chan struct{})}
+	s := &Server{cfg: cfg.withDefaults(), svc: svc, keys: keys, log: log}
+	s.closing, s.drain = context.WithCancel(context.Background())
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -128,7 +130,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	s.srv = srv
 	s.mu.Unlock()
 	select {
-	case <-s.closing:
+	case <-s.closing.Done():
 		return http.ErrServerClosed
 	default:
 	}
@@ -140,7 +142,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		select {
 		case <-ctx.Done():
 			stopped <- s.Shutdown(context.Background())
-		case <-s.closing:
+		case <-s.closing.Done():
 			stopped <- nil
 		case <-serving: // Serve failed on its own
 		}
@@ -162,7 +164,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 // requests up to ctx's deadline (ShutdownTimeout when ctx has none) and
 // then closes what remains. Calling it twice is harmless.
 func (s *Server) Shutdown(ctx context.Context) error {
-	s.closeOnce.Do(func() { close(s.closing) })
+	s.closeOnce.Do(s.drain)
 	s.mu.Lock()
 	srv := s.srv
 	s.mu.Unlock()
@@ -389,22 +391,9 @@ func newRequestID() string {
 // waits do not hold the drain up.
 func (s *Server) waitCtx(ctx context.Context) (context.Context, context.CancelFunc) {
 	ctx, cancel := context.WithCancel(ctx)
-	go func() {
-		select {
-		case <-s.closing:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
-	return ctx, cancel
+	stop := context.AfterFunc(s.closing, cancel)
+	return ctx, func() { stop(); cancel() }
 }
 
 // shuttingDown reports whether Shutdown has begun.
-func (s *Server) shuttingDown() bool {
-	select {
-	case <-s.closing:
-		return true
-	default:
-		return false
-	}
-}
+func (s *Server) shuttingDown() bool { return s.closing.Err() != nil }

@@ -121,7 +121,8 @@ type Server struct {
 	// "/bin/bash" or "/bin/sh").
 	shells sync.Map
 
-	closing   chan struct{} // closed by Close: open streams end
+	closing   context.Context // done once Close is called: open streams end
+	drain     context.CancelFunc
 	closeOnce sync.Once
 }
 
@@ -132,7 +133,8 @@ func New(cfg Config, svc service.TaskService, dialer service.AgentDialer, store 
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{cfg: cfg.withDefaults(), svc: svc, dialer: dialer, store: store, keys: keys, log: log, closing: make(chan struct{})}
+	s := &Server{cfg: cfg.withDefaults(), svc: svc, dialer: dialer, store: store, keys: keys, log: log}
+	s.closing, s.drain = context.WithCancel(context.Background())
 	s.clients = newClientCache(dialer, s.cfg.ClientIdle, log)
 	s.control = s.controlRoutes()
 	s.envd = s.envdRoutes()
@@ -146,7 +148,7 @@ func New(cfg Config, svc service.TaskService, dialer service.AgentDialer, store 
 // up. Calling it twice is harmless.
 func (s *Server) Close() {
 	s.closeOnce.Do(func() {
-		close(s.closing)
+		s.drain()
 		s.clients.close()
 	})
 }
@@ -154,25 +156,12 @@ func (s *Server) Close() {
 // streamCtx returns a context that also ends when Close is called.
 func (s *Server) streamCtx(ctx context.Context) (context.Context, context.CancelFunc) {
 	ctx, cancel := context.WithCancel(ctx)
-	go func() {
-		select {
-		case <-s.closing:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
-	return ctx, cancel
+	stop := context.AfterFunc(s.closing, cancel)
+	return ctx, func() { stop(); cancel() }
 }
 
 // closed reports whether Close was called.
-func (s *Server) closed() bool {
-	select {
-	case <-s.closing:
-		return true
-	default:
-		return false
-	}
-}
+func (s *Server) closed() bool { return s.closing.Err() != nil }
 
 // Handler returns the handler of both planes.
 func (s *Server) Handler() http.Handler {
