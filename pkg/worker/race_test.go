@@ -2,6 +2,7 @@ package worker_test
 
 import (
 	"context"
+	"sync"
 	"testing"
 	"time"
 
@@ -38,6 +39,10 @@ func TestDeletedWhileCreating(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, w.Start(t.Context()))
 	t.Cleanup(w.Stop)
+	// Registered after Stop, so it runs first: a test that fails before
+	// releasing the paused StartVM must not leave Stop waiting for it.
+	var release sync.Once
+	t.Cleanup(func() { release.Do(func() { close(p.proceed) }) })
 
 	ctx := t.Context()
 	taskID, err := s.Service.CreateVMTask(ctx, "race", 1, 128)
@@ -52,7 +57,7 @@ func TestDeletedWhileCreating(t *testing.T) {
 		_, err := s.Store.UpdateVMState(ctx, id, st, "")
 		require.NoError(t, err)
 	}
-	close(p.proceed)
+	release.Do(func() { close(p.proceed) })
 
 	wctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
