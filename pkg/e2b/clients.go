@@ -30,6 +30,9 @@ type clientCache struct {
 type cachedClient struct {
 	c        *agent.Client
 	lastUsed time.Time
+	// users counts requests holding the client; the sweep never closes a
+	// client in use, so a long process stream is not cut off.
+	users int
 }
 
 func newClientCache(d service.AgentDialer, idle time.Duration, log *slog.Logger) *clientCache {
@@ -38,28 +41,40 @@ func newClientCache(d service.AgentDialer, idle time.Duration, log *slog.Logger)
 	return cc
 }
 
-// get returns the client of sandbox id, making it if needed. The dialer
-// runs with a context carrying no deadline of the caller's: the
-// connection outlives the request.
-func (cc *clientCache) get(ctx context.Context, id string) (*agent.Client, error) {
+// get returns the client of sandbox id, making it if needed, and a release
+// function the caller runs when its request ends. The dialer runs with a
+// context carrying no deadline of the caller's: the connection outlives
+// the request.
+func (cc *clientCache) get(ctx context.Context, id string) (*agent.Client, func(), error) {
 	cc.mu.Lock()
 	defer cc.mu.Unlock()
 	if cc.stopped {
-		return nil, fmt.Errorf("%w: aether-api is shutting down; try again shortly", types.ErrUnavailable)
+		return nil, nil, fmt.Errorf("%w: aether-api is shutting down; try again shortly", types.ErrUnavailable)
 	}
-	if e, ok := cc.clients[id]; ok {
-		e.lastUsed = time.Now()
-		return e.c, nil
+	e, ok := cc.clients[id]
+	if !ok {
+		dctx := context.WithoutCancel(ctx)
+		c, err := agent.NewClient(func(ctx context.Context) (net.Conn, error) {
+			return cc.dialer.DialAgent(mergeValues(ctx, dctx), id)
+		})
+		if err != nil {
+			return nil, nil, err
+		}
+		e = &cachedClient{c: c}
+		cc.clients[id] = e
 	}
-	dctx := context.WithoutCancel(ctx)
-	c, err := agent.NewClient(func(ctx context.Context) (net.Conn, error) {
-		return cc.dialer.DialAgent(mergeValues(ctx, dctx), id)
-	})
-	if err != nil {
-		return nil, err
+	e.users++
+	e.lastUsed = time.Now()
+	var once sync.Once
+	release := func() {
+		once.Do(func() {
+			cc.mu.Lock()
+			e.users--
+			e.lastUsed = time.Now()
+			cc.mu.Unlock()
+		})
 	}
-	cc.clients[id] = &cachedClient{c: c, lastUsed: time.Now()}
-	return c, nil
+	return e.c, release, nil
 }
 
 // drop closes the client of sandbox id, if any.
@@ -85,7 +100,7 @@ func (cc *clientCache) sweep() {
 		var old []*agent.Client
 		cc.mu.Lock()
 		for id, e := range cc.clients {
-			if time.Since(e.lastUsed) > cc.idle {
+			if e.users == 0 && time.Since(e.lastUsed) > cc.idle {
 				old = append(old, e.c)
 				delete(cc.clients, id)
 			}

@@ -1,7 +1,11 @@
 package e2b
 
 import (
+	"context"
 	"crypto/sha256"
+	"errors"
+	"log/slog"
+	"net"
 	"net/http"
 	"testing"
 	"time"
@@ -118,4 +122,30 @@ func TestTimeoutTTL(t *testing.T) {
 		require.NoError(t, err)
 		require.Equal(t, tc.want, got)
 	}
+}
+
+type noDialer struct{}
+
+func (noDialer) DialAgent(context.Context, string) (net.Conn, error) {
+	return nil, errors.New("not dialled in this test")
+}
+
+// TestClientCacheKeepsClientsInUse: the idle sweep closes only clients no
+// request holds, so a long process stream is never cut off.
+func TestClientCacheKeepsClientsInUse(t *testing.T) {
+	cc := newClientCache(noDialer{}, 10*time.Millisecond, slog.New(slog.DiscardHandler))
+	defer cc.close()
+	held := func(id string) bool {
+		cc.mu.Lock()
+		defer cc.mu.Unlock()
+		_, ok := cc.clients[id]
+		return ok
+	}
+	_, release, err := cc.get(t.Context(), "sb")
+	require.NoError(t, err)
+	time.Sleep(100 * time.Millisecond)
+	require.True(t, held("sb"), "a client in use survives the sweep")
+	release()
+	release() // harmless twice
+	require.Eventually(t, func() bool { return !held("sb") }, 2*time.Second, 10*time.Millisecond, "an idle client is closed")
 }

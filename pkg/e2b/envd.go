@@ -100,11 +100,12 @@ func (s *Server) sandboxAuth(next http.Handler) http.Handler {
 			return
 		}
 		ctx = service.WithScope(ctx, service.Scope{Tenant: vm.Tenant})
-		c, err := s.clients.get(ctx, vm.ID)
+		c, release, err := s.clients.get(ctx, vm.ID)
 		if err != nil {
 			s.writeError(w, r, err)
 			return
 		}
+		defer release() // held for the whole request, streams included
 		ctx = context.WithValue(ctx, sandboxKey{}, &sandbox{id: vm.ID, vm: vm, client: c})
 		next.ServeHTTP(w, r.WithContext(ctx))
 	})
