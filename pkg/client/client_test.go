@@ -302,6 +302,34 @@ func TestExecCancel(t *testing.T) {
 	}
 }
 
+// TestExecCancelBeforeStart: a caller that gives up before the server named
+// the command still gets it cancelled once the start line arrives.
+func TestExecCancelBeforeStart(t *testing.T) {
+	execID := uuid.NewString()
+	release, cancelled := make(chan struct{}), make(chan struct{})
+	c := serve(t, func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/v1/tasks/" + execID + "/cancel":
+			close(cancelled)
+			writeJSON(w, 200, types.Task{ID: execID, State: types.TaskFailed, Error: "cancelled"})
+		default:
+			<-release // the command is queued, but the start line is late
+			streamLines(w, `{"type":"start","execution_id":"`+execID+`"}`)
+			<-cancelled
+		}
+	})
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	_, err := c.Exec(ctx, uuid.NewString(), types.Command{Cmd: "sleep", Args: []string{"60"}}, io.Discard, io.Discard)
+	require.ErrorIs(t, err, context.Canceled)
+	close(release)
+	select {
+	case <-cancelled:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the late-started command was not cancelled")
+	}
+}
+
 func TestStreamOutput(t *testing.T) {
 	id := uuid.New()
 	c := serve(t, func(w http.ResponseWriter, r *http.Request) {

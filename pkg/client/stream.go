@@ -182,8 +182,10 @@ func (c *Client) ExecuteCommandTaskWithOptions(ctx context.Context, vmID string,
 }
 
 // startExec opens an exec stream on sctx and reads it up to the start line
-// (or until ctx ends).
-func (c *Client) startExec(ctx, sctx context.Context, vmID string, cmd types.Command, stdout, stderr io.Writer) (*http.Response, *streamReader, uuid.UUID, error) {
+// (or until ctx ends). stopStream cancels sctx: when startExec fails it has
+// been called, or will be once a late start line has been answered with a
+// cancel; on success the caller calls it.
+func (c *Client) startExec(ctx, sctx context.Context, stopStream context.CancelFunc, vmID string, cmd types.Command, stdout, stderr io.Writer) (*http.Response, *streamReader, uuid.UUID, error) {
 	type started struct {
 		resp *http.Response
 		r    *streamReader
@@ -215,11 +217,16 @@ func (c *Client) startExec(ctx, sctx context.Context, vmID string, cmd types.Com
 	}()
 	select {
 	case s := <-done:
+		if s.err != nil {
+			stopStream()
+		}
 		return s.resp, s.r, s.id, s.err
 	case <-ctx.Done():
-		// The server may have submitted the command already: once it
-		// says so, cancel it, so that nothing runs that nobody asked for.
+		// The server may have submitted the command already: the stream is
+		// left open until it says so, then the task is cancelled, so that
+		// nothing runs that nobody asked for.
 		go func() {
+			defer stopStream()
 			if s := <-done; s.err == nil {
 				_ = c.CancelTask(context.Background(), s.id)
 				s.resp.Body.Close()
@@ -237,11 +244,11 @@ func (c *Client) Exec(ctx context.Context, vmID string, cmd types.Command, stdou
 		return nil, err
 	}
 	sctx, stopStream := context.WithCancel(context.WithoutCancel(ctx))
-	defer stopStream()
-	resp, r, id, err := c.startExec(ctx, sctx, vmID, cmd, stdout, stderr)
+	resp, r, id, err := c.startExec(ctx, sctx, stopStream, vmID, cmd, stdout, stderr)
 	if err != nil {
-		return nil, err
+		return nil, err // startExec stops the stream, once it is safe to
 	}
+	defer stopStream()
 	defer resp.Body.Close()
 	res := &service.ExecResult{TaskID: id}
 
