@@ -10,7 +10,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
-	"github.com/aetherium/aetherium-core/pkg/storage"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
@@ -75,15 +74,15 @@ type vmKey struct {
 // countVMs counts live VMs by state and provider, with a zero for every
 // live state of every provider seen so that series do not vanish.
 func countVMs(ctx context.Context, st Store) (map[vmKey]int, error) {
-	vms, err := st.ListVMs(ctx, storage.VMFilter{})
+	rows, err := st.CountVMs(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("counting vms: %w", err)
 	}
 	counts := map[vmKey]int{}
 	providers := map[string]bool{}
-	for _, vm := range vms {
-		counts[vmKey{vm.State, vm.Provider}]++
-		providers[vm.Provider] = true
+	for _, r := range rows {
+		counts[vmKey{r.State, r.Provider}] += r.N
+		providers[r.Provider] = true
 	}
 	for p := range providers {
 		for _, state := range types.AllVMStates {

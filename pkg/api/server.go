@@ -33,13 +33,13 @@ import (
 )
 
 // Store is what the API reads from storage itself, beside the service:
-// GET /healthz pings it and the aetherium_vms gauge lists its VMs at
+// GET /healthz pings it and the aetherium_vms gauge counts its VMs at
 // scrape time. storage.Store implements it.
 type Store interface {
 	// Ping checks the connection.
 	Ping(ctx context.Context) error
-	// ListVMs lists VMs (f.IncludeDeleted false: the live ones).
-	ListVMs(ctx context.Context, f storage.VMFilter) ([]*types.VM, error)
+	// CountVMs counts the live VMs by state and provider.
+	CountVMs(ctx context.Context) ([]storage.VMCount, error)
 }
 
 // Option adds an optional dependency to New.

@@ -29,6 +29,13 @@ type VMFilter struct {
 	Limit int
 }
 
+// VMCount is how many VMs are in one state for one provider.
+type VMCount struct {
+	State    types.VMState
+	Provider string
+	N        int
+}
+
 // TaskUpdate changes a task. Nil fields are left as they are.
 type TaskUpdate struct {
 	State    *types.TaskState
@@ -74,6 +81,9 @@ type Store interface {
 	// it returns an error wrapping types.ErrLimit that names the limit and
 	// the current use, and inserts nothing.
 	CreateVMWithin(ctx context.Context, vm *types.VM, lim types.Limits) error
+	// CountVMs counts the VMs that are not deleted by state and provider
+	// (only pairs that have VMs), without reading the rows.
+	CountVMs(ctx context.Context) ([]VMCount, error)
 	// TenantUsage returns what a tenant's live (not deleted) VMs hold.
 	TenantUsage(ctx context.Context, tenant string) (types.Usage, error)
 	// SetVMExpiry sets (nil: clears) when the VM expires. A deleted VM

@@ -105,6 +105,23 @@ func (s *Store) insertVM(ctx context.Context, db execer, vm *types.VM) error {
 	return nil
 }
 
+// CountVMs groups the live VMs by state and provider in the database.
+func (s *Store) CountVMs(ctx context.Context) ([]storage.VMCount, error) {
+	rows, err := s.pool.Query(ctx, `SELECT state, provider, count(*) FROM vms WHERE state <> 'deleted' GROUP BY state, provider`)
+	if err != nil {
+		return nil, s.fail(err, "counting vms")
+	}
+	counts, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (storage.VMCount, error) {
+		var c storage.VMCount
+		err := row.Scan(&c.State, &c.Provider, &c.N)
+		return c, err
+	})
+	if err != nil {
+		return nil, s.fail(err, "counting vms")
+	}
+	return counts, nil
+}
+
 // TenantUsage sums the tenant's live VMs.
 func (s *Store) TenantUsage(ctx context.Context, tenant string) (types.Usage, error) {
 	u, err := tenantUsage(ctx, s.pool, tenant)

@@ -61,6 +61,7 @@ func Run(t *testing.T, newStore func(t *testing.T) storage.Store) {
 		{"Workers", testWorkers},
 		{"PingAndSchema", testPingAndSchema},
 		{"Tenants", testTenants},
+		{"CountVMs", testCountVMs},
 		{"CreateVMWithin", testCreateVMWithin},
 		{"CreateVMWithinConcurrent", testCreateVMWithinConcurrent},
 		{"VMExpiry", testVMExpiry},
@@ -1242,4 +1243,25 @@ func testTemplates(t *testing.T, s storage.Store) {
 	require.NoError(t, s.DeleteTemplate(ctx, big.Name))
 	_, err = s.GetTemplate(ctx, big.Name)
 	require.ErrorIs(t, err, types.ErrNotFound)
+}
+
+func testCountVMs(t *testing.T, s storage.Store) {
+	ctx := t.Context()
+	got, err := s.CountVMs(ctx)
+	require.NoError(t, err)
+	require.Empty(t, got)
+	createVM(t, s, "c1", types.VMRunning)
+	createVM(t, s, "c2", types.VMRunning)
+	q := newVM("c3", types.VMPending)
+	q.Provider = "qemu"
+	require.NoError(t, s.CreateVM(ctx, q))
+	gone := createVM(t, s, "c4", types.VMDeleting)
+	_, err = s.UpdateVMState(ctx, gone.ID, types.VMDeleted, "")
+	require.NoError(t, err)
+	got, err = s.CountVMs(ctx)
+	require.NoError(t, err)
+	require.ElementsMatch(t, []storage.VMCount{
+		{State: types.VMRunning, Provider: "docker", N: 2},
+		{State: types.VMPending, Provider: "qemu", N: 1},
+	}, got, "deleted VMs are not counted")
 }
