@@ -33,6 +33,28 @@ type cachedClient struct {
 	// users counts requests holding the client; the sweep never closes a
 	// client in use, so a long process stream is not cut off.
 	users int
+	// shell is the sandbox's command shell once known ("" before): it is
+	// forgotten with the client, so no state outlives a sandbox.
+	shell string
+}
+
+// shell returns the shell recorded for sandbox id, or "".
+func (cc *clientCache) shell(id string) string {
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	if e, ok := cc.clients[id]; ok {
+		return e.shell
+	}
+	return ""
+}
+
+// setShell records the shell of sandbox id while its client is cached.
+func (cc *clientCache) setShell(id, sh string) {
+	cc.mu.Lock()
+	defer cc.mu.Unlock()
+	if e, ok := cc.clients[id]; ok {
+		e.shell = sh
+	}
 }
 
 func newClientCache(d service.AgentDialer, idle time.Duration, log *slog.Logger) *clientCache {

@@ -350,7 +350,6 @@ func (s *Server) kill(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	s.clients.drop(vm.ID)
-	s.shells.Delete(vm.ID)
 	// E2B's kill is done when it answers: wait (a bounded time) so that
 	// a second kill, getInfo and the sandbox plane see the sandbox gone.
 	wctx, cancel := context.WithTimeout(r.Context(), killWait)

@@ -117,9 +117,6 @@ type Server struct {
 	control http.Handler
 	envd    http.Handler
 	clients *clientCache
-	// shells holds the shell each sandbox runs commands with (vm id to
-	// "/bin/bash" or "/bin/sh").
-	shells sync.Map
 
 	closing   context.Context // done once Close is called: open streams end
 	drain     context.CancelFunc

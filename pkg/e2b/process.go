@@ -83,10 +83,11 @@ func (p *processService) Start(ctx context.Context, req *connect.Request[pb.Star
 const bash = "/bin/bash"
 
 // shell returns bash, or /bin/sh when the sandbox has no bash. The answer
-// is kept per sandbox, so only its first command pays for the check.
+// is kept with the sandbox's cached client, so only the first command on a
+// connection pays for the check.
 func (s *Server) shell(ctx context.Context, sb *sandbox) (string, error) {
-	if v, ok := s.shells.Load(sb.id); ok {
-		return v.(string), nil
+	if sh := s.clients.shell(sb.id); sh != "" {
+		return sh, nil
 	}
 	sh := bash
 	if _, err := sb.client.Stat(ctx, bash, ""); errors.Is(err, types.ErrNotFound) {
@@ -94,7 +95,7 @@ func (s *Server) shell(ctx context.Context, sb *sandbox) (string, error) {
 	} else if err != nil {
 		return "", err
 	}
-	s.shells.Store(sb.id, sh)
+	s.clients.setShell(sb.id, sh)
 	return sh, nil
 }
 
