@@ -99,6 +99,9 @@ type VMSpec struct {
 	Env      map[string]string
 	// Network is NetworkNone or NetworkNAT; empty means NetworkNone.
 	Network string
+	// Tools are the cached tool versions delivered read-only into the VM
+	// (see ToolSet for the delivery contract); nil: none.
+	Tools *ToolSet `json:",omitempty"`
 }
 
 // Network modes of a VM.
@@ -187,6 +190,9 @@ func (s VMSpec) Validate(maxVCPUs int) error {
 		}
 	}
 	if err := ValidateNetwork(s.Network); err != nil {
+		return err
+	}
+	if err := s.Tools.Validate(); err != nil {
 		return err
 	}
 	return ValidateEnv(s.Env)

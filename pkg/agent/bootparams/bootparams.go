@@ -169,3 +169,12 @@ func parseParam(arg string) Param {
 	}
 	return Param{Key: key, Value: value, HasValue: true}
 }
+
+// ToolsRoot is the kernel parameter naming the tool cache's root in the
+// guest (types.ToolSet.Root): the init mounts tool disks under it, and the
+// agent reads tool markers there. Absent: no tools.
+const ToolsRoot = "aetherium.tools_root"
+
+// RootBySerial is the root= value that names the root disk by its virtio
+// serial instead of its probe order: root=SERIAL=<serial>.
+func RootBySerial(serial string) string { return "SERIAL=" + serial }
