@@ -177,4 +177,14 @@ const ToolsRoot = "aetherium.tools_root"
 
 // RootBySerial is the root= value that names the root disk by its virtio
 // serial instead of its probe order: root=SERIAL=<serial>.
-func RootBySerial(serial string) string { return "SERIAL=" + serial }
+func RootBySerial(serial string) string { return rootSerialPrefix + serial }
+
+// rootSerialPrefix starts a root= value that names a disk by its serial.
+const rootSerialPrefix = "SERIAL="
+
+// RootSerial returns the serial a root= value written by RootBySerial
+// names; ok is false for any other root= (a device path, a tag).
+func RootSerial(root string) (serial string, ok bool) {
+	serial, ok = strings.CutPrefix(root, rootSerialPrefix)
+	return serial, ok && serial != ""
+}

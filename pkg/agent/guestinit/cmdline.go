@@ -27,9 +27,11 @@ const (
 // value means every default: stay in the initramfs, hostname "aetherium",
 // listen on vsock port 9999, log at info.
 type Config struct {
-	// Root is the root device or source (root=), e.g. /dev/vda. A path
-	// under /dev is waited for; anything else (a virtiofs tag, "none" for
-	// tmpfs) is passed to mount as is. Empty: stay in the initramfs.
+	// Root is the root device or source (root=), e.g. /dev/vda, or
+	// SERIAL=<serial> (bootparams.RootBySerial) for the virtio-blk disk
+	// with that serial. A path under /dev or a serial is waited for;
+	// anything else (a virtiofs tag, "none" for tmpfs) is passed to mount
+	// as is. Empty: stay in the initramfs.
 	Root string
 	// RootFSType is the root file system's type (rootfstype=); empty: ext4.
 	RootFSType string

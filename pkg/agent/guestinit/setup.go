@@ -300,14 +300,22 @@ func loadModule(path string, log *slog.Logger) error {
 	return nil
 }
 
-// mountRoot waits for cfg.Root when it is a device node, then mounts it at
-// dir unless something is mounted there already.
+// mountRoot waits for cfg.Root when it is a device node or names a disk by
+// its serial (root=SERIAL=...), then mounts it at dir unless something is
+// mounted there already.
 func mountRoot(ctx context.Context, cfg Config, dir string, log *slog.Logger) error {
 	if isMountPoint(dir) {
 		log.Info("root file system already mounted", "target", dir)
 		return nil
 	}
-	if strings.HasPrefix(cfg.Root, "/dev/") {
+	source := cfg.Root
+	if serial, ok := bootparams.RootSerial(cfg.Root); ok {
+		node, err := waitForSerial(ctx, sysfsRoot, devRoot, serial, rootWait, log)
+		if err != nil {
+			return err
+		}
+		source = node
+	} else if strings.HasPrefix(cfg.Root, "/dev/") {
 		if err := waitForDevice(ctx, cfg.Root, rootWait, log); err != nil {
 			return err
 		}
@@ -321,11 +329,11 @@ func mountRoot(ctx context.Context, cfg Config, dir string, log *slog.Logger) er
 	}
 	fstype := cmp.Or(cfg.RootFSType, DefaultRootFSType)
 	start := time.Now()
-	if err := unix.Mount(cfg.Root, dir, fstype, flags, data); err != nil {
+	if err := unix.Mount(source, dir, fstype, flags, data); err != nil {
 		return fmt.Errorf("mounting the root file system %s (%s, options %q) on %s: %w; check root=, rootfstype= and rootflags= on the kernel command line",
-			cfg.Root, fstype, cfg.RootFlags, dir, err)
+			source, fstype, cfg.RootFlags, dir, err)
 	}
-	log.Info("mounted root file system", "source", cfg.Root, "fstype", fstype, "ro", cfg.ReadOnly, "took", time.Since(start))
+	log.Info("mounted root file system", "source", source, "fstype", fstype, "ro", cfg.ReadOnly, "took", time.Since(start))
 	return nil
 }
 
