@@ -65,6 +65,11 @@ const toolDiskSerialPrefix = "aet-tool-"
 // disks never changes which one is the root.
 const RootDiskSerial = "aet-root"
 
+// ToolDiskLabel is the ext4 label of every tool image. Firecracker cannot
+// set a drive's serial, so the guest's init also takes a disk with this
+// label (and a valid marker) for a tool disk.
+const ToolDiskLabel = "aet-tool"
+
 // ToolDiskSerial is the virtio-blk serial of the i-th tool disk.
 func ToolDiskSerial(i int) string { return fmt.Sprintf("%s%d", toolDiskSerialPrefix, i) }
 

@@ -62,7 +62,7 @@ func (o *Orchestrator) CreateVMWithOptions(ctx context.Context, spec types.VMSpe
 			}
 		}
 	}
-	if err := o.prepare(p, spec.ID); err != nil {
+	if err := o.prepare(p, spec.ID, spec.Tools); err != nil {
 		undo()
 		return nil, fmt.Errorf("creating vm %s: %w", spec.ID, err)
 	}
@@ -77,7 +77,8 @@ func (o *Orchestrator) CreateVMWithOptions(ctx context.Context, spec types.VMSpe
 		opts.TAPDevice, opts.GuestMAC, opts.KernelArg = a.TAP, a.MAC.String(), a.KernelArg
 	}
 	rec := record{ID: spec.ID, Name: spec.Name, VCPUs: spec.VCPUs, MemoryMB: spec.MemoryMB,
-		Labels: spec.Labels, Env: spec.Env, Owner: o.cfg.Owner, Options: opts, Created: time.Now().UTC(), Attached: attached}
+		Labels: spec.Labels, Env: spec.Env, Owner: o.cfg.Owner, Options: opts, Created: time.Now().UTC(), Attached: attached,
+		Tools: spec.Tools}
 	// state.json is written last: its presence means the VM exists.
 	if err := o.writeRecord(&rec); err != nil {
 		undo()
@@ -89,7 +90,7 @@ func (o *Orchestrator) CreateVMWithOptions(ctx context.Context, spec types.VMSpe
 
 // prepare makes the run directory (and jail root) with the VM's rootfs
 // copy, log and metrics files. It is safe to run again after a crash.
-func (o *Orchestrator) prepare(p paths, id string) error {
+func (o *Orchestrator) prepare(p paths, id string, tools *types.ToolSet) error {
 	if err := os.MkdirAll(p.run, 0o700); err != nil {
 		return err
 	}
@@ -115,6 +116,16 @@ func (o *Orchestrator) prepare(p paths, id string) error {
 	}
 	if !p.jailed {
 		return nil
+	}
+	// Tool images are shared read-only by every VM that uses them: a hard
+	// link into the jail costs no space (a copy only across file systems).
+	for i, v := range toolVolumes(tools) {
+		if _, err := os.Stat(p.host(toolDriveName(i))); err == nil {
+			continue
+		}
+		if _, err := linkOrCopy(v.Image, p.host(toolDriveName(i))); err != nil {
+			return fmt.Errorf("putting tool image %s into the jail: %w", v.Image, err)
+		}
 	}
 	// The jailed VMM sees only its root: link the kernel and initrd in.
 	// They stay owned by their owner (a hard link shares the inode); the

@@ -22,6 +22,9 @@ func (o *Orchestrator) bootArgs(rec *record) string {
 	if rec.Options.KernelArg != "" {
 		args += " " + rec.Options.KernelArg
 	}
+	if len(toolVolumes(rec.Tools)) > 0 {
+		args += " " + bootparams.Arg(bootparams.ToolsRoot, rec.Tools.Root)
+	}
 	if o.cfg.BootArgs != "" {
 		args += " " + o.cfg.BootArgs
 	}
@@ -96,6 +99,21 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 		}},
 		{"attaching the rootfs", func() error {
 			return c.PutDrive(ctx, Drive{DriveID: "rootfs", PathOnHost: p.vmm(rootfsName), IsRootDevice: true})
+		}},
+		{"attaching the tool drives", func() error {
+			// Firecracker has no drive serials: the guest's init recognises
+			// tool disks by their file system label (types.ToolDiskLabel)
+			// and mounts each at the directory its marker names.
+			for i, v := range toolVolumes(rec.Tools) {
+				path := v.Image
+				if p.jailed {
+					path = p.vmm(toolDriveName(i))
+				}
+				if err := c.PutDrive(ctx, Drive{DriveID: toolDriveName(i), PathOnHost: path, IsReadOnly: true}); err != nil {
+					return err
+				}
+			}
+			return nil
 		}},
 		{"adding the vsock device", func() error {
 			return c.PutVsock(ctx, Vsock{GuestCID: GuestCID, UDSPath: p.vmm(vsockSockName)})
@@ -256,3 +274,22 @@ func (o *Orchestrator) waitAgent(ctx context.Context, id string, p paths, pr *vm
 			types.ErrUnavailable, id, vmutil.Tail(filepath.Join(p.run, consoleName), 20))
 	}
 }
+
+// toolVolumes returns the volumes of a tool set that have an image to
+// attach.
+func toolVolumes(s *types.ToolSet) []types.ToolVolume {
+	if s == nil {
+		return nil
+	}
+	var vs []types.ToolVolume
+	for _, v := range s.Volumes {
+		if v.Image != "" {
+			vs = append(vs, v)
+		}
+	}
+	return vs
+}
+
+// toolDriveName names the i-th tool drive: its drive id and, with the
+// jailer, its file in the jail.
+func toolDriveName(i int) string { return fmt.Sprintf("tool%d", i) }

@@ -29,6 +29,9 @@ type record struct {
 	// Attached is set when the backend's network manager attached the VM,
 	// so delete knows to detach it.
 	Attached bool `json:"attached,omitempty"`
+	// Tools are the tool volumes attached as read-only drives (see
+	// types.ToolSet); nil: none.
+	Tools *types.ToolSet `json:"tools,omitempty"`
 }
 
 func (o *Orchestrator) readRecord(id string) (*record, error) {
