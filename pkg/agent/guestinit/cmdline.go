@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"path/filepath"
 	"strings"
 
 	"github.com/aetherium/aetherium-core/pkg/agent/bootparams"
@@ -56,6 +57,11 @@ type Config struct {
 	// Raw is aetherium.init=raw, the boot benchmark: print the start marker
 	// and power off at once.
 	Raw bool
+	// ToolsRoot is aetherium.tools_root=, the tool volumes' root
+	// (types.ToolSet.Root), a clean absolute path other than /: the init
+	// mounts the tool disks under it and the agent reads their markers
+	// there. Empty: no tool disks are mounted.
+	ToolsRoot string
 }
 
 // ParseCmdline parses a kernel command line (the contents of /proc/cmdline).
@@ -117,6 +123,13 @@ func ParseCmdline(cmdline string) (Config, error) {
 			cfg.LogLevel = level
 		case bootparams.Net:
 			cfg.Net = p.Value
+		case bootparams.ToolsRoot:
+			if v := p.Value; v != "" && (!filepath.IsAbs(v) || filepath.Clean(v) != v || v == "/") {
+				errs = append(errs, fmt.Errorf("%s=%q: %w: want a clean absolute path other than /; mounting no tool disks", bootparams.ToolsRoot, v, types.ErrInvalid))
+				cfg.ToolsRoot = ""
+				continue
+			}
+			cfg.ToolsRoot = p.Value
 		case bootparams.Init:
 			switch p.Value {
 			case "raw":

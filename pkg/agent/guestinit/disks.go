@@ -99,12 +99,12 @@ func waitForSerial(ctx context.Context, sys, dev, serial string, limit time.Dura
 			return "", err
 		}
 		if node != "" {
-			log.Info("root device appeared", "serial", serial, "device", node, "waited", time.Since(start))
+			log.Info("disk appeared", "serial", serial, "device", node, "waited", time.Since(start))
 			return node, nil
 		}
 		select {
 		case <-ctx.Done():
-			return "", fmt.Errorf("no disk with serial %q appeared within %s: %w; attach the root disk as virtio-blk with serial=%s and list virtio_blk in %s",
+			return "", fmt.Errorf("no disk with serial %q appeared within %s: %w; attach the disk as virtio-blk with serial=%s and list virtio_blk in %s",
 				serial, limit, types.ErrUnavailable, serial, ModulesOrder)
 		case <-tick.C:
 		}

@@ -119,3 +119,15 @@ func TestRootBySerialParses(t *testing.T) {
 		require.False(t, ok, root)
 	}
 }
+
+func TestToolDisks(t *testing.T) {
+	f := newFakeDisks(t)
+	f.add("vda", types.RootDiskSerial, true)
+	f.add("vdc", types.ToolDiskSerial(1), true)
+	f.add("vdb", types.ToolDiskSerial(0), true)
+	f.add("vdd", "data", true)
+	f.add("vde", "", true)
+	disks, err := toolDisks(f.sys)
+	require.NoError(t, err)
+	require.Equal(t, []disk{{"vdb", "aet-tool-0"}, {"vdc", "aet-tool-1"}}, disks)
+}

@@ -66,6 +66,10 @@ func TestParseCmdline(t *testing.T) {
 		{name: "bad listen", cmdline: "aetherium.listen=9999", want: defaults(), wantErr: "aetherium.listen"},
 		{name: "bad log level", cmdline: "aetherium.log=loud", want: defaults(), wantErr: "aetherium.log"},
 		{name: "bad init", cmdline: "aetherium.init=fast", want: defaults(), wantErr: "aetherium.init"},
+		{name: "tools root", cmdline: "aetherium.tools_root=/var/lib/aetherium/tools", want: with(func(c *Config) { c.ToolsRoot = "/var/lib/aetherium/tools" })},
+		{name: "relative tools root", cmdline: "aetherium.tools_root=tools", want: defaults(), wantErr: "aetherium.tools_root"},
+		{name: "unclean tools root", cmdline: "aetherium.tools_root=/a/../b", want: defaults(), wantErr: "clean absolute path"},
+		{name: "tools root /", cmdline: "aetherium.tools_root=/x aetherium.tools_root=/", want: defaults(), wantErr: "other than /"},
 		{
 			name: "errors join, good values kept", cmdline: "root=/dev/vda aetherium.log=loud aetherium.init=fast",
 			want: with(func(c *Config) { c.Root = "/dev/vda" }), wantErr: "aetherium.init",

@@ -69,9 +69,10 @@ var movedMounts = []string{"/dev", "/proc", "/sys", "/run", "/tmp"}
 
 // Setup prepares the guest for the agent: it mounts the kernel file
 // systems, loads the kernel modules of ModulesOrder, mounts the root file
-// system and switches into it (unless cfg.Root is empty), sets the
-// hostname, brings loopback up, configures the network from cfg.Net and
-// sets the commands' environment. Each
+// system and switches into it (unless cfg.Root is empty), mounts the tool
+// disks under cfg.ToolsRoot, sets the hostname, brings loopback up,
+// configures the network from cfg.Net and sets the environment of the
+// agent (types.ToolsRootEnv) and its commands. Each
 // step is logged with its duration.
 //
 // Every step checks before it acts, so Setup may run again. It runs only
@@ -118,6 +119,11 @@ func Setup(ctx context.Context, cfg Config, log *slog.Logger, afterModules func(
 			return nil, err
 		}
 	}
+	if cfg.ToolsRoot != "" {
+		// In the final root, so the mounts are where commands look; before
+		// the agent serves, so its tool registry sees them.
+		mountToolDisks(ctx, cfg.ToolsRoot, log)
+	}
 	setHostname(cfg.Hostname, log)
 	if err := loopbackUp(log); err != nil {
 		return nil, err
@@ -125,7 +131,9 @@ func Setup(ctx context.Context, cfg Config, log *slog.Logger, afterModules func(
 	// After the switch, so resolv.conf lands in the root disk's /etc, and
 	// after the modules, which include virtio_net.
 	setupNetwork(cfg.Net, log)
-	for k, v := range map[string]string{"PATH": envPath, "HOME": envHome, "TERM": envTerm} {
+	// The agent learns the tools root as a container's agent does, from
+	// types.ToolsRootEnv.
+	for k, v := range map[string]string{"PATH": envPath, "HOME": envHome, "TERM": envTerm, types.ToolsRootEnv: cfg.ToolsRoot} {
 		if err := os.Setenv(k, v); err != nil {
 			return nil, fmt.Errorf("setting %s for commands: %w", k, err)
 		}
