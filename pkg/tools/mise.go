@@ -41,6 +41,10 @@ type Config struct {
 	// variables the cache pins (MISE_DATA_DIR, MISE_CACHE_DIR,
 	// MISE_CONFIG_DIR, MISE_STATE_DIR, MISE_YES).
 	Env map[string]string
+	// Mkfs is the mkfs.ext4 binary that builds the read-only images VM
+	// backends attach, a path or a name in PATH (then /usr/sbin and /sbin).
+	// Default MkfsBinaryDefault.
+	Mkfs string
 	// Logger receives one line per install. Default slog.Default().
 	Logger *slog.Logger
 }
@@ -52,6 +56,7 @@ var pinnedEnv = []string{"MISE_DATA_DIR", "MISE_CACHE_DIR", "MISE_CONFIG_DIR", "
 type Mise struct {
 	root   string
 	mise   string
+	mkfs   string
 	env    []string // the base environment of every mise run, without pins
 	log    *slog.Logger
 	keyMu  keyMutex
@@ -96,7 +101,7 @@ func NewMise(cfg Config) (*Mise, error) {
 		env = append(env, k+"="+cfg.Env[k])
 	}
 	l := layout{root: root}
-	for _, d := range []string{root, l.metaDir(), l.lockDir(), l.miseDir("cache"), l.miseDir("config"), l.miseDir("state"), l.miseDir("resolve")} {
+	for _, d := range []string{root, l.metaDir(), l.lockDir(), l.imageDir(), l.miseDir("cache"), l.miseDir("config"), l.miseDir("state"), l.miseDir("resolve")} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return nil, fmt.Errorf("creating tools cache directory %s: %w", d, err)
 		}
@@ -104,6 +109,7 @@ func NewMise(cfg Config) (*Mise, error) {
 	return &Mise{
 		root:   root,
 		mise:   bin,
+		mkfs:   cmp.Or(cfg.Mkfs, MkfsBinaryDefault),
 		env:    env,
 		log:    cmp.Or(cfg.Logger, slog.Default()),
 		now:    time.Now,
@@ -118,6 +124,7 @@ func NewMise(cfg Config) (*Mise, error) {
 //	ROOT/.meta/KEY.used    its mtime is the entry's last use
 //	ROOT/.meta/spec-H.key  the key spec H (hashed) last resolved to
 //	ROOT/.locks/KEY.lock   flock held while the entry is installed or pruned
+//	ROOT/.images/KEY.ext4  the entry's read-only image, built on demand
 //	ROOT/.mise/{cache,config,state,resolve}  mise's pinned directories
 type layout struct{ root string }
 
@@ -132,6 +139,16 @@ func (l layout) aliasFile(spec string) string {
 func (l layout) lockDir() string            { return filepath.Join(l.root, ".locks") }
 func (l layout) lockFile(key string) string { return filepath.Join(l.lockDir(), key+".lock") }
 func (l layout) miseDir(name string) string { return filepath.Join(l.root, ".mise", name) }
+func (l layout) imageDir() string           { return filepath.Join(l.root, ".images") }
+func (l layout) imageFile(key string) string {
+	return filepath.Join(l.imageDir(), key+".ext4")
+}
+
+// imageTemp is where key's image is built before its rename: one name per
+// key, since only the key's lock holder builds it.
+func (l layout) imageTemp(key string) string {
+	return filepath.Join(l.imageDir(), ".tmp-"+key+".ext4")
+}
 
 var unsafeKeyChars = regexp.MustCompile(`[^a-z0-9._-]+`)
 
@@ -270,17 +287,27 @@ func (m *Mise) install(ctx context.Context, s Spec, version, key string) (Entry,
 		Key: key, Spec: s.String(), Tool: s.Tool(), Version: version, Dir: dir,
 		BinPaths: bins, Size: size, InstalledAt: m.now().UTC(),
 	}
+	return e, m.seal(e)
+}
+
+// seal writes e's marker into its directory, flushes the directory and
+// writes e's record last; the caller holds e's lock.
+func (m *Mise) seal(e Entry) error {
+	dir, key := e.Dir, e.Key
+	if err := writeMarker(e); err != nil {
+		return err
+	}
 	if err := syncTree(dir); err != nil {
-		return Entry{}, fmt.Errorf("syncing %s: %w", dir, err)
+		return fmt.Errorf("syncing %s: %w", dir, err)
 	}
 	rec, err := json.MarshalIndent(e, "", "  ")
 	if err != nil {
-		return Entry{}, fmt.Errorf("recording tool entry %s: %w", key, err)
+		return fmt.Errorf("recording tool entry %s: %w", key, err)
 	}
 	if err := writeFileAtomic(m.layout.metaFile(key), append(rec, '\n')); err != nil {
-		return Entry{}, fmt.Errorf("recording tool entry %s: %w", key, err)
+		return fmt.Errorf("recording tool entry %s: %w", key, err)
 	}
-	return e, nil
+	return nil
 }
 
 // resolve asks mise which version s stands for. Backends that cannot list
@@ -459,7 +486,10 @@ func (m *Mise) List(ctx context.Context) ([]Entry, error) {
 }
 
 // Prune implements Installer.
-func (m *Mise) Prune(ctx context.Context, olderThan time.Duration) ([]Entry, error) {
+func (m *Mise) Prune(ctx context.Context, olderThan time.Duration, keep func(key string) bool) ([]Entry, error) {
+	if keep == nil {
+		keep = func(string) bool { return false }
+	}
 	entries, err := m.List(ctx)
 	if err != nil {
 		return nil, err
@@ -470,13 +500,13 @@ func (m *Mise) Prune(ctx context.Context, olderThan time.Duration) ([]Entry, err
 		if err := ctx.Err(); err != nil {
 			return pruned, err
 		}
-		if !e.LastUsed.Before(cutoff) {
+		if !e.LastUsed.Before(cutoff) || keep(e.Key) {
 			continue
 		}
 		ok, err := m.remove(ctx, e.Key, func() bool {
 			// Check again under the lock: an install may have used it since.
 			cur, ok := m.lookup(e.Key)
-			return ok && cur.LastUsed.Before(cutoff)
+			return ok && cur.LastUsed.Before(cutoff) && !keep(e.Key)
 		})
 		if err != nil {
 			return pruned, err
@@ -498,6 +528,29 @@ func (m *Mise) Prune(ctx context.Context, olderThan time.Duration) ([]Entry, err
 		if _, err := m.remove(ctx, key, func() bool { _, ok := m.lookup(key); return !ok }); err != nil {
 			return pruned, err
 		}
+	}
+	// Images of killed builds, and images whose entry is gone.
+	imgs, err := os.ReadDir(m.layout.imageDir())
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return pruned, fmt.Errorf("reading the tools cache %s: %w", m.root, err)
+	}
+	for _, f := range imgs {
+		name, ok := strings.CutSuffix(f.Name(), ".ext4")
+		if !ok {
+			continue
+		}
+		key, tmp := strings.CutPrefix(name, ".tmp-")
+		release, err := lockFile(ctx, m.layout.lockFile(key), false)
+		if errors.Is(err, errLocked) {
+			continue
+		}
+		if err != nil {
+			return pruned, err
+		}
+		if _, ok := m.lookup(key); tmp || !ok {
+			_ = os.Remove(filepath.Join(m.layout.imageDir(), f.Name()))
+		}
+		release()
 	}
 	// Resolutions pointing at entries gone.
 	metas, err := os.ReadDir(m.layout.metaDir())
@@ -534,6 +587,11 @@ func (m *Mise) remove(ctx context.Context, key string, cond func() bool) (bool, 
 	}
 	if err := os.Remove(m.layout.metaFile(key)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return false, fmt.Errorf("removing tool entry %s: %w", key, err)
+	}
+	for _, img := range []string{m.layout.imageFile(key), m.layout.imageTemp(key)} {
+		if err := os.Remove(img); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return false, fmt.Errorf("removing the image of tool entry %s: %w", key, err)
+		}
 	}
 	if err := os.RemoveAll(m.layout.entryDir(key)); err != nil {
 		return false, fmt.Errorf("removing tool entry %s: %w", key, err)

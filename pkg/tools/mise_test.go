@@ -181,14 +181,14 @@ func TestInstallHTTPThenCached(t *testing.T) {
 	require.Positive(t, entries[0].Size)
 	require.WithinDuration(t, time.Now(), entries[0].LastUsed, time.Minute)
 
-	pruned, err := m.Prune(ctx, time.Hour)
+	pruned, err := m.Prune(ctx, time.Hour, nil)
 	require.NoError(t, err)
 	require.Empty(t, pruned, "a fresh entry is kept")
-	pruned, err = m.Prune(ctx, 0)
+	pruned, err = m.Prune(ctx, 0, nil)
 	require.NoError(t, err)
 	require.Len(t, pruned, 1)
 	requireNoEntries(t, m)
-	pruned, err = m.Prune(ctx, 0)
+	pruned, err = m.Prune(ctx, 0, nil)
 	require.NoError(t, err)
 	require.Empty(t, pruned, "prune is idempotent")
 }
@@ -316,7 +316,7 @@ func TestInstallReplacesLeftover(t *testing.T) {
 
 	orphan := filepath.Join(m.root, "orphan-0123456789abcdef")
 	require.NoError(t, os.MkdirAll(orphan, 0o755))
-	_, err = m.Prune(context.Background(), time.Hour)
+	_, err = m.Prune(context.Background(), time.Hour, nil)
 	require.NoError(t, err)
 	require.NoDirExists(t, orphan)
 	require.DirExists(t, set.Entries[0].Dir, "a complete entry in use stays")

@@ -10,6 +10,8 @@ import (
 	"context"
 	"strings"
 	"time"
+
+	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
 // DefaultRoot is the cache root on the host and, because installs hold
@@ -34,12 +36,28 @@ type Installer interface {
 	// empty cache gives an empty list, not an error. Installs in progress
 	// are not listed.
 	List(ctx context.Context) ([]Entry, error)
-	// Prune removes the entries not used for olderThan and returns them.
-	// Entries being installed or locked by another process are skipped, as
-	// are leftovers of killed installs that are still locked; unlocked
-	// leftovers are removed. It is idempotent; cancelling ctx stops it
-	// between entries.
-	Prune(ctx context.Context, olderThan time.Duration) ([]Entry, error)
+	// Prune removes the entries not used for olderThan, with their images,
+	// and returns them. Entries for which keep returns true (those VMs
+	// still use; nil keeps none) are skipped, and so are entries being
+	// installed or locked by another process, and leftovers of killed
+	// installs that are still locked; unlocked leftovers (directories
+	// without a record, half-built images) are removed. It is idempotent;
+	// cancelling ctx stops it between entries.
+	Prune(ctx context.Context, olderThan time.Duration, keep func(key string) bool) ([]Entry, error)
+	// Image returns the path of a read-only ext4 image of entry e's
+	// directory (its marker included), for VM backends to attach. The image
+	// is built once per key, under the key's lock, and appears only
+	// complete; later calls return it at once. An entry not in the cache
+	// returns types.ErrNotFound. Cancelling ctx stops a build and leaves
+	// no image.
+	Image(ctx context.Context, e Entry) (string, error)
+	// MiseVolume returns the cache entry holding the mise binary itself
+	// (ROOT/mise-VERSION/bin/mise), copying it in once per mise version,
+	// so that guests can run `mise exec` and `mise ls`. Idempotent;
+	// cancelling ctx leaves no partial entry.
+	MiseVolume(ctx context.Context) (Entry, error)
+	// Root returns the cache root: the ToolSet root of every delivery.
+	Root() string
 }
 
 // Entry is one tool version in the cache.
@@ -93,4 +111,9 @@ func (s *Set) PathEnv(base string) string {
 		parts = append(parts, base)
 	}
 	return strings.Join(parts, ":")
+}
+
+// Volume returns e as a volume to deliver, without an image.
+func (e Entry) Volume() types.ToolVolume {
+	return types.ToolVolume{Key: e.Key, Spec: e.Spec, Dir: e.Dir, BinPaths: e.BinPaths}
 }
