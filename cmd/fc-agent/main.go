@@ -16,6 +16,7 @@ import (
 
 	"github.com/aetherium/aetherium-core/pkg/agent"
 	"github.com/aetherium/aetherium-core/pkg/agent/guestinit"
+	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
 func main() {
@@ -79,6 +80,9 @@ func serve(ctx context.Context, l net.Listener, log *slog.Logger, maxOutput int,
 		MaxOutputBytes: maxOutput,
 		Logger:         log,
 		PowerOff:       powerOff,
+		// The docker backend sets it in the container; as init, the
+		// kernel parameter bootparams.ToolsRoot (guestinit.Setup).
+		ToolsRoot: os.Getenv(types.ToolsRootEnv),
 		OnShutdown: func(reboot bool) {
 			req.Store(true)
 			log.Info("shut down by request", "reboot", reboot)

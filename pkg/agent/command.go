@@ -20,7 +20,8 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
-// defaultPath is every command's PATH unless the request sets one. The
+// defaultPath ends every command's PATH unless the request sets one; the
+// tool volumes' bin directories come before it (toolRegistry). The
 // agent's own environment is not inherited: as PID 1 it has next to none,
 // and commands should not depend on how the agent was started.
 const defaultPath = bootparams.DefaultPath
@@ -129,7 +130,8 @@ func (s *Server) buildCmd(start *agentpb.ExecStart) (*exec.Cmd, error) {
 }
 
 // newCmd builds a command run as user (see lookupIdentity) in its own
-// process group, with PATH, HOME, USER and LOGNAME under env. dir picks
+// process group, with PATH (the tools' bin directories, then
+// defaultPath), HOME, USER and LOGNAME under env. dir picks
 // the working directory from the user's home. Errors are *startError.
 func (s *Server) newCmd(name string, args []string, reqEnv map[string]string, userSpec string, dir func(home string) (string, error)) (*exec.Cmd, error) {
 	if name == "" {
@@ -142,7 +144,7 @@ func (s *Server) newCmd(name string, args []string, reqEnv map[string]string, us
 	if err != nil {
 		return nil, &startError{code: exitCannotExecute, err: err}
 	}
-	env := map[string]string{"PATH": defaultPath, "HOME": id.home}
+	env := map[string]string{"PATH": s.tools.commandPath(), "HOME": id.home}
 	if id.name != "" {
 		env["USER"], env["LOGNAME"] = id.name, id.name
 	}

@@ -34,6 +34,13 @@ type ServerConfig struct {
 	// init can end processes and unmount before the power goes. It only
 	// returns on failure. nil: Halt.
 	PowerOff func(reboot bool) error
+	// ToolsRoot is the root of the tool volumes (types.ToolSet.Root): the
+	// bin directories of the volumes under it go in front of every
+	// command's PATH, and AddTools adds volumes there. fc-agent takes it
+	// from types.ToolsRootEnv. Empty: none until AddTools names one. A
+	// root that is not a clean absolute path other than / is ignored with
+	// a logged error.
+	ToolsRoot string
 }
 
 // stopGrace is how long Stop waits for RPCs to end after killing commands
@@ -52,6 +59,7 @@ type Server struct {
 	waiter waiter
 	self   identity // the agent's own user
 	procs  *procTable
+	tools  *toolRegistry
 
 	// stopping is cancelled by Stop; it kills every running command.
 	stopping context.Context
@@ -76,6 +84,14 @@ func NewServer(cfg ServerConfig) *Server {
 		self:   selfIdentity(),
 		procs:  newProcTable(),
 	}
+	root := cfg.ToolsRoot
+	if root != "" {
+		if err := validToolsRoot(root); err != nil {
+			s.log.Error("ignoring the tools root; tools are not on PATH", "root", root, "err", err)
+			root = ""
+		}
+	}
+	s.tools = newToolRegistry(root, s.log)
 	if needsReaper() {
 		s.waiter = sharedReaper()
 	}

@@ -78,3 +78,77 @@ func TestReadToolMarker(t *testing.T) {
 	_, err = ReadToolMarker(dir, "")
 	require.ErrorIs(t, err, types.ErrInvalid, "no root, nothing is valid")
 }
+
+// makeToolVolume creates volume key under root, holding an executable
+// bin/<tool> that prints "<tool> from <key>", and returns it.
+func makeToolVolume(t *testing.T, root, key, tool string) types.ToolVolume {
+	t.Helper()
+	dir := filepath.Join(root, key)
+	v := types.ToolVolume{Key: key, Spec: tool + "@1", Dir: dir, BinPaths: []string{filepath.Join(dir, "bin")}}
+	require.NoError(t, os.MkdirAll(filepath.Join(dir, "bin"), 0o755))
+	script := "#!/bin/sh\necho " + tool + " from " + key + "\n"
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "bin", tool), []byte(script), 0o755))
+	writeMarker(t, dir, v, "")
+	return v
+}
+
+func TestToolsOnPath(t *testing.T) {
+	root := filepath.Join(t.TempDir(), "tools")
+	b := makeToolVolume(t, root, "b-tool-2", "hello")
+	a := makeToolVolume(t, root, "a-tool-1", "hello")
+	// Not volumes: a marker naming another dir, work in progress, a file.
+	writeMarker(t, filepath.Join(root, "c-wrong"), types.ToolVolume{Key: "other", Dir: root + "/other"}, "")
+	makeToolVolume(t, filepath.Join(t.TempDir(), "elsewhere"), "x", "x")
+	require.NoError(t, os.MkdirAll(filepath.Join(root, ".partial-1"), 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(root, "stray"), nil, 0o644))
+
+	c, _ := startAgent(t, ServerConfig{ToolsRoot: root})
+	want := a.BinPaths[0] + ":" + b.BinPaths[0] + ":" + defaultPath + "\n"
+
+	res, err := c.Exec(t.Context(), sh(`echo "$PATH"`), nil, nil)
+	require.NoError(t, err)
+	require.Equal(t, want, string(res.Stdout), "volumes in key order, then the default PATH")
+
+	// The first volume by key wins a name both have.
+	res, err = c.Exec(t.Context(), types.Command{Cmd: "hello"}, nil, nil)
+	require.NoError(t, err)
+	require.Equal(t, "hello from a-tool-1\n", string(res.Stdout))
+
+	// Table processes get the same PATH.
+	s, err := c.StartProcess(t.Context(), ProcessSpec{Cmd: "sh", Args: []string{"-c", `echo "$PATH"`}})
+	require.NoError(t, err)
+	require.Equal(t, want, follow(t, s).stdout.String())
+
+	// A request's PATH wins, as it always has.
+	res, err = c.Exec(t.Context(), types.Command{Cmd: "sh", Args: []string{"-c", `echo "$PATH"`}, Env: map[string]string{"PATH": "/bin"}}, nil, nil)
+	require.NoError(t, err)
+	require.Equal(t, "/bin\n", string(res.Stdout))
+
+	// A volume that appears later (the root's mtime changes) is found
+	// without being told.
+	makeToolVolume(t, root, "0-first", "hello")
+	res, err = c.Exec(t.Context(), types.Command{Cmd: "hello"}, nil, nil)
+	require.NoError(t, err)
+	require.Equal(t, "hello from 0-first\n", string(res.Stdout))
+}
+
+func TestToolsRootMissingOrInvalid(t *testing.T) {
+	root := filepath.Join(t.TempDir(), "tools")
+	c, _ := startAgent(t, ServerConfig{ToolsRoot: root})
+	res, err := c.Exec(t.Context(), sh(`echo "$PATH"`), nil, nil)
+	require.NoError(t, err)
+	require.Equal(t, defaultPath+"\n", string(res.Stdout), "no root yet: the default PATH")
+
+	// The root appears with a volume in it.
+	v := makeToolVolume(t, root, "k", "hello")
+	res, err = c.Exec(t.Context(), sh(`echo "$PATH"`), nil, nil)
+	require.NoError(t, err)
+	require.Equal(t, v.BinPaths[0]+":"+defaultPath+"\n", string(res.Stdout))
+
+	for _, bad := range []string{"/", "tools", root + "/../tools"} {
+		c, _ := startAgent(t, ServerConfig{ToolsRoot: bad})
+		res, err := c.Exec(t.Context(), sh(`echo "$PATH"`), nil, nil)
+		require.NoError(t, err)
+		require.Equal(t, defaultPath+"\n", string(res.Stdout), "root %q is ignored", bad)
+	}
+}
