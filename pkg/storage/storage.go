@@ -156,6 +156,20 @@ type Store interface {
 	// types.ErrNotFound. Sandboxes made from it keep running.
 	DeleteTemplate(ctx context.Context, name string) error
 
+	// AddVMTools records that VM vmID has the given tool versions (their
+	// VMID is ignored; a zero AddedAt is now). A key the VM already has is
+	// left as first recorded, so retries are harmless (idempotent). A
+	// missing VM returns types.ErrNotFound and an empty key
+	// types.ErrInvalid; then nothing is recorded.
+	AddVMTools(ctx context.Context, vmID string, tools []types.VMTool) error
+	// ListVMTools returns VM vmID's tool versions in the order they were
+	// added (then by key). A VM without tools, or a missing one, gives an
+	// empty list.
+	ListVMTools(ctx context.Context, vmID string) ([]types.VMTool, error)
+	// ToolKeysInUse returns the sorted, distinct tool cache keys held by
+	// VMs that are not deleted, which the cache must not prune.
+	ToolKeysInUse(ctx context.Context) ([]string, error)
+
 	// Ping checks the connection.
 	Ping(ctx context.Context) error
 	// SchemaVersion returns the applied migration version and whether a

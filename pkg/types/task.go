@@ -49,3 +49,6 @@ type Task struct {
 	UpdatedAt  time.Time  `json:"updated_at"`
 	FinishedAt *time.Time `json:"finished_at,omitempty"`
 }
+
+// TaskToolsInstall installs tools into a running VM (pkg/tools).
+const TaskToolsInstall TaskType = "tools:install"

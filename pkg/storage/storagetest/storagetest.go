@@ -70,6 +70,7 @@ func Run(t *testing.T, newStore func(t *testing.T) storage.Store) {
 		{"WorkerDataAddr", testWorkerDataAddr},
 		{"Sandboxes", testSandboxes},
 		{"Templates", testTemplates},
+		{"VMTools", testVMTools},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -1264,4 +1265,74 @@ func testCountVMs(t *testing.T, s storage.Store) {
 		{State: types.VMRunning, Provider: "docker", N: 2},
 		{State: types.VMPending, Provider: "qemu", N: 1},
 	}, got, "deleted VMs are not counted")
+}
+
+func testVMTools(t *testing.T, s storage.Store) {
+	ctx := t.Context()
+	live := createVM(t, s, newID("tools"), types.VMRunning)
+	gone := createVM(t, s, newID("tools"), types.VMDeleted)
+	hello, mise, old := newID("hello"), newID("mise"), newID("old")
+	rows := []types.VMTool{
+		{Key: hello, Spec: "http:hello[url=http://127.0.0.1:1/h-{{version}}.tgz]@1.0.0", Tool: "http:hello[url=http://127.0.0.1:1/h-{{version}}.tgz]", Version: "1.0.0", AddedAt: at(time.Second)},
+		{Key: mise, Tool: "mise", Version: "2026.9.15", AddedAt: at(time.Second)},
+	}
+	require.NoError(t, s.AddVMTools(ctx, live.ID, rows))
+	require.NoError(t, s.AddVMTools(ctx, gone.ID, []types.VMTool{{Key: old, Spec: "node@22", Tool: "node", Version: "22.1.0"}}))
+
+	got, err := s.ListVMTools(ctx, live.ID)
+	require.NoError(t, err)
+	want := []types.VMTool{rows[0], rows[1]}
+	for i := range want {
+		want[i].VMID, want[i].AddedAt = live.ID, micro(want[i].AddedAt)
+	}
+	// Same instant: ordered by key.
+	if want[0].Key > want[1].Key {
+		want[0], want[1] = want[1], want[0]
+	}
+	require.Equal(t, want, got)
+
+	t.Run("idempotent", func(t *testing.T) {
+		again := rows[0]
+		again.Version, again.AddedAt = "9.9.9", at(time.Hour)
+		require.NoError(t, s.AddVMTools(ctx, live.ID, []types.VMTool{again}))
+		got, err := s.ListVMTools(ctx, live.ID)
+		require.NoError(t, err)
+		require.Equal(t, want, got, "a key already recorded keeps its first row")
+	})
+	t.Run("later rows come after", func(t *testing.T) {
+		later := types.VMTool{Key: newID("later"), Spec: "npm:cowsay@1.6.0", Tool: "npm:cowsay", Version: "1.6.0"}
+		require.NoError(t, s.AddVMTools(ctx, live.ID, []types.VMTool{later}))
+		got, err := s.ListVMTools(ctx, live.ID)
+		require.NoError(t, err)
+		require.Len(t, got, 3)
+		require.Equal(t, later.Key, got[2].Key)
+		require.False(t, got[2].AddedAt.IsZero(), "a zero AddedAt is filled in")
+	})
+	t.Run("keys in use", func(t *testing.T) {
+		keys, err := s.ToolKeysInUse(ctx)
+		require.NoError(t, err)
+		require.Contains(t, keys, hello)
+		require.Contains(t, keys, mise)
+		require.NotContains(t, keys, old, "a deleted vm holds nothing")
+		require.IsNonDecreasing(t, keys)
+		_, err = s.UpdateVMState(ctx, live.ID, types.VMFailed, "boom")
+		require.NoError(t, err)
+		keys, err = s.ToolKeysInUse(ctx)
+		require.NoError(t, err)
+		require.Contains(t, keys, hello, "a failed vm still holds its tools until deleted")
+	})
+	t.Run("empty", func(t *testing.T) {
+		got, err := s.ListVMTools(ctx, newID("vm"))
+		require.NoError(t, err)
+		require.NotNil(t, got)
+		require.Empty(t, got)
+		require.NoError(t, s.AddVMTools(ctx, live.ID, nil))
+	})
+	requireErrors(t, []errorCase{
+		{"missing vm", func() error {
+			return s.AddVMTools(ctx, newID("vm"), []types.VMTool{{Key: "k", Tool: "t", Version: "1"}})
+		}, types.ErrNotFound},
+		{"empty key", func() error { return s.AddVMTools(ctx, live.ID, []types.VMTool{{Tool: "t", Version: "1"}}) }, types.ErrInvalid},
+		{"no vm id", func() error { return s.AddVMTools(ctx, "", []types.VMTool{{Key: "k"}}) }, types.ErrInvalid},
+	})
 }
