@@ -20,6 +20,7 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/service"
 	"github.com/aetherium/aetherium-core/pkg/storage"
 	"github.com/aetherium/aetherium-core/pkg/storage/postgres"
+	"github.com/aetherium/aetherium-core/pkg/tools"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
 	"github.com/aetherium/aetherium-core/pkg/vmm/firecracker"
@@ -220,4 +221,27 @@ func CheckVMM(ctx context.Context, c *config.Config) error {
 		}
 	}
 	return nil
+}
+
+// Tools builds the tool installer of the tools section (the mise
+// implementation of pkg/tools).
+func Tools(c *config.Config, log *slog.Logger) (*tools.Mise, error) {
+	return tools.NewMise(tools.Config{Root: c.Tools.CacheDir, Mise: c.Tools.MiseBinary, Env: c.Tools.Env,
+		Logger: log.With("component", "tools")})
+}
+
+// WorkerTools is the tool installer a worker runs with. A worker without
+// mise still creates VMs without tools, so a missing mise is only logged
+// (VMs asking for tools then fail saying how to install it), unless
+// tools.defaults are set, which every VM needs.
+func WorkerTools(c *config.Config, log *slog.Logger) (tools.Installer, error) {
+	m, err := Tools(c, log)
+	if err == nil {
+		return m, nil
+	}
+	if len(c.Tools.Defaults) > 0 {
+		return nil, fmt.Errorf("tools.defaults are set, but: %w", err)
+	}
+	log.Warn("tools are unavailable on this worker; VMs asking for tools will fail", "err", err)
+	return nil, nil
 }

@@ -22,6 +22,8 @@ func (s *Server) routes(mux *http.ServeMux) {
 	s.handle(mux, "POST /v1/vms/{id}/jobs", auth, s.runJob)
 	s.handle(mux, "PUT /v1/vms/{id}/files", auth, s.putFile)
 	s.handle(mux, "GET /v1/vms/{id}/files", auth, s.getFile)
+	s.handle(mux, "POST /v1/vms/{id}/tools", auth, s.installTools)
+	s.handle(mux, "GET /v1/vms/{id}/tools", auth, s.listVMTools)
 
 	s.handle(mux, "GET /v1/tasks/{id}", auth, s.getTask)
 	s.handle(mux, "POST /v1/tasks/{id}/cancel", auth, s.cancelTask)

@@ -64,7 +64,7 @@ func (s *Server) createVM(w http.ResponseWriter, r *http.Request) error {
 	}
 	id, err := s.svc.CreateVMTaskWithOptions(r.Context(), service.CreateVMOptions{
 		Name: req.Name, VCPUs: cmp.Or(req.VCPUs, DefaultVCPUs), MemoryMB: cmp.Or(req.MemoryMB, DefaultMemoryMB),
-		Network: req.Network, Labels: req.Labels, Env: req.Env, TTL: ttl})
+		Network: req.Network, Labels: req.Labels, Env: req.Env, TTL: ttl, Tools: req.Tools})
 	if err != nil {
 		return err
 	}

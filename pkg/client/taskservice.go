@@ -52,7 +52,7 @@ func (c *Client) CreateVMTaskWithOptions(ctx context.Context, o service.CreateVM
 	}
 	var vm types.VM
 	err := c.doJSON(ctx, http.MethodPost, "/v1/vms", nil, wire.CreateVMRequest{Name: o.Name, VCPUs: o.VCPUs, MemoryMB: o.MemoryMB,
-		Network: o.Network, Labels: o.Labels, Env: o.Env, TTLSeconds: wire.Seconds(o.TTL)}, &vm)
+		Network: o.Network, Labels: o.Labels, Env: o.Env, TTLSeconds: wire.Seconds(o.TTL), Tools: o.Tools}, &vm)
 	if err != nil {
 		return uuid.Nil, err
 	}
@@ -237,4 +237,19 @@ func (c *Client) ListWorkers(ctx context.Context) ([]*types.Worker, error) {
 		return nil, err
 	}
 	return out.Workers, nil
+}
+
+func (c *Client) InstallToolsTask(ctx context.Context, vmID string, specs []string) (uuid.UUID, error) {
+	if len(specs) == 0 {
+		return uuid.Nil, fmt.Errorf("%w: no tool spec given; name at least one, e.g. node@22", types.ErrInvalid)
+	}
+	return c.taskCall(ctx, http.MethodPost, vmPath(vmID, "tools"), wire.ToolsInstallRequest{Specs: specs})
+}
+
+func (c *Client) ListVMTools(ctx context.Context, vmID uuid.UUID) ([]types.VMTool, error) {
+	var out wire.VMToolList
+	if err := c.doJSON(ctx, http.MethodGet, vmPath(vmID.String(), "tools"), nil, nil, &out); err != nil {
+		return nil, err
+	}
+	return out.Tools, nil
 }

@@ -21,6 +21,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/aetherium/aetherium-core/pkg/tools"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm/docker"
 	"github.com/aetherium/aetherium-core/pkg/vmm/firecracker"
@@ -37,6 +38,7 @@ type Config struct {
 	Network Network `yaml:"network"`
 	API     API     `yaml:"api"`
 	Cluster Cluster `yaml:"cluster"`
+	Tools   Tools   `yaml:"tools"`
 	// APIURL, when set, makes aether-cli's vm, exec, executions, cp and
 	// task commands go over HTTP to this aether-api (e.g.
 	// http://127.0.0.1:8080) instead of PostgreSQL and Redis
@@ -227,6 +229,29 @@ type Worker struct {
 	ExpiryInterval time.Duration `yaml:"expiry_interval"`
 }
 
+// Tools configures tool provisioning with mise (pkg/tools, docs/tools.md):
+// workers install the tools VMs ask for into a host cache and deliver them
+// read-only.
+type Tools struct {
+	// Defaults are tool specs every VM gets, after its own, e.g.
+	// [node@22, "npm:prettier@3"] (AETHERIUM_TOOLS_DEFAULTS, comma
+	// separated). Default none: VMs get tools only when they ask.
+	Defaults []string `yaml:"defaults"`
+	// CacheDir is the tool cache. Tools are mounted in guests at the very
+	// path they were installed to (mise installs hold absolute paths), so
+	// it must be a path guests can use too. Default /opt/aetherium/tools.
+	CacheDir string `yaml:"cache_dir"`
+	// MiseBinary is the mise binary, a path or a name in PATH. Default
+	// mise (scripts/setup.sh installs /usr/local/bin/mise).
+	MiseBinary string `yaml:"mise_binary"`
+	// Env holds mise's own settings passed to every mise run, e.g.
+	// MISE_NPM_PACKAGE_MANAGER: npm or a mirror URL
+	// (AETHERIUM_TOOLS_ENV=K=V,K2=V2). It may not set the variables the
+	// cache pins (MISE_DATA_DIR, MISE_CACHE_DIR, MISE_CONFIG_DIR,
+	// MISE_STATE_DIR, MISE_YES). Default none.
+	Env map[string]string `yaml:"env"`
+}
+
 // Log configures logging.
 type Log struct {
 	// Level is debug, info, warn or error. Default info.
@@ -331,6 +356,8 @@ func (c *Config) setDefaults() {
 	c.API.ReadHeaderTimeout = cmp.Or(c.API.ReadHeaderTimeout, 10*time.Second)
 	c.API.IdleTimeout = cmp.Or(c.API.IdleTimeout, 2*time.Minute)
 	c.API.ShutdownTimeout = cmp.Or(c.API.ShutdownTimeout, 30*time.Second)
+	c.Tools.CacheDir = cmp.Or(c.Tools.CacheDir, tools.DefaultRoot)
+	c.Tools.MiseBinary = cmp.Or(c.Tools.MiseBinary, tools.MiseBinaryDefault)
 	c.Log.Level = cmp.Or(c.Log.Level, "info")
 	c.Log.Format = cmp.Or(c.Log.Format, "text")
 }
@@ -426,6 +453,12 @@ func (c *Config) Validate() error {
 	if c.API.MaxBodyBytes < 0 || c.API.MaxFileBytes < 0 || c.API.MaxTTL < 0 || c.Worker.ExpiryInterval < 0 {
 		return bad("api.max_body_bytes, api.max_file_bytes, api.max_ttl and worker.expiry_interval must not be negative")
 	}
+	if !filepath.IsAbs(c.Tools.CacheDir) || filepath.Clean(c.Tools.CacheDir) == "/" {
+		return bad("tools.cache_dir %q must be an absolute path other than /, e.g. %s", c.Tools.CacheDir, tools.DefaultRoot)
+	}
+	if _, err := tools.ParseSpecs(c.Tools.Defaults); err != nil {
+		return bad("tools.defaults: %v", err)
+	}
 	if err := c.API.Limits.Validate(); err != nil {
 		return bad("api.limits: %v", err)
 	}
@@ -514,6 +547,20 @@ func setValue(fv reflect.Value, raw string) error {
 			return fmt.Errorf("not a boolean (true or false)")
 		}
 		fv.SetBool(b)
+	case fv.Type() == reflect.TypeOf(map[string]string(nil)):
+		// Comma-separated KEY=VALUE pairs; empty means none.
+		m := map[string]string{}
+		for _, item := range strings.Split(raw, ",") {
+			if item = strings.TrimSpace(item); item == "" {
+				continue
+			}
+			k, v, ok := strings.Cut(item, "=")
+			if !ok || k == "" {
+				return fmt.Errorf("%q is not KEY=VALUE; write KEY=VALUE pairs separated by commas", item)
+			}
+			m[k] = v
+		}
+		fv.Set(reflect.ValueOf(m))
 	case fv.Type() == reflect.TypeOf([]string(nil)):
 		// A comma-separated list; empty means none.
 		var list []string

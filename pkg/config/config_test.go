@@ -65,6 +65,10 @@ func TestLoadRejectsBadInput(t *testing.T) {
 		{name: "bad worker id", env: map[string]string{"AETHERIUM_WORKER_ID": "a b"}, want: "worker.id"},
 		{name: "bad port", file: "storage: {port: 70000}", want: "storage.port"},
 		{name: "bad redis addr", file: "queue: {redis_addr: localhost}", want: "host:port"},
+		{name: "bad tool default", file: "tools: {defaults: ['node@22;rm']}", want: `tools.defaults: invalid input: tool spec "node@22;rm"`},
+		{name: "relative tools cache", file: "tools: {cache_dir: tools}", want: "tools.cache_dir"},
+		{name: "unknown tools key", file: "tools: {cachedir: /x}", want: "field cachedir not found"},
+		{name: "bad tools env", env: map[string]string{"AETHERIUM_TOOLS_ENV": "novalue"}, want: "AETHERIUM_TOOLS_ENV"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -143,4 +147,31 @@ func TestBackendSectionsFromEnv(t *testing.T) {
 	require.Equal(t, 123, c.VMM.Firecracker.Jailer.UID)
 	_, err = Load(writeFile(t, "vmm: {qemu: {owner: w1}}\n"))
 	require.ErrorContains(t, err, "field owner not found")
+}
+
+func TestToolsSection(t *testing.T) {
+	t.Setenv("AETHERIUM_CONFIG", "")
+	c, err := Load(writeFile(t, ""))
+	require.NoError(t, err)
+	require.Equal(t, Tools{CacheDir: "/opt/aetherium/tools", MiseBinary: "mise"}, c.Tools, "defaults")
+
+	c, err = Load(writeFile(t, `
+tools:
+  defaults: [node@22]
+  cache_dir: /srv/tools
+  mise_binary: /usr/local/lib/aetherium/mise/2026.9.15/mise
+  env: {MISE_NPM_PACKAGE_MANAGER: npm}
+`))
+	require.NoError(t, err)
+	require.Equal(t, Tools{Defaults: []string{"node@22"}, CacheDir: "/srv/tools",
+		MiseBinary: "/usr/local/lib/aetherium/mise/2026.9.15/mise", Env: map[string]string{"MISE_NPM_PACKAGE_MANAGER": "npm"}}, c.Tools)
+
+	t.Setenv("AETHERIUM_TOOLS_DEFAULTS", "node@22,npm:prettier@3")
+	t.Setenv("AETHERIUM_TOOLS_ENV", "MISE_NPM_PACKAGE_MANAGER=npm, MISE_URL_REPLACEMENTS=a=b")
+	t.Setenv("AETHERIUM_TOOLS_CACHE_DIR", "/var/tools")
+	c, err = Load(writeFile(t, ""))
+	require.NoError(t, err)
+	require.Equal(t, []string{"node@22", "npm:prettier@3"}, c.Tools.Defaults)
+	require.Equal(t, map[string]string{"MISE_NPM_PACKAGE_MANAGER": "npm", "MISE_URL_REPLACEMENTS": "a=b"}, c.Tools.Env)
+	require.Equal(t, "/var/tools", c.Tools.CacheDir)
 }

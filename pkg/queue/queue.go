@@ -86,6 +86,9 @@ type OutputStream interface {
 // VMCreatePayload asks a worker to create and boot a stored VM.
 type VMCreatePayload struct {
 	VMID string `json:"vm_id"`
+	// Tools are the mise tool specs to install and deliver (validated by
+	// the service).
+	Tools []string `json:"tools,omitempty"`
 }
 
 // VMExecutePayload asks the VM's owner to run a command.
@@ -119,6 +122,13 @@ type JobRunPayload struct {
 	VMID  string `json:"vm_id"`
 }
 
+// ToolsInstallPayload asks the VM's owner to install tools into it.
+type ToolsInstallPayload struct {
+	VMID string `json:"vm_id"`
+	// Specs are mise tool specs (validated by the service).
+	Specs []string `json:"specs"`
+}
+
 // Payload is implemented by every payload type.
 //
 // Encoding and decoding check only the payload's shape: that it is JSON and
@@ -137,6 +147,16 @@ func (p VMDeletePayload) vmID() string  { return p.VMID }
 func (p VMStopPayload) vmID() string    { return p.VMID }
 func (p VMStartPayload) vmID() string   { return p.VMID }
 func (p JobRunPayload) vmID() string    { return p.VMID }
+func (p ToolsInstallPayload) vmID() string {
+	return p.VMID
+}
+
+func (p ToolsInstallPayload) validate() error {
+	if len(p.Specs) == 0 {
+		return fmt.Errorf("%w: specs is empty", types.ErrInvalid)
+	}
+	return nil
+}
 
 func (p VMCreatePayload) validate() error { return nil }
 func (p VMDeletePayload) validate() error { return nil }
@@ -207,6 +227,11 @@ func NewVMStartTask(id string, p VMStartPayload) (*types.Task, error) {
 // NewJobRunTask builds a job:run task.
 func NewJobRunTask(id string, p JobRunPayload) (*types.Task, error) {
 	return newTask(id, types.TaskJobRun, p)
+}
+
+// NewToolsInstallTask builds a tools:install task.
+func NewToolsInstallTask(id string, p ToolsInstallPayload) (*types.Task, error) {
+	return newTask(id, types.TaskToolsInstall, p)
 }
 
 // Decode parses a payload and checks its shape (see Payload). Errors wrap

@@ -106,6 +106,13 @@ type CreateVMOptions struct {
 	// TTL, when positive, makes the owning worker delete the VM that long
 	// after its creation (VM.ExpiresAt). Zero: the VM lives until deleted.
 	TTL time.Duration
+	// Tools are mise tool specs (node@22, npm:prettier@3,
+	// http:NAME[url=URL]@VERSION) that the worker installs on its host and
+	// delivers read-only into the VM, on PATH for every command, together
+	// with mise itself. Workers add their configured defaults. A bad spec
+	// returns types.ErrInvalid naming it; an install that fails fails the
+	// VM with mise's reason.
+	Tools []string
 }
 
 func (s *Service) CreateVMTask(ctx context.Context, name string, vcpus, memoryMB int) (uuid.UUID, error) {
@@ -122,6 +129,9 @@ func (s *Service) CreateVMTaskWithOptions(ctx context.Context, o CreateVMOptions
 	if err := s.checkTTL(o.TTL); err != nil {
 		return uuid.Nil, err
 	}
+	if err := checkToolSpecs(o.Tools); err != nil {
+		return uuid.Nil, err
+	}
 	sc := scopeOf(ctx)
 	now := time.Now().UTC()
 	vm := &types.VM{ID: spec.ID, Name: o.Name, VCPUs: o.VCPUs, MemoryMB: o.MemoryMB, State: types.VMPending,
@@ -136,7 +146,7 @@ func (s *Service) CreateVMTaskWithOptions(ctx context.Context, o CreateVMOptions
 		}
 		return uuid.Nil, fmt.Errorf("recording vm %s: %w", o.Name, err)
 	}
-	t, err := queue.NewVMCreateTask(id.String(), queue.VMCreatePayload{VMID: vm.ID})
+	t, err := queue.NewVMCreateTask(id.String(), queue.VMCreatePayload{VMID: vm.ID, Tools: o.Tools})
 	if err == nil {
 		err = s.submit(ctx, t, queue.EnqueueOptions{Queue: queue.SharedQueue, MaxRetry: createMaxRetry, Timeout: createTimeout})
 	}

@@ -100,6 +100,20 @@ type TaskService interface {
 	// the command in the guest. The execution is recorded like any other.
 	Exec(ctx context.Context, vmID string, cmd types.Command, stdout, stderr io.Writer) (*ExecResult, error)
 
+	// InstallToolsTask submits installing mise tool specs into a running
+	// VM: its worker installs them into the host's tool cache (a version
+	// already cached is not fetched again) and streams them into the guest,
+	// where they are on PATH for every later command. A bad spec returns
+	// types.ErrInvalid naming it, and a VM that is not running
+	// types.ErrConflict; then nothing is submitted. An unknown tool or
+	// version fails the task with mise's reason. Idempotent: tools the VM
+	// has are delivered again harmlessly.
+	InstallToolsTask(ctx context.Context, vmID string, specs []string) (uuid.UUID, error)
+	// ListVMTools returns the tool versions a VM was given, at create time
+	// or by InstallToolsTask, oldest first; mise itself is listed with an
+	// empty Spec. A VM without tools gives an empty list.
+	ListVMTools(ctx context.Context, vmID uuid.UUID) ([]types.VMTool, error)
+
 	// WriteFile streams r into path in a running VM's guest and returns
 	// how many bytes were written. The path must be absolute; a missing
 	// parent directory is an error unless o.MakeParents is set. If ctx

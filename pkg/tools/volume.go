@@ -308,13 +308,11 @@ func (c ctxReader) Read(p []byte) (int, error) {
 	return c.r.Read(p)
 }
 
-// Deliver turns an installed set into the tool set a backend delivers: the
-// set's entries in order, then mise itself, each with its image when
-// images is set (VM backends attach images; docker binds directories). A
-// nil or empty set gives nil: a VM without tools gets no mise either.
-// Errors are those of MiseVolume and Image, and a set too large for one VM
-// wraps types.ErrInvalid.
-func Deliver(ctx context.Context, inst Installer, set *Set, images bool) (*types.ToolSet, error) {
+// WithMise returns the set's entries followed by the entry of mise
+// itself (MiseVolume), which every tool set carries so that `mise exec`
+// and `mise ls` work in the guest. A nil or empty set gives nil: a VM
+// without tools gets no mise either.
+func WithMise(ctx context.Context, inst Installer, set *Set) ([]Entry, error) {
 	if set == nil || len(set.Entries) == 0 {
 		return nil, nil
 	}
@@ -322,18 +320,31 @@ func Deliver(ctx context.Context, inst Installer, set *Set, images bool) (*types
 	if err != nil {
 		return nil, err
 	}
+	return append(append([]Entry(nil), set.Entries...), miseEntry), nil
+}
+
+// ToolSet turns cache entries into the tool set a backend delivers, in
+// their order (see WithMise), each with its image when images is set: VM
+// backends attach images, docker binds directories. No entries give nil.
+// Errors are Image's, and too many entries for one VM wrap
+// types.ErrInvalid.
+func ToolSet(ctx context.Context, inst Installer, entries []Entry, images bool) (*types.ToolSet, error) {
+	if len(entries) == 0 {
+		return nil, nil
+	}
+	if len(entries) > types.MaxToolVolumes {
+		return nil, fmt.Errorf("%w: %d tool volumes (mise included) asked for; a vm takes at most %d", types.ErrInvalid, len(entries), types.MaxToolVolumes)
+	}
 	ts := &types.ToolSet{Root: inst.Root()}
-	for _, e := range append(append([]Entry(nil), set.Entries...), miseEntry) {
+	for _, e := range entries {
 		v := e.Volume()
 		if images {
+			var err error
 			if v.Image, err = inst.Image(ctx, e); err != nil {
 				return nil, err
 			}
 		}
 		ts.Volumes = append(ts.Volumes, v)
-	}
-	if len(ts.Volumes) > types.MaxToolVolumes {
-		return nil, fmt.Errorf("%w: %d tools asked for; a vm takes at most %d (mise itself takes one more)", types.ErrInvalid, len(set.Entries), types.MaxToolVolumes-1)
 	}
 	if err := ts.Validate(); err != nil {
 		return nil, err

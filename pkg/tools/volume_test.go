@@ -212,7 +212,7 @@ func TestImageKilledBuildLeavesNoImage(t *testing.T) {
 	require.NoFileExists(t, m.layout.imageTemp(e.Key))
 }
 
-func TestMiseVolumeAndDeliver(t *testing.T) {
+func TestMiseVolumeAndToolSet(t *testing.T) {
 	requireE2fsprogs(t)
 	srv := newToolServer(t)
 	m := newTestMise(t, nil)
@@ -238,13 +238,18 @@ func TestMiseVolumeAndDeliver(t *testing.T) {
 	require.FileExists(t, filepath.Join(mv.Dir, types.ToolMarkerFile))
 
 	// Nothing asked for: nothing delivered, not even mise.
-	ts, err := Deliver(ctx, m, &Set{}, true)
+	none, err := WithMise(ctx, m, &Set{})
+	require.NoError(t, err)
+	require.Nil(t, none)
+	ts, err := ToolSet(ctx, m, none, true)
 	require.NoError(t, err)
 	require.Nil(t, ts)
 
 	set, err := m.Install(ctx, []Spec{srv.spec(t, "1.0.0")})
 	require.NoError(t, err)
-	ts, err = Deliver(ctx, m, set, false)
+	entries, err := WithMise(ctx, m, set)
+	require.NoError(t, err)
+	ts, err = ToolSet(ctx, m, entries, false)
 	require.NoError(t, err)
 	require.Equal(t, m.root, ts.Root)
 	require.Len(t, ts.Volumes, 2)
@@ -255,11 +260,11 @@ func TestMiseVolumeAndDeliver(t *testing.T) {
 	require.Equal(t, append(append([]string(nil), set.Path...), mv.BinPaths...), ts.Path())
 }
 
-func TestDeliverImages(t *testing.T) {
+func TestToolSetImages(t *testing.T) {
 	requireE2fsprogs(t)
 	srv := newToolServer(t)
 	// A small stand-in for mise keeps the image small; the real binary is
-	// copied in TestMiseVolumeAndDeliver.
+	// copied in TestMiseVolumeAndToolSet.
 	real, err := exec.LookPath(MiseBinaryDefault)
 	if err != nil {
 		testenv.Skip(t, "mise is not installed (%v); install it with `sudo scripts/setup.sh`", err)
@@ -271,7 +276,9 @@ func TestDeliverImages(t *testing.T) {
 	ctx := context.Background()
 	set, err := m.Install(ctx, []Spec{srv.spec(t, "1.0.0")})
 	require.NoError(t, err)
-	ts, err := Deliver(ctx, m, set, true)
+	entries, err := WithMise(ctx, m, set)
+	require.NoError(t, err)
+	ts, err := ToolSet(ctx, m, entries, true)
 	require.NoError(t, err)
 	require.Len(t, ts.Volumes, 2)
 	for _, v := range ts.Volumes {

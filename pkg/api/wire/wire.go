@@ -44,6 +44,18 @@ type CreateVMRequest struct {
 	Labels     map[string]string `json:"labels,omitempty"`
 	Env        map[string]string `json:"env,omitempty"`
 	TTLSeconds int64             `json:"ttl_seconds,omitempty"`
+	// Tools are mise tool specs to install and deliver into the VM.
+	Tools []string `json:"tools,omitempty"`
+}
+
+// ToolsInstallRequest is the body of POST /v1/vms/{id}/tools.
+type ToolsInstallRequest struct {
+	Specs []string `json:"specs"`
+}
+
+// VMToolList is the answer of GET /v1/vms/{id}/tools.
+type VMToolList struct {
+	Tools []types.VMTool `json:"tools"`
 }
 
 // VMList is the answer of GET /v1/vms. Next, set when the page is full,
