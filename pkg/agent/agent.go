@@ -39,7 +39,9 @@ const DefaultVsockPort = bootparams.AgentPort
 //	2: WriteFileHeader.user (an older agent ignores it).
 //	3: the process table (StartProcess, ConnectProcess, ...) and the file
 //	   system RPCs (Stat, ListDir, MakeDir, Move, Remove).
-const protocolRevision = 3
+//	4: tool volumes (AddTools, ListTools), and every command's PATH
+//	   starts with their bin directories.
+const protocolRevision = 4
 
 // protocolFileUser is the first revision that honours WriteFileHeader.user.
 const protocolFileUser = 2
@@ -47,6 +49,9 @@ const protocolFileUser = 2
 // protocolProcessesFiles is the first revision with the process table and
 // the file system RPCs; an older agent answers them Unimplemented.
 const protocolProcessesFiles = 3
+
+// protocolTools is the first revision with AddTools and ListTools.
+const protocolTools = 4
 
 // chunkSize bounds every data message (output, file content, stdin): small
 // enough to stream promptly, large enough to keep per-message cost low.

@@ -335,12 +335,18 @@ func millis(d time.Duration) int64 {
 // that does not know them answers Unimplemented, and Info tells which
 // agent that is.
 func (c *Client) newCallError(ctx context.Context, op string, err error) error {
+	return c.revisionError(ctx, op, err, protocolProcessesFiles)
+}
+
+// revisionError is newCallError for a call that protocol revision need
+// introduced.
+func (c *Client) revisionError(ctx context.Context, op string, err error, need uint32) error {
 	if status.Code(err) != codes.Unimplemented || ctx.Err() != nil {
 		return rpcError(ctx, op, err)
 	}
-	detail := fmt.Sprintf("it does not implement protocol %d", protocolProcessesFiles)
+	detail := fmt.Sprintf("it does not implement protocol %d", need)
 	if info, ierr := c.api.Info(ctx, &agentpb.InfoRequest{}); ierr == nil {
-		detail = fmt.Sprintf("fc-agent %s speaks protocol %d; this call needs %d", info.GetVersion(), info.GetProtocol(), protocolProcessesFiles)
+		detail = fmt.Sprintf("fc-agent %s speaks protocol %d; this call needs %d", info.GetVersion(), info.GetProtocol(), need)
 	}
 	return fmt.Errorf("%s: %w: the guest agent is too old (%s); rebuild the guest image", op, types.ErrNotSupported, detail)
 }

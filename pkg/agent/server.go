@@ -41,6 +41,9 @@ type ServerConfig struct {
 	// root that is not a clean absolute path other than / is ignored with
 	// a logged error.
 	ToolsRoot string
+	// MaxToolBytes bounds the file content of one volume AddTools
+	// extracts; 0: DefaultMaxToolBytes.
+	MaxToolBytes int64
 }
 
 // stopGrace is how long Stop waits for RPCs to end after killing commands
@@ -73,6 +76,7 @@ type Server struct {
 // subreaper, the server reaps every child, including orphans.
 func NewServer(cfg ServerConfig) *Server {
 	cfg.MaxOutputBytes = cmp.Or(cfg.MaxOutputBytes, types.DefaultMaxOutputBytes)
+	cfg.MaxToolBytes = cmp.Or(cfg.MaxToolBytes, DefaultMaxToolBytes)
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -89,6 +93,8 @@ func NewServer(cfg ServerConfig) *Server {
 		if err := validToolsRoot(root); err != nil {
 			s.log.Error("ignoring the tools root; tools are not on PATH", "root", root, "err", err)
 			root = ""
+		} else if removed := removeToolLeftovers(root); len(removed) > 0 {
+			s.log.Info("removed partial tool volumes left by a crash", "dirs", removed)
 		}
 	}
 	s.tools = newToolRegistry(root, s.log)

@@ -2611,6 +2611,357 @@ func (*RemoveResponse) Descriptor() ([]byte, []int) {
 	return file_agent_proto_rawDescGZIP(), []int{40}
 }
 
+// ToolVolume is types.ToolVolume without the host's image path.
+type ToolVolume struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`                           // a plain directory name
+	Spec          string                 `protobuf:"bytes,2,opt,name=spec,proto3" json:"spec,omitempty"`                         // the tool spec that asked for it; empty for mise
+	Dir           string                 `protobuf:"bytes,3,opt,name=dir,proto3" json:"dir,omitempty"`                           // root/key
+	BinPaths      []string               `protobuf:"bytes,4,rep,name=bin_paths,json=binPaths,proto3" json:"bin_paths,omitempty"` // directories under dir
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ToolVolume) Reset() {
+	*x = ToolVolume{}
+	mi := &file_agent_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ToolVolume) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ToolVolume) ProtoMessage() {}
+
+func (x *ToolVolume) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ToolVolume.ProtoReflect.Descriptor instead.
+func (*ToolVolume) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *ToolVolume) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *ToolVolume) GetSpec() string {
+	if x != nil {
+		return x.Spec
+	}
+	return ""
+}
+
+func (x *ToolVolume) GetDir() string {
+	if x != nil {
+		return x.Dir
+	}
+	return ""
+}
+
+func (x *ToolVolume) GetBinPaths() []string {
+	if x != nil {
+		return x.BinPaths
+	}
+	return nil
+}
+
+type AddToolsHeader struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Root          string                 `protobuf:"bytes,1,opt,name=root,proto3" json:"root,omitempty"` // the tools root, the parent of volume.dir
+	Volume        *ToolVolume            `protobuf:"bytes,2,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddToolsHeader) Reset() {
+	*x = AddToolsHeader{}
+	mi := &file_agent_proto_msgTypes[42]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddToolsHeader) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddToolsHeader) ProtoMessage() {}
+
+func (x *AddToolsHeader) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[42]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddToolsHeader.ProtoReflect.Descriptor instead.
+func (*AddToolsHeader) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{42}
+}
+
+func (x *AddToolsHeader) GetRoot() string {
+	if x != nil {
+		return x.Root
+	}
+	return ""
+}
+
+func (x *AddToolsHeader) GetVolume() *ToolVolume {
+	if x != nil {
+		return x.Volume
+	}
+	return nil
+}
+
+type AddToolsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Msg:
+	//
+	//	*AddToolsRequest_Header
+	//	*AddToolsRequest_Tar
+	Msg           isAddToolsRequest_Msg `protobuf_oneof:"msg"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddToolsRequest) Reset() {
+	*x = AddToolsRequest{}
+	mi := &file_agent_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddToolsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddToolsRequest) ProtoMessage() {}
+
+func (x *AddToolsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddToolsRequest.ProtoReflect.Descriptor instead.
+func (*AddToolsRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *AddToolsRequest) GetMsg() isAddToolsRequest_Msg {
+	if x != nil {
+		return x.Msg
+	}
+	return nil
+}
+
+func (x *AddToolsRequest) GetHeader() *AddToolsHeader {
+	if x != nil {
+		if x, ok := x.Msg.(*AddToolsRequest_Header); ok {
+			return x.Header
+		}
+	}
+	return nil
+}
+
+func (x *AddToolsRequest) GetTar() []byte {
+	if x != nil {
+		if x, ok := x.Msg.(*AddToolsRequest_Tar); ok {
+			return x.Tar
+		}
+	}
+	return nil
+}
+
+type isAddToolsRequest_Msg interface {
+	isAddToolsRequest_Msg()
+}
+
+type AddToolsRequest_Header struct {
+	Header *AddToolsHeader `protobuf:"bytes,1,opt,name=header,proto3,oneof"`
+}
+
+type AddToolsRequest_Tar struct {
+	Tar []byte `protobuf:"bytes,2,opt,name=tar,proto3,oneof"` // the next bytes of the tar stream
+}
+
+func (*AddToolsRequest_Header) isAddToolsRequest_Msg() {}
+
+func (*AddToolsRequest_Tar) isAddToolsRequest_Msg() {}
+
+type AddToolsResponse struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	AlreadyPresent bool                   `protobuf:"varint,1,opt,name=already_present,json=alreadyPresent,proto3" json:"already_present,omitempty"` // the volume was there; the stream was not read
+	Files          int64                  `protobuf:"varint,2,opt,name=files,proto3" json:"files,omitempty"`                                         // entries extracted
+	Bytes          int64                  `protobuf:"varint,3,opt,name=bytes,proto3" json:"bytes,omitempty"`                                         // bytes of file content written
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *AddToolsResponse) Reset() {
+	*x = AddToolsResponse{}
+	mi := &file_agent_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddToolsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddToolsResponse) ProtoMessage() {}
+
+func (x *AddToolsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddToolsResponse.ProtoReflect.Descriptor instead.
+func (*AddToolsResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{44}
+}
+
+func (x *AddToolsResponse) GetAlreadyPresent() bool {
+	if x != nil {
+		return x.AlreadyPresent
+	}
+	return false
+}
+
+func (x *AddToolsResponse) GetFiles() int64 {
+	if x != nil {
+		return x.Files
+	}
+	return 0
+}
+
+func (x *AddToolsResponse) GetBytes() int64 {
+	if x != nil {
+		return x.Bytes
+	}
+	return 0
+}
+
+type ListToolsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListToolsRequest) Reset() {
+	*x = ListToolsRequest{}
+	mi := &file_agent_proto_msgTypes[45]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListToolsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListToolsRequest) ProtoMessage() {}
+
+func (x *ListToolsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[45]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListToolsRequest.ProtoReflect.Descriptor instead.
+func (*ListToolsRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{45}
+}
+
+type ListToolsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Root          string                 `protobuf:"bytes,1,opt,name=root,proto3" json:"root,omitempty"`       // empty: the agent has no tools root
+	Volumes       []*ToolVolume          `protobuf:"bytes,2,rep,name=volumes,proto3" json:"volumes,omitempty"` // sorted by key
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListToolsResponse) Reset() {
+	*x = ListToolsResponse{}
+	mi := &file_agent_proto_msgTypes[46]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListToolsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListToolsResponse) ProtoMessage() {}
+
+func (x *ListToolsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[46]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListToolsResponse.ProtoReflect.Descriptor instead.
+func (*ListToolsResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{46}
+}
+
+func (x *ListToolsResponse) GetRoot() string {
+	if x != nil {
+		return x.Root
+	}
+	return ""
+}
+
+func (x *ListToolsResponse) GetVolumes() []*ToolVolume {
+	if x != nil {
+		return x.Volumes
+	}
+	return nil
+}
+
 var File_agent_proto protoreflect.FileDescriptor
 
 const file_agent_proto_rawDesc = "" +
@@ -2781,12 +3132,33 @@ const file_agent_proto_rawDesc = "" +
 	"\rRemoveRequest\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x12\n" +
 	"\x04user\x18\x02 \x01(\tR\x04user\"\x10\n" +
-	"\x0eRemoveResponse*i\n" +
+	"\x0eRemoveResponse\"a\n" +
+	"\n" +
+	"ToolVolume\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x12\n" +
+	"\x04spec\x18\x02 \x01(\tR\x04spec\x12\x10\n" +
+	"\x03dir\x18\x03 \x01(\tR\x03dir\x12\x1b\n" +
+	"\tbin_paths\x18\x04 \x03(\tR\bbinPaths\"\\\n" +
+	"\x0eAddToolsHeader\x12\x12\n" +
+	"\x04root\x18\x01 \x01(\tR\x04root\x126\n" +
+	"\x06volume\x18\x02 \x01(\v2\x1e.aetherium.agent.v1.ToolVolumeR\x06volume\"j\n" +
+	"\x0fAddToolsRequest\x12<\n" +
+	"\x06header\x18\x01 \x01(\v2\".aetherium.agent.v1.AddToolsHeaderH\x00R\x06header\x12\x12\n" +
+	"\x03tar\x18\x02 \x01(\fH\x00R\x03tarB\x05\n" +
+	"\x03msg\"g\n" +
+	"\x10AddToolsResponse\x12'\n" +
+	"\x0falready_present\x18\x01 \x01(\bR\x0ealreadyPresent\x12\x14\n" +
+	"\x05files\x18\x02 \x01(\x03R\x05files\x12\x14\n" +
+	"\x05bytes\x18\x03 \x01(\x03R\x05bytes\"\x12\n" +
+	"\x10ListToolsRequest\"a\n" +
+	"\x11ListToolsResponse\x12\x12\n" +
+	"\x04root\x18\x01 \x01(\tR\x04root\x128\n" +
+	"\avolumes\x18\x02 \x03(\v2\x1e.aetherium.agent.v1.ToolVolumeR\avolumes*i\n" +
 	"\bFileType\x12\x19\n" +
 	"\x15FILE_TYPE_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eFILE_TYPE_FILE\x10\x01\x12\x17\n" +
 	"\x13FILE_TYPE_DIRECTORY\x10\x02\x12\x15\n" +
-	"\x11FILE_TYPE_SYMLINK\x10\x032\x82\v\n" +
+	"\x11FILE_TYPE_SYMLINK\x10\x032\xb5\f\n" +
 	"\x05Agent\x12I\n" +
 	"\x04Info\x12\x1f.aetherium.agent.v1.InfoRequest\x1a .aetherium.agent.v1.InfoResponse\x12M\n" +
 	"\x04Exec\x12\x1f.aetherium.agent.v1.ExecRequest\x1a .aetherium.agent.v1.ExecResponse(\x010\x01\x12Z\n" +
@@ -2805,7 +3177,9 @@ const file_agent_proto_rawDesc = "" +
 	"\aListDir\x12\".aetherium.agent.v1.ListDirRequest\x1a#.aetherium.agent.v1.ListDirResponse0\x01\x12R\n" +
 	"\aMakeDir\x12\".aetherium.agent.v1.MakeDirRequest\x1a#.aetherium.agent.v1.MakeDirResponse\x12I\n" +
 	"\x04Move\x12\x1f.aetherium.agent.v1.MoveRequest\x1a .aetherium.agent.v1.MoveResponse\x12O\n" +
-	"\x06Remove\x12!.aetherium.agent.v1.RemoveRequest\x1a\".aetherium.agent.v1.RemoveResponseB7Z5github.com/aetherium/aetherium-core/pkg/agent/agentpbb\x06proto3"
+	"\x06Remove\x12!.aetherium.agent.v1.RemoveRequest\x1a\".aetherium.agent.v1.RemoveResponse\x12W\n" +
+	"\bAddTools\x12#.aetherium.agent.v1.AddToolsRequest\x1a$.aetherium.agent.v1.AddToolsResponse(\x01\x12X\n" +
+	"\tListTools\x12$.aetherium.agent.v1.ListToolsRequest\x1a%.aetherium.agent.v1.ListToolsResponseB7Z5github.com/aetherium/aetherium-core/pkg/agent/agentpbb\x06proto3"
 
 var (
 	file_agent_proto_rawDescOnce sync.Once
@@ -2820,7 +3194,7 @@ func file_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 44)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 50)
 var file_agent_proto_goTypes = []any{
 	(FileType)(0),                 // 0: aetherium.agent.v1.FileType
 	(*InfoRequest)(nil),           // 1: aetherium.agent.v1.InfoRequest
@@ -2864,22 +3238,28 @@ var file_agent_proto_goTypes = []any{
 	(*MoveResponse)(nil),          // 39: aetherium.agent.v1.MoveResponse
 	(*RemoveRequest)(nil),         // 40: aetherium.agent.v1.RemoveRequest
 	(*RemoveResponse)(nil),        // 41: aetherium.agent.v1.RemoveResponse
-	nil,                           // 42: aetherium.agent.v1.ExecStart.EnvEntry
-	nil,                           // 43: aetherium.agent.v1.ProcessStartRequest.EnvEntry
-	nil,                           // 44: aetherium.agent.v1.ProcessInfo.EnvEntry
+	(*ToolVolume)(nil),            // 42: aetherium.agent.v1.ToolVolume
+	(*AddToolsHeader)(nil),        // 43: aetherium.agent.v1.AddToolsHeader
+	(*AddToolsRequest)(nil),       // 44: aetherium.agent.v1.AddToolsRequest
+	(*AddToolsResponse)(nil),      // 45: aetherium.agent.v1.AddToolsResponse
+	(*ListToolsRequest)(nil),      // 46: aetherium.agent.v1.ListToolsRequest
+	(*ListToolsResponse)(nil),     // 47: aetherium.agent.v1.ListToolsResponse
+	nil,                           // 48: aetherium.agent.v1.ExecStart.EnvEntry
+	nil,                           // 49: aetherium.agent.v1.ProcessStartRequest.EnvEntry
+	nil,                           // 50: aetherium.agent.v1.ProcessInfo.EnvEntry
 }
 var file_agent_proto_depIdxs = []int32{
-	42, // 0: aetherium.agent.v1.ExecStart.env:type_name -> aetherium.agent.v1.ExecStart.EnvEntry
+	48, // 0: aetherium.agent.v1.ExecStart.env:type_name -> aetherium.agent.v1.ExecStart.EnvEntry
 	3,  // 1: aetherium.agent.v1.ExecRequest.start:type_name -> aetherium.agent.v1.ExecStart
 	5,  // 2: aetherium.agent.v1.ExecResponse.exit:type_name -> aetherium.agent.v1.ExecExit
 	8,  // 3: aetherium.agent.v1.WriteFileRequest.header:type_name -> aetherium.agent.v1.WriteFileHeader
-	43, // 4: aetherium.agent.v1.ProcessStartRequest.env:type_name -> aetherium.agent.v1.ProcessStartRequest.EnvEntry
+	49, // 4: aetherium.agent.v1.ProcessStartRequest.env:type_name -> aetherium.agent.v1.ProcessStartRequest.EnvEntry
 	15, // 5: aetherium.agent.v1.ProcessConnectRequest.process:type_name -> aetherium.agent.v1.ProcessSelector
 	17, // 6: aetherium.agent.v1.ProcessEvent.start:type_name -> aetherium.agent.v1.ProcessStart
 	18, // 7: aetherium.agent.v1.ProcessEvent.data:type_name -> aetherium.agent.v1.ProcessData
 	19, // 8: aetherium.agent.v1.ProcessEvent.keepalive:type_name -> aetherium.agent.v1.ProcessKeepalive
 	20, // 9: aetherium.agent.v1.ProcessEvent.end:type_name -> aetherium.agent.v1.ProcessEnd
-	44, // 10: aetherium.agent.v1.ProcessInfo.env:type_name -> aetherium.agent.v1.ProcessInfo.EnvEntry
+	50, // 10: aetherium.agent.v1.ProcessInfo.env:type_name -> aetherium.agent.v1.ProcessInfo.EnvEntry
 	23, // 11: aetherium.agent.v1.ListProcessesResponse.processes:type_name -> aetherium.agent.v1.ProcessInfo
 	15, // 12: aetherium.agent.v1.SignalProcessRequest.process:type_name -> aetherium.agent.v1.ProcessSelector
 	15, // 13: aetherium.agent.v1.WriteStdinRequest.process:type_name -> aetherium.agent.v1.ProcessSelector
@@ -2889,43 +3269,50 @@ var file_agent_proto_depIdxs = []int32{
 	31, // 17: aetherium.agent.v1.ListDirResponse.entries:type_name -> aetherium.agent.v1.EntryInfo
 	31, // 18: aetherium.agent.v1.MakeDirResponse.entry:type_name -> aetherium.agent.v1.EntryInfo
 	31, // 19: aetherium.agent.v1.MoveResponse.entry:type_name -> aetherium.agent.v1.EntryInfo
-	1,  // 20: aetherium.agent.v1.Agent.Info:input_type -> aetherium.agent.v1.InfoRequest
-	4,  // 21: aetherium.agent.v1.Agent.Exec:input_type -> aetherium.agent.v1.ExecRequest
-	7,  // 22: aetherium.agent.v1.Agent.WriteFile:input_type -> aetherium.agent.v1.WriteFileRequest
-	10, // 23: aetherium.agent.v1.Agent.ReadFile:input_type -> aetherium.agent.v1.ReadFileRequest
-	12, // 24: aetherium.agent.v1.Agent.Shutdown:input_type -> aetherium.agent.v1.ShutdownRequest
-	14, // 25: aetherium.agent.v1.Agent.StartProcess:input_type -> aetherium.agent.v1.ProcessStartRequest
-	16, // 26: aetherium.agent.v1.Agent.ConnectProcess:input_type -> aetherium.agent.v1.ProcessConnectRequest
-	22, // 27: aetherium.agent.v1.Agent.ListProcesses:input_type -> aetherium.agent.v1.ListProcessesRequest
-	25, // 28: aetherium.agent.v1.Agent.SignalProcess:input_type -> aetherium.agent.v1.SignalProcessRequest
-	27, // 29: aetherium.agent.v1.Agent.WriteStdin:input_type -> aetherium.agent.v1.WriteStdinRequest
-	29, // 30: aetherium.agent.v1.Agent.CloseStdin:input_type -> aetherium.agent.v1.CloseStdinRequest
-	32, // 31: aetherium.agent.v1.Agent.Stat:input_type -> aetherium.agent.v1.StatRequest
-	34, // 32: aetherium.agent.v1.Agent.ListDir:input_type -> aetherium.agent.v1.ListDirRequest
-	36, // 33: aetherium.agent.v1.Agent.MakeDir:input_type -> aetherium.agent.v1.MakeDirRequest
-	38, // 34: aetherium.agent.v1.Agent.Move:input_type -> aetherium.agent.v1.MoveRequest
-	40, // 35: aetherium.agent.v1.Agent.Remove:input_type -> aetherium.agent.v1.RemoveRequest
-	2,  // 36: aetherium.agent.v1.Agent.Info:output_type -> aetherium.agent.v1.InfoResponse
-	6,  // 37: aetherium.agent.v1.Agent.Exec:output_type -> aetherium.agent.v1.ExecResponse
-	9,  // 38: aetherium.agent.v1.Agent.WriteFile:output_type -> aetherium.agent.v1.WriteFileResponse
-	11, // 39: aetherium.agent.v1.Agent.ReadFile:output_type -> aetherium.agent.v1.ReadFileResponse
-	13, // 40: aetherium.agent.v1.Agent.Shutdown:output_type -> aetherium.agent.v1.ShutdownResponse
-	21, // 41: aetherium.agent.v1.Agent.StartProcess:output_type -> aetherium.agent.v1.ProcessEvent
-	21, // 42: aetherium.agent.v1.Agent.ConnectProcess:output_type -> aetherium.agent.v1.ProcessEvent
-	24, // 43: aetherium.agent.v1.Agent.ListProcesses:output_type -> aetherium.agent.v1.ListProcessesResponse
-	26, // 44: aetherium.agent.v1.Agent.SignalProcess:output_type -> aetherium.agent.v1.SignalProcessResponse
-	28, // 45: aetherium.agent.v1.Agent.WriteStdin:output_type -> aetherium.agent.v1.WriteStdinResponse
-	30, // 46: aetherium.agent.v1.Agent.CloseStdin:output_type -> aetherium.agent.v1.CloseStdinResponse
-	33, // 47: aetherium.agent.v1.Agent.Stat:output_type -> aetherium.agent.v1.StatResponse
-	35, // 48: aetherium.agent.v1.Agent.ListDir:output_type -> aetherium.agent.v1.ListDirResponse
-	37, // 49: aetherium.agent.v1.Agent.MakeDir:output_type -> aetherium.agent.v1.MakeDirResponse
-	39, // 50: aetherium.agent.v1.Agent.Move:output_type -> aetherium.agent.v1.MoveResponse
-	41, // 51: aetherium.agent.v1.Agent.Remove:output_type -> aetherium.agent.v1.RemoveResponse
-	36, // [36:52] is the sub-list for method output_type
-	20, // [20:36] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	42, // 20: aetherium.agent.v1.AddToolsHeader.volume:type_name -> aetherium.agent.v1.ToolVolume
+	43, // 21: aetherium.agent.v1.AddToolsRequest.header:type_name -> aetherium.agent.v1.AddToolsHeader
+	42, // 22: aetherium.agent.v1.ListToolsResponse.volumes:type_name -> aetherium.agent.v1.ToolVolume
+	1,  // 23: aetherium.agent.v1.Agent.Info:input_type -> aetherium.agent.v1.InfoRequest
+	4,  // 24: aetherium.agent.v1.Agent.Exec:input_type -> aetherium.agent.v1.ExecRequest
+	7,  // 25: aetherium.agent.v1.Agent.WriteFile:input_type -> aetherium.agent.v1.WriteFileRequest
+	10, // 26: aetherium.agent.v1.Agent.ReadFile:input_type -> aetherium.agent.v1.ReadFileRequest
+	12, // 27: aetherium.agent.v1.Agent.Shutdown:input_type -> aetherium.agent.v1.ShutdownRequest
+	14, // 28: aetherium.agent.v1.Agent.StartProcess:input_type -> aetherium.agent.v1.ProcessStartRequest
+	16, // 29: aetherium.agent.v1.Agent.ConnectProcess:input_type -> aetherium.agent.v1.ProcessConnectRequest
+	22, // 30: aetherium.agent.v1.Agent.ListProcesses:input_type -> aetherium.agent.v1.ListProcessesRequest
+	25, // 31: aetherium.agent.v1.Agent.SignalProcess:input_type -> aetherium.agent.v1.SignalProcessRequest
+	27, // 32: aetherium.agent.v1.Agent.WriteStdin:input_type -> aetherium.agent.v1.WriteStdinRequest
+	29, // 33: aetherium.agent.v1.Agent.CloseStdin:input_type -> aetherium.agent.v1.CloseStdinRequest
+	32, // 34: aetherium.agent.v1.Agent.Stat:input_type -> aetherium.agent.v1.StatRequest
+	34, // 35: aetherium.agent.v1.Agent.ListDir:input_type -> aetherium.agent.v1.ListDirRequest
+	36, // 36: aetherium.agent.v1.Agent.MakeDir:input_type -> aetherium.agent.v1.MakeDirRequest
+	38, // 37: aetherium.agent.v1.Agent.Move:input_type -> aetherium.agent.v1.MoveRequest
+	40, // 38: aetherium.agent.v1.Agent.Remove:input_type -> aetherium.agent.v1.RemoveRequest
+	44, // 39: aetherium.agent.v1.Agent.AddTools:input_type -> aetherium.agent.v1.AddToolsRequest
+	46, // 40: aetherium.agent.v1.Agent.ListTools:input_type -> aetherium.agent.v1.ListToolsRequest
+	2,  // 41: aetherium.agent.v1.Agent.Info:output_type -> aetherium.agent.v1.InfoResponse
+	6,  // 42: aetherium.agent.v1.Agent.Exec:output_type -> aetherium.agent.v1.ExecResponse
+	9,  // 43: aetherium.agent.v1.Agent.WriteFile:output_type -> aetherium.agent.v1.WriteFileResponse
+	11, // 44: aetherium.agent.v1.Agent.ReadFile:output_type -> aetherium.agent.v1.ReadFileResponse
+	13, // 45: aetherium.agent.v1.Agent.Shutdown:output_type -> aetherium.agent.v1.ShutdownResponse
+	21, // 46: aetherium.agent.v1.Agent.StartProcess:output_type -> aetherium.agent.v1.ProcessEvent
+	21, // 47: aetherium.agent.v1.Agent.ConnectProcess:output_type -> aetherium.agent.v1.ProcessEvent
+	24, // 48: aetherium.agent.v1.Agent.ListProcesses:output_type -> aetherium.agent.v1.ListProcessesResponse
+	26, // 49: aetherium.agent.v1.Agent.SignalProcess:output_type -> aetherium.agent.v1.SignalProcessResponse
+	28, // 50: aetherium.agent.v1.Agent.WriteStdin:output_type -> aetherium.agent.v1.WriteStdinResponse
+	30, // 51: aetherium.agent.v1.Agent.CloseStdin:output_type -> aetherium.agent.v1.CloseStdinResponse
+	33, // 52: aetherium.agent.v1.Agent.Stat:output_type -> aetherium.agent.v1.StatResponse
+	35, // 53: aetherium.agent.v1.Agent.ListDir:output_type -> aetherium.agent.v1.ListDirResponse
+	37, // 54: aetherium.agent.v1.Agent.MakeDir:output_type -> aetherium.agent.v1.MakeDirResponse
+	39, // 55: aetherium.agent.v1.Agent.Move:output_type -> aetherium.agent.v1.MoveResponse
+	41, // 56: aetherium.agent.v1.Agent.Remove:output_type -> aetherium.agent.v1.RemoveResponse
+	45, // 57: aetherium.agent.v1.Agent.AddTools:output_type -> aetherium.agent.v1.AddToolsResponse
+	47, // 58: aetherium.agent.v1.Agent.ListTools:output_type -> aetherium.agent.v1.ListToolsResponse
+	41, // [41:59] is the sub-list for method output_type
+	23, // [23:41] is the sub-list for method input_type
+	23, // [23:23] is the sub-list for extension type_name
+	23, // [23:23] is the sub-list for extension extendee
+	0,  // [0:23] is the sub-list for field type_name
 }
 
 func init() { file_agent_proto_init() }
@@ -2963,13 +3350,17 @@ func file_agent_proto_init() {
 		(*ProcessEvent_Keepalive)(nil),
 		(*ProcessEvent_End)(nil),
 	}
+	file_agent_proto_msgTypes[43].OneofWrappers = []any{
+		(*AddToolsRequest_Header)(nil),
+		(*AddToolsRequest_Tar)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   44,
+			NumMessages:   50,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

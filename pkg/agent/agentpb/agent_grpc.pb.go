@@ -38,6 +38,8 @@ const (
 	Agent_MakeDir_FullMethodName        = "/aetherium.agent.v1.Agent/MakeDir"
 	Agent_Move_FullMethodName           = "/aetherium.agent.v1.Agent/Move"
 	Agent_Remove_FullMethodName         = "/aetherium.agent.v1.Agent/Remove"
+	Agent_AddTools_FullMethodName       = "/aetherium.agent.v1.Agent/AddTools"
+	Agent_ListTools_FullMethodName      = "/aetherium.agent.v1.Agent/ListTools"
 )
 
 // AgentClient is the client API for Agent service.
@@ -96,6 +98,18 @@ type AgentClient interface {
 	// Remove removes a path and everything below it; a missing path is not
 	// an error.
 	Remove(ctx context.Context, in *RemoveRequest, opts ...grpc.CallOption) (*RemoveResponse, error)
+	// AddTools adds one tool volume to a running guest: the first message
+	// carries the header, the rest a tar stream of the volume's content. The
+	// agent extracts it next to the volume's dir, writes its marker and
+	// renames it into place, so the volume appears whole or not at all; its
+	// bin directories are then on every command's PATH. A volume already
+	// present succeeds at once (already_present). Errors: InvalidArgument
+	// (a bad header, a tar entry escaping the volume or of another type,
+	// the content too large), FailedPrecondition (another tools root).
+	// A call that ends early leaves nothing behind.
+	AddTools(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[AddToolsRequest, AddToolsResponse], error)
+	// ListTools lists the tool volumes whose bin directories are on PATH.
+	ListTools(ctx context.Context, in *ListToolsRequest, opts ...grpc.CallOption) (*ListToolsResponse, error)
 }
 
 type agentClient struct {
@@ -308,6 +322,29 @@ func (c *agentClient) Remove(ctx context.Context, in *RemoveRequest, opts ...grp
 	return out, nil
 }
 
+func (c *agentClient) AddTools(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[AddToolsRequest, AddToolsResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Agent_ServiceDesc.Streams[6], Agent_AddTools_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[AddToolsRequest, AddToolsResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Agent_AddToolsClient = grpc.ClientStreamingClient[AddToolsRequest, AddToolsResponse]
+
+func (c *agentClient) ListTools(ctx context.Context, in *ListToolsRequest, opts ...grpc.CallOption) (*ListToolsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListToolsResponse)
+	err := c.cc.Invoke(ctx, Agent_ListTools_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AgentServer is the server API for Agent service.
 // All implementations must embed UnimplementedAgentServer
 // for forward compatibility.
@@ -364,6 +401,18 @@ type AgentServer interface {
 	// Remove removes a path and everything below it; a missing path is not
 	// an error.
 	Remove(context.Context, *RemoveRequest) (*RemoveResponse, error)
+	// AddTools adds one tool volume to a running guest: the first message
+	// carries the header, the rest a tar stream of the volume's content. The
+	// agent extracts it next to the volume's dir, writes its marker and
+	// renames it into place, so the volume appears whole or not at all; its
+	// bin directories are then on every command's PATH. A volume already
+	// present succeeds at once (already_present). Errors: InvalidArgument
+	// (a bad header, a tar entry escaping the volume or of another type,
+	// the content too large), FailedPrecondition (another tools root).
+	// A call that ends early leaves nothing behind.
+	AddTools(grpc.ClientStreamingServer[AddToolsRequest, AddToolsResponse]) error
+	// ListTools lists the tool volumes whose bin directories are on PATH.
+	ListTools(context.Context, *ListToolsRequest) (*ListToolsResponse, error)
 	mustEmbedUnimplementedAgentServer()
 }
 
@@ -421,6 +470,12 @@ func (UnimplementedAgentServer) Move(context.Context, *MoveRequest) (*MoveRespon
 }
 func (UnimplementedAgentServer) Remove(context.Context, *RemoveRequest) (*RemoveResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Remove not implemented")
+}
+func (UnimplementedAgentServer) AddTools(grpc.ClientStreamingServer[AddToolsRequest, AddToolsResponse]) error {
+	return status.Error(codes.Unimplemented, "method AddTools not implemented")
+}
+func (UnimplementedAgentServer) ListTools(context.Context, *ListToolsRequest) (*ListToolsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListTools not implemented")
 }
 func (UnimplementedAgentServer) mustEmbedUnimplementedAgentServer() {}
 func (UnimplementedAgentServer) testEmbeddedByValue()               {}
@@ -681,6 +736,31 @@ func _Agent_Remove_Handler(srv interface{}, ctx context.Context, dec func(interf
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Agent_AddTools_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(AgentServer).AddTools(&grpc.GenericServerStream[AddToolsRequest, AddToolsResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Agent_AddToolsServer = grpc.ClientStreamingServer[AddToolsRequest, AddToolsResponse]
+
+func _Agent_ListTools_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListToolsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).ListTools(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_ListTools_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).ListTools(ctx, req.(*ListToolsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Agent_ServiceDesc is the grpc.ServiceDesc for Agent service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -728,6 +808,10 @@ var Agent_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "Remove",
 			Handler:    _Agent_Remove_Handler,
 		},
+		{
+			MethodName: "ListTools",
+			Handler:    _Agent_ListTools_Handler,
+		},
 	},
 	Streams: []grpc.StreamDesc{
 		{
@@ -760,6 +844,11 @@ var Agent_ServiceDesc = grpc.ServiceDesc{
 			StreamName:    "ListDir",
 			Handler:       _Agent_ListDir_Handler,
 			ServerStreams: true,
+		},
+		{
+			StreamName:    "AddTools",
+			Handler:       _Agent_AddTools_Handler,
+			ClientStreams: true,
 		},
 	},
 	Metadata: "agent.proto",
