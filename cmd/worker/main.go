@@ -57,6 +57,10 @@ func run() error {
 		return err
 	}
 	defer orch.Close()
+	installer, err := wiring.WorkerTools(cfg, log)
+	if err != nil {
+		return err
+	}
 	w, err := worker.New(worker.Config{
 		ID:                cfg.Worker.ID,
 		Provider:          cfg.VMM.Provider,
@@ -71,6 +75,8 @@ func run() error {
 		ClusterToken:      cfg.Cluster.Token,
 		MetricsListen:     cfg.Worker.MetricsListen,
 		ExpiryInterval:    cfg.Worker.ExpiryInterval,
+		Tools:             installer,
+		ToolDefaults:      cfg.Tools.Defaults,
 		Logger:            log,
 	}, store, orch, q, q)
 	if err != nil {

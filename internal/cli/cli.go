@@ -99,7 +99,7 @@ func (a *app) rootCmd() *cobra.Command {
 	root.PersistentFlags().BoolVar(&a.json, "json", false, "print JSON with stable fields")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	root.AddCommand(a.vmCmd(), a.execCmd(), a.executionsCmd(), a.taskCmd(), a.jobCmd(), a.doctorCmd(), a.workersCmd(),
-		a.newImageCmd(), a.networkCmd(wiring.NetworkConfig), a.cpCmd(), a.apikeyCmd(), a.templateCmd())
+		a.newImageCmd(), a.networkCmd(wiring.NetworkConfig), a.cpCmd(), a.apikeyCmd(), a.templateCmd(), a.toolsCmd())
 	return root
 }
 

@@ -118,6 +118,7 @@ func (a *app) diagnose(ctx context.Context) []check {
 	add("vmm "+cfg.VMM.Provider, wiring.CheckVMM(ctx, cfg), "usable from this host",
 		"Worker can't create VMs: "+vmmFix(cfg.VMM.Provider))
 	out = append(out, a.checkAPI(ctx, cfg)...)
+	out = append(out, a.checkTools(ctx, cfg)...)
 	return out
 }
 

@@ -24,12 +24,12 @@ func (a *app) vmCmd() *cobra.Command {
 
 func (a *app) vmCreateCmd() *cobra.Command {
 	var (
-		o           service.CreateVMOptions
-		labels, env []string
-		wait        bool
+		o                  service.CreateVMOptions
+		labels, env, specs []string
+		wait               bool
 	)
 	cmd := &cobra.Command{
-		Use:   "create --name NAME [--vcpus N] [--memory MiB] [--ttl 10m] [--wait]",
+		Use:   "create --name NAME [--vcpus N] [--memory MiB] [--ttl 10m] [--tools SPEC,...] [--wait]",
 		Short: "Create a VM and print its id",
 		Args:  args(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -38,6 +38,9 @@ func (a *app) vmCreateCmd() *cobra.Command {
 				return err
 			}
 			if o.Env, err = parseKV("env", env); err != nil {
+				return err
+			}
+			if o.Tools, err = toolSpecsFlag(specs); err != nil {
 				return err
 			}
 			svc, err := a.service(cmd.Context())
@@ -72,6 +75,7 @@ func (a *app) vmCreateCmd() *cobra.Command {
 	f.StringArrayVar(&env, "env", nil, "default environment KEY=VALUE of every command (repeatable)")
 	f.BoolVar(&wait, "wait", false, "return only once the VM's agent answers")
 	f.DurationVar(&o.TTL, "ttl", 0, "delete the VM this long after its creation, e.g. 10m (default: never)")
+	f.StringArrayVar(&specs, "tools", nil, "mise tool specs to install, e.g. node@22,python@3.12 or 'http:NAME[url=URL]@1.0.0' (repeatable or comma-separated)")
 	f.StringVar(&o.Network, "network", "", "none or nat (default: nat when network.enabled is set in the config, else none)")
 	return cmd
 }

@@ -117,6 +117,22 @@ func NewMise(cfg Config) (*Mise, error) {
 	}, nil
 }
 
+// OpenCache returns a Mise on an existing cache root for maintenance
+// (List, Prune, Image) where mise itself may be missing, e.g. in
+// `aether-cli tools cache`: Install and MiseVolume then fail with
+// types.ErrUnavailable. A root that does not exist returns
+// types.ErrNotFound.
+func OpenCache(root string, log *slog.Logger) (*Mise, error) {
+	root = filepath.Clean(root)
+	if !filepath.IsAbs(root) {
+		return nil, fmt.Errorf("%w: tools cache root %q must be an absolute path", types.ErrInvalid, root)
+	}
+	if fi, err := os.Stat(filepath.Join(root, ".meta")); err != nil || !fi.IsDir() {
+		return nil, fmt.Errorf("%w: %s is not a tools cache (no .meta directory): nothing was installed there yet, or tools.cache_dir names another directory", types.ErrNotFound, root)
+	}
+	return &Mise{root: root, mkfs: MkfsBinaryDefault, log: cmp.Or(log, slog.Default()), now: time.Now, layout: layout{root: root}}, nil
+}
+
 // layout names the files of the cache; see docs/tools.md.
 //
 //	ROOT/KEY/              MISE_DATA_DIR of one tool version (mounted read-only)
@@ -339,6 +355,9 @@ func (m *Mise) resolve(ctx context.Context, s Spec) (string, error) {
 // stdout. Cancelling ctx kills the whole group, so no npm or tar is left
 // behind.
 func (m *Mise) run(ctx context.Context, dataDir string, args ...string) ([]byte, error) {
+	if m.mise == "" {
+		return nil, fmt.Errorf("%w: this tools cache was opened without mise; install it with `sudo scripts/setup.sh` or set tools.mise_binary", types.ErrUnavailable)
+	}
 	cmd := exec.CommandContext(ctx, m.mise, args...)
 	cmd.Dir = m.layout.miseDir("resolve")
 	cmd.Env = append(slices.Clip(m.env),

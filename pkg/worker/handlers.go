@@ -64,7 +64,11 @@ func (w *Worker) handleVMCreate(ctx context.Context, t *asynq.Task, log *slog.Lo
 		return nil, err
 	}
 	start := time.Now()
-	if err := w.createAndStart(ctx, vm.Spec()); err != nil {
+	spec := vm.Spec()
+	if spec.Tools, err = w.createTools(ctx, log, vm.ID, p.Tools); err == nil {
+		err = w.createAndStart(ctx, spec)
+	}
+	if err != nil {
 		if final(ctx, err) {
 			w.discard(context.WithoutCancel(ctx), log, vm.ID, err)
 		}

@@ -19,6 +19,7 @@ import (
 
 	"github.com/aetherium/aetherium-core/pkg/queue"
 	"github.com/aetherium/aetherium-core/pkg/storage"
+	"github.com/aetherium/aetherium-core/pkg/tools"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
 )
@@ -63,6 +64,13 @@ type Config struct {
 	// ExpiryInterval is how often the worker deletes the VMs it owns whose
 	// TTL ran out. Default 1s.
 	ExpiryInterval time.Duration
+	// Tools installs the tools VMs ask for into this host's cache (see
+	// pkg/tools). nil: creating a VM with tools, or installing tools, fails
+	// with types.ErrNotSupported saying how to enable them.
+	Tools tools.Installer
+	// ToolDefaults are tool specs every VM this worker creates gets, after
+	// its own. They need Tools.
+	ToolDefaults []string
 	// Logger receives the worker's logs. Default: discard.
 	Logger *slog.Logger
 }
@@ -120,6 +128,12 @@ func New(cfg Config, store storage.Store, orch vmm.VMOrchestrator, notifier queu
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
+	if _, err := tools.ParseSpecs(cfg.ToolDefaults); err != nil {
+		return nil, fmt.Errorf("tools.defaults: %w", err)
+	}
+	if len(cfg.ToolDefaults) > 0 && cfg.Tools == nil {
+		return nil, fmt.Errorf("%w: tools.defaults are set but the worker has no tool installer; install mise with `sudo scripts/setup.sh` or set tools.mise_binary", types.ErrUnavailable)
+	}
 	return &Worker{cfg: cfg, store: store, vmm: orch, notifier: notifier, output: output,
 		log: cfg.Logger.With("worker_id", cfg.ID), metrics: newMetrics(), inflight: map[string]time.Time{}}, nil
 }
@@ -141,6 +155,7 @@ func (w *Worker) Mux() *asynq.ServeMux {
 	mux.Handle(string(types.TaskVMStop), taskHandler(w.handleVMStop))
 	mux.Handle(string(types.TaskVMStart), taskHandler(w.handleVMStart))
 	mux.Handle(string(types.TaskJobRun), taskHandler(w.handleJobRun))
+	mux.Handle(string(types.TaskToolsInstall), taskHandler(w.handleToolsInstall))
 	return mux
 }
 
