@@ -96,8 +96,15 @@ func stampOf(dir string) (dirStamp, bool) {
 func newToolRegistry(root string, log *slog.Logger) *toolRegistry {
 	r := &toolRegistry{root: root, log: log}
 	r.mu.Lock()
+	defer r.mu.Unlock()
 	r.scanLocked()
-	r.mu.Unlock()
+	if root != "" {
+		keys := make([]string, len(r.vols))
+		for i, v := range r.vols {
+			keys[i] = v.Key
+		}
+		log.Info("tool volumes on PATH", "root", root, "volumes", strings.Join(keys, ","), "path", r.path)
+	}
 	return r
 }
 
