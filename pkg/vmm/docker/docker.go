@@ -95,6 +95,14 @@ type Config struct {
 	// StopTimeout is how long a graceful StopVM waits before killing the
 	// container. Default 10s.
 	StopTimeout time.Duration `yaml:"stop_timeout"`
+	// PidsLimit is the most processes and threads one VM may have, the
+	// agent's included. Default 1024 (DefaultPidsLimit).
+	PidsLimit int64 `yaml:"pids_limit"`
+	// WritableRootfs leaves the root file system writable, e.g. for images
+	// whose users install packages. Default false: the root is read-only
+	// and only /tmp, /var/tmp, /run and the home directories are writable
+	// (see confine.go).
+	WritableRootfs bool `yaml:"writable_rootfs"`
 	// Owner is the id of the worker that owns the VMs; it is stored as a
 	// label, and ListVMs returns only that owner's VMs when it is set.
 	Owner string `yaml:"-"`
@@ -129,9 +137,14 @@ func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
 	cfg.MaxVCPUs = cmp.Or(cfg.MaxVCPUs, runtime.NumCPU())
 	cfg.ReadyTimeout = cmp.Or(cfg.ReadyTimeout, DefaultReadyTimeout)
 	cfg.StopTimeout = cmp.Or(cfg.StopTimeout, DefaultStopTimeout)
+	cfg.PidsLimit = cmp.Or(cfg.PidsLimit, DefaultPidsLimit)
 	cfg.Logger = cmp.Or(cfg.Logger, slog.Default())
 	if cfg.MaxVCPUs < 0 || cfg.ReadyTimeout < 0 || cfg.StopTimeout < 0 {
 		return nil, fmt.Errorf("%w: docker backend: max vcpus, ready timeout and stop timeout must not be negative", types.ErrInvalid)
+	}
+	if cfg.PidsLimit < minPidsLimit {
+		return nil, fmt.Errorf("%w: docker backend: pids limit %d is too low; the agent alone needs about 20 threads, so give at least %d (default %d)",
+			types.ErrInvalid, cfg.PidsLimit, minPidsLimit, DefaultPidsLimit)
 	}
 	if cfg.Image == "" && cfg.AgentPath == "" {
 		return nil, fmt.Errorf("%w: docker backend: no guest agent binary; build fc-agent (`make build`) and set its path, or set an image that holds it", types.ErrInvalid)
@@ -312,6 +325,7 @@ func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (*vmm.VM
 			MemorySwap: mem, // equal to Memory: no swap, as in a VM
 		},
 	}
+	o.confine(cfg, hostCfg, spec.MemoryMB)
 	_, err = o.api.ContainerCreate(ctx, cfg, hostCfg, nil, nil, containerName(spec.ID))
 	if err != nil && cerrdefs.IsNotFound(err) && o.cfg.Image == "" {
 		// Someone removed the image since New; import it again once.

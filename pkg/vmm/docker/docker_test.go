@@ -102,9 +102,16 @@ func TestContainer(t *testing.T) {
 	require.Equal(t, int64(1e9), ins.HostConfig.NanoCPUs)
 	require.Equal(t, int64(96<<20), ins.HostConfig.Memory)
 	require.Equal(t, int64(96<<20), ins.HostConfig.MemorySwap)
-	require.Len(t, ins.Mounts, 1)
-	require.Equal(t, filepath.Join(cfg.SocketDir, id), ins.Mounts[0].Source)
-	require.Equal(t, docker.GuestRunDir, ins.Mounts[0].Destination)
+	// The agent's socket directory is bound; the home directories are
+	// volumes (see TestHomeSurvivesRestart).
+	mounts := map[string]string{}
+	for _, m := range ins.Mounts {
+		mounts[m.Destination] = string(m.Type)
+		if m.Destination == docker.GuestRunDir {
+			require.Equal(t, filepath.Join(cfg.SocketDir, id), m.Source)
+		}
+	}
+	require.Equal(t, map[string]string{docker.GuestRunDir: "bind", "/root": "volume", "/home": "volume"}, mounts)
 	require.Equal(t, "1\n", vmmtest.Sh(t, o, id, `[ $$ -ne 1 ] && ps -o pid,args | grep -c '^ *1 .*fc-agent'`),
 		"the agent should run as PID 1")
 }
