@@ -142,17 +142,10 @@ func (c *Client) WriteFile(ctx context.Context, path string, r io.Reader, o type
 	}
 	hdr := &agentpb.WriteFileHeader{Path: path, Mode: o.Mode & uint32(os.ModePerm), MakeParents: o.MakeParents, User: o.User}
 	err = stream.Send(&agentpb.WriteFileRequest{Msg: &agentpb.WriteFileRequest_Header{Header: hdr}})
-	buf := make([]byte, chunkSize)
-	// A failed Send means the agent ended the call; CloseAndRecv says why.
-	for err == nil {
-		n, rerr := r.Read(buf)
-		if n > 0 {
-			err = stream.Send(&agentpb.WriteFileRequest{Msg: &agentpb.WriteFileRequest_Data{Data: bytes.Clone(buf[:n])}})
-		}
-		if rerr == io.EOF {
-			break
-		}
-		if rerr != nil {
+	if err == nil {
+		if rerr := sendChunks(r, func(b []byte) error {
+			return stream.Send(&agentpb.WriteFileRequest{Msg: &agentpb.WriteFileRequest_Data{Data: b}})
+		}); rerr != nil {
 			return 0, fmt.Errorf("%s: reading the content: %w", op, rerr)
 		}
 	}
@@ -161,6 +154,27 @@ func (c *Client) WriteFile(ctx context.Context, path string, r io.Reader, o type
 		return 0, rpcError(ctx, op, err)
 	}
 	return resp.GetBytesWritten(), nil
+}
+
+// sendChunks sends what r yields, in chunks of at most chunkSize, until r
+// ends or send fails. A failed send means the agent ended the call, and
+// the stream's CloseAndRecv says why, so only r's error is returned.
+func sendChunks(r io.Reader, send func([]byte) error) error {
+	buf := make([]byte, chunkSize)
+	for {
+		n, rerr := r.Read(buf)
+		if n > 0 {
+			if err := send(bytes.Clone(buf[:n])); err != nil {
+				return nil
+			}
+		}
+		if rerr == io.EOF {
+			return nil
+		}
+		if rerr != nil {
+			return rerr
+		}
+	}
 }
 
 // ReadFile returns the content of path in the guest. A file larger than

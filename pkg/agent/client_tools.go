@@ -2,7 +2,6 @@ package agent
 
 import (
 	"archive/tar"
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -57,18 +56,12 @@ func (c *Client) AddTools(ctx context.Context, vol types.ToolVolume, root string
 	}
 	hdr := &agentpb.AddToolsHeader{Root: root, Volume: toolVolumeTo(vol)}
 	err = stream.Send(&agentpb.AddToolsRequest{Msg: &agentpb.AddToolsRequest_Header{Header: hdr}})
-	buf := make([]byte, chunkSize)
-	// A failed Send means the agent ended the call (done already, or
-	// refused); CloseAndRecv says which.
-	for err == nil {
-		n, rerr := content.Read(buf)
-		if n > 0 {
-			err = stream.Send(&agentpb.AddToolsRequest{Msg: &agentpb.AddToolsRequest_Tar{Tar: bytes.Clone(buf[:n])}})
-		}
-		if rerr == io.EOF {
-			break
-		}
-		if rerr != nil {
+	// The agent may end the call early (the volume is there, or it
+	// refused the stream); CloseAndRecv says which.
+	if err == nil {
+		if rerr := sendChunks(content, func(b []byte) error {
+			return stream.Send(&agentpb.AddToolsRequest{Msg: &agentpb.AddToolsRequest_Tar{Tar: b}})
+		}); rerr != nil {
 			cancel()
 			return ToolsAdded{}, fmt.Errorf("%s: reading the content: %w", op, rerr)
 		}

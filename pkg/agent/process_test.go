@@ -489,17 +489,26 @@ func (oldAgent) Info(context.Context, *agentpb.InfoRequest) (*agentpb.InfoRespon
 	return &agentpb.InfoResponse{Version: "0.0.9", Protocol: 2}, nil
 }
 
-func TestNewCallsOnOldAgent(t *testing.T) {
+// oldAgentClient serves an oldAgent and returns a client for it.
+func oldAgentClient(t *testing.T) *Client {
+	t.Helper()
 	sock := filepath.Join(t.TempDir(), "agent.sock")
 	l, err := Listen("unix://" + sock)
 	require.NoError(t, err)
 	gs := grpc.NewServer()
 	agentpb.RegisterAgentServer(gs, oldAgent{})
 	go gs.Serve(l)
-	defer gs.Stop()
 	c, err := NewClient(UnixDialer(sock))
 	require.NoError(t, err)
-	defer c.Close()
+	t.Cleanup(func() {
+		c.Close()
+		gs.Stop()
+	})
+	return c
+}
+
+func TestNewCallsOnOldAgent(t *testing.T) {
+	c := oldAgentClient(t)
 
 	calls := map[string]func() error{
 		"StartProcess": func() error {

@@ -15,9 +15,7 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
-	"google.golang.org/grpc"
 
-	"github.com/aetherium/aetherium-core/pkg/agent/agentpb"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
@@ -306,18 +304,8 @@ func TestToolLeftoversRemovedAtStart(t *testing.T) {
 }
 
 func TestToolCallsOnOldAgent(t *testing.T) {
-	sock := filepath.Join(t.TempDir(), "agent.sock")
-	l, err := Listen("unix://" + sock)
-	require.NoError(t, err)
-	gs := grpc.NewServer()
-	agentpb.RegisterAgentServer(gs, oldAgent{})
-	go gs.Serve(l)
-	defer gs.Stop()
-	c, err := NewClient(UnixDialer(sock))
-	require.NoError(t, err)
-	defer c.Close()
-
-	_, err = c.ListTools(t.Context())
+	c := oldAgentClient(t)
+	_, err := c.ListTools(t.Context())
 	require.ErrorIs(t, err, types.ErrNotSupported)
 	require.ErrorContains(t, err, "speaks protocol 2; this call needs 4")
 	vol := types.ToolVolume{Key: "k", Dir: "/opt/tools/k"}

@@ -89,23 +89,37 @@ func findDisk(sys, dev, serial string) (string, error) {
 // but devtmpfs creates the nodes a moment later.
 func waitForSerial(ctx context.Context, sys, dev, serial string, limit time.Duration, log *slog.Logger) (string, error) {
 	start := time.Now()
+	var node string
+	found, err := pollFor(ctx, limit, func() (bool, error) {
+		var err error
+		node, err = findDisk(sys, dev, serial)
+		return node != "", err
+	})
+	if err != nil {
+		return "", err
+	}
+	if !found {
+		return "", fmt.Errorf("no disk with serial %q appeared within %s: %w; attach the disk as virtio-blk with serial=%s and list virtio_blk in %s",
+			serial, limit, types.ErrUnavailable, serial, ModulesOrder)
+	}
+	log.Info("disk appeared", "serial", serial, "device", node, "waited", time.Since(start))
+	return node, nil
+}
+
+// pollFor calls check every few milliseconds until it reports done or
+// fails, or until limit passes or ctx ends (found is then false).
+func pollFor(ctx context.Context, limit time.Duration, check func() (done bool, err error)) (found bool, err error) {
 	ctx, cancel := context.WithTimeout(ctx, limit)
 	defer cancel()
 	tick := time.NewTicker(5 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		node, err := findDisk(sys, dev, serial)
-		if err != nil {
-			return "", err
-		}
-		if node != "" {
-			log.Info("disk appeared", "serial", serial, "device", node, "waited", time.Since(start))
-			return node, nil
+		if done, err := check(); done || err != nil {
+			return done, err
 		}
 		select {
 		case <-ctx.Done():
-			return "", fmt.Errorf("no disk with serial %q appeared within %s: %w; attach the disk as virtio-blk with serial=%s and list virtio_blk in %s",
-				serial, limit, types.ErrUnavailable, serial, ModulesOrder)
+			return false, nil
 		case <-tick.C:
 		}
 	}

@@ -348,22 +348,16 @@ func mountRoot(ctx context.Context, cfg Config, dir string, log *slog.Logger) er
 // waitForDevice polls for the device node path.
 func waitForDevice(ctx context.Context, path string, limit time.Duration, log *slog.Logger) error {
 	start := time.Now()
-	ctx, cancel := context.WithTimeout(ctx, limit)
-	defer cancel()
-	tick := time.NewTicker(5 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		if _, err := os.Stat(path); err == nil {
-			log.Info("root device appeared", "device", path, "waited", time.Since(start))
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("root device %s did not appear within %s: %w; attach the disk as virtio-blk and list virtio_blk in %s",
-				path, limit, types.ErrUnavailable, ModulesOrder)
-		case <-tick.C:
-		}
+	found, _ := pollFor(ctx, limit, func() (bool, error) {
+		_, err := os.Stat(path)
+		return err == nil, nil
+	})
+	if !found {
+		return fmt.Errorf("root device %s did not appear within %s: %w; attach the disk as virtio-blk and list virtio_blk in %s",
+			path, limit, types.ErrUnavailable, ModulesOrder)
 	}
+	log.Info("root device appeared", "device", path, "waited", time.Since(start))
+	return nil
 }
 
 // mountFlagOptions are the generic mount options that are flags to
