@@ -5,7 +5,10 @@
 // guest, a unix socket or TCP elsewhere. It runs commands that die with
 // their call (Exec), keeps a table of processes that outlive it
 // (StartProcess and the calls that follow, attach to, signal and feed
-// them), and reads, writes and manages files. Server is the guest side,
+// them), reads, writes and manages files, and keeps the guest's tool
+// volumes (types.ToolSet: found under the tools root at start, added by
+// AddTools), whose bin directories lead every command's PATH. Server is
+// the guest side,
 // Client the host side; Listen and Dialer connect the two.
 package agent
 

@@ -45,7 +45,9 @@ const DefaultHostname = "aetherium"
 // CONNECT.
 const ReadyLine = "aetherium-init: agent ready on"
 
-// DefaultPath is every command's PATH unless the VM or the command sets one.
+// DefaultPath is every command's PATH unless the VM or the command sets
+// one; the agent puts the bin directories of the guest's tool volumes in
+// front of it, so a host that sends PATH itself hides the tools.
 const DefaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 // Exit codes of commands, as a shell and coreutils timeout(1) report them.
