@@ -3,7 +3,10 @@
 // client, never the docker CLI. Every container runs fc-agent as PID 1 from an
 // image this package imports itself, and commands go through that agent over
 // a unix socket in a host directory bind-mounted into the container, exactly
-// as they would reach a real microVM's agent.
+// as they would reach a real microVM's agent. Every container is confined
+// (confine.go: few capabilities, no-new-privileges, default seccomp, a pids
+// limit, a read-only root), and a VM's tool set is bound into it read-only
+// (tools.go).
 package docker
 
 import (
@@ -271,6 +274,9 @@ func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (*vmm.VM
 	if spec.Network == types.NetworkNAT {
 		return nil, fmt.Errorf("%w: the docker backend runs VMs without a network; create it with --network none, or use the qemu or firecracker backend for nat", types.ErrNotSupported)
 	}
+	if err := checkTools(spec.Tools); err != nil {
+		return nil, err
+	}
 	if p := o.socketPath(spec.ID); len(p) > maxSocketPathLen {
 		return nil, fmt.Errorf("%w: agent socket path %s is %d bytes, over the %d a unix socket allows; choose a shorter socket dir", types.ErrInvalid, p, len(p), maxSocketPathLen)
 	}
@@ -302,9 +308,17 @@ func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (*vmm.VM
 	for k, v := range spec.Labels {
 		labels[LabelSpecPrefix+k] = v
 	}
-	env := make([]string, 0, len(spec.Env))
-	for _, k := range slices.Sorted(maps.Keys(spec.Env)) {
-		env = append(env, k+"="+spec.Env[k])
+	envs := maps.Clone(spec.Env)
+	if spec.Tools != nil && len(spec.Tools.Volumes) > 0 {
+		// The agent finds the tool volumes through it (types.ToolSet).
+		if envs == nil {
+			envs = map[string]string{}
+		}
+		envs[types.ToolsRootEnv] = spec.Tools.Root
+	}
+	env := make([]string, 0, len(envs))
+	for _, k := range slices.Sorted(maps.Keys(envs)) {
+		env = append(env, k+"="+envs[k])
 	}
 	noInit := false
 	mem := int64(spec.MemoryMB) << 20
@@ -326,6 +340,7 @@ func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (*vmm.VM
 		},
 	}
 	o.confine(cfg, hostCfg, spec.MemoryMB)
+	deliverTools(spec.Tools, spec.MemoryMB, hostCfg)
 	_, err = o.api.ContainerCreate(ctx, cfg, hostCfg, nil, nil, containerName(spec.ID))
 	if err != nil && cerrdefs.IsNotFound(err) && o.cfg.Image == "" {
 		// Someone removed the image since New; import it again once.
