@@ -1,9 +1,6 @@
 package tools
 
 import (
-	"archive/tar"
-	"bytes"
-	"compress/gzip"
 	"context"
 	"errors"
 	"fmt"
@@ -21,6 +18,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/aetherium/aetherium-core/internal/testenv"
+	"github.com/aetherium/aetherium-core/pkg/tools/toolstest"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
@@ -71,27 +69,7 @@ func (s *toolServer) spec(t *testing.T, version string) Spec {
 }
 
 // helloTarball is hello-1.0.0/bin/hello, a shell script that greets.
-func helloTarball(t *testing.T) []byte {
-	t.Helper()
-	var buf bytes.Buffer
-	gz := gzip.NewWriter(&buf)
-	tw := tar.NewWriter(gz)
-	script := []byte("#!/bin/sh\necho \"hello from the tool cache\"\n")
-	for _, h := range []*tar.Header{
-		{Name: "hello-1.0.0/", Typeflag: tar.TypeDir, Mode: 0o755},
-		{Name: "hello-1.0.0/bin/", Typeflag: tar.TypeDir, Mode: 0o755},
-		{Name: "hello-1.0.0/bin/hello", Typeflag: tar.TypeReg, Mode: 0o755, Size: int64(len(script))},
-	} {
-		require.NoError(t, tw.WriteHeader(h))
-		if h.Typeflag == tar.TypeReg {
-			_, err := tw.Write(script)
-			require.NoError(t, err)
-		}
-	}
-	require.NoError(t, tw.Close())
-	require.NoError(t, gz.Close())
-	return buf.Bytes()
-}
+func helloTarball(t *testing.T) []byte { return toolstest.HelloTarball(t, "1.0.0") }
 
 // newTestMise returns an installer on a fresh cache, skipping when mise is
 // missing.

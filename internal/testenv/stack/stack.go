@@ -26,6 +26,7 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/queue"
 	"github.com/aetherium/aetherium-core/pkg/service"
 	"github.com/aetherium/aetherium-core/pkg/storage/postgres"
+	"github.com/aetherium/aetherium-core/pkg/tools"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
 	"github.com/aetherium/aetherium-core/pkg/vmm/docker"
 	"github.com/aetherium/aetherium-core/pkg/vmm/qemu"
@@ -68,6 +69,9 @@ type Options struct {
 	// config (its Netns should be a namespace the test made), with leases
 	// in the stack's PostgreSQL. nil: no networking.
 	Network *network.Config
+	// Tools is the workers' tool installer (nil: none; VMs asking for
+	// tools fail).
+	Tools tools.Installer
 }
 
 // Start brings a stack up and registers its teardown with t.Cleanup.
@@ -163,7 +167,7 @@ func (s *Stack) NewWorker(t testing.TB, id string) *worker.Worker {
 	w, err := worker.New(worker.Config{ID: id, Provider: s.Provider, Redis: queue.RedisConfig{Addr: s.RedisAddr},
 		TaskCheckInterval: s.opts.TaskCheckInterval, MaxOutputBytes: s.opts.MaxOutputBytes, ShutdownTimeout: 20 * time.Second,
 		HeartbeatInterval: time.Second, DataListen: "127.0.0.1:0", ClusterToken: s.Token, MetricsListen: "127.0.0.1:0",
-		Logger: logger(t)}, s.Store, orch, s.Queue, s.Queue)
+		Tools: s.opts.Tools, Logger: logger(t)}, s.Store, orch, s.Queue, s.Queue)
 	require.NoError(t, err)
 	s.Workers[id] = w
 	t.Cleanup(w.Stop)
