@@ -180,6 +180,9 @@ type VMStatus struct {
 	Detail string `json:"detail,omitempty"`
 	// Labels are the spec's labels as the backend recorded them.
 	Labels map[string]string `json:"labels,omitempty"`
+	// Jail is how the VM's VMM is confined; nil when the backend does not
+	// confine it (confinement off, or a backend without a jail).
+	Jail *JailInfo `json:"jail,omitempty"`
 }
 
 // Diagnoser is what every backend offers beside VMOrchestrator: a report

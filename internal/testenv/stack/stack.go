@@ -119,6 +119,7 @@ func Start(t testing.TB, o Options) *Stack {
 		if o.Provider == qemu.Provider {
 			qc := qemu.Config{KernelPath: img.KernelPath(), InitrdPath: img.InitrdPath(), RootfsPath: img.RootfsPath(),
 				RunDir: filepath.Join(dir, "vms"), Owner: id, Logger: logger(t).With("provider", "qemu")}
+			qc.Jail.Binary = testenv.Jailer(t) // a test binary has none next to it
 			if o.Network != nil {
 				nc := *o.Network
 				nc.Logger = logger(t).With("component", "network")
@@ -195,6 +196,9 @@ func (s *Stack) ConfigFile(t testing.TB) string {
 	pass, _ := u.User.Password()
 	body := fmt.Sprintf(`vmm:
   provider: %s
+  qemu:
+    jail:
+      binary: %q
 queue:
   redis_addr: %s
 storage:
@@ -208,7 +212,7 @@ worker:
   metrics_listen: 127.0.0.1:0
 cluster:
   token: %q
-`, s.Provider, s.RedisAddr, u.Hostname(), u.Port(), strings.TrimPrefix(u.Path, "/"), u.User.Username(), pass, s.Token)
+`, s.Provider, testenv.Jailer(t), s.RedisAddr, u.Hostname(), u.Port(), strings.TrimPrefix(u.Path, "/"), u.User.Username(), pass, s.Token)
 	path := filepath.Join(t.TempDir(), "aetherium.yaml")
 	require.NoError(t, os.WriteFile(path, []byte(body), 0o600))
 	return path

@@ -82,7 +82,7 @@ func BenchmarkBootVsRaw(b *testing.B) {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		marks := make(chan [2]time.Time, 1)
 		go func() {
-			qmp := waitFor(ctx, func() bool { _, err := os.Stat(filepath.Join(dir, "qmp.sock")); return err == nil })
+			qmp := waitFor(ctx, func() bool { _, err := os.Stat(filepath.Join(dir, "run", "qmp.sock")); return err == nil })
 			mark := waitFor(ctx, func() bool {
 				c, _ := os.ReadFile(filepath.Join(dir, "console.log"))
 				return bytes.Contains(c, []byte(initMarker))

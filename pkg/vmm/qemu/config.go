@@ -3,6 +3,8 @@ package qemu
 import (
 	"log/slog"
 	"time"
+
+	"github.com/aetherium/aetherium-core/pkg/vmm/internal/jail"
 )
 
 // Provider is the backend's name in configuration.
@@ -54,6 +56,10 @@ type Config struct {
 	// StopTimeout bounds each step of a graceful stop (agent power-off,
 	// then QMP quit) before the next. Default 10s.
 	StopTimeout time.Duration `yaml:"stop_timeout"`
+	// Jail confines each VM's QEMU and vhost-device-vsock: own uid, jail,
+	// seccomp, cgroup (see docs/security.md). On by default; set
+	// jail.enabled to false only to debug a VMM.
+	Jail jail.Config `yaml:"jail"`
 	// Owner is the id of the worker that owns the VMs; ListVMs returns only
 	// that owner's VMs when it is set.
 	Owner string `yaml:"-"`

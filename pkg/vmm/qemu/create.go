@@ -63,6 +63,21 @@ func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (_ *vmm.
 	}
 	vf := &vmFile{Spec: spec, Owner: o.cfg.Owner, CreatedAt: time.Now().UTC()}
 	placed := false // the VM's directory is in place
+	if o.jail != nil {
+		// The lease names the VM's final directory; a crash before the
+		// rename leaves a lease with no directory, which Reconcile frees.
+		if vf.Jail, err = o.leaseUID(o.RunDir(spec.ID)); err != nil {
+			return nil, err
+		}
+		defer func() {
+			if err != nil && !placed {
+				_ = o.releaseUID(spec.ID, vf.Jail)
+			}
+		}()
+		if err := ownPrivately(overlay, vf.Jail.UID, vf.Jail.GID); err != nil {
+			return nil, fmt.Errorf("creating vm %s: giving its overlay to its uid: %w", spec.ID, err)
+		}
+	}
 	if nat {
 		// A crash from here until the rename leaves a network with no
 		// vm.json, which Reconcile removes.
@@ -112,16 +127,24 @@ func (o *Orchestrator) DeleteVM(ctx context.Context, id string) error {
 		return o.detach(ctx, id)
 	}
 	o.stopProcs(id, true)
+	vf, _ := o.readVM(id)
 	// The network goes before the directory: a failed Detach leaves vm.json
 	// in place, so the retried delete (or Reconcile) still knows the VM.
 	// A VM whose vm.json cannot be read is detached too, to be safe.
-	if vf, err := o.readVM(id); err != nil || vf.Spec.Network == types.NetworkNAT || vf.Net != nil {
+	if vf == nil || vf.Spec.Network == types.NetworkNAT || vf.Net != nil {
 		if err := o.detach(ctx, id); err != nil {
 			return err
 		}
 	}
 	if err := os.RemoveAll(dir); err != nil {
 		return fmt.Errorf("removing vm %s's directory: %w", id, err)
+	}
+	// The uid goes last, with nothing of the VM's left that it owns. A
+	// VM whose vm.json was unreadable has its lease freed by Reconcile.
+	if vf != nil {
+		if err := o.releaseUID(id, vf.Jail); err != nil {
+			return err
+		}
 	}
 	o.log.Info("deleted vm", "vm_id", id)
 	return nil

@@ -114,6 +114,13 @@ func (o *Orchestrator) Reconcile(ctx context.Context) error {
 	if err := o.net.Reconcile(ctx, o.log, live); err != nil {
 		errs = append(errs, err)
 	}
+	ids := map[string]bool{}
+	for _, id := range live {
+		ids[id] = true
+	}
+	if err := o.reconcileJail(ids); err != nil {
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
 }
 

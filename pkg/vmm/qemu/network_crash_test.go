@@ -23,6 +23,7 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/network"
 	"github.com/aetherium/aetherium-core/pkg/storage/postgres"
 	"github.com/aetherium/aetherium-core/pkg/types"
+	"github.com/aetherium/aetherium-core/pkg/vmm/internal/jail"
 	"github.com/aetherium/aetherium-core/pkg/vmm/qemu"
 )
 
@@ -44,7 +45,7 @@ func TestKilledDuringCreate(t *testing.T) {
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), childEnv+"=1",
 		"CHILD_NETNS="+b.netCfg.Netns, "CHILD_POOL="+b.netCfg.Pool, "CHILD_DSN="+b.dsn, "CHILD_DIR="+b.dir,
-		"CHILD_KERNEL="+img.KernelPath(), "CHILD_INITRD="+img.InitrdPath(), "CHILD_ROOTFS="+img.RootfsPath())
+		"CHILD_KERNEL="+img.KernelPath(), "CHILD_INITRD="+img.InitrdPath(), "CHILD_ROOTFS="+img.RootfsPath(), "CHILD_JAILER="+testenv.Jailer(t))
 	stdout, err := cmd.StdoutPipe()
 	require.NoError(t, err)
 	cmd.Stderr = os.Stderr
@@ -127,6 +128,7 @@ func createChild() int {
 	o, err := qemu.New(ctx, qemu.Config{
 		KernelPath: os.Getenv("CHILD_KERNEL"), InitrdPath: os.Getenv("CHILD_INITRD"), RootfsPath: os.Getenv("CHILD_ROOTFS"),
 		RunDir: os.Getenv("CHILD_DIR"), Network: hang, ReadyTimeout: 4 * time.Minute,
+		Jail:   jail.Config{Binary: os.Getenv("CHILD_JAILER")},
 		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 	})
 	if err != nil {

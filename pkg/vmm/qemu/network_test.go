@@ -119,6 +119,7 @@ func (b *nettestbed) orchestrator() *qemu.Orchestrator {
 		InitrdPath:   m.InitrdPath(),
 		RootfsPath:   m.RootfsPath(),
 		RunDir:       b.dir,
+		Jail:         jailConfig(t),
 		ReadyTimeout: 4 * time.Minute,
 		Network:      b.m,
 		Logger:       slog.New(slog.NewTextHandler(io.Discard, nil)),

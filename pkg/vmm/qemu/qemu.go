@@ -10,12 +10,19 @@
 //
 //	vm.json            the spec and the desired state
 //	overlay.qcow2      the root disk, backed by the read-only base image
-//	qemu.pid, qmp.sock the QEMU process and its monitor
+//	qemu.pid           the QEMU process
 //	vsock.pid          vhost-device-vsock
-//	vhost.sock         its vhost-user socket (QEMU side)
-//	vsock.sock         its hybrid vsock socket (host side)
+//	run/qmp.sock       QEMU's monitor
+//	run/vhost.sock     vhost-device-vsock's vhost-user socket (QEMU side)
+//	run/vsock.sock     its hybrid vsock socket (host side)
+//	jail/              the mount point of the VMMs' jail (see jail.go)
 //	console.log        the guest's serial console, appended across boots
 //	qemu.log, vsock.log the two processes' own output
+//
+// With confinement on (the default), each VM has its own uid, and its
+// VMMs run through aether-jailer: unprivileged, in a pivot_root jail that
+// holds only their own files, behind seccomp, in the VM's cgroup (see
+// jail.go and docs/security.md).
 //
 // VMs survive a worker restart: New finds running ones again from their
 // pidfiles, checking that each pid still belongs to that VM.
@@ -43,6 +50,7 @@ import (
 
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
+	"github.com/aetherium/aetherium-core/pkg/vmm/internal/jail"
 	"github.com/aetherium/aetherium-core/pkg/vmm/internal/vmutil"
 )
 
@@ -51,10 +59,10 @@ const (
 	fileSpec     = "vm.json"
 	fileOverlay  = "overlay.qcow2"
 	fileQEMUPid  = "qemu.pid"
-	fileQMP      = "qmp.sock"
+	fileQMP      = dirSockets + "/qmp.sock"
 	fileVsockPid = "vsock.pid"
-	fileVhost    = "vhost.sock"
-	fileVsock    = "vsock.sock"
+	fileVhost    = dirSockets + "/vhost.sock"
+	fileVsock    = dirSockets + "/vsock.sock"
 	fileConsole  = "console.log"
 	fileQEMULog  = "qemu.log"
 	fileVsockLog = "vsock.log"
@@ -67,6 +75,8 @@ type Orchestrator struct {
 	vmutil.AgentIO
 	cfg   Config
 	accel Accel
+	// jail confines the VMMs; nil when confinement is off.
+	jail  *jail.Manager
 	log   *slog.Logger
 	locks vmutil.KeyedMutex
 	net   vmutil.Net
@@ -95,6 +105,7 @@ type vmProcs struct {
 var (
 	_ vmm.VMOrchestrator = (*Orchestrator)(nil)
 	_ vmm.Diagnoser      = (*Orchestrator)(nil)
+	_ vmm.UsageReporter  = (*Orchestrator)(nil)
 )
 
 // New checks the configuration and finds the VMs of earlier runs again.
@@ -149,6 +160,10 @@ func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
 	if n := len(filepath.Join(dir, "01234567-89ab-cdef-0123-456789abcdef", fileVhost)); n > 107 {
 		return nil, fmt.Errorf("%w: run dir %q is too long for Unix socket paths (%d > 107 bytes); choose a shorter one", types.ErrInvalid, dir, n)
 	}
+	jm, err := newJail(cfg.Jail)
+	if err != nil {
+		return nil, err
+	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating run dir: %w", err)
 	}
@@ -163,9 +178,12 @@ func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
 		lock.Close()
 		return nil, fmt.Errorf("%w: run dir %s is in use by another worker (%v); give each worker its own vmm.qemu.run_dir", types.ErrConflict, dir, err)
 	}
-	o := &Orchestrator{cfg: cfg, accel: accel, net: vmutil.NewNet(cfg.Network), log: cfg.Logger.With("provider", Provider), vms: map[string]*vmProcs{}, creating: map[string]string{}, lock: lock}
+	o := &Orchestrator{cfg: cfg, accel: accel, jail: jm, net: vmutil.NewNet(cfg.Network), log: cfg.Logger.With("provider", Provider), vms: map[string]*vmProcs{}, creating: map[string]string{}, lock: lock}
 	o.AgentIO = vmutil.AgentIO{Agent: o.agentOf, Dialer: o.dialerOf}
-	o.log.Info("qemu backend ready", "accel", accel.Name, "why", accel.Reason, "run_dir", dir)
+	o.log.Info("qemu backend ready", "accel", accel.Name, "why", accel.Reason, "run_dir", dir, "confined", jm != nil)
+	if jm == nil {
+		o.log.Warn("VM CONFINEMENT IS OFF: QEMU and vhost-device-vsock run as root without seccomp, jail or cgroup; set vmm.qemu.jail.enabled back to true unless you are debugging a VMM")
+	}
 	if err := o.recover(ctx); err != nil {
 		lock.Close()
 		return nil, err

@@ -20,6 +20,7 @@ import (
 	"github.com/aetherium/aetherium-core/internal/testenv"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
+	"github.com/aetherium/aetherium-core/pkg/vmm/internal/jail"
 	"github.com/aetherium/aetherium-core/pkg/vmm/qemu"
 	"github.com/aetherium/aetherium-core/pkg/vmm/vmmtest"
 )
@@ -44,6 +45,10 @@ func requireHost(t testing.TB) {
 	}
 }
 
+// jailConfig confines the test's VMs with the jailer built from this tree
+// (a test binary has none next to it).
+func jailConfig(t testing.TB) jail.Config { return jail.Config{Binary: testenv.Jailer(t)} }
+
 // runDir returns a short, fresh directory (socket paths are limited to 107
 // bytes, and t.TempDir's names can be long).
 func runDir(t testing.TB) string {
@@ -62,6 +67,7 @@ func newOrchestrator(t testing.TB, dir string) *qemu.Orchestrator {
 		InitrdPath: img.InitrdPath(),
 		RootfsPath: img.RootfsPath(),
 		RunDir:     dir,
+		Jail:       jailConfig(t),
 		Logger:     slog.New(slog.NewTextHandler(io.Discard, nil)),
 	})
 	require.NoError(t, err)
@@ -193,7 +199,7 @@ func TestRestartFindsVMs(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, types.VMFailed, st.State)
 	require.NotEmpty(t, st.Detail)
-	for _, f := range []string{"qmp.sock", "vsock.sock", "vhost.sock", "qemu.pid"} {
+	for _, f := range []string{"run/qmp.sock", "run/vsock.sock", "run/vhost.sock", "qemu.pid"} {
 		_, err := os.Stat(filepath.Join(o2.RunDir(b), f))
 		require.ErrorIs(t, err, os.ErrNotExist, "%s of the dead VM", f)
 	}
@@ -226,13 +232,13 @@ func TestBadConfig(t *testing.T) {
 
 	// Two orchestrators never share a run directory.
 	shared := runDir(t)
-	o1, err := qemu.New(context.Background(), qemu.Config{KernelPath: f, InitrdPath: f, RootfsPath: f, RunDir: shared})
+	o1, err := qemu.New(context.Background(), qemu.Config{KernelPath: f, InitrdPath: f, RootfsPath: f, RunDir: shared, Jail: jailConfig(t)})
 	require.NoError(t, err)
-	_, err = qemu.New(context.Background(), qemu.Config{KernelPath: f, InitrdPath: f, RootfsPath: f, RunDir: shared})
+	_, err = qemu.New(context.Background(), qemu.Config{KernelPath: f, InitrdPath: f, RootfsPath: f, RunDir: shared, Jail: jailConfig(t)})
 	require.ErrorIs(t, err, types.ErrConflict)
 	require.Contains(t, err.Error(), "its own vmm.qemu.run_dir")
 	require.NoError(t, o1.Close())
-	o2, err := qemu.New(context.Background(), qemu.Config{KernelPath: f, InitrdPath: f, RootfsPath: f, RunDir: shared})
+	o2, err := qemu.New(context.Background(), qemu.Config{KernelPath: f, InitrdPath: f, RootfsPath: f, RunDir: shared, Jail: jailConfig(t)})
 	require.NoError(t, err, "Close releases the run directory")
 	o2.Close()
 }

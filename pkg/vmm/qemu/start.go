@@ -62,20 +62,30 @@ func (o *Orchestrator) boot(ctx context.Context, id string, vf *vmFile) (p *vmPr
 		}
 		vf.Net = n
 	}
+	var cgroups []string
+	if o.jail != nil {
+		if cgroups, err = o.prepareJail(id, vf); err != nil {
+			return nil, fmt.Errorf("starting vm %s: %w", id, err)
+		}
+		if err := o.setTAPOwner(vf); err != nil {
+			o.dropCgroup(id)
+			return nil, fmt.Errorf("starting vm %s: %w", id, err)
+		}
+	} else if err := os.MkdirAll(o.path(id, dirSockets), 0o700); err != nil {
+		return nil, fmt.Errorf("starting vm %s: %w", id, err)
+	}
 
-	var vs *vmutil.Proc
-	err = o.inNetns(vf.Net, func() (err error) {
-		vs, err = vmutil.SpawnLogged(o.cfg.VsockBinary, []string{"--vm", fmt.Sprintf("guest-cid=%d,socket=%s,uds-path=%s",
-			guestCID, o.path(id, fileVhost), o.path(id, fileVsock))}, o.path(id, fileVsockLog), o.path(id, fileVsockPid), nil)
-		return err
-	})
+	vs, err := o.spawnJailed(id, vf, cgroups, o.vmmDevices(vf, false), []string{o.cfg.VsockBinary, "--vm", fmt.Sprintf("guest-cid=%d,socket=%s,uds-path=%s",
+		guestCID, o.path(id, fileVhost), o.path(id, fileVsock))}, o.path(id, fileVsockLog), o.path(id, fileVsockPid))
 	if err != nil {
+		o.dropCgroup(id)
 		return nil, fmt.Errorf("starting vm %s: %w", id, err)
 	}
 	defer func() {
 		if err != nil {
 			vs.Stop(syscall.SIGTERM, time.Second)
 			o.cleanRuntime(id)
+			o.dropCgroup(id)
 			if vf.Running {
 				// It never ran: record why instead of "should run".
 				vf.Running, vf.Failed = false, err.Error()
@@ -97,11 +107,7 @@ func (o *Orchestrator) boot(ctx context.Context, id string, vf *vmFile) (p *vmPr
 	if fi, err := os.Stat(o.path(id, fileConsole)); err == nil {
 		consoleFrom = fi.Size()
 	}
-	var q *vmutil.Proc
-	err = o.inNetns(vf.Net, func() (err error) {
-		q, err = vmutil.SpawnLogged(o.cfg.Binary, o.qemuArgs(id, vf), o.path(id, fileQEMULog), o.path(id, fileQEMUPid), nil)
-		return err
-	})
+	q, err := o.spawnJailed(id, vf, cgroups, o.vmmDevices(vf, true), append([]string{o.cfg.Binary}, o.qemuArgs(id, vf)...), o.path(id, fileQEMULog), o.path(id, fileQEMUPid))
 	if err != nil {
 		return nil, fmt.Errorf("starting vm %s: %w", id, err)
 	}
@@ -143,7 +149,7 @@ func (o *Orchestrator) qemuArgs(id string, vf *vmFile) []string {
 		"-chardev", "socket,id=vs0,path=" + o.path(id, fileVhost),
 		"-device", "vhost-user-vsock-device,chardev=vs0",
 		"-qmp", "unix:" + o.path(id, fileQMP) + ",server=on,wait=off",
-	}, netArgs(vf.Net)...)
+	}, o.jailArgs(netArgs(vf.Net))...)
 }
 
 // waitAgent waits until the agent answers over vsock, failing fast when

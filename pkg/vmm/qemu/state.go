@@ -24,6 +24,9 @@ type vmFile struct {
 	Boots int `json:"boots"`
 	// Net is a nat VM's network; nil for none.
 	Net *netFile `json:"network,omitempty"`
+	// Jail is a confined VM's uid and gid; nil for a VM made and never
+	// booted with confinement off.
+	Jail *jailFile `json:"jail,omitempty"`
 }
 
 // recover finds the VMs of an earlier worker: those whose QEMU still runs
@@ -61,6 +64,7 @@ func (o *Orchestrator) recover(ctx context.Context) error {
 				v.Stop(syscall.SIGTERM, time.Second)
 			}
 			o.cleanRuntime(id)
+			o.dropCgroup(id)
 			if vf.Running {
 				vf.Running = false
 				vf.Failed = "its VMM was gone when the worker restarted"
@@ -89,7 +93,9 @@ func (o *Orchestrator) status(id string) (*vmm.VMStatus, error) {
 		return nil, err
 	}
 	st := &vmm.VMStatus{ID: id, Name: vf.Spec.Name, Labels: vf.Spec.Labels, State: types.VMStopped}
-	switch p := o.procs(id); {
+	p := o.procs(id)
+	st.Jail = o.jailInfo(id, vf, p != nil && p.qemu.Alive())
+	switch {
 	case p != nil && p.qemu.Alive():
 		st.State = types.VMRunning
 	case vf.Failed != "":

@@ -189,6 +189,7 @@ func (o *Orchestrator) stopProcs(id string, kill bool) {
 	if p.vsock != nil {
 		p.vsock.Stop(syscall.SIGTERM, 2*time.Second)
 	}
+	o.dropCgroup(id)
 }
 
 // cleanRuntime removes what only a running VM has: sockets and pidfiles.
