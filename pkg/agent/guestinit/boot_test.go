@@ -23,8 +23,9 @@ import (
 )
 
 // toolDiskImage makes an ext4 image holding a tool volume's content: its
-// marker (unless marker is nil) and bin/hello.
-func toolDiskImage(t *testing.T, marker *types.ToolVolume) string {
+// marker (unless marker is nil) and bin/hello, with the file system label
+// label (none when empty).
+func toolDiskImage(t *testing.T, marker *types.ToolVolume, label string) string {
 	t.Helper()
 	dir := t.TempDir()
 	require.NoError(t, os.MkdirAll(filepath.Join(dir, "bin"), 0o755))
@@ -35,7 +36,11 @@ func toolDiskImage(t *testing.T, marker *types.ToolVolume) string {
 		require.NoError(t, os.WriteFile(filepath.Join(dir, types.ToolMarkerFile), b, 0o644))
 	}
 	img := filepath.Join(t.TempDir(), "tool.ext4")
-	out, err := exec.Command("mkfs.ext4", "-q", "-d", dir, img, "8M").CombinedOutput()
+	args := []string{"-q", "-d", dir}
+	if label != "" {
+		args = append(args, "-L", label)
+	}
+	out, err := exec.Command("mkfs.ext4", append(args, img, "8M")...).CombinedOutput()
 	require.NoError(t, err, "mkfs.ext4: %s", out)
 	return img
 }
@@ -56,8 +61,11 @@ func TestBootRootBySerialAndToolDisks(t *testing.T) {
 
 	const root = "/opt/aetherium-tools"
 	vol := types.ToolVolume{Key: "hello-1.0.0-abcd", Dir: root + "/hello-1.0.0-abcd", BinPaths: []string{root + "/hello-1.0.0-abcd/bin"}}
-	good := toolDiskImage(t, &vol)
-	bare := toolDiskImage(t, nil)
+	good := toolDiskImage(t, &vol, "")
+	bare := toolDiskImage(t, nil, "")
+	// As Firecracker attaches it: an opaque serial, known by its label.
+	vol2 := types.ToolVolume{Key: "other-2.0.0-ef01", Dir: root + "/other-2.0.0-ef01", BinPaths: []string{root + "/other-2.0.0-ef01/bin"}}
+	labelled := toolDiskImage(t, &vol2, types.ToolDiskLabel)
 
 	console := filepath.Join(t.TempDir(), "console.log")
 	cmdline := append([]string{"console=ttyS0", "reboot=t", "panic=-1"}, qemu.ClockArgs(qemu.AccelTCG)...)
@@ -82,6 +90,7 @@ func TestBootRootBySerialAndToolDisks(t *testing.T) {
 	}
 	args = append(args, drive("t0", good, types.ToolDiskSerial(0), ",readonly=on")...)
 	args = append(args, drive("t1", bare, types.ToolDiskSerial(1), ",readonly=on")...)
+	args = append(args, drive("t2", labelled, "fc-opaque-7", ",readonly=on")...)
 	// Last, so it is not the first disk: only its serial makes it the root.
 	args = append(args, drive("root", filepath.Join(m.Dir, image.FileRootfs), types.RootDiskSerial, ",snapshot=on")...)
 
@@ -116,5 +125,6 @@ func TestBootRootBySerialAndToolDisks(t *testing.T) {
 	require.Contains(t, log, "dir="+vol.Dir)
 	require.Regexp(t, `TOOL DISK SKIPPED.*serial=aet-tool-1.*has no `+regexp.QuoteMeta(types.ToolMarkerFile), log)
 	require.Contains(t, log, "path="+vol.BinPaths[0])
+	require.Regexp(t, `msg="mounted tool disk" serial=fc-opaque-7 .*key=`+regexp.QuoteMeta(vol2.Key), log, "a labelled disk without a tool serial is a tool disk too")
 	require.Contains(t, log, bootparams.ReadyLine)
 }

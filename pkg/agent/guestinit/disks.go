@@ -28,6 +28,9 @@ const (
 // as /sys/block/<name>/serial).
 type disk struct {
 	name, serial string
+	// byLabel is set for a tool disk found by its file system label
+	// rather than its serial (Firecracker sets no serials).
+	byLabel bool
 }
 
 // listDisks returns the block devices under sys/block that have a

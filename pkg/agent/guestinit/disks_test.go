@@ -5,12 +5,14 @@ package guestinit
 import (
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/aetherium/aetherium-core/internal/testenv"
 	"github.com/aetherium/aetherium-core/pkg/agent/bootparams"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
@@ -55,7 +57,7 @@ func TestListDisks(t *testing.T) {
 	f.add("vdc", "padded\x00\x00", false)
 	disks, err := listDisks(f.sys)
 	require.NoError(t, err)
-	require.Equal(t, []disk{{"vda", "aet-root"}, {"vdb", "aet-tool-0"}, {"vdc", "padded"}}, disks)
+	require.Equal(t, []disk{{name: "vda", serial: "aet-root"}, {name: "vdb", serial: "aet-tool-0"}, {name: "vdc", serial: "padded"}}, disks)
 
 	_, err = listDisks(filepath.Join(f.sys, "missing"))
 	require.ErrorContains(t, err, "listing block devices")
@@ -127,7 +129,39 @@ func TestToolDisks(t *testing.T) {
 	f.add("vdb", types.ToolDiskSerial(0), true)
 	f.add("vdd", "data", true)
 	f.add("vde", "", true)
-	disks, err := toolDisks(f.sys)
+	// Firecracker's drives carry an opaque id for a serial; its tool
+	// disks are known by their ext4 label instead.
+	f.add("vdf", "fc-opaque-id", false)
+	require.NoError(t, os.WriteFile(filepath.Join(f.dev, "vdf"), ext4Superblock(types.ToolDiskLabel), 0o600))
+	f.add("vdg", "", false)
+	require.NoError(t, os.WriteFile(filepath.Join(f.dev, "vdg"), ext4Superblock(types.ToolDiskLabel), 0o600))
+	f.add("vdh", "", false)
+	require.NoError(t, os.WriteFile(filepath.Join(f.dev, "vdh"), ext4Superblock("rootfs"), 0o600))
+	disks, err := toolDisks(f.sys, f.dev)
 	require.NoError(t, err)
-	require.Equal(t, []disk{{"vdb", "aet-tool-0"}, {"vdc", "aet-tool-1"}}, disks)
+	require.Equal(t, []disk{{"vdb", "aet-tool-0", false}, {"vdc", "aet-tool-1", false}, {"vdf", "fc-opaque-id", true}, {"vdg", "", true}}, disks)
+}
+
+// ext4Superblock is the start of an ext4 image with the given label.
+func ext4Superblock(label string) []byte {
+	b := make([]byte, 2048)
+	b[1024+0x38], b[1024+0x39] = 0x53, 0xEF
+	copy(b[1024+0x78:], label)
+	return b
+}
+
+// TestExt4Label reads the label of a real image made by mkfs.ext4, as the
+// tool cache makes them.
+func TestExt4Label(t *testing.T) {
+	mkfs, err := exec.LookPath("mkfs.ext4")
+	if err != nil {
+		testenv.Skip(t, "mkfs.ext4 is not installed; run ./scripts/setup.sh (e2fsprogs)")
+	}
+	img := filepath.Join(t.TempDir(), "t.ext4")
+	out, err := exec.Command(mkfs, "-q", "-F", "-L", types.ToolDiskLabel, img, "4M").CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	require.Equal(t, types.ToolDiskLabel, ext4Label(img))
+	require.Equal(t, "", ext4Label(filepath.Join(t.TempDir(), "missing")))
+	require.NoError(t, os.WriteFile(img, make([]byte, 4096), 0o600))
+	require.Equal(t, "", ext4Label(img), "no ext4 magic, no label")
 }

@@ -10,6 +10,8 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -31,19 +33,57 @@ const toolDiskWait = 2 * time.Second
 // a device or gain privileges.
 const toolMountFlags = unix.MS_RDONLY | unix.MS_NODEV | unix.MS_NOSUID
 
-// toolDisks returns the tool disks (types.IsToolDiskSerial) sys lists.
-func toolDisks(sys string) ([]disk, error) {
-	disks, err := listDisks(sys)
+// toolDisks returns the tool disks sys lists: those whose serial says so
+// (types.IsToolDiskSerial, set by the qemu backend) and, because
+// Firecracker cannot set a drive's serial, virtio disks (vd*) whose ext4
+// label under dev is types.ToolDiskLabel. Either way the marker on the
+// disk, checked when it is mounted, decides what it is.
+func toolDisks(sys, dev string) ([]disk, error) {
+	entries, err := os.ReadDir(filepath.Join(sys, "block"))
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("listing block devices: %w", err)
 	}
-	var tools []disk
-	for _, d := range disks {
-		if types.IsToolDiskSerial(d.serial) {
-			tools = append(tools, d)
+	serials := map[string]string{}
+	if disks, err := listDisks(sys); err == nil {
+		for _, d := range disks {
+			serials[d.name] = d.serial
 		}
 	}
+	var tools []disk
+	for _, e := range entries {
+		d := disk{name: e.Name(), serial: serials[e.Name()]}
+		switch {
+		case types.IsToolDiskSerial(d.serial):
+		case strings.HasPrefix(d.name, "vd") && ext4Label(filepath.Join(dev, d.name)) == types.ToolDiskLabel:
+			d.byLabel = true
+		default:
+			continue
+		}
+		tools = append(tools, d)
+	}
+	slices.SortFunc(tools, func(a, b disk) int { return strings.Compare(a.name, b.name) })
 	return tools, nil
+}
+
+// ext4Label reads the volume label from the ext4 superblock of the block
+// device (or image) at path, "" when it cannot be read or is not ext4.
+// The superblock starts at byte 1024; its magic 0xEF53 is at offset 0x38
+// and the 16-byte label at 0x78. Read by hand: blkid is not in the
+// initramfs and no Go library reads just this.
+func ext4Label(path string) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	sb := make([]byte, 0x88)
+	if _, err := f.ReadAt(sb, 1024); err != nil {
+		return ""
+	}
+	if sb[0x38] != 0x53 || sb[0x39] != 0xEF {
+		return ""
+	}
+	return strings.TrimRight(string(sb[0x78:0x88]), "\x00")
 }
 
 // mountToolDisks mounts every tool disk read-only at the Dir its marker
@@ -54,7 +94,7 @@ func toolDisks(sys string) ([]disk, error) {
 // left as it is, so a second run changes nothing.
 func mountToolDisks(ctx context.Context, root string, log *slog.Logger) {
 	start := time.Now()
-	disks, err := toolDisks(sysfsRoot)
+	disks, err := toolDisks(sysfsRoot, devRoot)
 	if err != nil {
 		log.Error("TOOL DISKS SKIPPED: cannot list the disks", "err", err)
 		return
@@ -75,9 +115,11 @@ func mountToolDisks(ctx context.Context, root string, log *slog.Logger) {
 // mountToolDisk mounts one tool disk at a staging point, checks its
 // marker against root and moves the mount to the volume's Dir.
 func mountToolDisk(ctx context.Context, d disk, root string, log *slog.Logger) (vol types.ToolVolume, err error) {
-	node, err := waitForSerial(ctx, sysfsRoot, devRoot, d.serial, toolDiskWait, log)
-	if err != nil {
-		return vol, err
+	node := filepath.Join(devRoot, d.name) // found by its label: the node was read
+	if !d.byLabel {
+		if node, err = waitForSerial(ctx, sysfsRoot, devRoot, d.serial, toolDiskWait, log); err != nil {
+			return vol, err
+		}
 	}
 	staging := filepath.Join(toolStagingDir, d.name)
 	if err := os.MkdirAll(staging, 0o700); err != nil {
