@@ -1,6 +1,7 @@
 package qemu_test
 
 import (
+	"encoding/json"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
 	"github.com/aetherium/aetherium-core/pkg/vmm/internal/jail"
 	"github.com/aetherium/aetherium-core/pkg/vmm/qemu"
@@ -248,4 +250,36 @@ func requireNothingOwned(t testing.TB, dir string, uid int) {
 			t.Errorf("a process of uid %d still runs: %s", uid, p)
 		}
 	}
+}
+
+// TestToolDisks: a VM made with tool volumes gets each image as a
+// read-only disk (bind-mounted into the jail), mounted by the guest at its
+// Dir, and the root disk stays the root.
+func TestToolDisks(t *testing.T) {
+	o := newOrchestrator(t, runDir(t))
+	t.Cleanup(func() { deleteAll(t, o) })
+	const root = "/opt/aet-tools"
+	vol := types.ToolVolume{Key: "hello-1.0.0-test", Spec: "hello@1.0.0", Dir: root + "/hello-1.0.0-test", BinPaths: []string{root + "/hello-1.0.0-test/bin"}}
+	src := t.TempDir()
+	require.NoError(t, os.MkdirAll(filepath.Join(src, "bin"), 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(src, "bin", "hello"), []byte("#!/bin/sh\necho hello from a tool disk\n"), 0o755))
+	marker, err := json.Marshal(vol)
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(filepath.Join(src, types.ToolMarkerFile), marker, 0o644))
+	img := filepath.Join(t.TempDir(), "hello.ext4")
+	out, err := exec.Command("mkfs.ext4", "-q", "-d", src, img, "8M").CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	require.NoError(t, os.Chmod(img, 0o644))
+	vol.Image = img
+
+	sp := vmmtest.NewSpec(t)
+	sp.Tools = &types.ToolSet{Root: root, Volumes: []types.ToolVolume{vol}}
+	id := vmmtest.StartVM(t, o, sp)
+	mounts := vmmtest.Sh(t, o, id, "cat /proc/mounts")
+	// The guest's PATH handling is the agent's (tested there); the disk
+	// and its mount are this backend's.
+	require.Equal(t, "hello from a tool disk\n", vmmtest.Sh(t, o, id, vol.BinPaths[0]+"/hello"), mounts)
+	require.Regexp(t, vol.Dir+` ext4 ro[,\s]`, mounts)
+	require.Contains(t, vmmtest.Sh(t, o, id, "touch "+vol.Dir+"/x 2>&1; echo rc=$?"), "Read-only")
+	require.Contains(t, vmmtest.Sh(t, o, id, "df / | tail -1"), "/dev/vda", "the root is still the root disk")
 }

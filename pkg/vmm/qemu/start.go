@@ -126,9 +126,15 @@ func (o *Orchestrator) qemuArgs(id string, vf *vmFile) []string {
 	spec := vf.Spec
 	mem := strconv.Itoa(spec.MemoryMB)
 	args := append([]string{"console=ttyS0", "reboot=t", "panic=-1"}, ClockArgs(o.accel.Name)...)
-	args = append(args, "root=/dev/vda", "rw", bootparams.HostnameArg(spec.Name), o.cfg.KernelArgs)
+	// The root is named by its disk's serial, so tool disks never change
+	// which one it is.
+	args = append(args, "root="+bootparams.RootBySerial(types.RootDiskSerial), "rw", bootparams.HostnameArg(spec.Name), o.cfg.KernelArgs)
 	if vf.Net != nil {
 		args = append(args, vf.Net.KernelArg)
+	}
+	tools := toolArgs(spec.Tools)
+	if len(tools) > 0 {
+		args = append(args, bootparams.Arg(bootparams.ToolsRoot, spec.Tools.Root))
 	}
 	cmdline := strings.Join(slices.DeleteFunc(args, func(s string) bool { return s == "" }), " ")
 	return append([]string{
@@ -145,11 +151,11 @@ func (o *Orchestrator) qemuArgs(id string, vf *vmFile) []string {
 		"-initrd", o.cfg.InitrdPath,
 		"-append", cmdline,
 		"-drive", "id=root,file=" + o.path(id, fileOverlay) + ",format=qcow2,if=none,discard=unmap",
-		"-device", "virtio-blk-device,drive=root",
+		"-device", "virtio-blk-device,drive=root,serial=" + types.RootDiskSerial,
 		"-chardev", "socket,id=vs0,path=" + o.path(id, fileVhost),
 		"-device", "vhost-user-vsock-device,chardev=vs0",
 		"-qmp", "unix:" + o.path(id, fileQMP) + ",server=on,wait=off",
-	}, o.jailArgs(netArgs(vf.Net))...)
+	}, o.jailArgs(append(tools, netArgs(vf.Net)...))...)
 }
 
 // waitAgent waits until the agent answers over vsock, failing fast when
@@ -249,4 +255,24 @@ func dialAgentRetry(ctx context.Context, sock string) (net.Conn, error) {
 			return conn, err
 		}
 	}
+}
+
+// toolArgs attaches each tool volume's image as a read-only virtio-blk
+// disk with the serial the guest's init looks for (types.ToolSet's
+// delivery contract). Image paths were validated (absolute, no commas).
+func toolArgs(ts *types.ToolSet) []string {
+	if ts == nil {
+		return nil
+	}
+	var args []string
+	for i, v := range ts.Volumes {
+		if v.Image == "" {
+			continue
+		}
+		id := "tool" + strconv.Itoa(i)
+		args = append(args,
+			"-drive", "id="+id+",file="+v.Image+",format=raw,if=none,readonly=on",
+			"-device", "virtio-blk-device,drive="+id+",serial="+types.ToolDiskSerial(i))
+	}
+	return args
 }
