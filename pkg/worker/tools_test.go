@@ -113,7 +113,9 @@ func testTools(t *testing.T, provider string) {
 	}
 
 	// A VM made without tools gets none; tools install adds them live.
+	start = time.Now()
 	vm3 := create("tools-3")
+	t.Logf("%s: create without tools took %v", provider, time.Since(start).Round(time.Millisecond))
 	rows, err = s.Service.ListVMTools(ctx, vm3)
 	require.NoError(t, err)
 	require.Empty(t, rows)
