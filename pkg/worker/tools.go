@@ -116,7 +116,7 @@ func (w *Worker) handleToolsInstall(ctx context.Context, t *asynq.Task, log *slo
 	for _, v := range ts.Volumes {
 		added, err := c.AddToolsDir(ctx, v, ts.Root, v.Dir)
 		if err != nil {
-			return nil, fmt.Errorf("delivering %s to vm %s: %w", cmpSpec(v), vm.ID, err)
+			return nil, fmt.Errorf("delivering %s to vm %s: %w", volumeName(v), vm.ID, err)
 		}
 		sent += added.Bytes
 		keys = append(keys, v.Key)
@@ -125,8 +125,8 @@ func (w *Worker) handleToolsInstall(ctx context.Context, t *asynq.Task, log *slo
 	return map[string]any{"vm_id": vm.ID, "tools": keys}, nil
 }
 
-// cmpSpec names a volume in messages: its spec, or its key for mise.
-func cmpSpec(v types.ToolVolume) string {
+// volumeName names a volume in messages: its spec, or its key for mise.
+func volumeName(v types.ToolVolume) string {
 	if v.Spec != "" {
 		return v.Spec
 	}
