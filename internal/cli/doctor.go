@@ -115,6 +115,7 @@ func (a *app) diagnose(ctx context.Context) []check {
 	for _, ch := range wiring.DiagnoseVMM(ctx, cfg) {
 		out = append(out, check{Name: cfg.VMM.Provider + " " + ch.Name, OK: ch.OK, Detail: ch.Detail, Fix: ch.Fix})
 	}
+	out = append(out, checkJail(cfg)...)
 	add("vmm "+cfg.VMM.Provider, wiring.CheckVMM(ctx, cfg), "usable from this host",
 		"Worker can't create VMs: "+vmmFix(cfg.VMM.Provider))
 	out = append(out, a.checkAPI(ctx, cfg)...)

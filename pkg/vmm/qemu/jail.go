@@ -158,8 +158,11 @@ func (o *Orchestrator) jailedCommand(id string, vf *vmFile, cgroups []string, de
 			ro = append(ro, p)
 		}
 	}
-	if !strings.HasPrefix(argv[0], "/usr/") {
-		ro = append(ro, argv[0])
+	// The VMM binary, and what a link to it resolves to, must be in the
+	// jail too.
+	ro = append(ro, argv[0])
+	if real, err := filepath.EvalSymlinks(argv[0]); err == nil {
+		ro = append(ro, real)
 	}
 	ro = append(ro, o.cfg.KernelPath, o.cfg.InitrdPath, o.cfg.RootfsPath)
 	if vf.Spec.Tools != nil {

@@ -24,7 +24,7 @@ func Diagnose(cfg Config) []vmm.Check {
 	}
 	if !cfg.On() {
 		add("jail", fmt.Errorf("CONFINEMENT IS OFF: every VMM runs as root with no seccomp filter, no jail and no cgroup limits; one guest escape is root on this host"), "",
-			"remove `jail: {enabled: false}` from the vmm section (it is meant for debugging a VMM only)")
+			"remove `enabled: false` from vmm.<backend>.jail (it is meant for debugging a VMM only)")
 		return out
 	}
 	if err := cfg.Validate(); err != nil {
