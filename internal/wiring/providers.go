@@ -1,16 +1,19 @@
 package wiring
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
 	"maps"
+	"path/filepath"
 	"slices"
 	"strings"
 
 	"github.com/aetherium/aetherium-core/pkg/config"
 	"github.com/aetherium/aetherium-core/pkg/image"
 	"github.com/aetherium/aetherium-core/pkg/storage"
+	"github.com/aetherium/aetherium-core/pkg/tools"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
 	"github.com/aetherium/aetherium-core/pkg/vmm/docker"
@@ -125,5 +128,10 @@ func DockerConfig(c *config.Config) docker.Config {
 	dc.AgentPath = AgentPath(c)
 	dc.RootfsTar = rootfs
 	dc.MaxVCPUs = c.VMM.MaxVCPUs
+	// Tools streamed into a running VM (tools:install) go to a tmpfs at
+	// the cache root, the only place they can go in its read-only root.
+	if root := filepath.Clean(cmp.Or(c.Tools.CacheDir, tools.DefaultRoot)); filepath.IsAbs(root) {
+		dc.ToolsRoot = root
+	}
 	return dc
 }

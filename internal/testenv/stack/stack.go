@@ -131,8 +131,12 @@ func Start(t testing.TB, o Options) *Stack {
 			}
 			orch, err = qemu.New(ctx, qc)
 		} else {
-			orch, err = docker.New(ctx, docker.Config{Host: host, AgentPath: agentPath, SocketDir: filepath.Join(dir, "vms"), Owner: id,
-				Logger: logger(t).With("provider", "docker")})
+			dc := docker.Config{Host: host, AgentPath: agentPath, SocketDir: filepath.Join(dir, "vms"), Owner: id,
+				Logger: logger(t).With("provider", "docker")}
+			if o.Tools != nil {
+				dc.ToolsRoot = o.Tools.Root() // as wiring.DockerConfig does: tools:install needs it
+			}
+			orch, err = docker.New(ctx, dc)
 		}
 		require.NoError(t, err)
 		s.VMMs[id] = orch

@@ -106,6 +106,12 @@ type Config struct {
 	// and only /tmp, /var/tmp, /run and the home directories are writable
 	// (see confine.go).
 	WritableRootfs bool `yaml:"writable_rootfs"`
+	// ToolsRoot is the tool cache's root (tools.cache_dir), where the
+	// agent puts tools streamed into a running VM. Every container gets a
+	// tmpfs there, so a VM created without tools can get some later
+	// despite its read-only root. Empty: only VMs created with a tool set
+	// get one, at the set's root.
+	ToolsRoot string `yaml:"-"`
 	// Owner is the id of the worker that owns the VMs; it is stored as a
 	// label, and ListVMs returns only that owner's VMs when it is set.
 	Owner string `yaml:"-"`
@@ -148,6 +154,11 @@ func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
 	if cfg.PidsLimit < minPidsLimit {
 		return nil, fmt.Errorf("%w: docker backend: pids limit %d is too low; the agent alone needs about 20 threads, so give at least %d (default %d)",
 			types.ErrInvalid, cfg.PidsLimit, minPidsLimit, DefaultPidsLimit)
+	}
+	if cfg.ToolsRoot != "" {
+		if err := checkToolsRoot(cfg.ToolsRoot); err != nil {
+			return nil, err
+		}
 	}
 	if cfg.Image == "" && cfg.AgentPath == "" {
 		return nil, fmt.Errorf("%w: docker backend: no guest agent binary; build fc-agent (`make build`) and set its path, or set an image that holds it", types.ErrInvalid)
@@ -309,12 +320,12 @@ func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (*vmm.VM
 		labels[LabelSpecPrefix+k] = v
 	}
 	envs := maps.Clone(spec.Env)
-	if spec.Tools != nil && len(spec.Tools.Volumes) > 0 {
+	if root := o.toolsRoot(spec.Tools); root != "" {
 		// The agent finds the tool volumes through it (types.ToolSet).
 		if envs == nil {
 			envs = map[string]string{}
 		}
-		envs[types.ToolsRootEnv] = spec.Tools.Root
+		envs[types.ToolsRootEnv] = root
 	}
 	env := make([]string, 0, len(envs))
 	for _, k := range slices.Sorted(maps.Keys(envs)) {
@@ -340,7 +351,7 @@ func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (*vmm.VM
 		},
 	}
 	o.confine(cfg, hostCfg, spec.MemoryMB)
-	deliverTools(spec.Tools, spec.MemoryMB, hostCfg)
+	deliverTools(o.toolsRoot(spec.Tools), spec.Tools, spec.MemoryMB, hostCfg)
 	_, err = o.api.ContainerCreate(ctx, cfg, hostCfg, nil, nil, containerName(spec.ID))
 	if err != nil && cerrdefs.IsNotFound(err) && o.cfg.Image == "" {
 		// Someone removed the image since New; import it again once.
@@ -502,6 +513,12 @@ func (o *Orchestrator) ExecuteCommand(ctx context.Context, id string, cmd types.
 		if k, v, ok := strings.Cut(kv, "="); ok {
 			base[k] = v
 		}
+	}
+	// The PATH the built images set is the agent's default, before which
+	// the agent puts the tools' bin directories; passing it would hide
+	// them. A PATH of the spec's or of a configured image's stays.
+	if base["PATH"] == guestPath {
+		delete(base, "PATH")
 	}
 	return vmutil.Exec(ctx, c, id, base, cmd, stream)
 }

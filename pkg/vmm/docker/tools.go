@@ -31,22 +31,34 @@ func checkTools(ts *types.ToolSet) error {
 	return nil
 }
 
+// toolsRoot is where a VM with tool set ts gets its tools tmpfs: the set's
+// root, or Config.ToolsRoot for a VM without tools, or "" for none.
+func (o *Orchestrator) toolsRoot(ts *types.ToolSet) string {
+	if ts != nil && len(ts.Volumes) > 0 {
+		return ts.Root
+	}
+	return o.cfg.ToolsRoot
+}
+
 // deliverTools adds a tool set's delivery to a container's config, as
-// types.ToolSet describes it for docker: a tmpfs at Root, so that the agent
-// can add tools to the running container, with each volume's Dir bound
-// read-only over it at the same path. The engine mounts parents before
-// children whatever the order given, so the binds land on the tmpfs.
-// The mounts belong to the container and come back at every start; what
-// the agent adds to the tmpfs does not. The caller sets Root in the
-// environment and has checked ts with checkTools.
-func deliverTools(ts *types.ToolSet, memMB int, hc *container.HostConfig) {
-	if ts == nil || len(ts.Volumes) == 0 {
+// types.ToolSet describes it for docker: a tmpfs at root (see toolsRoot),
+// so that the agent can add tools to the running container, with each
+// volume's Dir bound read-only over it at the same path. The engine mounts
+// parents before children whatever the order given, so the binds land on
+// the tmpfs. The mounts belong to the container and come back at every
+// start; what the agent adds to the tmpfs does not. The caller sets root
+// in the environment and has checked ts with checkTools.
+func deliverTools(root string, ts *types.ToolSet, memMB int, hc *container.HostConfig) {
+	if root == "" {
 		return
 	}
 	if hc.Tmpfs == nil {
 		hc.Tmpfs = map[string]string{}
 	}
-	hc.Tmpfs[ts.Root] = tmpfsOptions("755", memMB)
+	hc.Tmpfs[root] = tmpfsOptions("755", memMB)
+	if ts == nil {
+		return
+	}
 	for _, v := range ts.Volumes {
 		hc.Mounts = append(hc.Mounts, mount.Mount{Type: mount.TypeBind, Source: v.Dir, Target: v.Dir, ReadOnly: true})
 	}
@@ -56,6 +68,9 @@ func deliverTools(ts *types.ToolSet, memMB int, hc *container.HostConfig) {
 // place the container needs: the agent's binary and socket directory, and
 // the writable directories of confine.go.
 func checkToolsRoot(root string) error {
+	if !filepath.IsAbs(root) || filepath.Clean(root) != root || root == "/" {
+		return fmt.Errorf("%w: tools root %q must be a clean absolute path other than /", types.ErrInvalid, root)
+	}
 	needed := []string{filepath.Dir(GuestAgentPath), GuestRunDir}
 	for _, d := range tmpfsDirs {
 		needed = append(needed, d.path)

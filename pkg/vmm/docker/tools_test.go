@@ -1,7 +1,9 @@
 package docker_test
 
 import (
+	"context"
 	"encoding/json"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -9,7 +11,9 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/aetherium/aetherium-core/pkg/agent"
 	"github.com/aetherium/aetherium-core/pkg/types"
+	"github.com/aetherium/aetherium-core/pkg/vmm/docker"
 	"github.com/aetherium/aetherium-core/pkg/vmm/vmmtest"
 )
 
@@ -52,13 +56,17 @@ func TestTools(t *testing.T) {
 		require.Equal(t, "hello from hello-1.0.0-1a2b3c4d\n", vmmtest.Sh(t, o, id, hello))
 		require.Equal(t, "hello from other-2.0.0-5e6f7a8b\n", vmmtest.Sh(t, o, id, filepath.Join(ts.Volumes[1].Dir, "bin", "hello")))
 		require.Equal(t, ts.Root+"\n", vmmtest.Sh(t, o, id, "echo $"+types.ToolsRootEnv))
+		// By name: the backend leaves PATH to the agent, which puts the
+		// volumes' bin directories first, in order.
+		res := vmmtest.Exec(t, o, id, types.Command{Cmd: "hello"})
+		require.Equal(t, "hello from hello-1.0.0-1a2b3c4d\n", string(res.Stdout), "%s", res.Stderr)
 		marker := vmmtest.Sh(t, o, id, "cat "+filepath.Join(ts.Volumes[0].Dir, types.ToolMarkerFile))
 		var v types.ToolVolume
 		require.NoError(t, json.Unmarshal([]byte(marker), &v))
 		require.Equal(t, ts.Volumes[0], v)
 
 		// The volumes are read-only, for commands and for the agent.
-		res := vmmtest.Exec(t, o, id, types.Command{Cmd: "sh", Args: []string{"-c", "echo x > " + filepath.Join(ts.Volumes[0].Dir, "x")}})
+		res = vmmtest.Exec(t, o, id, types.Command{Cmd: "sh", Args: []string{"-c", "echo x > " + filepath.Join(ts.Volumes[0].Dir, "x")}})
 		require.NotEqual(t, 0, res.ExitCode)
 		require.Contains(t, string(res.Stderr), "Read-only file system")
 		res = vmmtest.Exec(t, o, id, types.Command{Cmd: "rm", Args: []string{hello}})
@@ -125,4 +133,41 @@ func TestToolsInvalid(t *testing.T) {
 			require.NoDirExists(t, filepath.Join(cfg.SocketDir, sp.ID))
 		})
 	}
+}
+
+// TestToolsAddedLater: with the backend's tools root set, a VM created
+// without tools still has a writable tmpfs there, so tools:install can
+// stream tools into it through the agent despite the read-only root; a
+// VM of a backend without one refuses with the reason.
+func TestToolsAddedLater(t *testing.T) {
+	t.Parallel()
+	ts := toolSet(t, "late-1.0.0-0a0b0c0d")
+	v := ts.Volumes[0]
+	addTools := func(o *docker.Orchestrator, id string) error {
+		c, err := agent.NewClient(func(ctx context.Context) (net.Conn, error) { return o.DialAgent(ctx, id) })
+		require.NoError(t, err)
+		defer c.Close()
+		_, err = c.AddToolsDir(t.Context(), v, ts.Root, v.Dir)
+		return err
+	}
+
+	cfg := config(t)
+	cfg.ToolsRoot = ts.Root
+	o := newOrchestrator(t, cfg)
+	id := vmmtest.StartVM(t, o, vmmtest.NewSpec(t))
+	require.Equal(t, ts.Root+"\n", vmmtest.Sh(t, o, id, "echo $"+types.ToolsRootEnv))
+	require.NoError(t, addTools(o, id))
+	require.Equal(t, "hello from late-1.0.0-0a0b0c0d\n", vmmtest.Sh(t, o, id, filepath.Join(v.Dir, "bin", "hello")))
+
+	cfg.ToolsRoot = ""
+	bare := newOrchestrator(t, cfg)
+	id = vmmtest.StartVM(t, bare, vmmtest.NewSpec(t))
+	err := addTools(bare, id)
+	require.Error(t, err)
+	require.Contains(t, err.Error(), "read-only file system")
+
+	cfg.ToolsRoot = "/usr/local"
+	_, err = docker.New(t.Context(), cfg)
+	require.ErrorIs(t, err, types.ErrInvalid)
+	require.Contains(t, err.Error(), "would hide /usr/local/bin")
 }
