@@ -17,6 +17,7 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -62,6 +63,9 @@ type Mise struct {
 	keyMu  keyMutex
 	now    func() time.Time
 	layout layout
+
+	verMu    sync.Mutex
+	versions map[string]string // mise's version by its binary's size/mtime
 }
 
 var _ Installer = (*Mise)(nil)

@@ -216,8 +216,34 @@ func oneLine(s string) string {
 	return last
 }
 
-// miseVersion asks the mise binary for its version, e.g. "2026.9.15".
+// miseVersion asks the mise binary for its version, e.g. "2026.9.15". The
+// answer is kept while the binary's size and mtime stay the same, so that
+// a create with tools does not start mise only to learn its version.
 func (m *Mise) miseVersion(ctx context.Context) (string, error) {
+	fi, statErr := os.Stat(m.mise)
+	stamp := ""
+	if statErr == nil {
+		stamp = fmt.Sprintf("%d/%d", fi.Size(), fi.ModTime().UnixNano())
+		m.verMu.Lock()
+		v, ok := m.versions[stamp]
+		m.verMu.Unlock()
+		if ok {
+			return v, nil
+		}
+	}
+	v, err := m.askVersion(ctx)
+	if err == nil && stamp != "" {
+		m.verMu.Lock()
+		if m.versions == nil {
+			m.versions = map[string]string{}
+		}
+		m.versions[stamp] = v
+		m.verMu.Unlock()
+	}
+	return v, err
+}
+
+func (m *Mise) askVersion(ctx context.Context) (string, error) {
 	out, err := m.run(ctx, m.layout.miseDir("resolve"), "--version")
 	if err != nil {
 		return "", fmt.Errorf("asking %s for its version: %w", m.mise, err)
