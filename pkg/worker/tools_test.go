@@ -19,7 +19,7 @@ import (
 
 // newInstaller returns a mise installer on a fresh cache, skipping when
 // mise is missing.
-func newInstaller(t *testing.T) *tools.Mise {
+func newInstaller(t testing.TB) *tools.Mise {
 	t.Helper()
 	if _, err := exec.LookPath(tools.MiseBinaryDefault); err != nil {
 		testenv.Skip(t, "mise is not installed (%v); install it with `sudo scripts/setup.sh`", err)
