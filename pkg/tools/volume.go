@@ -38,7 +38,12 @@ func writeMarker(e Entry) error {
 	if err != nil {
 		return fmt.Errorf("encoding the marker of tool entry %s: %w", e.Key, err)
 	}
-	if err := writeFileAtomic(filepath.Join(e.Dir, types.ToolMarkerFile), append(b, '\n')); err != nil {
+	path := filepath.Join(e.Dir, types.ToolMarkerFile)
+	if err := writeFileAtomic(path, append(b, '\n')); err != nil {
+		return fmt.Errorf("writing the marker of tool entry %s: %w", e.Key, err)
+	}
+	// Readable by every guest user, like the tools it describes.
+	if err := os.Chmod(path, 0o644); err != nil {
 		return fmt.Errorf("writing the marker of tool entry %s: %w", e.Key, err)
 	}
 	return nil

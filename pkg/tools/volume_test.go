@@ -85,6 +85,9 @@ func TestImageBuiltOnceWithMarker(t *testing.T) {
 	require.NoError(t, json.Unmarshal(b, &marker))
 	require.Equal(t, e.Volume(), marker)
 	require.Empty(t, marker.Image)
+	fi, err := os.Stat(filepath.Join(e.Dir, types.ToolMarkerFile))
+	require.NoError(t, err)
+	require.Equal(t, os.FileMode(0o644), fi.Mode().Perm())
 
 	img, err := m.Image(ctx, e)
 	require.NoError(t, err)
@@ -105,7 +108,7 @@ func TestImageBuiltOnceWithMarker(t *testing.T) {
 	rel, err := filepath.Rel(e.Dir, filepath.Join(e.BinPaths[0], "hello"))
 	require.NoError(t, err)
 	require.Equal(t, "#!/bin/sh\necho \"hello from the tool cache\"\n", debugfsCat(t, img, "/"+rel))
-	fi, err := os.Stat(img)
+	fi, err = os.Stat(img)
 	require.NoError(t, err)
 	require.Equal(t, os.FileMode(0o444), fi.Mode().Perm(), "images are read-only")
 
