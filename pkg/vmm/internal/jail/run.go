@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -40,6 +41,10 @@ func Main(args []string, stderr io.Writer) int {
 //  5. load the seccomp filter, which denies setuid and mount, so last;
 //  6. execve, still allowed, which keeps this pid for the VMM.
 func Run(spec Spec) error {
+	// no_new_privs is set on the calling thread and the filter loaded
+	// from it (TSYNC then spreads both), so the goroutine must not move
+	// to another thread in between.
+	runtime.LockOSThread()
 	if err := spec.validate(); err != nil {
 		return err
 	}
@@ -103,9 +108,6 @@ func buildRoot(spec Spec) error {
 	for _, p := range spec.ReadWrite {
 		binds = append(binds, bind{p, common | unix.MS_NODEV | unix.MS_NOEXEC})
 	}
-	for _, p := range spec.Devices {
-		binds = append(binds, bind{p, common | unix.MS_NOEXEC})
-	}
 	// Parents before children, so a file bound under a bound directory
 	// lands on top of it.
 	slices.SortStableFunc(binds, func(a, b bind) int { return strings.Count(a.path, "/") - strings.Count(b.path, "/") })
@@ -114,8 +116,59 @@ func buildRoot(spec Spec) error {
 			return err
 		}
 	}
+	if err := makeDevices(root, spec.Devices, spec.UID, spec.GID); err != nil {
+		return err
+	}
 	if err := unix.Mount("", root, "", unix.MS_REMOUNT|unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
 		return fmt.Errorf("making the jail's root read-only: %w", err)
+	}
+	return nil
+}
+
+// makeDevices gives the jail its own /dev: a small tmpfs (the root's is
+// nodev) holding a node for each device, made with the host node's type,
+// number and permission bits but owned by the VM's uid, as Firecracker's
+// jailer does. The host's nodes may be root's alone (/dev/net/tun and
+// /dev/kvm often are), and are not touched; the VMM can open its own.
+func makeDevices(root string, devices []string, uid, gid int) error {
+	if len(devices) == 0 {
+		return nil
+	}
+	dev := filepath.Join(root, "dev")
+	if err := mkdirUnder(root, "/dev"); err != nil {
+		return err
+	}
+	if err := unix.Mount("tmpfs", dev, "tmpfs", unix.MS_NOSUID|unix.MS_NOEXEC, "mode=0755,size=64k,nr_inodes=64"); err != nil {
+		return fmt.Errorf("mounting the jail's /dev: %w", err)
+	}
+	for _, p := range devices {
+		if !strings.HasPrefix(p, "/dev/") {
+			return fmt.Errorf("jail: device %s is not under /dev", p)
+		}
+		var st unix.Stat_t
+		if err := unix.Stat(p, &st); err != nil {
+			return fmt.Errorf("jail: device %s: %w", p, err)
+		}
+		if st.Mode&unix.S_IFMT != unix.S_IFCHR && st.Mode&unix.S_IFMT != unix.S_IFBLK {
+			return fmt.Errorf("jail: %s is not a device node", p)
+		}
+		if err := mkdirUnder(root, filepath.Dir(p)); err != nil {
+			return err
+		}
+		dst := filepath.Join(root, p)
+		if err := unix.Mknod(dst, st.Mode, int(st.Rdev)); err != nil && !errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("jail: making device %s: %w", p, err)
+		}
+		// mknod applies the umask; the host's bits are what is meant.
+		if err := unix.Chmod(dst, st.Mode&0o777); err != nil {
+			return fmt.Errorf("jail: device %s: %w", p, err)
+		}
+		if err := unix.Lchown(dst, uid, gid); err != nil {
+			return fmt.Errorf("jail: device %s: %w", p, err)
+		}
+	}
+	if err := unix.Mount("", dev, "", unix.MS_REMOUNT|unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NOEXEC, ""); err != nil {
+		return fmt.Errorf("making the jail's /dev read-only: %w", err)
 	}
 	return nil
 }

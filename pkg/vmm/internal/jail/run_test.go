@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -110,6 +111,11 @@ func TestJailConfinesProcess(t *testing.T) {
 	require.NoFileExists(t, "/proc/"+pid+"/root/etc/passwd")
 	require.FileExists(t, "/proc/"+pid+"/root/etc/ld.so.cache")
 	require.DirExists(t, "/proc/"+pid+"/root"+filepath.Join(dir, "rw"))
+	// Its devices are its own nodes, not the host's.
+	fi, err := os.Stat("/proc/" + pid + "/root/dev/null")
+	require.NoError(t, err)
+	require.Equal(t, os.ModeDevice|os.ModeCharDevice, fi.Mode().Type())
+	require.EqualValues(t, ids.UID, fi.Sys().(*syscall.Stat_t).Uid)
 	cg, err := os.ReadFile("/proc/" + pid + "/cgroup")
 	require.NoError(t, err)
 	require.Contains(t, string(cg), m.Cgroups().Path(name))
