@@ -3,7 +3,6 @@ package qemu
 import (
 	"context"
 	"fmt"
-	"maps"
 	"net"
 
 	"github.com/aetherium/aetherium-core/pkg/agent"
@@ -15,16 +14,14 @@ import (
 )
 
 // ExecuteCommand implements vmm.VMOrchestrator. The command's environment
-// is a default PATH and HOME, overlaid with the VM spec's environment, then
-// with cmd.Env.
+// is the VM spec's overlaid with cmd.Env; PATH and HOME come from the agent
+// unless either sets them, so the VM's tool directories lead PATH.
 func (o *Orchestrator) ExecuteCommand(ctx context.Context, id string, cmd types.Command, stream vmm.ExecIO) (*types.ExecResult, error) {
 	c, vf, err := o.runningAgent(id)
 	if err != nil {
 		return nil, err
 	}
-	base := map[string]string{"PATH": bootparams.DefaultPath, "HOME": "/root"}
-	maps.Copy(base, vf.Spec.Env)
-	return vmutil.Exec(ctx, c, id, base, cmd, stream)
+	return vmutil.Exec(ctx, c, id, vf.Spec.Env, cmd, stream)
 }
 
 // running returns the record of a running VM, or types.ErrNotFound or

@@ -279,6 +279,7 @@ func TestToolDisks(t *testing.T) {
 	// The guest's PATH handling is the agent's (tested there); the disk
 	// and its mount are this backend's.
 	require.Equal(t, "hello from a tool disk\n", vmmtest.Sh(t, o, id, vol.BinPaths[0]+"/hello"), mounts)
+	require.Equal(t, "hello from a tool disk\n", vmmtest.Sh(t, o, id, "hello"), "the tool runs by name: the agent puts its bin dir on PATH")
 	require.Regexp(t, vol.Dir+` ext4 ro[,\s]`, mounts)
 	require.Contains(t, vmmtest.Sh(t, o, id, "touch "+vol.Dir+"/x 2>&1; echo rc=$?"), "Read-only")
 	require.Contains(t, vmmtest.Sh(t, o, id, "df / | tail -1"), "/dev/vda", "the root is still the root disk")
