@@ -397,7 +397,7 @@ func (c *Config) Validate() error {
 	default:
 		return bad("vmm.qemu.accel %q is unknown; use auto, kvm or tcg", c.VMM.QEMU.Accel)
 	}
-	if j := c.VMM.Firecracker.Jailer; j.Enabled && j.NetNS != "" && j.NetNS != c.Network.Netns {
+	if j := c.VMM.Firecracker.Jailer; j.On() && j.NetNS != "" && j.NetNS != c.Network.Netns {
 		return bad("vmm.firecracker.jailer.netns %q differs from network.netns %q: the VMM must run where its TAP is; set both to the same namespace or leave jailer.netns empty", j.NetNS, c.Network.Netns)
 	}
 	if v := c.VMM.Firecracker.Jailer.CgroupVersion; v != 1 && v != 2 {
@@ -547,6 +547,14 @@ func setValue(fv reflect.Value, raw string) error {
 			return fmt.Errorf("not a boolean (true or false)")
 		}
 		fv.SetBool(b)
+	case fv.Type() == reflect.TypeOf((*bool)(nil)):
+		// An optional boolean (nil: its default); set from the
+		// environment it is no longer the default.
+		b, err := strconv.ParseBool(raw)
+		if err != nil {
+			return fmt.Errorf("not a boolean (true or false)")
+		}
+		fv.Set(reflect.ValueOf(&b))
 	case fv.Type() == reflect.TypeOf(map[string]string(nil)):
 		// Comma-separated KEY=VALUE pairs; empty means none.
 		m := map[string]string{}

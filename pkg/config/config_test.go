@@ -145,6 +145,19 @@ func TestBackendSectionsFromEnv(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, 3*time.Second, c.VMM.QEMU.StopTimeout)
 	require.Equal(t, 123, c.VMM.Firecracker.Jailer.UID)
+	require.True(t, c.VMM.QEMU.Jail.On(), "confinement is on by default")
+	require.True(t, c.VMM.Firecracker.Jailer.On(), "the jailer is on by default")
+
+	// Optional booleans (nil: the default) are set from the environment too.
+	t.Setenv("AETHERIUM_VMM_QEMU_JAIL_ENABLED", "false")
+	t.Setenv("AETHERIUM_VMM_FIRECRACKER_JAILER_ENABLED", "false")
+	c, err = Load(writeFile(t, "vmm: {provider: qemu}\n"))
+	require.NoError(t, err)
+	require.False(t, c.VMM.QEMU.Jail.On())
+	require.False(t, c.VMM.Firecracker.Jailer.On())
+	t.Setenv("AETHERIUM_VMM_QEMU_JAIL_ENABLED", "maybe")
+	_, err = Load(writeFile(t, "vmm: {provider: qemu}\n"))
+	require.ErrorContains(t, err, "AETHERIUM_VMM_QEMU_JAIL_ENABLED")
 	_, err = Load(writeFile(t, "vmm: {qemu: {owner: w1}}\n"))
 	require.ErrorContains(t, err, "field owner not found")
 }

@@ -7,6 +7,8 @@ import (
 	"runtime"
 	"time"
 
+	"github.com/aetherium/aetherium-core/pkg/vmm/internal/jail"
+
 	"github.com/aetherium/aetherium-core/pkg/network"
 )
 
@@ -56,7 +58,8 @@ type Config struct {
 	// Binary is the firecracker executable, a path or a name looked up in
 	// PATH. Default "firecracker".
 	Binary string `yaml:"binary"`
-	// Jailer runs each VMM through Firecracker's jailer. Default off.
+	// Jailer runs each VMM through Firecracker's jailer, each VM under its
+	// own leased uid. Default on.
 	Jailer JailerConfig `yaml:"jailer"`
 	// KernelPath is the guest kernel, an uncompressed ELF vmlinux. Required.
 	KernelPath string `yaml:"kernel_path"`
@@ -97,15 +100,27 @@ type Config struct {
 
 // JailerConfig configures Firecracker's jailer (docs/jailer.md).
 type JailerConfig struct {
-	// Enabled starts every VMM through the jailer.
-	Enabled bool `yaml:"enabled"`
+	// Enabled starts every VMM through the jailer. Default (nil) true;
+	// false only to debug, never on a host running untrusted code.
+	Enabled *bool `yaml:"enabled"`
 	// Binary is the jailer executable, a path or a name in PATH. Default
 	// "jailer".
 	Binary string `yaml:"binary"`
-	// UID and GID are what the jailer drops to before it execs Firecracker.
-	// Zero keeps root; set a dedicated unprivileged user in production.
+	// UID and GID, when set, are what the jailer drops to for every VM.
+	// Not recommended: VMs sharing a uid can open each other's files.
+	// Zero (the default): each VM leases its own uid/gid pair from
+	// UIDBase/GIDBase/Count, the range the qemu backend's jail uses too.
 	UID int `yaml:"uid"`
 	GID int `yaml:"gid"`
+	// UIDBase, GIDBase and Count are the leased uid/gid range. Defaults
+	// are the qemu jail's (900000, 900000, 1000), so both backends on one
+	// host share one range and never hand out a uid twice.
+	UIDBase int `yaml:"uid_base"`
+	GIDBase int `yaml:"gid_base"`
+	Count   int `yaml:"count"`
+	// StateDir holds the uid leases (StateDir/uids/<uid>). Default
+	// /var/lib/aetherium/jail, shared with the qemu jail.
+	StateDir string `yaml:"state_dir"`
 	// ChrootBaseDir is where jails are built. Default /srv/jailer.
 	ChrootBaseDir string `yaml:"chroot_base_dir"`
 	// CgroupVersion is 1 or 2. Default 2.
@@ -118,7 +133,17 @@ type JailerConfig struct {
 	NetNS string `yaml:"netns"`
 }
 
+// On reports whether the jailer is used (the default).
+func (j JailerConfig) On() bool { return j.Enabled == nil || *j.Enabled }
+
+// leased reports whether each VM leases its own uid.
+func (j JailerConfig) leased() bool { return j.On() && j.UID == 0 && j.GID == 0 }
+
 func (c *Config) setDefaults() {
+	c.Jailer.UIDBase = cmp.Or(c.Jailer.UIDBase, jail.DefaultUIDBase)
+	c.Jailer.GIDBase = cmp.Or(c.Jailer.GIDBase, jail.DefaultGIDBase)
+	c.Jailer.Count = cmp.Or(c.Jailer.Count, jail.DefaultCount)
+	c.Jailer.StateDir = cmp.Or(c.Jailer.StateDir, jail.DefaultStateDir)
 	c.Binary = cmp.Or(c.Binary, DefaultBinary)
 	c.Jailer.Binary = cmp.Or(c.Jailer.Binary, DefaultJailerBinary)
 	c.Jailer.ChrootBaseDir = cmp.Or(c.Jailer.ChrootBaseDir, DefaultChrootBaseDir)
@@ -134,7 +159,7 @@ func (c *Config) setDefaults() {
 // runRoot is the directory under which the VMM-visible files of every VM
 // live.
 func (c *Config) runRoot() string {
-	if c.Jailer.Enabled {
+	if c.Jailer.On() {
 		return filepath.Join(c.Jailer.ChrootBaseDir, filepath.Base(c.Binary))
 	}
 	return c.SocketDir
@@ -150,7 +175,7 @@ type paths struct {
 
 func (c *Config) paths(id string) paths {
 	run := filepath.Join(c.SocketDir, id)
-	if !c.Jailer.Enabled {
+	if !c.Jailer.On() {
 		return paths{run: run, root: run}
 	}
 	jail := filepath.Join(c.runRoot(), id)

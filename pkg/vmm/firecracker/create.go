@@ -11,6 +11,7 @@ import (
 
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
+	"github.com/aetherium/aetherium-core/pkg/vmm/internal/jail"
 	"github.com/aetherium/aetherium-core/pkg/vmm/internal/vmutil"
 )
 
@@ -49,7 +50,13 @@ func (o *Orchestrator) CreateVMWithOptions(ctx context.Context, spec types.VMSpe
 		return nil, err
 	}
 	attached := false
+	var ids *jail.IDs
 	undo := func() {
+		if ids != nil && o.leases != nil {
+			if err := o.leases.Release(ids.UID, p.run); err != nil {
+				o.log.Warn("cannot release the jail uid of a failed create; the next start reaps it", "vm_id", spec.ID, "err", err)
+			}
+		}
 		os.RemoveAll(p.run)
 		if p.jailed {
 			os.RemoveAll(p.jail)
@@ -62,7 +69,15 @@ func (o *Orchestrator) CreateVMWithOptions(ctx context.Context, spec types.VMSpe
 			}
 		}
 	}
-	if err := o.prepare(p, spec.ID, spec.Tools); err != nil {
+	if p.jailed {
+		got, err := o.jailIDs(p)
+		if err != nil {
+			undo()
+			return nil, fmt.Errorf("creating vm %s: %w", spec.ID, err)
+		}
+		ids = &got
+	}
+	if err := o.prepare(p, spec.ID, spec.Tools, ids); err != nil {
 		undo()
 		return nil, fmt.Errorf("creating vm %s: %w", spec.ID, err)
 	}
@@ -78,7 +93,7 @@ func (o *Orchestrator) CreateVMWithOptions(ctx context.Context, spec types.VMSpe
 	}
 	rec := record{ID: spec.ID, Name: spec.Name, VCPUs: spec.VCPUs, MemoryMB: spec.MemoryMB,
 		Labels: spec.Labels, Env: spec.Env, Owner: o.cfg.Owner, Options: opts, Created: time.Now().UTC(), Attached: attached,
-		Tools: spec.Tools}
+		Tools: spec.Tools, Jail: ids}
 	// state.json is written last: its presence means the VM exists.
 	if err := o.writeRecord(&rec); err != nil {
 		undo()
@@ -90,7 +105,7 @@ func (o *Orchestrator) CreateVMWithOptions(ctx context.Context, spec types.VMSpe
 
 // prepare makes the run directory (and jail root) with the VM's rootfs
 // copy, log and metrics files. It is safe to run again after a crash.
-func (o *Orchestrator) prepare(p paths, id string, tools *types.ToolSet) error {
+func (o *Orchestrator) prepare(p paths, id string, tools *types.ToolSet, ids *jail.IDs) error {
 	if err := os.MkdirAll(p.run, 0o700); err != nil {
 		return err
 	}
@@ -139,8 +154,8 @@ func (o *Orchestrator) prepare(p paths, id string, tools *types.ToolSet) error {
 		}
 	}
 	for _, f := range []string{p.root, p.host(rootfsName), p.host(logName), p.host(metricsName)} {
-		if err := os.Chown(f, o.cfg.Jailer.UID, o.cfg.Jailer.GID); err != nil {
-			return fmt.Errorf("giving %s to the jailer's uid %d: %w", f, o.cfg.Jailer.UID, err)
+		if err := os.Chown(f, ids.UID, ids.GID); err != nil {
+			return fmt.Errorf("giving %s to the jailer's uid %d: %w", f, ids.UID, err)
 		}
 	}
 	return nil
@@ -159,7 +174,8 @@ func (o *Orchestrator) DeleteVM(ctx context.Context, id string) error {
 	o.cleanupRun(id)
 	p := o.cfg.paths(id)
 	_, statErr := os.Stat(p.run)
-	if rec, err := o.readRecord(id); o.net.Enabled() && (err != nil || rec.Attached) {
+	rec, recErr := o.readRecord(id)
+	if o.net.Enabled() && (recErr != nil || rec.Attached) {
 		// Before the record goes, so a failed detach is retried by the
 		// next delete. Without a readable record (a create cut short, a
 		// corrupt file) Detach runs too: it is a no-op when nothing is there.
@@ -174,6 +190,13 @@ func (o *Orchestrator) DeleteVM(ctx context.Context, id string) error {
 			return fmt.Errorf("removing vm %s's jail: %w", id, err)
 		}
 		o.removeCgroup(id)
+	}
+	if o.leases != nil {
+		// After the jail: nothing owned by the uid is left when another VM
+		// gets it.
+		if err := o.leases.Release(jailUID(rec), p.run); err != nil {
+			return fmt.Errorf("deleting vm %s: %w", id, err)
+		}
 	}
 	if err := os.RemoveAll(p.run); err != nil {
 		return fmt.Errorf("removing vm %s's run directory: %w", id, err)
@@ -195,4 +218,25 @@ func (o *Orchestrator) removeCgroup(id string) {
 	if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
 		o.log.Debug("cannot remove the vm's cgroup", "vm_id", id, "dir", dir, "err", err)
 	}
+}
+
+// jailIDs returns the uid/gid a new jailed VM runs as: its own lease from
+// the shared range, or the fixed pair the configuration names.
+func (o *Orchestrator) jailIDs(p paths) (jail.IDs, error) {
+	if o.leases == nil {
+		return jail.IDs{UID: o.cfg.Jailer.UID, GID: o.cfg.Jailer.GID}, nil
+	}
+	ids, err := o.leases.Acquire(p.run)
+	if err != nil {
+		return ids, fmt.Errorf("%w (for firecracker: vmm.firecracker.jailer.count)", err)
+	}
+	return ids, nil
+}
+
+// jailUID is the leased uid a record names, or -1 (no lease to release).
+func jailUID(rec *record) int {
+	if rec == nil || rec.Jail == nil {
+		return -1
+	}
+	return rec.Jail.UID
 }

@@ -45,7 +45,7 @@ func Diagnose(ctx context.Context, cfg Config) []vmm.Check {
 	bin, err := exec.LookPath(cfg.Binary)
 	add("firecracker binary", err, bin,
 		symptomNoVMs+": install Firecracker v1.16 (the release tarball's firecracker-v1.16.x-x86_64 binary) and set vmm.firecracker.binary or put it in PATH")
-	if cfg.Jailer.Enabled {
+	if cfg.Jailer.On() {
 		jb, err := exec.LookPath(cfg.Jailer.Binary)
 		add("jailer binary", err, jb,
 			symptomNoVMs+": install the jailer of the same Firecracker release and set vmm.firecracker.jailer.binary, or set vmm.firecracker.jailer.enabled to false")
@@ -88,7 +88,7 @@ func health(cfg Config, hwErr error) error {
 	}
 	_, err := exec.LookPath(cfg.Binary)
 	add("firecracker binary", err, symptomNoVMs+": install Firecracker v1.16 and set vmm.firecracker.binary or put it in PATH (see `aether-cli doctor`)")
-	if cfg.Jailer.Enabled {
+	if cfg.Jailer.On() {
 		_, err := exec.LookPath(cfg.Jailer.Binary)
 		add("jailer binary", err, symptomNoVMs+": install the jailer of the same Firecracker release, or set vmm.firecracker.jailer.enabled to false")
 	}

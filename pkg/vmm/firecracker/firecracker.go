@@ -22,6 +22,7 @@ package firecracker
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -29,6 +30,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/aetherium/aetherium-core/pkg/vmm/internal/jail"
 
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
@@ -52,6 +55,9 @@ type Orchestrator struct {
 	procs map[string]*vmutil.Proc // VMMs this process started or found again
 	// clients are the agent clients of running VMs.
 	clients vmutil.Clients
+	// leases hands each jailed VM its own uid/gid; nil without the
+	// jailer or with a fixed uid.
+	leases *jail.Leases
 }
 
 // Net is the network steps (vmutil.Net).
@@ -78,7 +84,7 @@ func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
 	if cfg.Jailer.UID < 0 || cfg.Jailer.GID < 0 {
 		return nil, fmt.Errorf("%w: firecracker jailer uid and gid must not be negative", types.ErrInvalid)
 	}
-	if cfg.Jailer.Enabled && !strings.Contains(filepath.Base(cfg.Binary), "firecracker") {
+	if cfg.Jailer.On() && !strings.Contains(filepath.Base(cfg.Binary), "firecracker") {
 		return nil, fmt.Errorf("%w: the jailer only execs a binary whose name contains \"firecracker\"; rename %s", types.ErrInvalid, cfg.Binary)
 	}
 	for _, p := range []*string{&cfg.SocketDir, &cfg.KernelPath, &cfg.RootfsPath, &cfg.InitrdPath, &cfg.Jailer.ChrootBaseDir} {
@@ -101,6 +107,24 @@ func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
 		procs: map[string]*vmutil.Proc{},
 	}
 	o.AgentIO = vmutil.AgentIO{Agent: o.agentOf, Dialer: o.dialerOf}
+	if cfg.Jailer.leased() {
+		l, err := jail.NewLeases(filepath.Join(cfg.Jailer.StateDir, "uids"), cfg.Jailer.UIDBase, cfg.Jailer.GIDBase, cfg.Jailer.Count)
+		if err != nil {
+			return nil, fmt.Errorf("firecracker jailer: %w", err)
+		}
+		o.leases = l
+		// Leases of VMs whose run directory is gone (a create cut short,
+		// a wiped socket dir) are freed; the grace spares another
+		// process's create in flight.
+		if uids, err := l.Reap(cfg.SocketDir, func(holder string) bool {
+			_, err := o.readRecord(filepath.Base(holder))
+			return err == nil || !errors.Is(err, types.ErrNotFound)
+		}, time.Minute); err != nil {
+			o.log.Warn("reaping jail uid leases", "err", err)
+		} else if len(uids) > 0 {
+			o.log.Info("freed jail uid leases of vanished VMs", "uids", uids)
+		}
+	}
 	_, o.hwErr = hardwareVirt()
 	if o.net.Enabled() {
 		// TAPs, rules and leases of VMs whose create a crash cut short go

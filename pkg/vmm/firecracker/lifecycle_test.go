@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -324,23 +325,15 @@ func TestWorkerRestart(t *testing.T) {
 	require.Empty(t, list, "ListVMs shows only the owner's VMs")
 }
 
-// TestJailer: with the jailer on, the backend builds the jail, hands the
-// jailer the arguments docs/jailer.md describes and sends the VMM paths as
-// seen inside its chroot.
+// TestJailer: the jailer is on by default; the backend builds the jail,
+// leases each VM its own uid/gid from the shared range, hands the jailer
+// the arguments docs/jailer.md describes and sends the VMM paths as seen
+// inside its chroot. Deleting a VM frees its uid.
 func TestJailer(t *testing.T) {
 	t.Parallel()
-	cfg := fakeConfig(t)
-	bins := filepath.Dir(cfg.Binary)
-	base := shortDir(t, "fcj-")
-	cfg.Jailer = firecracker.JailerConfig{
-		Enabled:       true,
-		Binary:        filepath.Join(bins, "jailer"),
-		UID:           os.Getuid(),
-		GID:           os.Getgid(),
-		ChrootBaseDir: base,
-		CgroupVersion: 2,
-		NetNS:         "/proc/self/ns/net",
-	}
+	cfg := jailedConfig(t)
+	cfg.Jailer.NetNS = "/proc/self/ns/net"
+	base := cfg.Jailer.ChrootBaseDir
 	o := newOrchestrator(t, cfg)
 	ctx := t.Context()
 	sp := vmmtest.NewSpec(t)
@@ -351,9 +344,13 @@ func TestJailer(t *testing.T) {
 	var args fcfake.JailerArgs
 	readJSON(t, filepath.Join(jail, fcfake.JailerArgsFile), &args)
 	require.Equal(t, fcfake.JailerArgs{
-		ID: id, ExecFile: cfg.Binary, UID: os.Getuid(), GID: os.Getgid(), ChrootBaseDir: base,
+		ID: id, ExecFile: cfg.Binary, UID: 910000, GID: 910000, ChrootBaseDir: base,
 		CgroupVersion: "2", NetNS: "/proc/self/ns/net", Extra: []string{"--api-sock", "/api.sock"},
-	}, args)
+	}, args, "the first VM gets the first uid of the range")
+	fi, err := os.Stat(filepath.Join(root, "rootfs.ext4"))
+	require.NoError(t, err)
+	require.Equal(t, uint32(910000), fi.Sys().(*syscall.Stat_t).Uid, "the VM's disk belongs to its uid")
+	require.FileExists(t, filepath.Join(cfg.Jailer.StateDir, "uids", "910000"), "the lease")
 
 	reqs := requests(t, root)
 	for _, r := range reqs {
@@ -367,12 +364,62 @@ func TestJailer(t *testing.T) {
 	require.Equal(t, "/firecracker.log", find(t, reqs, "PUT", "/logger")["log_path"])
 	require.FileExists(t, filepath.Join(root, "rootfs.ext4"))
 
+	// A second VM never shares the first one's uid.
+	sp2 := vmmtest.NewSpec(t)
+	id2 := vmmtest.StartVM(t, o, sp2)
+	var args2 fcfake.JailerArgs
+	readJSON(t, filepath.Join(base, "firecracker", id2, fcfake.JailerArgsFile), &args2)
+	require.Equal(t, 910001, args2.UID)
+	require.Equal(t, 910001, args2.GID)
+
 	require.Equal(t, "jailed\n", sh(t, o, id, "echo jailed"))
 	require.NoError(t, o.StopVM(ctx, id, false))
+	// A restarted worker boots the VM again as the uid its record names.
+	o = newOrchestrator(t, cfg)
 	require.NoError(t, o.StartVM(ctx, id), "a jailed VM starts again in the same jail")
+	readJSON(t, filepath.Join(jail, fcfake.JailerArgsFile), &args)
+	require.Equal(t, 910000, args.UID, "the same uid after a restart")
 	require.NoError(t, o.DeleteVM(ctx, id))
 	require.NoDirExists(t, jail)
 	require.NoDirExists(t, filepath.Join(cfg.SocketDir, id))
+	require.NoFileExists(t, filepath.Join(cfg.Jailer.StateDir, "uids", "910000"), "delete frees the uid")
+	require.NoError(t, o.DeleteVM(ctx, id2))
+	require.NoFileExists(t, filepath.Join(cfg.Jailer.StateDir, "uids", "910001"))
+}
+
+// TestJailerFixedUID: a configured uid/gid is used for every VM and no
+// lease is taken.
+func TestJailerFixedUID(t *testing.T) {
+	t.Parallel()
+	cfg := jailedConfig(t)
+	cfg.Jailer.UID, cfg.Jailer.GID = 12345, 23456
+	o := newOrchestrator(t, cfg)
+	id := vmmtest.StartVM(t, o, vmmtest.NewSpec(t))
+	var args fcfake.JailerArgs
+	readJSON(t, filepath.Join(cfg.Jailer.ChrootBaseDir, "firecracker", id, fcfake.JailerArgsFile), &args)
+	require.Equal(t, 12345, args.UID)
+	require.Equal(t, 23456, args.GID)
+	require.NoDirExists(t, filepath.Join(cfg.Jailer.StateDir, "uids"))
+	require.NoError(t, o.DeleteVM(t.Context(), id))
+}
+
+// TestJailerRangeExhausted: with every uid of the range leased, a create
+// fails with a message naming the setting to raise, and leaves nothing.
+func TestJailerRangeExhausted(t *testing.T) {
+	t.Parallel()
+	cfg := jailedConfig(t)
+	cfg.Jailer.Count = 1
+	o := newOrchestrator(t, cfg)
+	id := vmmtest.StartVM(t, o, vmmtest.NewSpec(t))
+	sp := vmmtest.NewSpec(t)
+	_, err := o.CreateVM(t.Context(), sp)
+	require.ErrorIs(t, err, types.ErrUnavailable)
+	require.ErrorContains(t, err, "jail.count")
+	require.NoDirExists(t, filepath.Join(cfg.SocketDir, sp.ID))
+	require.NoError(t, o.DeleteVM(t.Context(), id))
+	_, err = o.CreateVM(t.Context(), sp)
+	require.NoError(t, err, "the freed uid serves the next VM")
+	require.NoError(t, o.DeleteVM(t.Context(), sp.ID))
 }
 
 // TestNetworkHook: a VM created with a TAP device gets it as eth0.

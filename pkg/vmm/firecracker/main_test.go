@@ -97,11 +97,14 @@ func testLogger(t testing.TB) *slog.Logger {
 	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelInfo}))
 }
 
-// fakeConfig is a Config that runs the fake Firecracker directly.
+// fakeConfig is a Config that runs the fake Firecracker directly, without
+// the jailer (on by default; jailedConfig turns it on).
 func fakeConfig(t testing.TB) firecracker.Config {
 	t.Helper()
 	kernel, initrd, rootfs := images(t)
+	off := false
 	return firecracker.Config{
+		Jailer:       firecracker.JailerConfig{Enabled: &off},
 		Binary:       filepath.Join(fakeBins(t), "firecracker"),
 		KernelPath:   kernel,
 		InitrdPath:   initrd,
@@ -228,4 +231,21 @@ func readJSON(t testing.TB, path string, v any) {
 	b, err := os.ReadFile(path)
 	require.NoError(t, err)
 	require.NoError(t, json.Unmarshal(b, v))
+}
+
+// jailedConfig is fakeConfig with the jailer at its defaults (on, a leased
+// uid per VM) but with its directories and uid range private to the test.
+func jailedConfig(t testing.TB) firecracker.Config {
+	t.Helper()
+	cfg := fakeConfig(t)
+	cfg.Jailer = firecracker.JailerConfig{
+		Binary:        filepath.Join(filepath.Dir(cfg.Binary), "jailer"),
+		ChrootBaseDir: shortDir(t, "fcj-"),
+		StateDir:      t.TempDir(),
+		UIDBase:       910000,
+		GIDBase:       910000,
+		Count:         4,
+		CgroupVersion: 2,
+	}
+	return cfg
 }

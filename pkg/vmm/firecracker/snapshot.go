@@ -117,6 +117,10 @@ func (o *Orchestrator) LoadSnapshot(ctx context.Context, id string, snap Snapsho
 	if o.running(id) != nil {
 		return fmt.Errorf("%w: vm %s runs; stop it before loading a snapshot", types.ErrConflict, id)
 	}
+	rec, err := o.readRecord(id)
+	if err != nil {
+		return err
+	}
 	p := o.cfg.paths(id)
 	statePath, memPath := snap.StatePath, snap.MemPath
 	if p.jailed {
@@ -130,7 +134,7 @@ func (o *Orchestrator) LoadSnapshot(ctx context.Context, id string, snap Snapsho
 		}
 		statePath, memPath = p.vmm(snapStateName), p.vmm(snapMemName)
 	}
-	pr, c, err := o.spawn(ctx, id, p)
+	pr, c, err := o.spawn(ctx, id, p, rec)
 	if err != nil {
 		return err
 	}

@@ -2,12 +2,15 @@ package firecracker
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"time"
+
+	"github.com/aetherium/aetherium-core/pkg/vmm/internal/jail"
 
 	"github.com/aetherium/aetherium-core/pkg/agent/bootparams"
 	"github.com/aetherium/aetherium-core/pkg/types"
@@ -68,7 +71,7 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 			}
 		}
 	}
-	pr, c, err := o.spawn(ctx, id, p)
+	pr, c, err := o.spawn(ctx, id, p, rec)
 	if err != nil {
 		return err
 	}
@@ -150,7 +153,7 @@ func (o *Orchestrator) markRunning(id string) error {
 
 // spawn starts the VMM (directly or through the jailer) and waits for its
 // API socket to answer.
-func (o *Orchestrator) spawn(ctx context.Context, id string, p paths) (*vmutil.Proc, *Client, error) {
+func (o *Orchestrator) spawn(ctx context.Context, id string, p paths, rec *record) (*vmutil.Proc, *Client, error) {
 	// Sockets of an earlier run would make Firecracker fail to bind; the
 	// marker of a crashed run is no longer news.
 	os.Remove(filepath.Join(p.run, runningMarker))
@@ -167,7 +170,11 @@ func (o *Orchestrator) spawn(ctx context.Context, id string, p paths) (*vmutil.P
 			return nil, nil, fmt.Errorf("%w: starting vm %s: jailer binary %q: %v; install the jailer of the same release or disable vmm.firecracker.jailer", types.ErrUnavailable, id, o.cfg.Jailer.Binary, err)
 		}
 		bin, _ = filepath.Abs(bin)
-		cmd = exec.Command(jailer, o.jailerArgs(id, bin)...)
+		ids, err := o.bootIDs(rec, p)
+		if err != nil {
+			return nil, nil, fmt.Errorf("starting vm %s: %w", id, err)
+		}
+		cmd = exec.Command(jailer, o.jailerArgs(id, bin, ids)...)
 	} else {
 		cmd = exec.Command(bin, "--api-sock", p.host(apiSockName), "--id", id)
 	}
@@ -218,13 +225,13 @@ func (o *Orchestrator) spawn(ctx context.Context, id string, p paths) (*vmutil.P
 
 // jailerArgs builds the jailer's command line (docs/jailer.md). The API
 // socket is put at /api.sock in the jail, beside the VM's other files.
-func (o *Orchestrator) jailerArgs(id, execFile string) []string {
+func (o *Orchestrator) jailerArgs(id, execFile string, ids jail.IDs) []string {
 	j := o.cfg.Jailer
 	args := []string{
 		"--id", id,
 		"--exec-file", execFile,
-		"--uid", strconv.Itoa(j.UID),
-		"--gid", strconv.Itoa(j.GID),
+		"--uid", strconv.Itoa(ids.UID),
+		"--gid", strconv.Itoa(ids.GID),
 		"--chroot-base-dir", j.ChrootBaseDir,
 		"--cgroup-version", strconv.Itoa(j.CgroupVersion),
 	}
@@ -293,3 +300,26 @@ func toolVolumes(s *types.ToolSet) []types.ToolVolume {
 // toolDriveName names the i-th tool drive: its drive id and, with the
 // jailer, its file in the jail.
 func toolDriveName(i int) string { return fmt.Sprintf("tool%d", i) }
+
+// bootIDs returns the uid/gid a jailed VM boots as: the pair its record
+// names, claimed again (a no-op while the lease is its own), or, for a VM
+// recorded before it had one, a fresh lease written to its record.
+func (o *Orchestrator) bootIDs(rec *record, p paths) (jail.IDs, error) {
+	if o.leases == nil {
+		return jail.IDs{UID: o.cfg.Jailer.UID, GID: o.cfg.Jailer.GID}, nil
+	}
+	if rec.Jail != nil {
+		return *rec.Jail, o.leases.Claim(*rec.Jail, p.run)
+	}
+	ids, err := o.leases.Acquire(p.run)
+	if err != nil {
+		return ids, err
+	}
+	for _, f := range []string{p.root, p.host(rootfsName), p.host(logName), p.host(metricsName)} {
+		if err := os.Chown(f, ids.UID, ids.GID); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return ids, fmt.Errorf("giving %s to the jailer's uid %d: %w", f, ids.UID, err)
+		}
+	}
+	rec.Jail = &ids
+	return ids, o.writeRecord(rec)
+}

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/aetherium/aetherium-core/pkg/vmm/internal/jail"
+
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
 	"github.com/aetherium/aetherium-core/pkg/vmm/internal/vmutil"
@@ -32,6 +34,9 @@ type record struct {
 	// Tools are the tool volumes attached as read-only drives (see
 	// types.ToolSet); nil: none.
 	Tools *types.ToolSet `json:"tools,omitempty"`
+	// Jail is the uid/gid the jailer runs this VM's VMM as; nil when not
+	// jailed.
+	Jail *jail.IDs `json:"jail,omitempty"`
 }
 
 func (o *Orchestrator) readRecord(id string) (*record, error) {

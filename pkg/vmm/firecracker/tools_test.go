@@ -10,7 +10,6 @@ import (
 
 	"github.com/aetherium/aetherium-core/pkg/agent/bootparams"
 	"github.com/aetherium/aetherium-core/pkg/types"
-	"github.com/aetherium/aetherium-core/pkg/vmm/firecracker"
 	"github.com/aetherium/aetherium-core/pkg/vmm/vmmtest"
 )
 
@@ -40,10 +39,8 @@ func TestToolDrives(t *testing.T) {
 			cfg := fakeConfig(t)
 			dir := cfg.SocketDir
 			if jailed {
-				base := shortDir(t, "fcj-")
-				cfg.Jailer = firecracker.JailerConfig{Enabled: true, Binary: filepath.Join(filepath.Dir(cfg.Binary), "jailer"),
-					UID: os.Getuid(), GID: os.Getgid(), ChrootBaseDir: base, CgroupVersion: 2}
-				dir = filepath.Join(base, "firecracker")
+				cfg = jailedConfig(t)
+				dir = filepath.Join(cfg.Jailer.ChrootBaseDir, "firecracker")
 			}
 			o := newOrchestrator(t, cfg)
 			sp := vmmtest.NewSpec(t)
