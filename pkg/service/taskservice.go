@@ -103,7 +103,9 @@ type TaskService interface {
 	// InstallToolsTask submits installing mise tool specs into a running
 	// VM: its worker installs them into the host's tool cache (a version
 	// already cached is not fetched again) and streams them into the guest,
-	// where they are on PATH for every later command. A bad spec returns
+	// where they are on PATH for every later command. mise itself is not
+	// added this way (VMs get it with the tools they are created with). A
+	// bad spec returns
 	// types.ErrInvalid naming it, and a VM that is not running
 	// types.ErrConflict; then nothing is submitted. An unknown tool or
 	// version fails the task with mise's reason. Idempotent: tools the VM

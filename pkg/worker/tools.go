@@ -17,10 +17,10 @@ import (
 )
 
 // installTools installs specs into the host's tool cache and records them
-// as VM vmID's, mise itself included, before anything is delivered: the
-// cache's prune consults those rows, so an entry is held from the moment
-// the VM is given it. No specs give nil (and no mise).
-func (w *Worker) installTools(ctx context.Context, log *slog.Logger, vmID string, specs []string) ([]tools.Entry, error) {
+// as VM vmID's (with mise itself when withMise is set) before anything is
+// delivered: the cache's prune consults those rows, so an entry is held
+// from the moment the VM is given it. No specs give nil (and no mise).
+func (w *Worker) installTools(ctx context.Context, log *slog.Logger, vmID string, specs []string, withMise bool) ([]tools.Entry, error) {
 	if len(specs) == 0 {
 		return nil, nil
 	}
@@ -36,9 +36,11 @@ func (w *Worker) installTools(ctx context.Context, log *slog.Logger, vmID string
 	if err != nil {
 		return nil, fmt.Errorf("installing tools for vm %s: %w", vmID, err)
 	}
-	entries, err := tools.WithMise(ctx, w.cfg.Tools, set)
-	if err != nil {
-		return nil, fmt.Errorf("adding mise to the tools of vm %s: %w", vmID, err)
+	entries := set.Entries
+	if withMise {
+		if entries, err = tools.WithMise(ctx, w.cfg.Tools, set); err != nil {
+			return nil, fmt.Errorf("adding mise to the tools of vm %s: %w", vmID, err)
+		}
 	}
 	now := time.Now().UTC()
 	rows := make([]types.VMTool, 0, len(entries))
@@ -69,7 +71,7 @@ func (w *Worker) createSpecs(own []string) []string {
 // directories for containers. A VM without tools (and no defaults) gets
 // nil, at no cost.
 func (w *Worker) createTools(ctx context.Context, log *slog.Logger, vmID string, own []string) (*types.ToolSet, error) {
-	entries, err := w.installTools(ctx, log, vmID, w.createSpecs(own))
+	entries, err := w.installTools(ctx, log, vmID, w.createSpecs(own), true)
 	if err != nil || entries == nil {
 		return nil, err
 	}
@@ -83,7 +85,11 @@ func (w *Worker) createTools(ctx context.Context, log *slog.Logger, vmID string,
 
 // handleToolsInstall installs tools on the host and streams them into a
 // running VM through its agent. Volumes the guest has already are skipped
-// by the agent, so a retry resumes.
+// by the agent, so a retry resumes. mise itself is not streamed: it is
+// about 150 MB, which a running guest would have to hold in its root or
+// its memory (docker's tools root is a tmpfs) and which takes minutes
+// through a software-emulated VM's vsock; VMs get it, at no copy, with the
+// tool set they are created with.
 func (w *Worker) handleToolsInstall(ctx context.Context, t *asynq.Task, log *slog.Logger) (map[string]any, error) {
 	p, err := queue.Decode[queue.ToolsInstallPayload](t.Payload())
 	if err != nil {
@@ -97,7 +103,7 @@ func (w *Worker) handleToolsInstall(ctx context.Context, t *asynq.Task, log *slo
 	if vm.State != types.VMRunning {
 		return nil, fmt.Errorf("%w: vm %s is %s; tools can be installed into a running vm only", types.ErrConflict, vm.ID, vm.State)
 	}
-	entries, err := w.installTools(ctx, log, vm.ID, p.Specs)
+	entries, err := w.installTools(ctx, log, vm.ID, p.Specs, false)
 	if err != nil {
 		return nil, err
 	}
