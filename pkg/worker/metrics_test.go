@@ -113,3 +113,28 @@ func TestListeners(t *testing.T) {
 	require.NoError(t, err)
 	require.Empty(t, rec.DataAddr)
 }
+
+// TestVMUsageMetrics: with a backend that confines each VM in a cgroup
+// (qemu), the worker exports every running VM's CPU time and memory from
+// it; a deleted VM's series go with it.
+func TestVMUsageMetrics(t *testing.T) {
+	s := stack.Start(t, stack.Options{Provider: "qemu"})
+	vmID := createVM(t, s, "usage")
+	execWait(t, s, vmID, types.Command{Cmd: "sh", Args: []string{"-c", "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done"}})
+	w := s.Workers["w1"]
+	m := scrape(t, "http://"+w.MetricsAddr()+"/metrics")
+	cpu, ok := m[`aetherium_vm_cpu_seconds_total{vm_id="`+vmID.String()+`"}`]
+	require.True(t, ok, "the VM's cpu series is missing")
+	require.Greater(t, cpu, 0.5, "booting under TCG alone takes more than half a CPU second")
+	mem, ok := m[`aetherium_vm_memory_bytes{vm_id="`+vmID.String()+`"}`]
+	require.True(t, ok, "the VM's memory series is missing")
+	require.Greater(t, mem, float64(32<<20), "QEMU and the touched guest memory")
+	require.Less(t, mem, float64(2<<30))
+
+	delID, err := s.Service.DeleteVMTask(t.Context(), vmID.String())
+	require.NoError(t, err)
+	waitOK(t, s.Service, delID)
+	m = scrape(t, "http://"+w.MetricsAddr()+"/metrics")
+	_, ok = m[`aetherium_vm_cpu_seconds_total{vm_id="`+vmID.String()+`"}`]
+	require.False(t, ok, "a deleted VM has no series")
+}

@@ -134,8 +134,10 @@ func New(cfg Config, store storage.Store, orch vmm.VMOrchestrator, notifier queu
 	if len(cfg.ToolDefaults) > 0 && cfg.Tools == nil {
 		return nil, fmt.Errorf("%w: tools.defaults are set but the worker has no tool installer; install mise with `sudo scripts/setup.sh` or set tools.mise_binary", types.ErrUnavailable)
 	}
+	m := newMetrics()
+	m.watchUsage(orch)
 	return &Worker{cfg: cfg, store: store, vmm: orch, notifier: notifier, output: output,
-		log: cfg.Logger.With("worker_id", cfg.ID), metrics: newMetrics(), inflight: map[string]time.Time{}}, nil
+		log: cfg.Logger.With("worker_id", cfg.ID), metrics: m, inflight: map[string]time.Time{}}, nil
 }
 
 // ID returns the worker's id.
