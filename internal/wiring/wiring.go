@@ -161,7 +161,9 @@ func networkManager(c *config.Config, store storage.Store, log *slog.Logger) (*n
 	}
 	nc := NetworkConfig(c)
 	nc.Logger = log.With("component", "network")
-	if j := c.VMM.Firecracker.Jailer; c.VMM.Provider == firecracker.Provider && j.Enabled {
+	// A fixed jailer uid owns every TAP; with leased uids (the default)
+	// the backend gives each VM's TAP to its own uid when it boots.
+	if j := c.VMM.Firecracker.Jailer; c.VMM.Provider == firecracker.Provider && j.On() && (j.UID != 0 || j.GID != 0) {
 		nc.TAPOwner, nc.TAPGroup = j.UID, j.GID
 	}
 	return network.New(nc, leases)

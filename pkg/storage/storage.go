@@ -86,6 +86,10 @@ type Store interface {
 	CountVMs(ctx context.Context) ([]VMCount, error)
 	// TenantUsage returns what a tenant's live (not deleted) VMs hold.
 	TenantUsage(ctx context.Context, tenant string) (types.Usage, error)
+	// SetVMConfinement records (nil: clears) how the VM's VMM is confined
+	// (VM.Confinement). A missing or deleted VM is left alone and is not
+	// an error. Idempotent.
+	SetVMConfinement(ctx context.Context, id string, c *types.Confinement) error
 	// SetVMExpiry sets (nil: clears) when the VM expires. A deleted VM
 	// returns types.ErrConflict. Returns the updated VM.
 	SetVMExpiry(ctx context.Context, id string, at *time.Time) (*types.VM, error)

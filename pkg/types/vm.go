@@ -80,9 +80,23 @@ type VM struct {
 	Tenant string `json:"tenant,omitempty"`
 	// ExpiresAt is when the owning worker deletes the VM; nil: never.
 	ExpiresAt *time.Time `json:"expires_at,omitempty"`
+	// Confinement is how the VM's VMM processes are confined on their
+	// host, as recorded when it last booted; nil when the backend does not
+	// confine them (docker) or confinement is off.
+	Confinement *Confinement `json:"confinement,omitempty"`
 
 	CreatedAt time.Time `json:"created_at"`
 	UpdatedAt time.Time `json:"updated_at"`
+}
+
+// Confinement says how a VM's VMM processes are confined on the host.
+type Confinement struct {
+	// UID and GID are the unprivileged ids the VMM runs as, the VM's own.
+	UID int `json:"uid"`
+	GID int `json:"gid"`
+	// Cgroup is the VM's cgroup as /proc/PID/cgroup names it, e.g.
+	// /aetherium/<vm-id>; empty while the VM does not run.
+	Cgroup string `json:"cgroup,omitempty"`
 }
 
 // Live reports whether the VM still holds (or is about to hold) resources:

@@ -1,16 +1,14 @@
 package vmm
 
-import "context"
+import (
+	"context"
 
-// JailInfo says how a VM's VMM processes are confined.
-type JailInfo struct {
-	// UID and GID are the unprivileged ids the VMM runs as, the VM's own.
-	UID int `json:"uid"`
-	GID int `json:"gid"`
-	// Cgroup is the VM's cgroup as /proc/PID/cgroup names it, e.g.
-	// /aetherium/<vm-id>; empty while the VM does not run.
-	Cgroup string `json:"cgroup,omitempty"`
-}
+	"github.com/aetherium/aetherium-core/pkg/types"
+)
+
+// JailInfo says how a VM's VMM processes are confined: the uid and gid
+// they run as and the VM's cgroup (see types.Confinement).
+type JailInfo = types.Confinement
 
 // Usage is what a running VM's VMM processes use on the host, read from
 // the VM's cgroup.

@@ -28,6 +28,19 @@ func (w *Worker) ownedVM(ctx context.Context, id string) (*types.VM, error) {
 	return vm, nil
 }
 
+// recordConfinement stores how the backend confines a running VM's VMM
+// (uid, gid, cgroup) on its row, for `vm get`. It only informs, so a
+// failure is logged, not returned: the VM runs either way.
+func (w *Worker) recordConfinement(ctx context.Context, log *slog.Logger, id string) {
+	st, err := w.vmm.GetVMStatus(ctx, id)
+	if err != nil || st.Jail == nil {
+		return
+	}
+	if err := w.store.SetVMConfinement(ctx, id, st.Jail); err != nil {
+		log.Warn("cannot record the vm's confinement", "err", err)
+	}
+}
+
 func (w *Worker) setState(ctx context.Context, id string, to types.VMState, msg string) error {
 	_, err := w.store.UpdateVMState(ctx, id, to, msg)
 	if err != nil {
@@ -78,6 +91,7 @@ func (w *Worker) handleVMCreate(ctx context.Context, t *asynq.Task, log *slog.Lo
 		return nil, w.raceLost(ctx, log, vm.ID, err)
 	}
 	w.metrics.vmCreate.WithLabelValues(w.cfg.Provider).Observe(since(vm.CreatedAt))
+	w.recordConfinement(ctx, log, vm.ID)
 	log.Info("vm running", "took", time.Since(start))
 	return map[string]any{"vm_id": vm.ID}, nil
 }
@@ -268,7 +282,11 @@ func (w *Worker) handleVMStart(ctx context.Context, t *asynq.Task, log *slog.Log
 			return nil, fmt.Errorf("starting vm %s: %w", vm.ID, err)
 		}
 	}
-	return map[string]any{"vm_id": vm.ID}, w.setState(ctx, vm.ID, types.VMRunning, "")
+	if err := w.setState(ctx, vm.ID, types.VMRunning, ""); err != nil {
+		return nil, err
+	}
+	w.recordConfinement(ctx, log, vm.ID)
+	return map[string]any{"vm_id": vm.ID}, nil
 }
 
 // handleJobRun runs a job's commands in order. A retry resumes after the

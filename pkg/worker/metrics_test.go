@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/google/uuid"
 	"github.com/stretchr/testify/require"
 
 	"github.com/aetherium/aetherium-core/internal/testenv/stack"
@@ -131,7 +132,15 @@ func TestVMUsageMetrics(t *testing.T) {
 	require.Greater(t, mem, float64(32<<20), "QEMU and the touched guest memory")
 	require.Less(t, mem, float64(2<<30))
 
-	delID, err := s.Service.DeleteVMTask(t.Context(), vmID.String())
+	// The VM's row says how its VMM is confined (vm get --json shows it).
+	vm, err := s.Service.GetVM(t.Context(), vmID)
+	require.NoError(t, err)
+	var delID uuid.UUID
+	require.NotNil(t, vm.Confinement, "the worker records the confinement")
+	require.GreaterOrEqual(t, vm.Confinement.UID, 900000)
+	require.Contains(t, vm.Confinement.Cgroup, vmID.String())
+
+	delID, err = s.Service.DeleteVMTask(t.Context(), vmID.String())
 	require.NoError(t, err)
 	waitOK(t, s.Service, delID)
 	m = scrape(t, "http://"+w.MetricsAddr()+"/metrics")

@@ -15,16 +15,17 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
-const vmColumns = `id, name, vcpus, memory_mb, state, provider, owner, labels, env, error, created_at, updated_at, network, tenant, expires_at`
+const vmColumns = `id, name, vcpus, memory_mb, state, provider, owner, labels, env, error, created_at, updated_at, network, tenant, expires_at, confinement`
 
 func scanVM(row pgx.Row) (*types.VM, error) {
 	var (
 		v           types.VM
 		state       string
 		labels, env *string
+		conf        *string
 	)
 	err := row.Scan(&v.ID, &v.Name, &v.VCPUs, &v.MemoryMB, &state, &v.Provider, &v.Owner,
-		&labels, &env, &v.Error, &v.CreatedAt, &v.UpdatedAt, &v.Network, &v.Tenant, &v.ExpiresAt)
+		&labels, &env, &v.Error, &v.CreatedAt, &v.UpdatedAt, &v.Network, &v.Tenant, &v.ExpiresAt, &conf)
 	if err != nil {
 		return nil, err
 	}
@@ -34,6 +35,9 @@ func scanVM(row pgx.Row) (*types.VM, error) {
 	}
 	if err := fromJSON(env, &v.Env); err != nil {
 		return nil, fmt.Errorf("vm %s env: %w", v.ID, err)
+	}
+	if err := fromJSON(conf, &v.Confinement); err != nil {
+		return nil, fmt.Errorf("vm %s confinement: %w", v.ID, err)
 	}
 	v.CreatedAt, v.UpdatedAt = utc(v.CreatedAt), utc(v.UpdatedAt)
 	if v.ExpiresAt != nil {
@@ -94,11 +98,15 @@ func (s *Store) insertVM(ctx context.Context, db execer, vm *types.VM) error {
 	if err != nil {
 		return fmt.Errorf("creating vm %s: %w", vm.ID, err)
 	}
+	conf, err := toJSON(vm.Confinement)
+	if err != nil {
+		return fmt.Errorf("creating vm %s: %w", vm.ID, err)
+	}
 	stamp(&vm.CreatedAt, &vm.UpdatedAt)
 	_, err = db.Exec(ctx, `INSERT INTO vms (`+vmColumns+`)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)`,
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)`,
 		vm.ID, vm.Name, vm.VCPUs, vm.MemoryMB, string(vm.State), vm.Provider, vm.Owner,
-		labels, env, vm.Error, vm.CreatedAt, vm.UpdatedAt, cmp.Or(vm.Network, types.NetworkNone), vm.Tenant, vm.ExpiresAt)
+		labels, env, vm.Error, vm.CreatedAt, vm.UpdatedAt, cmp.Or(vm.Network, types.NetworkNone), vm.Tenant, vm.ExpiresAt, conf)
 	if err != nil {
 		return s.fail(err, "creating vm %s (name %q)", vm.ID, vm.Name)
 	}
@@ -136,6 +144,20 @@ func tenantUsage(ctx context.Context, q rowQuerier, tenant string) (types.Usage,
 	err := q.QueryRow(ctx, `SELECT count(*), coalesce(sum(vcpus), 0), coalesce(sum(memory_mb), 0)
 		FROM vms WHERE tenant = $1 AND state <> 'deleted'`, tenant).Scan(&u.VMs, &u.VCPUs, &u.MemoryMB)
 	return u, err
+}
+
+// SetVMConfinement records (nil: clears) how a VM's VMM is confined. A
+// VM that is deleted or missing is left alone: the record only describes
+// live VMs.
+func (s *Store) SetVMConfinement(ctx context.Context, id string, c *types.Confinement) error {
+	conf, err := toJSON(c)
+	if err != nil {
+		return fmt.Errorf("recording the confinement of vm %s: %w", id, err)
+	}
+	if _, err := s.pool.Exec(ctx, `UPDATE vms SET confinement = $2 WHERE id = $1 AND state <> 'deleted'`, id, conf); err != nil {
+		return s.fail(err, "recording the confinement of vm %s", id)
+	}
+	return nil
 }
 
 // SetVMExpiry sets or clears expires_at of a VM that is not deleted.

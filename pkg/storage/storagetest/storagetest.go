@@ -65,6 +65,7 @@ func Run(t *testing.T, newStore func(t *testing.T) storage.Store) {
 		{"CreateVMWithin", testCreateVMWithin},
 		{"CreateVMWithinConcurrent", testCreateVMWithinConcurrent},
 		{"VMExpiry", testVMExpiry},
+		{"VMConfinement", testVMConfinement},
 		{"ListVMsFilters", testListVMsFilters},
 		{"APIKeys", testAPIKeys},
 		{"WorkerDataAddr", testWorkerDataAddr},
@@ -1105,6 +1106,47 @@ func testVMExpiry(t *testing.T, s storage.Store) {
 	require.NoError(t, err)
 	_, err = s.SetVMExpiry(ctx, other.ID, &later)
 	require.ErrorIs(t, err, types.ErrConflict)
+}
+
+// testVMConfinement: a VM's confinement is recorded, read back by GetVM
+// and ListVMs, replaced and cleared; a missing or deleted VM is left
+// alone without an error.
+func testVMConfinement(t *testing.T, s storage.Store) {
+	ctx := t.Context()
+	vm := newVM("confined", types.VMRunning)
+	require.NoError(t, s.CreateVM(ctx, vm))
+	got, err := s.GetVM(ctx, vm.ID)
+	require.NoError(t, err)
+	require.Nil(t, got.Confinement, "none until a worker records it")
+
+	c := &types.Confinement{UID: 900007, GID: 900007, Cgroup: "/aetherium/" + vm.ID}
+	require.NoError(t, s.SetVMConfinement(ctx, vm.ID, c))
+	require.NoError(t, s.SetVMConfinement(ctx, vm.ID, c), "idempotent")
+	got, err = s.GetVM(ctx, vm.ID)
+	require.NoError(t, err)
+	require.Equal(t, c, got.Confinement)
+	list, err := s.ListVMs(ctx, storage.VMFilter{})
+	require.NoError(t, err)
+	for _, v := range list {
+		if v.ID == vm.ID {
+			require.Equal(t, c, v.Confinement, "ListVMs reads it too")
+		}
+	}
+
+	require.NoError(t, s.SetVMConfinement(ctx, vm.ID, nil))
+	got, err = s.GetVM(ctx, vm.ID)
+	require.NoError(t, err)
+	require.Nil(t, got.Confinement)
+
+	require.NoError(t, s.SetVMConfinement(ctx, "missing", c), "a missing VM is not an error")
+	_, err = s.UpdateVMState(ctx, vm.ID, types.VMDeleting, "")
+	require.NoError(t, err)
+	_, err = s.UpdateVMState(ctx, vm.ID, types.VMDeleted, "")
+	require.NoError(t, err)
+	require.NoError(t, s.SetVMConfinement(ctx, vm.ID, c))
+	got, err = s.GetVM(ctx, vm.ID)
+	require.NoError(t, err)
+	require.Nil(t, got.Confinement, "a deleted VM is left alone")
 }
 
 func testListVMsFilters(t *testing.T, s storage.Store) {

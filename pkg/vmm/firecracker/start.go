@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/aetherium/aetherium-core/pkg/network"
+
 	"github.com/aetherium/aetherium-core/pkg/vmm/internal/jail"
 
 	"github.com/aetherium/aetherium-core/pkg/agent/bootparams"
@@ -173,6 +175,14 @@ func (o *Orchestrator) spawn(ctx context.Context, id string, p paths, rec *recor
 		ids, err := o.bootIDs(rec, p)
 		if err != nil {
 			return nil, nil, fmt.Errorf("starting vm %s: %w", id, err)
+		}
+		if rec.Attached && rec.Options.TAPDevice != "" && o.leases != nil {
+			// The jailed VMM has no CAP_NET_ADMIN: its TAP must be its
+			// uid's (the manager made it root's).
+			tap := rec.Options.TAPDevice
+			if err := o.net.Do(func() error { return network.SetTAPOwner(tap, ids.UID, ids.GID) }); err != nil {
+				return nil, nil, fmt.Errorf("starting vm %s: %w", id, err)
+			}
 		}
 		cmd = exec.Command(jailer, o.jailerArgs(id, bin, ids)...)
 	} else {
