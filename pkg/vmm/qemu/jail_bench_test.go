@@ -74,3 +74,58 @@ func BenchmarkJailColdStart(b *testing.B) {
 	b.ReportMetric(mOff, "jail-off-median-ms")
 	b.ReportMetric((mOn/mOff-1)*100, "overhead-%")
 }
+
+// BenchmarkJailExec measures the round trip of `exec true` on a running VM
+// with confinement on and off, alternating between one VM of each kind so
+// that both see the same host load, and reports the medians and their
+// ratio (docs/benchmarks.md; the goal is at most 3%).
+//
+//	go test ./pkg/vmm/qemu -run '^$' -bench BenchmarkJailExec -benchtime 200x
+func BenchmarkJailExec(b *testing.B) {
+	requireHost(b)
+	img := testenv.GuestImage(b)
+	off := false
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	boot := func(jailed bool) (*qemu.Orchestrator, string) {
+		cfg := qemu.Config{KernelPath: img.KernelPath(), InitrdPath: img.InitrdPath(), RootfsPath: img.RootfsPath(),
+			RunDir: runDir(b), Jail: jailConfig(b), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
+		if !jailed {
+			cfg.Jail.Enabled = &off
+		}
+		o, err := qemu.New(ctx, cfg)
+		require.NoError(b, err)
+		b.Cleanup(func() { deleteAll(b, o); o.Close() })
+		sp := vmmtest.NewSpec(b)
+		sp.VCPUs, sp.MemoryMB = 1, 256
+		_, err = o.CreateVM(ctx, sp)
+		require.NoError(b, err)
+		require.NoError(b, o.StartVM(ctx, sp.ID))
+		return o, sp.ID
+	}
+	on, onID := boot(true)
+	plain, plainID := boot(false)
+	exec := func(o *qemu.Orchestrator, id string) time.Duration {
+		start := time.Now()
+		res, err := o.ExecuteCommand(ctx, id, types.Command{Cmd: "true"}, vmm.ExecIO{})
+		require.NoError(b, err)
+		require.Equal(b, 0, res.ExitCode)
+		return time.Since(start)
+	}
+	for range 5 { // warm both agents' connections
+		exec(on, onID)
+		exec(plain, plainID)
+	}
+	var ons, offs []time.Duration
+	for b.Loop() {
+		ons, offs = append(ons, exec(on, onID)), append(offs, exec(plain, plainID))
+	}
+	med := func(d []time.Duration) float64 {
+		slices.Sort(d)
+		return float64(d[len(d)/2].Microseconds()) / 1000
+	}
+	mOn, mOff := med(ons), med(offs)
+	b.ReportMetric(mOn, "jail-on-median-ms")
+	b.ReportMetric(mOff, "jail-off-median-ms")
+	b.ReportMetric((mOn/mOff-1)*100, "overhead-%")
+}
