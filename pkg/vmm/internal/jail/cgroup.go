@@ -31,8 +31,9 @@ const cpuPeriod = 100000
 
 // Limits are one VM cgroup's limits. Zero leaves a limit unset.
 type Limits struct {
-	// CPUs is the CPU quota in whole CPUs (the VM's vCPUs).
-	CPUs int
+	// CPUMillis is the CPU quota in thousandths of a CPU: the VM's vCPUs
+	// plus the VMM's own share (see Config.CPUOverheadMillis).
+	CPUMillis int
 	// MemoryBytes is the memory limit: guest memory plus overhead.
 	MemoryBytes int64
 	// PidsMax bounds the tasks (threads included).
@@ -40,6 +41,9 @@ type Limits struct {
 	// IOWeight is the relative block I/O weight.
 	IOWeight int
 }
+
+// quotaUsec is the CFS quota per cpuPeriod.
+func (l Limits) quotaUsec() int { return l.CPUMillis * cpuPeriod / 1000 }
 
 // Usage is what a VM's cgroup has used.
 type Usage struct {
@@ -211,8 +215,8 @@ func (c *Cgroups) createV2(name string, lim Limits) ([]string, error) {
 		return nil, fmt.Errorf("making cgroup %s: %w", dir, err)
 	}
 	files := [][2]string{}
-	if lim.CPUs > 0 {
-		files = append(files, [2]string{"cpu.max", fmt.Sprintf("%d %d", lim.CPUs*cpuPeriod, cpuPeriod)})
+	if lim.CPUMillis > 0 {
+		files = append(files, [2]string{"cpu.max", fmt.Sprintf("%d %d", lim.quotaUsec(), cpuPeriod)})
 	}
 	if lim.MemoryBytes > 0 {
 		files = append(files, [2]string{"memory.max", strconv.FormatInt(lim.MemoryBytes, 10)})
@@ -252,9 +256,9 @@ func (c *Cgroups) createV1(name string, lim Limits) ([]string, error) {
 	}
 	in := func(ctl string) string { return filepath.Join(c.v1[ctl], c.parent, name) }
 	files := [][2]string{}
-	if lim.CPUs > 0 {
+	if lim.CPUMillis > 0 {
 		files = append(files, [2]string{filepath.Join(in("cpu"), "cpu.cfs_period_us"), strconv.Itoa(cpuPeriod)},
-			[2]string{filepath.Join(in("cpu"), "cpu.cfs_quota_us"), strconv.Itoa(lim.CPUs * cpuPeriod)})
+			[2]string{filepath.Join(in("cpu"), "cpu.cfs_quota_us"), strconv.Itoa(lim.quotaUsec())})
 	}
 	if lim.MemoryBytes > 0 {
 		files = append(files, [2]string{filepath.Join(in("memory"), "memory.limit_in_bytes"), strconv.FormatInt(lim.MemoryBytes, 10)})

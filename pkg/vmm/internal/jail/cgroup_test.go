@@ -37,14 +37,14 @@ func TestCgroupsV2FakeTree(t *testing.T) {
 	require.Equal(t, CgroupV2, c.Version(), "auto picks v2 on a pure v2 root")
 	c.rmdir = os.RemoveAll // a fake tree's directories hold plain files
 
-	dirs, err := c.Create("vm1", Limits{CPUs: 2, MemoryBytes: 896 << 20, PidsMax: 512, IOWeight: 300})
+	dirs, err := c.Create("vm1", Limits{CPUMillis: 2250, MemoryBytes: 896 << 20, PidsMax: 512, IOWeight: 300})
 	require.NoError(t, err)
 	dir := filepath.Join(root, "aetherium", "vms", "vm1")
 	require.Equal(t, []string{dir}, dirs)
 	for _, p := range []string{root, filepath.Join(root, "aetherium"), filepath.Join(root, "aetherium", "vms")} {
 		require.Equal(t, "+cpu +memory +pids +io", read(t, filepath.Join(p, "cgroup.subtree_control")), "controllers enabled down to the parent: %s", p)
 	}
-	require.Equal(t, "200000 100000", read(t, filepath.Join(dir, "cpu.max")))
+	require.Equal(t, "225000 100000", read(t, filepath.Join(dir, "cpu.max")))
 	require.Equal(t, "939524096", read(t, filepath.Join(dir, "memory.max")))
 	require.Equal(t, "512", read(t, filepath.Join(dir, "pids.max")))
 	require.Equal(t, "default 300", read(t, filepath.Join(dir, "io.weight")))
@@ -57,7 +57,7 @@ func TestCgroupsV2FakeTree(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, Usage{CPUNanos: 1500000, MemoryBytes: 123456, Throttled: 4}, u)
 
-	_, err = c.Create("vm2", Limits{CPUs: 1})
+	_, err = c.Create("vm2", Limits{CPUMillis: 1000})
 	require.NoError(t, err)
 	names, err := c.List()
 	require.NoError(t, err)
@@ -100,7 +100,7 @@ func TestCgroupsReal(t *testing.T) {
 		require.Equal(t, CgroupV1, c.Version(), "a hybrid host is v1")
 	}
 	name := "jailtest-" + filepath.Base(t.TempDir())
-	dirs, err := c.Create(name, Limits{CPUs: 1, MemoryBytes: 64 << 20, PidsMax: 16})
+	dirs, err := c.Create(name, Limits{CPUMillis: 1000, MemoryBytes: 64 << 20, PidsMax: 16})
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = c.Remove(name) })
 	t.Cleanup(func() {
