@@ -3,6 +3,7 @@ package worker_test
 import (
 	"context"
 	"os/exec"
+	"strings"
 	"testing"
 	"time"
 
@@ -78,6 +79,13 @@ func testTools(t *testing.T, provider string) {
 	miseBin := inst.Root() + "/" + rows[1].Key + "/bin/mise"
 	e := execWait(t, s, vm1, types.Command{Cmd: "sh", Args: []string{"-c", `test -x "$0"`, miseBin}})
 	require.Equal(t, 0, e.ExitCode, "%s is not in the guest", miseBin)
+	if provider == "qemu" {
+		// The guest image has glibc, which mise needs (the docker stack's
+		// busybox image has not): mise runs by name, from PATH.
+		e = execWait(t, s, vm1, types.Command{Cmd: "mise", Args: []string{"--version"}})
+		require.Equal(t, 0, e.ExitCode, "mise --version in the guest: %s%s", e.Stdout, e.Stderr)
+		require.Contains(t, e.Stdout, strings.TrimPrefix(rows[1].Version, "v"))
+	}
 
 	start = time.Now()
 	vm2 := create("tools-2", spec)
