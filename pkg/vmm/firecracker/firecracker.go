@@ -84,6 +84,9 @@ func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
 	if cfg.Jailer.UID < 0 || cfg.Jailer.GID < 0 {
 		return nil, fmt.Errorf("%w: firecracker jailer uid and gid must not be negative", types.ErrInvalid)
 	}
+	if (cfg.Jailer.UID == 0) != (cfg.Jailer.GID == 0) {
+		return nil, fmt.Errorf("%w: firecracker jailer uid %d and gid %d: set both (a fixed pair for every VM) or neither (a leased pair per VM); a VMM must never run as uid or gid 0", types.ErrInvalid, cfg.Jailer.UID, cfg.Jailer.GID)
+	}
 	if cfg.Jailer.On() && !strings.Contains(filepath.Base(cfg.Binary), "firecracker") {
 		return nil, fmt.Errorf("%w: the jailer only execs a binary whose name contains \"firecracker\"; rename %s", types.ErrInvalid, cfg.Binary)
 	}

@@ -351,6 +351,9 @@ func TestJailer(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, uint32(910000), fi.Sys().(*syscall.Stat_t).Uid, "the VM's disk belongs to its uid")
 	require.FileExists(t, filepath.Join(cfg.Jailer.StateDir, "uids", "910000"), "the lease")
+	st, err := o.GetVMStatus(ctx, id)
+	require.NoError(t, err)
+	require.Equal(t, &vmm.JailInfo{UID: 910000, GID: 910000, Cgroup: "/firecracker/" + id}, st.Jail, "the status says how the VMM is confined")
 
 	reqs := requests(t, root)
 	for _, r := range reqs {
@@ -401,6 +404,12 @@ func TestJailerFixedUID(t *testing.T) {
 	require.Equal(t, 23456, args.GID)
 	require.NoDirExists(t, filepath.Join(cfg.Jailer.StateDir, "uids"))
 	require.NoError(t, o.DeleteVM(t.Context(), id))
+
+	// Half a fixed pair would run VMMs as uid or gid 0.
+	cfg.Jailer.GID = 0
+	_, err := firecracker.New(t.Context(), cfg)
+	require.ErrorIs(t, err, types.ErrInvalid)
+	require.ErrorContains(t, err, "set both")
 }
 
 // TestJailerRangeExhausted: with every uid of the range leased, a create

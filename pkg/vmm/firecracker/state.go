@@ -1,6 +1,7 @@
 package firecracker
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"os"
@@ -72,6 +73,9 @@ func (o *Orchestrator) status(ctx context.Context, id string) (*vmm.VMStatus, er
 		return nil, err
 	}
 	st := &vmm.VMStatus{ID: rec.ID, Name: rec.Name, Labels: rec.Labels, State: types.VMStopped}
+	if rec.Jail != nil {
+		st.Jail = &vmm.JailInfo{UID: rec.Jail.UID, GID: rec.Jail.GID}
+	}
 	if o.running(id) == nil {
 		run := o.cfg.paths(id).run
 		if _, err := os.Stat(filepath.Join(run, runningMarker)); err == nil {
@@ -88,6 +92,11 @@ func (o *Orchestrator) status(ctx context.Context, id string) (*vmm.VMStatus, er
 		st.Detail = detailStarting
 	case info.State == InstanceRunning:
 		st.State = types.VMRunning
+		if st.Jail != nil {
+			// The jailer's cgroup: <parent_cgroup>/<id>, the parent
+			// defaulting to the exec file's name (docs/jailer.md).
+			st.Jail.Cgroup = "/" + cmp.Or(o.cfg.Jailer.ParentCgroup, filepath.Base(o.cfg.Binary)) + "/" + id
+		}
 	case info.State == InstancePaused:
 		st.Detail = detailPaused
 	default:

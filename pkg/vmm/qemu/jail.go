@@ -143,7 +143,9 @@ func (o *Orchestrator) setTAPOwner(vf *vmFile) error {
 
 // jailedCommand returns the command that starts argv (argv[0] absolute)
 // for VM id: through the jailer when confinement is on, directly when off.
-func (o *Orchestrator) jailedCommand(id string, vf *vmFile, cgroups []string, devices []string, argv []string) (*exec.Cmd, error) {
+// needsNet is set for the QEMU of a VM with a TAP, which must open it in
+// the TAP's network namespace; every other VMM gets a namespace of its own.
+func (o *Orchestrator) jailedCommand(id string, vf *vmFile, cgroups []string, devices []string, argv []string, needsNet bool) (*exec.Cmd, error) {
 	if o.jail == nil {
 		return exec.Command(argv[0], argv[1:]...), nil
 	}
@@ -180,6 +182,7 @@ func (o *Orchestrator) jailedCommand(id string, vf *vmFile, cgroups []string, de
 		Devices:   devices,
 		Cgroups:   cgroups,
 		Argv:      argv,
+		NoNetwork: !needsNet,
 	})
 }
 
@@ -256,9 +259,27 @@ func (o *Orchestrator) reconcileJail(creating map[string]bool) error {
 	if o.jail == nil {
 		return nil
 	}
+	// A cgroup of a VM whose uid lease names this backend's run dir is
+	// this backend's own, and goes at once when the VM is gone; any other
+	// may be another worker's VM being made, and gets the lease grace.
+	held, err := o.jail.Leases().List()
+	if err != nil {
+		return err
+	}
+	mine := map[string]bool{}
+	for _, h := range held {
+		if filepath.Dir(h) == filepath.Clean(o.cfg.RunDir) {
+			mine[filepath.Base(h)] = true
+		}
+	}
 	cgs, err1 := o.jail.Cgroups().Reap(func(name string) bool {
 		p := o.procs(name)
 		return p != nil && p.qemu.Alive()
+	}, func(name string) time.Duration {
+		if mine[name] && !creating[name] {
+			return 0
+		}
+		return leaseGrace
 	})
 	leases, err2 := o.jail.Leases().Reap(o.cfg.RunDir, func(holder string) bool {
 		if creating[filepath.Base(holder)] {
@@ -313,10 +334,11 @@ func (o *Orchestrator) Usage(ctx context.Context, id string) (vmm.Usage, error) 
 }
 
 // spawnJailed starts argv for VM id, its output appended to logPath and its
-// pid written to pidPath, confined when confinement is on, in the
-// network's namespace for a nat VM.
-func (o *Orchestrator) spawnJailed(id string, vf *vmFile, cgroups, devices, argv []string, logPath, pidPath string) (*vmutil.Proc, error) {
-	cmd, err := o.jailedCommand(id, vf, cgroups, devices, argv)
+// pid written to pidPath, confined when confinement is on: in the
+// network's namespace when needsNet (QEMU with a TAP), in a network
+// namespace of its own otherwise.
+func (o *Orchestrator) spawnJailed(id string, vf *vmFile, cgroups, devices, argv []string, logPath, pidPath string, needsNet bool) (*vmutil.Proc, error) {
+	cmd, err := o.jailedCommand(id, vf, cgroups, devices, argv, needsNet)
 	if err != nil {
 		return nil, err
 	}

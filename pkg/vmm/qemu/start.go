@@ -76,7 +76,7 @@ func (o *Orchestrator) boot(ctx context.Context, id string, vf *vmFile) (p *vmPr
 	}
 
 	vs, err := o.spawnJailed(id, vf, cgroups, o.vmmDevices(vf, false), []string{o.cfg.VsockBinary, "--vm", fmt.Sprintf("guest-cid=%d,socket=%s,uds-path=%s",
-		guestCID, o.path(id, fileVhost), o.path(id, fileVsock))}, o.path(id, fileVsockLog), o.path(id, fileVsockPid))
+		guestCID, o.path(id, fileVhost), o.path(id, fileVsock))}, o.path(id, fileVsockLog), o.path(id, fileVsockPid), false)
 	if err != nil {
 		o.dropCgroup(id)
 		return nil, fmt.Errorf("starting vm %s: %w", id, err)
@@ -107,7 +107,7 @@ func (o *Orchestrator) boot(ctx context.Context, id string, vf *vmFile) (p *vmPr
 	if fi, err := os.Stat(o.path(id, fileConsole)); err == nil {
 		consoleFrom = fi.Size()
 	}
-	q, err := o.spawnJailed(id, vf, cgroups, o.vmmDevices(vf, true), append([]string{o.cfg.Binary}, o.qemuArgs(id, vf)...), o.path(id, fileQEMULog), o.path(id, fileQEMUPid))
+	q, err := o.spawnJailed(id, vf, cgroups, o.vmmDevices(vf, true), append([]string{o.cfg.Binary}, o.qemuArgs(id, vf)...), o.path(id, fileQEMULog), o.path(id, fileQEMUPid), vf.Net != nil)
 	if err != nil {
 		return nil, fmt.Errorf("starting vm %s: %w", id, err)
 	}

@@ -387,10 +387,14 @@ func (c *Cgroups) List() ([]string, error) {
 	return names, nil
 }
 
-// Reap removes the cgroups under the parent that live rejects and that
-// hold no process, and returns their names. A cgroup with processes is
-// left alone: it may be another worker's VM sharing the parent.
-func (c *Cgroups) Reap(live func(name string) bool) ([]string, error) {
+// Reap removes the cgroups under the parent that live rejects, that hold
+// no process and that were made more than grace(name) ago, and returns
+// their names. It never kills anything: the parent may be shared with another
+// worker on the host, whose VM's cgroup can be empty for the moment
+// between its creation and its jailer joining it (grace covers that), and
+// the kernel refuses to remove a cgroup that holds a process (rmdir is
+// atomic there), so a VM that joined meanwhile keeps its cgroup.
+func (c *Cgroups) Reap(live func(name string) bool, grace func(name string) time.Duration) ([]string, error) {
 	names, err := c.List()
 	if err != nil {
 		return nil, err
@@ -401,14 +405,34 @@ func (c *Cgroups) Reap(live func(name string) bool) ([]string, error) {
 		if live(n) {
 			continue
 		}
+		dirs := c.Dirs(n)
+		young := false
+		for _, d := range dirs {
+			if fi, err := os.Stat(d); err == nil && time.Since(fi.ModTime()) < grace(n) {
+				young = true
+			}
+		}
+		if young {
+			continue
+		}
 		if pids, err := c.Procs(n); err != nil || len(pids) > 0 {
 			continue
 		}
-		if err := c.Remove(n); err != nil {
-			errs = append(errs, err)
-			continue
+		removed := true
+		for _, d := range dirs {
+			err := c.rmdir(d)
+			switch {
+			case err == nil, errors.Is(err, os.ErrNotExist):
+			case errors.Is(err, unix.EBUSY):
+				removed = false // a process is in it: not ours to end
+			default:
+				removed = false
+				errs = append(errs, fmt.Errorf("removing cgroup %s: %w", d, err))
+			}
 		}
-		reaped = append(reaped, n)
+		if removed {
+			reaped = append(reaped, n)
+		}
 	}
 	return reaped, errors.Join(errs...)
 }

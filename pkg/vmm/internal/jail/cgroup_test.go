@@ -65,7 +65,10 @@ func TestCgroupsV2FakeTree(t *testing.T) {
 
 	// A cgroup with a task is kept by Reap; an empty dead one goes.
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte("999999999\n"), 0o644))
-	reaped, err := c.Reap(func(string) bool { return false })
+	reaped, err := c.Reap(func(string) bool { return false }, func(string) time.Duration { return time.Hour })
+	require.NoError(t, err)
+	require.Empty(t, reaped, "cgroups younger than the grace may be another worker's VM being made")
+	reaped, err = c.Reap(func(string) bool { return false }, func(string) time.Duration { return 0 })
 	require.NoError(t, err)
 	require.Equal(t, []string{"vm2"}, reaped)
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "cgroup.procs"), nil, 0o644))

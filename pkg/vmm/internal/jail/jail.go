@@ -266,7 +266,11 @@ func (m *Manager) Command(spec Spec) (*exec.Cmd, error) {
 	// A VMM needs no environment of the worker's; the few variables kept
 	// make its logs readable.
 	cmd.Env = []string{"PATH=/usr/bin:/bin", "LANG=C.UTF-8"}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
+	flags := uintptr(syscall.CLONE_NEWNS)
+	if spec.NoNetwork {
+		flags |= syscall.CLONE_NEWNET
+	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: flags}
 	return cmd, nil
 }
 
@@ -293,6 +297,14 @@ type Spec struct {
 	// Argv is the VMM's command line; Argv[0] is its absolute path, which
 	// must be visible in the jail (under ReadOnly).
 	Argv []string
+	// NoNetwork starts the VMM in a network namespace of its own, holding
+	// only a loopback that is down, so a taken-over VMM cannot reach the
+	// host's services (PostgreSQL, Redis, the API, metadata endpoints) or
+	// abstract unix sockets. Path-based unix sockets (QMP, vhost-user,
+	// hybrid vsock) work across namespaces. Set it for every VMM that does
+	// not open a TAP. It is how the jailer is started, not one of its
+	// arguments.
+	NoNetwork bool `json:"-"`
 }
 
 // Args encodes spec as the jailer's command line.

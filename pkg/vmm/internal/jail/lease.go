@@ -9,6 +9,8 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
@@ -109,8 +111,16 @@ func (l *Leases) Claim(ids IDs, holder string) error {
 }
 
 // Release gives uid back if holder has it. A lease that is gone, or held
-// by someone else, is left as it is: Release is idempotent.
+// by someone else, is left as it is: Release is idempotent. The check and
+// the removal happen under the directory's lock, so a release racing
+// another process's release and re-lease of the same uid never removes
+// the new lease.
 func (l *Leases) Release(uid int, holder string) error {
+	unlock, err := l.lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	h, err := l.holder(uid)
 	if errors.Is(err, os.ErrNotExist) || (err == nil && h != holder) {
 		return nil
@@ -122,6 +132,21 @@ func (l *Leases) Release(uid int, holder string) error {
 		return fmt.Errorf("releasing jail uid %d: %w", uid, err)
 	}
 	return nil
+}
+
+// lock takes the lease directory's lock (flock on .lock, shared by every
+// process using the directory) for a release; creating a lease needs none,
+// because link(2) is its atomic test-and-set.
+func (l *Leases) lock() (func(), error) {
+	f, err := os.OpenFile(filepath.Join(l.dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("locking the jail uid leases: %w", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("locking the jail uid leases: %w", err)
+	}
+	return func() { f.Close() }, nil
 }
 
 // List returns every lease: holder by uid. Files that are not leases of
