@@ -36,7 +36,7 @@ func testToolsSession(t *testing.T, provider string, remoteMode bool) {
 	}
 	srv := toolstest.NewServer(t)
 	root := t.TempDir()
-	inst, err := tools.NewMise(tools.Config{Root: root})
+	inst, err := tools.NewMise(tools.Config{Root: root, AllowPrivateURLs: true})
 	require.NoError(t, err)
 	s := stack.Start(t, stack.Options{Provider: provider, Tools: inst})
 	cfg := s.ConfigFile(t)
@@ -143,7 +143,7 @@ func TestToolsCacheRefusesWithoutPostgres(t *testing.T) {
 		testenv.Skip(t, "mise is not installed (%v); install it with `sudo scripts/setup.sh`", err)
 	}
 	root := t.TempDir()
-	_, err := tools.NewMise(tools.Config{Root: root})
+	_, err := tools.NewMise(tools.Config{Root: root, AllowPrivateURLs: true})
 	require.NoError(t, err)
 	cfg := filepath.Join(t.TempDir(), "aetherium.yaml")
 	require.NoError(t, os.WriteFile(cfg, []byte("storage: {host: 127.0.0.1, port: 1}\ntools: {cache_dir: "+root+"}\n"), 0o600))

@@ -228,7 +228,7 @@ func CheckVMM(ctx context.Context, c *config.Config) error {
 // Tools builds the tool installer of the tools section (the mise
 // implementation of pkg/tools).
 func Tools(c *config.Config, log *slog.Logger) (*tools.Mise, error) {
-	return tools.NewMise(tools.Config{Root: c.Tools.CacheDir, Mise: c.Tools.MiseBinary, Env: c.Tools.Env,
+	return tools.NewMise(tools.Config{Root: c.Tools.CacheDir, Mise: c.Tools.MiseBinary, Env: c.Tools.Env, AllowPrivateURLs: c.Tools.AllowPrivateURLs,
 		Logger: log.With("component", "tools")})
 }
 

@@ -24,7 +24,7 @@ func TestTools(t *testing.T) {
 		testenv.Skip(t, "mise is not installed (%v); install it with `sudo scripts/setup.sh`", err)
 	}
 	srv := toolstest.NewServer(t)
-	inst, err := tools.NewMise(tools.Config{Root: t.TempDir()})
+	inst, err := tools.NewMise(tools.Config{Root: t.TempDir(), AllowPrivateURLs: true})
 	require.NoError(t, err)
 	s := stack.Start(t, stack.Options{Workers: []string{"tools"}, Tools: inst})
 	a := s.StartAPI(t, stack.APIOptions{})

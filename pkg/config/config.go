@@ -250,6 +250,12 @@ type Tools struct {
 	// cache pins (MISE_DATA_DIR, MISE_CACHE_DIR, MISE_CONFIG_DIR,
 	// MISE_STATE_DIR, MISE_YES). Default none.
 	Env map[string]string `yaml:"env"`
+	// AllowPrivateURLs lets tool specs fetch from loopback, link-local and
+	// private addresses (e.g. http:NAME[url=http://10.0.0.5/...]), for a
+	// trusted mirror on the worker's network. Default false: mise runs on
+	// the worker's host, and a caller's spec must not make it fetch the
+	// host's own services or a cloud metadata endpoint.
+	AllowPrivateURLs bool `yaml:"allow_private_urls"`
 }
 
 // Log configures logging.

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -42,6 +43,12 @@ type Config struct {
 	// variables the cache pins (MISE_DATA_DIR, MISE_CACHE_DIR,
 	// MISE_CONFIG_DIR, MISE_STATE_DIR, MISE_YES).
 	Env map[string]string
+	// AllowPrivateURLs lets specs fetch from loopback, link-local and
+	// private addresses (tests serve tarballs on 127.0.0.1). Off by
+	// default: mise runs on the worker's host, where such an address
+	// reaches the host's own services or a cloud metadata endpoint, and a
+	// caller's spec must not make the host fetch them for it.
+	AllowPrivateURLs bool
 	// Mkfs is the mkfs.ext4 binary that builds the read-only images VM
 	// backends attach, a path or a name in PATH (then /usr/sbin and /sbin).
 	// Default MkfsBinaryDefault.
@@ -50,19 +57,45 @@ type Config struct {
 	Logger *slog.Logger
 }
 
+// keptEnv are the only variables of the worker's environment mise gets:
+// what finding programs and reaching the network through a proxy need.
+// Everything else (database URLs, API keys, the host's MISE_* settings)
+// stays out, because mise runs the install steps of packages callers name
+// (npm, gem, pipx, cargo can run package code at install time).
+var keptEnv = []string{"PATH", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR",
+	"HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"}
+
+// miseBaseEnv picks keptEnv from environ and adds the defaults that keep
+// package managers from running package scripts on the host; Config.Env
+// may override those.
+func miseBaseEnv(environ []string) []string {
+	var env []string
+	for _, kv := range environ {
+		k, _, _ := strings.Cut(kv, "=")
+		if slices.Contains(keptEnv, k) {
+			env = append(env, kv)
+		}
+	}
+	// npm (and mise's npm backend through it) skips install scripts.
+	return append(env, "npm_config_ignore_scripts=true")
+}
+
 // pinnedEnv are the variables the cache sets itself for every mise run.
 var pinnedEnv = []string{"MISE_DATA_DIR", "MISE_CACHE_DIR", "MISE_CONFIG_DIR", "MISE_STATE_DIR", "MISE_YES"}
 
 // Mise is the Installer that drives the mise binary.
 type Mise struct {
-	root   string
-	mise   string
-	mkfs   string
-	env    []string // the base environment of every mise run, without pins
-	log    *slog.Logger
-	keyMu  keyMutex
-	now    func() time.Time
-	layout layout
+	// allowPrivate lets specs fetch from internal addresses
+	// (Config.AllowPrivateURLs).
+	allowPrivate bool
+	root         string
+	mise         string
+	mkfs         string
+	env          []string // the base environment of every mise run, without pins
+	log          *slog.Logger
+	keyMu        keyMutex
+	now          func() time.Time
+	layout       layout
 
 	verMu    sync.Mutex
 	versions map[string]string // mise's version by its binary's size/mtime
@@ -82,14 +115,7 @@ func NewMise(cfg Config) (*Mise, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: mise binary %q not found (%v); install it with `sudo scripts/setup.sh` or set tools.mise_binary", types.ErrUnavailable, cmp.Or(cfg.Mise, MiseBinaryDefault), err)
 	}
-	// The host's own mise settings must not leak into the cache: only
-	// cfg.Env reaches mise.
-	var env []string
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "MISE_") {
-			env = append(env, kv)
-		}
-	}
+	env := miseBaseEnv(os.Environ())
 	keys := make([]string, 0, len(cfg.Env))
 	for k := range cfg.Env {
 		keys = append(keys, k)
@@ -105,19 +131,20 @@ func NewMise(cfg Config) (*Mise, error) {
 		env = append(env, k+"="+cfg.Env[k])
 	}
 	l := layout{root: root}
-	for _, d := range []string{root, l.metaDir(), l.lockDir(), l.imageDir(), l.miseDir("cache"), l.miseDir("config"), l.miseDir("state"), l.miseDir("resolve")} {
+	for _, d := range []string{root, l.metaDir(), l.lockDir(), l.imageDir(), l.miseDir("cache"), l.miseDir("config"), l.miseDir("state"), l.miseDir("resolve"), l.miseDir("home")} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return nil, fmt.Errorf("creating tools cache directory %s: %w", d, err)
 		}
 	}
 	return &Mise{
-		root:   root,
-		mise:   bin,
-		mkfs:   cmp.Or(cfg.Mkfs, MkfsBinaryDefault),
-		env:    env,
-		log:    cmp.Or(cfg.Logger, slog.Default()),
-		now:    time.Now,
-		layout: l,
+		allowPrivate: cfg.AllowPrivateURLs,
+		root:         root,
+		mise:         bin,
+		mkfs:         cmp.Or(cfg.Mkfs, MkfsBinaryDefault),
+		env:          env,
+		log:          cmp.Or(cfg.Logger, slog.Default()),
+		now:          time.Now,
+		layout:       l,
 	}, nil
 }
 
@@ -145,7 +172,7 @@ func OpenCache(root string, log *slog.Logger) (*Mise, error) {
 //	ROOT/.meta/spec-H.key  the key spec H (hashed) last resolved to
 //	ROOT/.locks/KEY.lock   flock held while the entry is installed or pruned
 //	ROOT/.images/KEY.ext4  the entry's read-only image, built on demand
-//	ROOT/.mise/{cache,config,state,resolve}  mise's pinned directories
+//	ROOT/.mise/{cache,config,state,resolve,home}  mise's pinned directories
 type layout struct{ root string }
 
 func (l layout) entryDir(key string) string { return filepath.Join(l.root, key) }
@@ -213,6 +240,11 @@ func (m *Mise) installOne(ctx context.Context, s Spec) (Entry, error) {
 	// Validate again: a Spec may have been built by hand.
 	if _, err := ParseSpec(s.String()); err != nil {
 		return Entry{}, err
+	}
+	if !m.allowPrivate {
+		if err := checkURLs(ctx, s, net.DefaultResolver); err != nil {
+			return Entry{}, err
+		}
 	}
 	// An entry whose resolved version is the version asked for answers an
 	// exact request without asking mise (or the network) anything.
@@ -371,6 +403,8 @@ func (m *Mise) run(ctx context.Context, dataDir string, args ...string) ([]byte,
 		"MISE_STATE_DIR="+m.layout.miseDir("state"),
 		"MISE_YES=1",
 		"NO_COLOR=1",
+		// The worker's own home (and the credentials in it) is not mise's.
+		"HOME="+m.layout.miseDir("home"),
 	)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }

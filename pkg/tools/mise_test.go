@@ -78,7 +78,7 @@ func newTestMise(t *testing.T, env map[string]string) *Mise {
 	if _, err := exec.LookPath(MiseBinaryDefault); err != nil {
 		testenv.Skip(t, "mise is not installed (%v); install it with `sudo scripts/setup.sh`", err)
 	}
-	m, err := NewMise(Config{Root: t.TempDir(), Env: env})
+	m, err := NewMise(Config{Root: t.TempDir(), Env: env, AllowPrivateURLs: true})
 	require.NoError(t, err)
 	return m
 }
@@ -145,7 +145,7 @@ func TestInstallHTTPThenCached(t *testing.T) {
 	require.Equal(t, e.Key, again.Entries[0].Key)
 
 	// A new installer on the same root (another worker process) reuses it.
-	m2, err := NewMise(Config{Root: m.root})
+	m2, err := NewMise(Config{Root: m.root, AllowPrivateURLs: true})
 	require.NoError(t, err)
 	_, err = m2.Install(ctx, []Spec{spec})
 	require.NoError(t, err)
@@ -208,7 +208,7 @@ func TestInstallConcurrent(t *testing.T) {
 	m := newTestMise(t, nil)
 	// A second installer on the same root stands for another process: it
 	// shares only the lock files.
-	other, err := NewMise(Config{Root: m.root})
+	other, err := NewMise(Config{Root: m.root, AllowPrivateURLs: true})
 	require.NoError(t, err)
 	spec := srv.spec(t, "1.0.0")
 	var wg sync.WaitGroup

@@ -147,7 +147,7 @@ func TestImageConcurrentBuildsOnce(t *testing.T) {
 	m := newTestMise(t, nil)
 	mkfs, count := countingMkfs(t)
 	m.mkfs = mkfs
-	other, err := NewMise(Config{Root: m.root, Mkfs: mkfs})
+	other, err := NewMise(Config{Root: m.root, Mkfs: mkfs, AllowPrivateURLs: true})
 	require.NoError(t, err)
 	set, err := m.Install(context.Background(), []Spec{srv.spec(t, "1.0.0")})
 	require.NoError(t, err)
@@ -274,7 +274,7 @@ func TestToolSetImages(t *testing.T) {
 	}
 	wrapper := filepath.Join(t.TempDir(), "mise")
 	require.NoError(t, os.WriteFile(wrapper, []byte("#!/bin/sh\nexec "+real+" \"$@\"\n"), 0o755))
-	m, err := NewMise(Config{Root: t.TempDir(), Mise: wrapper})
+	m, err := NewMise(Config{Root: t.TempDir(), Mise: wrapper, AllowPrivateURLs: true})
 	require.NoError(t, err)
 	ctx := context.Background()
 	set, err := m.Install(ctx, []Spec{srv.spec(t, "1.0.0")})

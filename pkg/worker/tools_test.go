@@ -25,7 +25,7 @@ func newInstaller(t testing.TB) *tools.Mise {
 	if _, err := exec.LookPath(tools.MiseBinaryDefault); err != nil {
 		testenv.Skip(t, "mise is not installed (%v); install it with `sudo scripts/setup.sh`", err)
 	}
-	m, err := tools.NewMise(tools.Config{Root: t.TempDir()})
+	m, err := tools.NewMise(tools.Config{Root: t.TempDir(), AllowPrivateURLs: true})
 	require.NoError(t, err)
 	return m
 }
