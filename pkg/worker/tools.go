@@ -71,7 +71,13 @@ func (w *Worker) createSpecs(own []string) []string {
 // directories for containers. A VM without tools (and no defaults) gets
 // nil, at no cost.
 func (w *Worker) createTools(ctx context.Context, log *slog.Logger, vmID string, own []string) (*types.ToolSet, error) {
-	entries, err := w.installTools(ctx, log, vmID, w.createSpecs(own), true)
+	specs := w.createSpecs(own)
+	// mise itself comes with every tool set: check the count before
+	// installing anything rather than after.
+	if len(specs) > 0 && len(specs)+1 > types.MaxToolVolumes {
+		return nil, fmt.Errorf("%w: vm %s asks for %d tools with this worker's tools.defaults (%d of them); with mise that is over the %d a VM can get: ask for fewer", types.ErrInvalid, vmID, len(specs), len(w.cfg.ToolDefaults), types.MaxToolVolumes)
+	}
+	entries, err := w.installTools(ctx, log, vmID, specs, true)
 	if err != nil || entries == nil {
 		return nil, err
 	}
