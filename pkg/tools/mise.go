@@ -62,8 +62,12 @@ type Config struct {
 // Everything else (database URLs, API keys, the host's MISE_* settings)
 // stays out, because mise runs the install steps of packages callers name
 // (npm, gem, pipx, cargo can run package code at install time).
-var keptEnv = []string{"PATH", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR",
-	"HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"}
+var keptEnv = []string{"PATH", "LANG", "LC_ALL", "TZ",
+	"HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+	// Trust settings: hosts behind a TLS-inspecting proxy name its CA
+	// here, and the package managers mise runs (node, curl, pip, git)
+	// each read their own variable.
+	"SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS", "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "PIP_CERT", "GIT_SSL_CAINFO"}
 
 // miseBaseEnv picks keptEnv from environ and adds the defaults that keep
 // package managers from running package scripts on the host; Config.Env
