@@ -161,6 +161,16 @@ type Backoff struct {
 // succeeds once the guest listens on port. The error on timeout wraps
 // types.ErrUnavailable and the last attempt's error.
 func DialRetry(ctx context.Context, udsPath string, port uint32, b Backoff) (net.Conn, error) {
+	return Retry(ctx, fmt.Sprintf("guest port %d via %s", port, udsPath), func(ctx context.Context) (net.Conn, error) {
+		return Dial(ctx, udsPath, port)
+	}, b)
+}
+
+// Retry is DialRetry with the dial step given: dial is called until it
+// succeeds or ctx ends, with the same backoff; what names the target in
+// the timeout error. Callers that must check the socket before each dial
+// (see vmutil.OwnedSocket) use it.
+func Retry(ctx context.Context, what string, dial func(context.Context) (net.Conn, error), b Backoff) (net.Conn, error) {
 	wait := b.Initial
 	if wait <= 0 {
 		wait = 10 * time.Millisecond
@@ -172,20 +182,20 @@ func DialRetry(ctx context.Context, udsPath string, port uint32, b Backoff) (net
 	attempts := 0
 	for {
 		attempts++
-		c, err := Dial(ctx, udsPath, port)
+		c, err := dial(ctx)
 		if err == nil {
 			return c, nil
 		}
 		if ctx.Err() != nil {
-			return nil, fmt.Errorf("%w: vsock connection timeout: guest port %d via %s did not answer after %d attempts: %v",
-				types.ErrUnavailable, port, udsPath, attempts, err)
+			return nil, fmt.Errorf("%w: vsock connection timeout: %s did not answer after %d attempts: %v",
+				types.ErrUnavailable, what, attempts, err)
 		}
 		t := time.NewTimer(wait/2 + rand.N(wait/2+1))
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return nil, fmt.Errorf("%w: vsock connection timeout: guest port %d via %s did not answer after %d attempts: %v",
-				types.ErrUnavailable, port, udsPath, attempts, err)
+			return nil, fmt.Errorf("%w: vsock connection timeout: %s did not answer after %d attempts: %v",
+				types.ErrUnavailable, what, attempts, err)
 		case <-t.C:
 		}
 		wait = min(wait*2, maxWait)

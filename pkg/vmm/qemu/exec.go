@@ -65,8 +65,29 @@ func (o *Orchestrator) dialerOf(ctx context.Context, id string) (agent.Dialer, e
 
 // dialer reaches VM id's agent; the cached client and DialAgent share it.
 func (o *Orchestrator) dialer(id string) agent.Dialer {
-	sock := o.path(id, fileVsock)
-	return func(ctx context.Context) (net.Conn, error) { return vsock.Dial(ctx, sock, bootparams.AgentPort) }
+	sock, uid := o.path(id, fileVsock), o.sockOwner(id)
+	return func(ctx context.Context) (net.Conn, error) { return dialOwned(ctx, sock, uid) }
+}
+
+// dialOwned dials the agent through the hybrid vsock socket at sock, which
+// must be a socket of uid: the VM's uid owns the directory it is in, and
+// must not be able to point the root worker at another socket.
+func dialOwned(ctx context.Context, sock string, uid int) (net.Conn, error) {
+	p, release, err := vmutil.OwnedSocket(sock, uid)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	return vsock.Dial(ctx, p, bootparams.AgentPort)
+}
+
+// sockOwner is the uid VM id's sockets belong to: its jail uid when it
+// runs confined, root otherwise.
+func (o *Orchestrator) sockOwner(id string) int {
+	if vf, err := o.readVM(id); err == nil && vf.Jail != nil && o.jail != nil {
+		return vf.Jail.UID
+	}
+	return 0
 }
 
 // agentOf is runningAgent as a vmutil.RunningAgent.

@@ -143,6 +143,20 @@ func TestJailConfinesVMMs(t *testing.T) {
 	require.Error(t, asUID(jails[ids[0]], "/usr/bin/ls", filepath.Join(theirs, "run")))
 	require.Error(t, asUID(jails[ids[0]], "/usr/bin/head", "-c1", filepath.Join(mine, "vm.json")), "vm.json is root's")
 
+	// The VM's uid owns run/, so it can swap its agent socket for a link
+	// to another VM's; the root worker must then refuse to dial, not reach
+	// the other VM's agent.
+	sock := filepath.Join(mine, "run", "vsock.sock")
+	require.NoError(t, os.Rename(sock, sock+".real"))
+	require.NoError(t, os.Symlink(filepath.Join(theirs, "run", "vsock.sock"), sock))
+	_, err := o.DialAgent(ctx, ids[0])
+	require.ErrorContains(t, err, "vsock.sock", "the worker followed a swapped socket")
+	require.NoError(t, os.Remove(sock))
+	require.NoError(t, os.Rename(sock+".real", sock))
+	conn, err := o.DialAgent(ctx, ids[0])
+	require.NoError(t, err, "the VM's own socket works again")
+	conn.Close()
+
 	// The kernel holds the VM to its cgroup's CPU quota: with the quota
 	// lowered to half a CPU (the configured one, a vCPU and a quarter, is
 	// more than a 1-vCPU TCG guest can use on this small host, so it would

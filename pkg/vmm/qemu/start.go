@@ -169,7 +169,7 @@ func (o *Orchestrator) waitAgent(ctx context.Context, id string, p *vmProcs) err
 		// succeeds once the guest listens on the agent's port. It starts
 		// once the init says the agent listens (see agentReadyLine).
 		waitConsole(readyCtx, o.path(id, fileConsole), p.consoleFrom, o.cfg.ReadyTimeout/2)
-		conn, err := dialAgentRetry(readyCtx, o.path(id, fileVsock))
+		conn, err := dialAgentRetry(readyCtx, o.path(id, fileVsock), o.sockOwner(id))
 		if err != nil {
 			ready <- err
 			return
@@ -245,11 +245,14 @@ func waitConsole(ctx context.Context, path string, from int64, limit time.Durati
 // window lets a later attempt succeed instead of waiting out ReadyTimeout.
 const handshakeWindow = 5 * time.Second
 
-// dialAgentRetry dials the agent's vsock port until it answers or ctx ends.
-func dialAgentRetry(ctx context.Context, sock string) (net.Conn, error) {
+// dialAgentRetry dials the agent's vsock port until it answers or ctx ends,
+// through the socket at sock only while it is a socket of uid.
+func dialAgentRetry(ctx context.Context, sock string, uid int) (net.Conn, error) {
 	for {
 		wctx, cancel := context.WithTimeout(ctx, handshakeWindow)
-		conn, err := vsock.DialRetry(wctx, sock, bootparams.AgentPort, vsock.Backoff{Initial: 5 * time.Millisecond, Max: 50 * time.Millisecond})
+		conn, err := vsock.Retry(wctx, fmt.Sprintf("guest port %d via %s", bootparams.AgentPort, sock), func(ctx context.Context) (net.Conn, error) {
+			return dialOwned(ctx, sock, uid)
+		}, vsock.Backoff{Initial: 5 * time.Millisecond, Max: 50 * time.Millisecond})
 		cancel()
 		if err == nil || ctx.Err() != nil {
 			return conn, err

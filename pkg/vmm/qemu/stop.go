@@ -119,7 +119,7 @@ func (o *Orchestrator) gracefulStop(ctx context.Context, id string, p *vmProcs) 
 		}
 		o.log.Debug("agent power-off did not end the vm; asking QEMU to quit", "vm_id", id, "err", err)
 	}
-	if err := qmpQuit(ctx, o.path(id, fileQMP), o.cfg.StopTimeout); err != nil {
+	if err := o.qmpQuitOwned(ctx, id); err != nil {
 		o.log.Debug("QMP quit failed; killing QEMU", "vm_id", id, "err", err)
 		return
 	}
@@ -199,4 +199,15 @@ func (o *Orchestrator) cleanRuntime(id string) {
 			o.log.Warn("cannot remove vm file", "vm_id", id, "file", f, "err", err)
 		}
 	}
+}
+
+// qmpQuitOwned asks VM id's QEMU to quit through its monitor socket, only
+// while that is a socket of the VM's uid (see vmutil.OwnedSocket).
+func (o *Orchestrator) qmpQuitOwned(ctx context.Context, id string) error {
+	p, release, err := vmutil.OwnedSocket(o.path(id, fileQMP), o.sockOwner(id))
+	if err != nil {
+		return err
+	}
+	defer release()
+	return qmpQuit(ctx, p, o.cfg.StopTimeout)
 }
