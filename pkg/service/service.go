@@ -555,7 +555,11 @@ func (s *Service) Exec(ctx context.Context, vmID string, cmd types.Command, stdo
 		return nil, err
 	}
 	res := &ExecResult{TaskID: id}
-	readCtx, stopRead := context.WithCancel(context.WithoutCancel(ctx))
+	// The reads outlive the caller's ctx: once it ends, the task is
+	// cancelled and the output read on until the exit chunk (or drainGrace),
+	// so that the result of the killed command is returned and recorded.
+	bg := context.WithoutCancel(ctx)
+	readCtx, stopRead := context.WithCancel(bg)
 	defer stopRead()
 	type readOut struct {
 		exit *queue.ExitInfo
@@ -573,22 +577,28 @@ func (s *Service) Exec(ctx context.Context, vmID string, cmd types.Command, stdo
 			taskDone <- t
 		}
 	}()
+	// callerErr is the caller's cancellation, kept once seen: every return
+	// after it carries it, whatever the remote command did.
+	var callerErr error
+	callerDone := ctx.Done()
 	var grace <-chan time.Time
 	for {
 		select {
 		case r := <-done:
 			if r.err != nil {
-				return res, r.err
+				return res, errors.Join(r.err, callerErr)
 			}
 			res.ExitCode, res.TimedOut, res.Err = r.exit.ExitCode, r.exit.TimedOut, r.exit.Error
-			if ctx.Err() != nil {
-				return res, ctx.Err()
+			if callerErr == nil {
+				callerErr = ctx.Err()
 			}
-			return res, nil
-		case <-ctx.Done():
+			return res, callerErr
+		case <-callerDone:
 			// Kill the remote command, then keep reading until its exit chunk.
-			_ = s.CancelTask(context.WithoutCancel(ctx), id)
-			ctx = context.WithoutCancel(ctx)
+			callerErr, callerDone = ctx.Err(), nil
+			if err := s.CancelTask(bg, id); err != nil {
+				s.opts.logger.Warn("cancelling an abandoned exec", "task_id", id, "err", err)
+			}
 			grace = time.After(drainGrace)
 		case t := <-taskDone:
 			if grace == nil {
@@ -599,14 +609,14 @@ func (s *Service) Exec(ctx context.Context, vmID string, cmd types.Command, stdo
 			}
 		case <-grace:
 			stopRead()
-			if e, err := s.store.GetExecution(context.WithoutCancel(ctx), id.String()); err == nil {
+			if e, err := s.store.GetExecution(bg, id.String()); err == nil {
 				res.ExitCode, res.TimedOut = e.ExitCode, e.TimedOut
-				return res, nil
+				return res, callerErr
 			}
 			if res.Err == "" {
 				res.Err = "the command's task ended without a result"
 			}
-			return res, nil
+			return res, callerErr
 		}
 	}
 }

@@ -97,7 +97,12 @@ type TaskService interface {
 	// Exec runs a command interactively: it submits a streamed exec task,
 	// copies the output to stdout and stderr as it is produced and returns
 	// when the command ends. Cancelling ctx cancels the task, which kills
-	// the command in the guest. The execution is recorded like any other.
+	// the command in the guest (the one exception to "a submitted task runs
+	// on": an interactive command has no one left to read it); Exec then
+	// reads on briefly for the killed command's end and returns what it
+	// has together with ctx's error (context.Canceled or
+	// context.DeadlineExceeded), never a nil error. The execution is
+	// recorded like any other.
 	Exec(ctx context.Context, vmID string, cmd types.Command, stdout, stderr io.Writer) (*ExecResult, error)
 
 	// InstallToolsTask submits installing mise tool specs into a running
