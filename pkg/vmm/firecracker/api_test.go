@@ -47,6 +47,10 @@ func TestSpecRejects(t *testing.T) {
 		{"bad vm state", http.MethodPatch, "/vm", map[string]any{"state": "Stopped"}, "state"},
 		{"drive without is_root_device", http.MethodPut, "/drives/rootfs", map[string]any{"drive_id": "rootfs", "path_on_host": "/x"}, "is_root_device"},
 		{"unknown path", http.MethodPut, "/reboot", map[string]any{}, "Invalid request method and/or path"},
+		// Firecracker decodes bodies with deny_unknown_fields: a misspelt
+		// field is refused, also inside a nested object.
+		{"misspelt field", http.MethodPut, "/machine-config", map[string]any{"vcpu_cout": 2, "vcpu_count": 1, "mem_size_mib": 128}, "vcpu_cout"},
+		{"unknown nested field", http.MethodPut, "/drives/rootfs", map[string]any{"drive_id": "rootfs", "path_on_host": "/x", "is_root_device": true, "rate_limiter": map[string]any{"bandwidth": map[string]any{"size": 1, "refill_time": 1, "burst": 1}}}, "burst"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -58,6 +62,23 @@ func TestSpecRejects(t *testing.T) {
 			require.Len(t, reqs, 1)
 			require.Equal(t, http.StatusBadRequest, reqs[0].Status)
 		})
+	}
+}
+
+// TestMMDSTakesArbitraryJSON: MMDS is the one body Firecracker does not
+// decode into a fixed shape, so unknown keys pass there.
+func TestMMDSTakesArbitraryJSON(t *testing.T) {
+	t.Parallel()
+	srv, c := serveFake(t, fcfake.Options{})
+	body := map[string]any{"latest": map[string]any{"meta-data": map[string]any{"anything": "goes", "n": 1}}}
+	require.NoError(t, c.Do(t.Context(), http.MethodPut, "/mmds", body, nil))
+	require.NoError(t, c.Do(t.Context(), http.MethodPatch, "/mmds", map[string]any{"other": []any{1, "x"}}, nil))
+	var got map[string]any
+	require.NoError(t, c.Do(t.Context(), http.MethodGet, "/mmds", nil, &got))
+	require.Equal(t, "goes", got["latest"].(map[string]any)["meta-data"].(map[string]any)["anything"])
+	require.Equal(t, []any{float64(1), "x"}, got["other"])
+	for _, r := range srv.Requests() {
+		require.Less(t, r.Status, 300, "%s %s", r.Method, r.Path)
 	}
 }
 

@@ -89,7 +89,8 @@ type Server struct {
 	mu       sync.Mutex
 	state    string
 	cfg      VMConfig
-	touched  bool // something other than logger/metrics was configured
+	touched  bool           // something other than logger/metrics was configured
+	mmds     map[string]any // the MMDS data store; nil until a PUT /mmds
 	requests []Request
 }
 
@@ -219,6 +220,27 @@ func (s *Server) handle(r *http.Request, body []byte) (int, any, func()) {
 	return http.StatusNoContent, nil, after
 }
 
+// mergePatch applies an RFC 7396 JSON merge patch, as Firecracker does
+// for PATCH /mmds: null removes a key, objects merge, anything else
+// replaces.
+func mergePatch(dst, patch map[string]any) {
+	for k, v := range patch {
+		switch pv := v.(type) {
+		case nil:
+			delete(dst, k)
+		case map[string]any:
+			d, ok := dst[k].(map[string]any)
+			if !ok {
+				d = map[string]any{}
+				dst[k] = d
+			}
+			mergePatch(d, pv)
+		default:
+			dst[k] = v
+		}
+	}
+}
+
 func faultBody(msg string) map[string]string { return map[string]string{"fault_message": msg} }
 
 func (s *Server) get(path string) any {
@@ -229,6 +251,11 @@ func (s *Server) get(path string) any {
 		return map[string]any{"firecracker_version": s.opts.Spec.Version}
 	case "/machine-config":
 		return s.cfg.MachineConfig
+	case "/mmds":
+		if s.mmds == nil {
+			return map[string]any{}
+		}
+		return s.mmds
 	case "/vm/config":
 		full := map[string]any{"machine-config": s.cfg.MachineConfig}
 		if s.cfg.BootSource != nil {
@@ -284,7 +311,7 @@ func (s *Server) apply(method string, route *routers.Route, params map[string]st
 	if !started && postBootOnly[op] {
 		return nil, fault{faultPreBoot}
 	}
-	if op != "PUT /logger" && op != "PUT /metrics" && op != "PUT /actions" && !strings.HasPrefix(op, "GET") {
+	if op != "PUT /logger" && op != "PUT /metrics" && op != "PUT /actions" && op != "PUT /mmds" && op != "PATCH /mmds" && !strings.HasPrefix(op, "GET") {
 		defer func() { s.touched = true }()
 	}
 	switch op {
@@ -369,6 +396,18 @@ func (s *Server) apply(method string, route *routers.Route, params map[string]st
 		return s.loadSnapshot(in)
 	case "PUT /actions":
 		return s.action(in["action_type"].(string))
+	case "PUT /mmds":
+		// MMDS holds whatever JSON object the guest's user wants, before
+		// or after boot.
+		s.mmds = in
+		if s.mmds == nil {
+			s.mmds = map[string]any{}
+		}
+	case "PATCH /mmds":
+		if s.mmds == nil {
+			return nil, fault{"The MMDS data store is not initialized."}
+		}
+		mergePatch(s.mmds, in)
 	default:
 		return nil, fault{"fcfake does not implement " + op}
 	}

@@ -72,6 +72,7 @@ func LoadSpec(path string) (*Spec, error) {
 	if err := doc3.Validate(context.Background()); err != nil {
 		return nil, fmt.Errorf("%s is not a valid API description: %w", path, err)
 	}
+	denyUnknownFields(doc3)
 	// The API is served on a unix socket, whatever host a client names:
 	// match on paths only.
 	doc3.Servers = nil
@@ -80,6 +81,51 @@ func LoadSpec(path string) (*Spec, error) {
 		return nil, fmt.Errorf("routing %s: %w", path, err)
 	}
 	return &Spec{Version: doc2.Info.Version, doc: doc3, router: router}, nil
+}
+
+// denyUnknownFields makes every object schema with properties reachable
+// from a request body refuse properties it does not name. Firecracker
+// decodes its request bodies with serde's deny_unknown_fields, so a
+// misspelt field is a 400 there; its spec says nothing about it, and
+// JSON Schema (so kin-openapi) then allows any extra property. A schema
+// that states additionalProperties itself keeps it: MMDS
+// (MmdsContentsObject says true) takes arbitrary JSON. The vendored
+// spec file stays as published; the rule is applied to the loaded tree.
+// Schemas are shared by $ref, so answers using the same definitions are
+// held to the same rule, which keeps the fake's own answers honest too.
+func denyUnknownFields(doc *openapi3.T) {
+	seen := map[*openapi3.Schema]bool{}
+	var walk func(*openapi3.SchemaRef)
+	walk = func(ref *openapi3.SchemaRef) {
+		if ref == nil || ref.Value == nil || seen[ref.Value] {
+			return
+		}
+		s := ref.Value
+		seen[s] = true
+		if len(s.Properties) > 0 && s.AdditionalProperties.Has == nil && s.AdditionalProperties.Schema == nil {
+			s.AdditionalProperties.Has = openapi3.Ptr(false)
+		}
+		for _, p := range s.Properties {
+			walk(p)
+		}
+		walk(s.Items)
+		walk(s.AdditionalProperties.Schema)
+		for _, l := range []openapi3.SchemaRefs{s.AllOf, s.AnyOf, s.OneOf} {
+			for _, e := range l {
+				walk(e)
+			}
+		}
+	}
+	for _, item := range doc.Paths.Map() {
+		for _, op := range item.Operations() {
+			if op.RequestBody == nil || op.RequestBody.Value == nil {
+				continue
+			}
+			for _, mt := range op.RequestBody.Value.Content {
+				walk(mt.Schema)
+			}
+		}
+	}
 }
 
 // stringKeys turns the map[any]any that YAML gives for keys such as 200
