@@ -81,12 +81,18 @@ func exitStatus(ps *os.ProcessState, err error) string {
 	return fmt.Sprintf("exited with code %d", ps.ExitCode())
 }
 
+// afterPidfdOpen, when set by a test, runs between opening the pidfd and
+// checking the process, where a pid reuse is the race Adopt must survive.
+var afterPidfdOpen func(pid int)
+
 // Adopt finds a process again from its pidfile and returns nil when no
 // process of the VM runs. The pidfd is opened first and the process
-// checked after: owns must accept its command line (split at NULs) and it
-// must not be a zombie. A pid reused by another process between the two
-// steps then fails the check, and one reused after it cannot be reached
-// through the pidfd, so a stranger is never adopted.
+// checked after: owns must accept its command line (split at NULs), it
+// must not be a zombie, and the pidfd must still reach a live process
+// once the command line has been read. A pid reused by another process
+// between the steps then fails the check (the pinned process is gone),
+// and one reused after it cannot be reached through the pidfd, so a
+// stranger is never adopted.
 func Adopt(pidPath string, owns func(args []string) bool) *Proc {
 	b, err := os.ReadFile(pidPath)
 	if err != nil {
@@ -100,7 +106,14 @@ func Adopt(pidPath string, owns func(args []string) bool) *Proc {
 	if err != nil {
 		return nil
 	}
-	if !isOwned(pid, owns) {
+	if afterPidfdOpen != nil {
+		afterPidfdOpen(pid)
+	}
+	// The command line is read through /proc/PID, which names whatever
+	// process holds the pid now. Only if the pinned process is still
+	// alive after that read was the command line its own: a process that
+	// died before the read may have handed its pid to the one read.
+	if !isOwned(pid, owns) || unix.PidfdSendSignal(fd, 0, nil, 0) != nil {
 		unix.Close(fd)
 		return nil
 	}

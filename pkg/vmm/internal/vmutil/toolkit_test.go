@@ -15,6 +15,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/aetherium/aetherium-core/internal/testenv"
 	"github.com/aetherium/aetherium-core/pkg/network"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
@@ -73,6 +74,62 @@ func TestAdoptRefusesReusedPid(t *testing.T) {
 	require.Nil(t, Adopt(pidPath, HasFlag("--id", "vm1")))
 	require.NoError(t, os.WriteFile(pidPath, []byte("1"), 0o600))
 	require.Nil(t, Adopt(pidPath, func([]string) bool { return true }), "pid 1 is never a VMM")
+}
+
+// TestAdoptRefusesPidReusedAfterPidfd: the VMM dies right after Adopt
+// has pinned it with a pidfd, and a new process with a matching command
+// line takes its pid before the command line is read. The check then
+// reads the newcomer's command line, so Adopt must see that the pinned
+// process is gone and adopt nothing. The pid is reused for real, through
+// /proc/sys/kernel/ns_last_pid.
+func TestAdoptRefusesPidReusedAfterPidfd(t *testing.T) {
+	const lastPid = "/proc/sys/kernel/ns_last_pid"
+	if f, err := os.OpenFile(lastPid, os.O_WRONLY, 0); err != nil {
+		testenv.Skip(t, "reusing a pid on purpose needs write access to %s (run as root): %v", lastPid, err)
+	} else {
+		f.Close()
+	}
+	dir := t.TempDir()
+	pidPath := filepath.Join(dir, "vmm.pid")
+	args := []string{"-c", "sleep 30", dir + "/marker"}
+	vmm, err := SpawnLogged("sh", args, filepath.Join(dir, "log"), pidPath, nil)
+	require.NoError(t, err)
+	t.Cleanup(func() { vmm.Stop(syscall.SIGKILL, 0) })
+
+	var newcomer *exec.Cmd
+	t.Cleanup(func() {
+		if newcomer != nil {
+			newcomer.Process.Kill()
+			newcomer.Wait()
+		}
+	})
+	afterPidfdOpen = func(pid int) {
+		vmm.Stop(syscall.SIGKILL, 0) // reaped: the pid is free
+		// Other processes on the host may fork in between; try a few
+		// times to be the one that gets pid.
+		for range 50 {
+			require.NoError(t, os.WriteFile(lastPid, []byte(strconv.Itoa(pid-1)), 0o644))
+			c := exec.Command("sh", args...)
+			require.NoError(t, c.Start())
+			if c.Process.Pid == pid {
+				newcomer = c
+				return
+			}
+			c.Process.Kill()
+			c.Wait()
+		}
+	}
+	t.Cleanup(func() { afterPidfdOpen = nil })
+
+	got := Adopt(pidPath, MentionsDir(dir))
+	if newcomer == nil {
+		testenv.Skip(t, "could not get pid %d reused within 50 forks: the host forks too much", vmm.Pid())
+	}
+	require.Nil(t, got, "adopted pid %d, whose pinned process had died and whose command line was a newcomer's", vmm.Pid())
+	// The newcomer itself is adoptable by a fresh call, as it should be.
+	afterPidfdOpen = nil
+	again := Adopt(pidPath, MentionsDir(dir))
+	require.NotNil(t, again)
 }
 
 func TestWaitFile(t *testing.T) {
