@@ -77,6 +77,15 @@ func (m *Manager) Attach(ctx context.Context, vmID string) (*Attachment, error) 
 	if err := m.ensureSetup(ctx); err != nil {
 		return nil, err
 	}
+	// The claim comes first, so no other Manager's Reconcile ever sees a
+	// lease, rule or port of this VM without knowing whose it is.
+	previous, err := m.setClaim(vmID, m.cfg.Owner)
+	if err != nil {
+		return nil, err
+	}
+	if previous != "" {
+		m.log.Warn("took over the network of a vm another owner attached", "vm_id", vmID, "owner", m.cfg.Owner, "previous_owner", previous)
+	}
 	lease, err := m.leases.AllocateLease(ctx, LeaseRequest{
 		Pool: m.cfg.Pool, VMID: vmID, Subnet: m.subnet, First: m.first, Last: m.last,
 	})
@@ -107,9 +116,10 @@ func (m *Manager) Attach(ctx context.Context, vmID string) (*Attachment, error) 
 	return a, nil
 }
 
-// Detach removes vmID's port, its rules and its lease, in that order, so
-// its address goes back to the pool only once nothing uses it. It is
-// idempotent: a VM with nothing left returns nil.
+// Detach removes vmID's port, its rules, its lease and its claim, in that
+// order, so its address goes back to the pool only once nothing uses it.
+// It removes them whichever Manager attached the VM. It is idempotent: a
+// VM with nothing left returns nil.
 func (m *Manager) Detach(ctx context.Context, vmID string) error {
 	if err := ctxErr(ctx, "detaching vm "+vmID); err != nil {
 		return err
@@ -125,16 +135,29 @@ func (m *Manager) Detach(ctx context.Context, vmID string) error {
 			return fmt.Errorf("releasing the address of vm %s: %w", vmID, err)
 		}
 	}
+	if _, err := m.setClaim(vmID, ""); err != nil {
+		return err
+	}
 	m.log.Debug("detached vm", "vm_id", vmID)
 	return nil
 }
 
-// Reconcile removes the ports, rules and leases (of this pool) of every VM
-// not in live, such as what a worker killed half-way through Attach left.
-// live must hold every VM that any user of this bridge still runs. It
-// returns the ids (or, for ports a crash left without an alias, the port
-// names) it cleaned. It goes on past failures and returns them joined.
+// Reconcile removes the ports, rules, leases (of this pool) and claims of
+// every VM this Manager's owner claimed that is not in live, such as what
+// a worker killed half-way through Attach left, and of leftovers nobody
+// claimed (made before claims existed, or after the tables were flushed).
+// VMs another owner claimed are never touched: workers sharing the bridge
+// and pool each reconcile their own, and live needs only the VMs of this
+// owner. It returns the ids (or, for ports a crash left without an alias,
+// the port names) it cleaned. It goes on past failures and returns them
+// joined; a VM that could not be cleaned keeps its claim, for next time.
 func (m *Manager) Reconcile(ctx context.Context, live []string) ([]string, error) {
+	return m.reconcile(ctx, live, false)
+}
+
+// reconcile is Reconcile; everyOwner removes what other owners claimed too
+// (Teardown).
+func (m *Manager) reconcile(ctx context.Context, live []string, everyOwner bool) ([]string, error) {
 	liveIDs := map[string]bool{}
 	livePorts := map[string]bool{}
 	for _, id := range live {
@@ -144,6 +167,7 @@ func (m *Manager) Reconcile(ctx context.Context, live []string) ([]string, error
 	var (
 		errs    []error
 		cleaned []string
+		failed  = map[string]bool{}
 	)
 	note := func(what string) {
 		if !slices.Contains(cleaned, what) {
@@ -158,8 +182,43 @@ func (m *Manager) Reconcile(ctx context.Context, live []string) ([]string, error
 	if err != nil {
 		return nil, err
 	}
+	counts, err := m.vmRuleCounts()
+	if err != nil {
+		errs = append(errs, err)
+	}
+	var leases []Lease
+	if m.leases != nil {
+		if leases, err = m.leases.ListLeases(ctx, m.cfg.Pool); err != nil {
+			errs = append(errs, fmt.Errorf("listing the leases of pool %s: %w", m.cfg.Pool, err))
+		}
+	}
+	// Claims are read after everything else: Attach claims a VM before it
+	// makes anything of it, so whatever was seen above was claimed by now.
+	// Without them nothing can be told apart, so nothing is removed.
+	claims, err := m.claims()
+	if err != nil {
+		return nil, errors.Join(append(errs, err)...)
+	}
+	portOwners := map[string]string{}
+	for id, o := range claims {
+		portOwners[PortName(id)] = o
+	}
+	// others reports whether a VM (by id, or by port name when the port
+	// lost its alias) belongs to another owner.
+	others := func(id, port string) bool {
+		if everyOwner {
+			return false
+		}
+		if o, ok := claims[id]; ok && id != "" {
+			return o != m.cfg.Owner
+		}
+		if o, ok := portOwners[port]; ok && port != "" {
+			return o != m.cfg.Owner
+		}
+		return false
+	}
 	for _, p := range ports {
-		if livePorts[p.Name] || liveIDs[p.VMID] {
+		if livePorts[p.Name] || liveIDs[p.VMID] || others(p.VMID, p.Name) {
 			continue
 		}
 		if err := ctxErr(ctx, "reconciling the network"); err != nil {
@@ -167,57 +226,60 @@ func (m *Manager) Reconcile(ctx context.Context, live []string) ([]string, error
 		}
 		if err := m.deleteLink(p.Name); err != nil {
 			errs = append(errs, err)
+			failed[p.VMID], failed[p.Name] = true, true
 			continue
 		}
 		m.log.Info("reconcile removed port", "tap", p.Name, "vm_id", p.VMID)
 		note(cmp.Or(p.VMID, p.Name))
 	}
-	counts, err := m.vmRuleCounts()
-	if err != nil {
-		errs = append(errs, err)
-	}
 	for id := range counts {
-		if liveIDs[id] {
+		if liveIDs[id] || others(id, "") {
 			continue
 		}
 		if err := m.setVMRules(id, nil); err != nil {
 			errs = append(errs, err)
+			failed[id] = true
 			continue
 		}
 		m.log.Info("reconcile removed rules", "vm_id", id)
 		note(id)
 	}
-	if m.leases != nil {
-		leases, err := m.leases.ListLeases(ctx, m.cfg.Pool)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("listing the leases of pool %s: %w", m.cfg.Pool, err))
+	for _, l := range leases {
+		if liveIDs[l.VMID] || others(l.VMID, "") {
+			continue
 		}
-		for _, l := range leases {
-			if liveIDs[l.VMID] {
-				continue
-			}
-			if err := m.leases.ReleaseLease(ctx, l.VMID); err != nil {
-				errs = append(errs, fmt.Errorf("releasing the address of vm %s: %w", l.VMID, err))
-				continue
-			}
-			m.log.Info("reconcile released lease", "vm_id", l.VMID, "ip", l.Addr)
-			note(l.VMID)
+		if err := m.leases.ReleaseLease(ctx, l.VMID); err != nil {
+			errs = append(errs, fmt.Errorf("releasing the address of vm %s: %w", l.VMID, err))
+			failed[l.VMID] = true
+			continue
 		}
+		m.log.Info("reconcile released lease", "vm_id", l.VMID, "ip", l.Addr)
+		note(l.VMID)
+	}
+	for id := range claims {
+		if liveIDs[id] || others(id, "") || failed[id] || failed[PortName(id)] {
+			continue
+		}
+		if _, err := m.setClaim(id, ""); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		m.log.Info("reconcile removed claim", "vm_id", id)
+		note(id)
 	}
 	slices.Sort(cleaned)
 	return cleaned, errors.Join(errs...)
 }
 
-// Teardown removes everything this Manager owns: every port of ours on the
-// bridge (and half-made TAPs), the bridge if it made it, both nftables
-// tables, and the pool's
-// leases. Running VMs lose their network. It is idempotent. IPv4
+// Teardown removes everything of the bridge and pool, whichever owner
+// claimed it: every port of ours on the bridge (and half-made TAPs), the
+// bridge if it made it, both nftables tables, and the pool's leases. Running VMs lose their network. It is idempotent. IPv4
 // forwarding is left on, since other software may rely on it.
 func (m *Manager) Teardown(ctx context.Context) error {
 	m.setupMu.Lock()
 	defer m.setupMu.Unlock()
 	m.setupDone = false
-	if _, err := m.Reconcile(ctx, nil); err != nil {
+	if _, err := m.reconcile(ctx, nil, true); err != nil {
 		return err
 	}
 	switch br, err := m.nl.LinkByName(m.cfg.Bridge); {
@@ -254,11 +316,13 @@ type State struct {
 	VMRules map[string]int `json:"vm_rules"`
 	// Leases are the pool's leases; nil without a lease store.
 	Leases []Lease `json:"leases"`
+	// Owners are the claimed VMs' owners, by VM id.
+	Owners map[string]string `json:"owners"`
 }
 
 // Empty reports whether nothing of the Manager's is left.
 func (s *State) Empty() bool {
-	return !s.BridgeExists && len(s.Tables) == 0 && len(s.Ports) == 0 && len(s.VMRules) == 0 && len(s.Leases) == 0
+	return !s.BridgeExists && len(s.Tables) == 0 && len(s.Ports) == 0 && len(s.VMRules) == 0 && len(s.Leases) == 0 && len(s.Owners) == 0
 }
 
 // List returns what exists of the Manager's: it only reads.
@@ -276,6 +340,9 @@ func (m *Manager) List(ctx context.Context) (*State, error) {
 		return nil, err
 	}
 	if s.VMRules, err = m.vmRuleCounts(); err != nil {
+		return nil, err
+	}
+	if s.Owners, err = m.claims(); err != nil {
 		return nil, err
 	}
 	if m.leases != nil {

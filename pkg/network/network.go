@@ -60,7 +60,19 @@ const (
 	DefaultBridge = "aeth0"
 	DefaultSubnet = "10.88.0.0/16"
 	DefaultTable  = "aetherium"
+	DefaultOwner  = "default"
 )
+
+// PrivateRanges are the address ranges VMs cannot reach unless
+// Config.AllowPrivate is set: RFC 1918 private networks and RFC 6598
+// shared address space (carrier-grade NAT, also used by some clouds and
+// VPNs for internal services).
+var PrivateRanges = []netip.Prefix{
+	netip.MustParsePrefix("10.0.0.0/8"),
+	netip.MustParsePrefix("172.16.0.0/12"),
+	netip.MustParsePrefix("192.168.0.0/16"),
+	netip.MustParsePrefix("100.64.0.0/10"),
+}
 
 // KernelArgName is the guest kernel command-line parameter that carries the
 // guest's network settings; see Attachment.KernelArg and package guestnet.
@@ -88,11 +100,30 @@ type Config struct {
 	// runs on the gateway, so do not name the gateway here unless you run
 	// one there yourself (and then allow it: the host is closed to VMs).
 	DNS []string
-	// EgressDeny are CIDRs VMs may never reach, on top of 169.254.0.0/16.
+	// EgressDeny are CIDRs VMs may never reach, on top of 169.254.0.0/16
+	// and, unless AllowPrivate, PrivateRanges.
 	EgressDeny []string
 	// EgressAllow, when not empty, are the only CIDRs VMs may reach (minus
-	// EgressDeny). Empty: everything not denied.
+	// EgressDeny). Empty: everything not denied. An entry that lies inside
+	// one of PrivateRanges opens that part even without AllowPrivate, so
+	// VMs can be let at one internal mirror and nothing else private.
 	EgressAllow []string
+	// AllowPrivate lets VMs reach PrivateRanges (10.0.0.0/8,
+	// 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10). Default false: they
+	// are denied, because that is where the operator's own databases,
+	// queues and internal services live, and a guest runs untrusted code.
+	// Either way the host itself (every address it has, see the input
+	// chain) and 169.254.0.0/16 stay closed, and DNS servers named in DNS
+	// stay reachable on port 53.
+	AllowPrivate bool
+	// Owner names who attaches VMs through this Manager, e.g. the worker
+	// id. Each VM's network is claimed by its owner, and Reconcile removes
+	// only what its own owner claimed (and leftovers nobody claimed), so
+	// workers sharing one bridge and pool never remove each other's VMs.
+	// Managers sharing a pool need distinct owners, each kept across
+	// restarts so a restarted worker still cleans up after its crash.
+	// 1 to 63 characters of [A-Za-z0-9._-]. Default "default".
+	Owner string
 	// Netns is the path of the network namespace that holds the bridge,
 	// the ports and the rules, e.g. /var/run/netns/NAME or
 	// /proc/PID/ns/net, and in which VMM processes must run (see Do).
@@ -142,6 +173,7 @@ func New(cfg Config, leases LeaseStore) (*Manager, error) {
 	cfg.Bridge = cmp.Or(cfg.Bridge, DefaultBridge)
 	cfg.Subnet = cmp.Or(cfg.Subnet, DefaultSubnet)
 	cfg.Table = cmp.Or(cfg.Table, DefaultTable)
+	cfg.Owner = cmp.Or(cfg.Owner, DefaultOwner)
 	if cfg.Pool == "" {
 		host, _ := os.Hostname()
 		cfg.Pool = cmp.Or(host, "localhost") + "/" + cfg.Bridge
@@ -152,6 +184,9 @@ func New(cfg Config, leases LeaseStore) (*Manager, error) {
 	}
 	if err := checkIfName("network.bridge", cfg.Bridge); err != nil {
 		return nil, err
+	}
+	if !validOwner(cfg.Owner) {
+		return nil, fmt.Errorf("%w: network owner %q must be 1 to 63 characters of [A-Za-z0-9._-] (the worker id serves)", types.ErrInvalid, cfg.Owner)
 	}
 	if cfg.Uplink != "" {
 		if err := checkIfName("network.uplink", cfg.Uplink); err != nil {
@@ -221,6 +256,9 @@ func (m *Manager) Gateway() netip.Prefix { return netip.PrefixFrom(m.gateway, m.
 
 // Pool is the lease pool of this bridge.
 func (m *Manager) Pool() string { return m.cfg.Pool }
+
+// Owner is who this Manager attaches VMs for (Config.Owner).
+func (m *Manager) Owner() string { return m.cfg.Owner }
 
 // Attachment is one VM's network: what the VMM and the guest need.
 type Attachment struct {
@@ -354,6 +392,20 @@ func parseCIDRs(field string, in []string) ([]netip.Prefix, error) {
 		out = append(out, p.Masked())
 	}
 	return out, nil
+}
+
+// validOwner reports whether s can be an owner: it goes into nftables
+// rule comments, where a space would end it.
+func validOwner(s string) bool {
+	if s == "" || len(s) > 63 {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-') {
+			return false
+		}
+	}
+	return true
 }
 
 // lastAddr is the highest address of p.

@@ -22,6 +22,7 @@ const (
 	chainPrerouting  = "prerouting"  // bridge: every frame from a VM port
 	chainBrForward   = "forward"     // bridge: port-to-port frames, per VM
 	chainPorts       = "ports"       // bridge: the per-VM anti-spoofing rules, from prerouting
+	chainOwners      = "owners"      // bridge: one claim per VM naming its owner; never jumped to
 )
 
 // vmCommentPrefix starts the comment of every per-VM rule; the VM id
@@ -89,6 +90,27 @@ func (m *Manager) writeRuleset() error {
 	for _, p := range m.deny {
 		add(forward, iif(br), ipDaddrIn(p), verdict(expr.VerdictDrop))
 	}
+	if !m.cfg.AllowPrivate {
+		// What the configuration names explicitly inside the private
+		// ranges stays reachable: the DNS servers on port 53, and
+		// EgressAllow entries.
+		for _, d := range m.dns {
+			if !inPrivate(netip.PrefixFrom(d, 32)) {
+				continue
+			}
+			for _, proto := range []byte{unix.IPPROTO_UDP, unix.IPPROTO_TCP} {
+				add(forward, iif(br), ipDaddrIn(netip.PrefixFrom(d, 32)), dport(proto, 53), verdict(expr.VerdictAccept))
+			}
+		}
+		for _, p := range m.allow {
+			if inPrivate(p) {
+				add(forward, iif(br), ipDaddrIn(p), verdict(expr.VerdictAccept))
+			}
+		}
+		for _, p := range PrivateRanges {
+			add(forward, iif(br), ipDaddrIn(p), verdict(expr.VerdictDrop))
+		}
+	}
 	if len(m.allow) > 0 {
 		for _, p := range m.allow {
 			add(forward, iif(br), ipDaddrIn(p), verdict(expr.VerdictAccept))
@@ -107,6 +129,7 @@ func (m *Manager) writeRuleset() error {
 		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityConntrack /* -200: bridge "filter" */, Policy: &accept})
 	c.AddChain(&nftables.Chain{Name: chainBrForward, Table: bridge, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityConntrack, Policy: &accept})
+	c.AddChain(&nftables.Chain{Name: chainOwners, Table: bridge})
 	c.FlushChain(pre)
 	add(pre, []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: ports.Name}})
 
@@ -266,6 +289,110 @@ func ruleVM(r *nftables.Rule) (string, bool) {
 	return strings.TrimPrefix(s, vmCommentPrefix), true
 }
 
+// inPrivate reports whether p lies wholly inside one of PrivateRanges.
+func inPrivate(p netip.Prefix) bool {
+	for _, r := range PrivateRanges {
+		if r.Bits() <= p.Bits() && r.Contains(p.Addr()) {
+			return true
+		}
+	}
+	return false
+}
+
+// Claims: a rule in the owners chain, which nothing jumps to, whose
+// comment names a VM and its owner. Attach writes it before anything else
+// of the VM exists and Detach removes it last, so whatever of a VM a
+// Manager sees, its claim is there too (read after the rest, see
+// reconcile). Keeping it in the namespace's own tables means it lives and
+// dies with the TAPs it describes, with no file or database of its own.
+const claimPrefix = "aetherium owner="
+
+func claimComment(owner, vmID string) string { return claimPrefix + owner + " vm=" + vmID }
+
+// ruleClaim parses a claim's comment into its owner and VM.
+func ruleClaim(r *nftables.Rule) (owner, vmID string, ok bool) {
+	s, ok := userdata.GetString(r.UserData, userdata.TypeComment)
+	if !ok || !strings.HasPrefix(s, claimPrefix) {
+		return "", "", false
+	}
+	owner, vmID, ok = strings.Cut(strings.TrimPrefix(s, claimPrefix), " vm=")
+	return owner, vmID, ok && vmID != ""
+}
+
+// claims returns the owner of every claimed VM.
+func (m *Manager) claims() (map[string]string, error) {
+	c, err := m.nft()
+	if err != nil {
+		return nil, err
+	}
+	defer c.CloseLasting()
+	table := m.bridgeTable()
+	rules, err := c.GetRules(table, &nftables.Chain{Name: chainOwners, Table: table})
+	if isNoEnt(err) {
+		return map[string]string{}, nil
+	}
+	if err != nil {
+		return nil, m.opError(err, "listing the owners of vms")
+	}
+	out := map[string]string{}
+	for _, r := range rules {
+		if owner, id, ok := ruleClaim(r); ok {
+			out[id] = owner
+		}
+	}
+	return out, nil
+}
+
+// setClaim makes owner the only claim on vmID ("" removes every claim on
+// it) in one atomic batch, and returns the owner it replaced, if another.
+func (m *Manager) setClaim(vmID, owner string) (string, error) {
+	c, err := m.nft()
+	if err != nil {
+		return "", err
+	}
+	defer c.CloseLasting()
+	table := m.bridgeTable()
+	chain := &nftables.Chain{Name: chainOwners, Table: table}
+	old, err := c.GetRules(table, chain)
+	if err != nil {
+		if isNoEnt(err) && owner == "" {
+			return "", nil
+		}
+		return "", m.opError(err, "reading the owner of vm %s", vmID)
+	}
+	var previous string
+	have, changed := false, false
+	for _, r := range old {
+		o, id, ok := ruleClaim(r)
+		if !ok || id != vmID {
+			continue
+		}
+		if o == owner && !have {
+			have = true
+			continue
+		}
+		if o != owner {
+			previous = o
+		}
+		if err := c.DelRule(r); err != nil {
+			return "", m.opError(err, "deleting the claim of %s on vm %s", o, vmID)
+		}
+		changed = true
+	}
+	if owner != "" && !have {
+		c.AddRule(&nftables.Rule{Table: table, Chain: chain,
+			UserData: userdata.AppendString(nil, userdata.TypeComment, claimComment(owner, vmID))})
+		changed = true
+	}
+	if !changed {
+		return "", nil
+	}
+	if err := c.Flush(); err != nil {
+		return "", m.opError(err, "writing the owner of vm %s", vmID)
+	}
+	return previous, nil
+}
+
 func isNoEnt(err error) bool {
 	return err != nil && (errors.Is(err, unix.ENOENT) || strings.Contains(err.Error(), "no such file or directory"))
 }
@@ -329,6 +456,16 @@ func payloadCmp(base expr.PayloadBase, offset uint32, op expr.CmpOp, data []byte
 	return []expr.Any{
 		&expr.Payload{DestRegister: 1, Base: base, Offset: offset, Len: uint32(len(data))},
 		&expr.Cmp{Op: op, Register: 1, Data: data},
+	}
+}
+
+// dport matches transport protocol proto with destination port port.
+func dport(proto byte, port uint16) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binary.BigEndian.AppendUint16(nil, port)},
 	}
 }
 
