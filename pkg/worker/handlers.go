@@ -165,7 +165,20 @@ func (w *Worker) handleVMExecute(ctx context.Context, t *asynq.Task, log *slog.L
 	if err != nil {
 		return nil, err
 	}
-	return map[string]any{"execution_id": e.ID, "exit_code": e.ExitCode, "timed_out": e.TimedOut}, nil
+	return map[string]any{"execution_id": e.ID, "exit_code": e.ExitCode, "timed_out": e.TimedOut,
+		"max_output_bytes": w.outputCap(p.Command.MaxOutputBytes)}, nil
+}
+
+// outputCap is the per-stream output cap a command asking for requested
+// bytes gets: the worker's MaxOutputBytes when it asks for none or for more.
+// The operator's cap is a ceiling, not a default: what is kept is held in
+// this process's memory (and stored in PostgreSQL), so a caller must not be
+// able to raise it.
+func (w *Worker) outputCap(requested int) int {
+	if requested <= 0 || requested > w.cfg.MaxOutputBytes {
+		return w.cfg.MaxOutputBytes
+	}
+	return requested
 }
 
 // runCommand runs cmd in the VM and stores the execution. The VM's env is
@@ -181,9 +194,7 @@ func (w *Worker) runCommand(ctx context.Context, log *slog.Logger, vmID, execID,
 	if vm.State != types.VMRunning {
 		return nil, fmt.Errorf("%w: vm %s is %s, not running", types.ErrConflict, vm.ID, vm.State)
 	}
-	if cmd.MaxOutputBytes == 0 {
-		cmd.MaxOutputBytes = w.cfg.MaxOutputBytes
-	}
+	cmd.MaxOutputBytes = w.outputCap(cmd.MaxOutputBytes)
 	res, err := w.vmm.ExecuteCommand(ctx, vm.ID, cmd, sio)
 	if err != nil {
 		return nil, fmt.Errorf("running %q in vm %s: %w", cmd.Cmd, vm.ID, err)

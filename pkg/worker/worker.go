@@ -45,7 +45,9 @@ type Config struct {
 	// that the VMs it owns still run (a VM whose VMM crashed or was killed
 	// is recorded as failed). Default 5s.
 	HeartbeatInterval time.Duration
-	// MaxOutputBytes caps each stream of a command. Default 1 MiB.
+	// MaxOutputBytes caps each stream of a command: commands asking for
+	// less get what they ask, those asking for more get this (the task's
+	// result says which as max_output_bytes). Default 1 MiB.
 	MaxOutputBytes int
 	// DataListen is the host:port of the worker's data plane, which streams
 	// files to and from its VMs for the API (port 0: a free port). "" or

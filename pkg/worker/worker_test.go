@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -442,4 +443,47 @@ func TestCrashWhileRunning(t *testing.T) {
 	require.Equal(t, types.TaskSucceeded, task.State, task.Error)
 	_, err = orch.GetVMStatus(ctx, id.String())
 	require.ErrorIs(t, err, types.ErrNotFound)
+}
+
+// TestOutputCapClamped: a caller cannot raise the operator's output cap.
+// A command printing 5 MiB under a 64 KiB worker cap, asking for 100 MiB,
+// keeps 64 KiB, says so in its task result, and the worker's process
+// allocates a bounded amount for it (the docker stack runs the worker in
+// this process, so its allocations are this process's).
+func TestOutputCapClamped(t *testing.T) {
+	const workerCap = 64 << 10
+	s := stack.Start(t, stack.Options{MaxOutputBytes: workerCap})
+	vmID := createVM(t, s, "clamp")
+	ctx := context.Background()
+	five := types.Command{Cmd: "sh", Args: []string{"-c", "head -c 5242880 /dev/zero | tr '\\0' a"}, MaxOutputBytes: 100 << 20}
+
+	// Warm up the path (connections, buffers) before measuring.
+	execWait(t, s, vmID, types.Command{Cmd: "true"})
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	id, err := s.Service.ExecuteCommandTaskWithOptions(ctx, vmID.String(), five, service.ExecOptions{})
+	require.NoError(t, err)
+	task := waitOK(t, s.Service, id)
+	runtime.ReadMemStats(&after)
+	allocated := after.TotalAlloc - before.TotalAlloc
+	t.Logf("allocated %d KiB in this process while the 5 MiB command ran", allocated>>10)
+
+	var res struct {
+		MaxOutputBytes int `json:"max_output_bytes"`
+	}
+	require.NoError(t, json.Unmarshal(task.Result, &res))
+	require.Equal(t, workerCap, res.MaxOutputBytes, "the task result shows the cap applied")
+	e, err := s.Service.GetExecution(ctx, id)
+	require.NoError(t, err)
+	require.True(t, e.StdoutTruncated)
+	require.Len(t, e.Stdout, workerCap)
+	// Holding the 5 MiB even once (gRPC buffers, the kept slice, the
+	// string, the row) would cost well over 5 MiB; 4 MiB leaves room for the
+	// stack's background work (task polling, heartbeats) meanwhile.
+	require.Less(t, allocated, uint64(4<<20), "the worker allocated %d KiB for a command capped at 64 KiB", allocated>>10)
+
+	// A smaller cap than the operator's is honoured.
+	e = execWait(t, s, vmID, types.Command{Cmd: "sh", Args: []string{"-c", "echo 0123456789"}, MaxOutputBytes: 4})
+	require.Equal(t, "0123", e.Stdout)
+	require.True(t, e.StdoutTruncated)
 }
