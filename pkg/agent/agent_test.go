@@ -148,6 +148,8 @@ func TestExec(t *testing.T) {
 	}
 }
 
+// TestExecCannotStart: a request that cannot run as given is an error of
+// kind ErrInvalid, not an exit code.
 func TestExecCannotStart(t *testing.T) {
 	c, _ := startAgent(t, ServerConfig{})
 	tests := []struct {
@@ -155,9 +157,6 @@ func TestExecCannotStart(t *testing.T) {
 		cmd  types.Command
 		msg  string
 	}{
-		{name: "no such program", cmd: types.Command{Cmd: "nosuch"}, msg: `exec: "nosuch": executable file not found in $PATH`},
-		{name: "no such path", cmd: types.Command{Cmd: "/nosuch/prog"}, msg: "no such file or directory"},
-		{name: "not executable", cmd: types.Command{Cmd: "/etc/passwd"}, msg: "permission denied"},
 		{name: "missing cwd", cmd: types.Command{Cmd: "true", Cwd: "/nosuch"}, msg: "working directory"},
 		{name: "relative cwd", cmd: types.Command{Cmd: "true", Cwd: "tmp"}, msg: "absolute"},
 		{name: "unknown user", cmd: types.Command{Cmd: "true", User: "no-such-user"}, msg: "no-such-user"},
@@ -172,6 +171,67 @@ func TestExecCannotStart(t *testing.T) {
 			require.Nil(t, res)
 		})
 	}
+}
+
+// TestExecProgramCannotRun: a program that does not exist exits 127 and
+// one that exists but cannot be executed exits 126, with the reason on
+// stderr, as shells and `docker exec` report them.
+func TestExecProgramCannotRun(t *testing.T) {
+	c, _ := startAgent(t, ServerConfig{})
+	dir := t.TempDir()
+	write := func(name, content string, mode os.FileMode) string {
+		p := filepath.Join(dir, name)
+		require.NoError(t, os.WriteFile(p, []byte(content), mode))
+		return p
+	}
+	bin := filepath.Join(dir, "bin")
+	require.NoError(t, os.Mkdir(bin, 0o755))
+	write("bin/noexec", "#!/bin/sh\necho ran\n", 0o644)
+	require.NoError(t, os.Mkdir(filepath.Join(bin, "adir"), 0o755))
+	garbage := write("garbage", "\x00\x01 not a program\n", 0o755)
+	badInterp := write("badinterp", "#!/no/such/interpreter\n", 0o755)
+	inPath := func(name string) types.Command {
+		return types.Command{Cmd: name, Env: map[string]string{"PATH": bin + ":/usr/bin:/bin"}}
+	}
+
+	tests := []struct {
+		name   string
+		cmd    types.Command
+		code   int
+		stderr string
+	}{
+		{name: "no such program", cmd: types.Command{Cmd: "nosuch"}, code: 127, stderr: "aetherium: nosuch: command not found\n"},
+		{name: "no such path", cmd: types.Command{Cmd: "/nosuch/prog"}, code: 127, stderr: "aetherium: /nosuch/prog: no such file or directory\n"},
+		{name: "no such relative path", cmd: types.Command{Cmd: "./nosuch", Cwd: dir}, code: 127, stderr: "aetherium: ./nosuch: no such file or directory\n"},
+		{name: "a directory in PATH is not a program", cmd: inPath("adir"), code: 127, stderr: "aetherium: adir: command not found\n"},
+		{name: "not executable", cmd: types.Command{Cmd: "/etc/passwd"}, code: 126, stderr: "aetherium: /etc/passwd: permission denied\n"},
+		{name: "not executable in PATH", cmd: inPath("noexec"), code: 126, stderr: "aetherium: " + bin + "/noexec: permission denied\n"},
+		{name: "a directory", cmd: types.Command{Cmd: dir}, code: 126, stderr: "aetherium: " + dir + ": is a directory\n"},
+		{name: "relative directory", cmd: types.Command{Cmd: "./bin", Cwd: dir}, code: 126, stderr: "aetherium: ./bin: is a directory\n"},
+		{name: "not a program", cmd: types.Command{Cmd: garbage}, code: 126, stderr: "aetherium: " + garbage + ": exec format error\n"},
+		{name: "bad interpreter", cmd: types.Command{Cmd: badInterp}, code: 126, stderr: "aetherium: " + badInterp + ": bad interpreter or dynamic loader: no such file or directory\n"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var stderr bytes.Buffer
+			res, err := c.Exec(t.Context(), tt.cmd, nil, &stderr)
+			require.NoError(t, err)
+			require.Equal(t, tt.code, res.ExitCode)
+			require.Equal(t, tt.stderr, string(res.Stderr))
+			require.Equal(t, tt.stderr, stderr.String(), "the caller's stderr gets the reason too")
+			require.Empty(t, res.Stdout)
+			require.False(t, res.StartedAt.IsZero())
+		})
+	}
+
+	// The handle of a program that never started has ended already.
+	p, err := c.Start(t.Context(), types.Command{Cmd: "nosuch"}, nil, nil, nil)
+	require.NoError(t, err)
+	require.Zero(t, p.Pid)
+	require.ErrorIs(t, p.Signal(syscall.SIGTERM), types.ErrConflict)
+	res, err := p.Wait()
+	require.NoError(t, err)
+	require.Equal(t, 127, res.ExitCode)
 }
 
 func TestExecTimeoutKillsGroup(t *testing.T) {

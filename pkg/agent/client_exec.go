@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/aetherium/aetherium-core/pkg/agent/agentpb"
+	"github.com/aetherium/aetherium-core/pkg/agent/bootparams"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
@@ -24,8 +25,12 @@ import (
 // input; without it the command reads /dev/null.
 //
 // A command that ran returns a result whatever its exit code; one killed by
-// cmd.Timeout has TimedOut set and exit code 124. A command that cannot
-// start (no such program, bad cwd, unknown user) returns an error wrapping
+// cmd.Timeout has TimedOut set and exit code 124. A program that does not
+// exist returns a result with exit code 127, and one that exists but
+// cannot be executed (no exec bit, a directory, a bad interpreter) exit
+// code 126, each with "aetherium: <program>: <reason>" on stderr, as a
+// shell or `docker exec` reports them. A request that cannot run as given
+// (bad cwd, unknown user, empty command) returns an error wrapping
 // types.ErrInvalid with the agent's reason. An unreachable agent gives
 // types.ErrUnavailable. Cancelling ctx kills the command's process group in
 // the guest and returns the context's error. If writing to stdout or stderr
@@ -42,6 +47,7 @@ func (c *Client) Exec(ctx context.Context, cmd types.Command, stdout, stderr io.
 // Process is a command running in the guest, started by Client.Start.
 type Process struct {
 	// Pid is the command's pid in the guest; it leads its process group.
+	// It is 0 for a program that was missing or could not be executed.
 	Pid int
 
 	op     string
@@ -55,7 +61,8 @@ type Process struct {
 }
 
 // Start starts cmd in the guest and returns once it runs; Wait collects the
-// result. It is Exec with stdin streamed from r (cmd.Stdin, if any, goes
+// result. A missing or unusable program gives a Process that has already
+// ended (Pid 0) with the result Exec describes. It is Exec with stdin streamed from r (cmd.Stdin, if any, goes
 // first; with neither the command reads /dev/null) and with the running
 // command's handle. Cancelling ctx kills the command. If r blocks after the
 // command has exited, the goroutine reading it lingers until Read returns.
@@ -108,6 +115,9 @@ func (c *Client) Start(ctx context.Context, cmd types.Command, r io.Reader, stdo
 		pid = int(m.StartedPid)
 	case *agentpb.ExecResponse_Exit:
 		cancel()
+		if p := notStarted(op, m.Exit, limit, stdout, stderr); p != nil {
+			return p, nil
+		}
 		return nil, fmt.Errorf("%s: %w: %s", op, types.ErrInvalid, cmp.Or(m.Exit.GetError(), "the agent reported an exit before the start"))
 	default:
 		cancel()
@@ -120,6 +130,34 @@ func (c *Client) Start(ctx context.Context, cmd types.Command, r io.Reader, stdo
 	}
 	go p.receive(ctx, limit, stdout, stderr)
 	return p, nil
+}
+
+// notStarted turns the agent's report of a program that is missing (exit
+// code 127) or cannot be executed (126) into a finished Process, as a
+// shell reports them: that exit code and "aetherium: <reason>" on stderr,
+// which is also written to the caller's stderr. Other early exits are
+// not a result; it returns nil for them.
+func notStarted(op string, x *agentpb.ExecExit, limit int, stdout, stderr io.Writer) *Process {
+	code := int(x.GetExitCode())
+	if x.GetError() == "" || (code != bootparams.ExitNotFound && code != bootparams.ExitCannotExecute) {
+		return nil
+	}
+	errs := outputSink{w: stderr, name: "stderr", limit: limit}
+	errs.write([]byte("aetherium: " + x.GetError() + "\n"))
+	p := &Process{op: op, cancel: func() {}, done: make(chan struct{})}
+	p.res = &types.ExecResult{
+		ExitCode:        code,
+		Stdout:          []byte{},
+		Stderr:          errs.kept,
+		StderrTruncated: errs.truncated,
+		StartedAt:       time.Unix(0, x.GetStartedUnixNano()),
+		FinishedAt:      time.Unix(0, x.GetFinishedUnixNano()),
+	}
+	if errs.err != nil {
+		p.err = fmt.Errorf("%s: %w", op, errs.err)
+	}
+	close(p.done)
+	return p
 }
 
 // Signal sends sig to the command's process group. Once the command has

@@ -32,22 +32,41 @@ const (
 	exitCannotExecute = bootparams.ExitCannotExecute
 )
 
-// startError is a command that could not be started; the host turns it into
-// types.ErrInvalid because retrying the same request cannot help.
+// startError is a program that is missing or cannot be run. The request
+// itself was valid, so Exec reports it as a shell would: exit code 127
+// (not found) or 126 (found but not executable), with the reason on
+// stderr. Every other error of newCmd is a request the agent refuses.
 type startError struct {
-	code int // exitNotFound or exitCannotExecute
-	err  error
+	code   int    // exitNotFound or exitCannotExecute
+	name   string // the program as the request named it
+	reason string // "command not found", "permission denied", ...
+	err    error  // the underlying error, if any
 }
 
-func (e *startError) Error() string { return e.err.Error() }
+func (e *startError) Error() string { return e.name + ": " + e.reason }
 func (e *startError) Unwrap() error { return e.err }
 
-func cannotRun(err error) *startError {
-	code := exitCannotExecute
-	if errors.Is(err, fs.ErrNotExist) {
-		code = exitNotFound
+func notFound(name string) *startError {
+	return &startError{code: exitNotFound, name: name, reason: "command not found", err: exec.ErrNotFound}
+}
+
+// cannotRun explains why the program at path, which was found, failed to
+// start. ENOENT for a file that exists means its script interpreter or
+// dynamic loader is missing; a shell reports that as 126 too.
+func cannotRun(name, path string, err error) *startError {
+	var errno syscall.Errno
+	if !errors.As(err, &errno) {
+		return &startError{code: exitCannotExecute, name: name, reason: err.Error(), err: err}
 	}
-	return &startError{code: code, err: err}
+	se := &startError{code: exitCannotExecute, name: name, reason: errno.Error(), err: err}
+	if errno == syscall.ENOENT {
+		if _, statErr := os.Stat(path); errors.Is(statErr, fs.ErrNotExist) {
+			se.code = exitNotFound
+		} else {
+			se.reason = "bad interpreter or dynamic loader: " + errno.Error()
+		}
+	}
+	return se
 }
 
 // identity is who a command runs as.
@@ -132,17 +151,19 @@ func (s *Server) buildCmd(start *agentpb.ExecStart) (*exec.Cmd, error) {
 // newCmd builds a command run as user (see lookupIdentity) in its own
 // process group, with PATH (the tools' bin directories, then
 // defaultPath), HOME, USER and LOGNAME under env. dir picks
-// the working directory from the user's home. Errors are *startError.
+// the working directory from the user's home. A missing or unusable
+// program is a *startError; any other error is a request that cannot be
+// run as given.
 func (s *Server) newCmd(name string, args []string, reqEnv map[string]string, userSpec string, dir func(home string) (string, error)) (*exec.Cmd, error) {
 	if name == "" {
-		return nil, &startError{code: exitCannotExecute, err: errors.New("command is empty")}
+		return nil, errors.New("command is empty")
 	}
 	if err := types.ValidateEnv(reqEnv); err != nil {
-		return nil, &startError{code: exitCannotExecute, err: err}
+		return nil, err
 	}
 	id, err := s.lookupIdentity(userSpec)
 	if err != nil {
-		return nil, &startError{code: exitCannotExecute, err: err}
+		return nil, err
 	}
 	env := map[string]string{"PATH": s.tools.commandPath(), "HOME": id.home}
 	if id.name != "" {
@@ -152,11 +173,11 @@ func (s *Server) newCmd(name string, args []string, reqEnv map[string]string, us
 
 	wd, err := dir(id.home)
 	if err != nil {
-		return nil, &startError{code: exitCannotExecute, err: err}
+		return nil, err
 	}
-	path, err := lookPath(name, env["PATH"])
+	path, err := lookPath(name, env["PATH"], wd)
 	if err != nil {
-		return nil, cannotRun(err)
+		return nil, err
 	}
 	cmd := &exec.Cmd{
 		Path:        path,
@@ -195,23 +216,52 @@ func workDir(cwd, home string) (string, error) {
 	return cwd, nil
 }
 
-// lookPath searches the command's PATH, not the agent's as exec.LookPath
-// would. Relative PATH entries are skipped for the reason exec.ErrDot
-// exists.
-func lookPath(file, pathEnv string) (string, error) {
+// lookPath finds the program as a shell would, with the command's PATH
+// rather than the agent's as exec.LookPath would use. A name with a slash
+// is taken as a path, relative ones against dir. Relative PATH entries
+// are skipped for the reason exec.ErrDot exists. Errors are *startError:
+// nothing found is 127; a file found that cannot be executed (no exec
+// bit, a directory named as a path) is 126, like bash.
+func lookPath(file, pathEnv, dir string) (string, error) {
 	if strings.Contains(file, "/") {
-		return file, nil // relative paths are resolved against cmd.Dir
+		p := file
+		if !filepath.IsAbs(p) {
+			p = filepath.Join(dir, p)
+		}
+		fi, err := os.Stat(p)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+			return "", &startError{code: exitNotFound, name: file, reason: "no such file or directory", err: err}
+		case err != nil:
+			return "", cannotRun(file, p, err)
+		case fi.IsDir():
+			return "", &startError{code: exitCannotExecute, name: file, reason: "is a directory", err: syscall.EISDIR}
+		case fi.Mode().Perm()&0o111 == 0:
+			return "", &startError{code: exitCannotExecute, name: file, reason: "permission denied", err: fs.ErrPermission}
+		}
+		return p, nil
 	}
-	for _, dir := range filepath.SplitList(pathEnv) {
-		if !filepath.IsAbs(dir) {
+	var denied string // a match without an exec bit, reported if nothing better is found
+	for _, d := range filepath.SplitList(pathEnv) {
+		if !filepath.IsAbs(d) {
 			continue
 		}
-		p := filepath.Join(dir, file)
-		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o111 != 0 {
+		p := filepath.Join(d, file)
+		fi, err := os.Stat(p)
+		if err != nil || !fi.Mode().IsRegular() {
+			continue // directories in PATH are skipped, as shells do
+		}
+		if fi.Mode().Perm()&0o111 != 0 {
 			return p, nil
 		}
+		if denied == "" {
+			denied = p
+		}
 	}
-	return "", &exec.Error{Name: file, Err: exec.ErrNotFound}
+	if denied != "" {
+		return "", &startError{code: exitCannotExecute, name: denied, reason: "permission denied", err: fs.ErrPermission}
+	}
+	return "", notFound(file)
 }
 
 // homePath resolves p the way a shell in home would: absolute paths stay,

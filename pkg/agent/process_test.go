@@ -206,7 +206,7 @@ func TestStartProcessCannotStart(t *testing.T) {
 	}{
 		{name: "missing cwd", spec: ProcessSpec{Cmd: "true", Cwd: "/nosuch"}, kind: types.ErrInvalid, msg: "cwd '/nosuch' does not exist"},
 		{name: "missing relative cwd", spec: ProcessSpec{Cmd: "true", Cwd: "nosuch", User: "54321"}, kind: types.ErrInvalid, msg: "cwd '/nosuch' does not exist"},
-		{name: "no such program", spec: ProcessSpec{Cmd: "nosuch"}, kind: types.ErrInvalid, msg: "executable file not found"},
+		{name: "no such program", spec: ProcessSpec{Cmd: "nosuch"}, kind: types.ErrInvalid, msg: "nosuch: command not found"},
 		{name: "not executable", spec: ProcessSpec{Cmd: "/etc/passwd"}, kind: types.ErrInvalid, msg: "permission denied"},
 		{name: "unknown user", spec: ProcessSpec{Cmd: "true", User: "no-such-user"}, kind: types.ErrInvalid, msg: "no-such-user"},
 		{name: "empty command", spec: ProcessSpec{}, kind: types.ErrInvalid, msg: "command is empty"},

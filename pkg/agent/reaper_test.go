@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -118,8 +119,13 @@ func reaperChild(t *testing.T) {
 	require.True(t, res.TimedOut)
 	require.Equal(t, 124, res.ExitCode)
 
-	_, err = c.Exec(t.Context(), types.Command{Cmd: "/etc/passwd"}, nil, nil)
-	require.ErrorIs(t, err, types.ErrInvalid, "a failed exec is reported, not lost to the reaper")
+	// Executable but not a program: execve itself fails (ENOEXEC).
+	garbage := filepath.Join(t.TempDir(), "garbage")
+	require.NoError(t, os.WriteFile(garbage, []byte("\x00\x01\n"), 0o755))
+	res, err = c.Exec(t.Context(), types.Command{Cmd: garbage}, nil, nil)
+	require.NoError(t, err)
+	require.Equal(t, 126, res.ExitCode, "a failed exec is reported, not lost to the reaper")
+	require.Contains(t, string(res.Stderr), "exec format error")
 
 	// Table processes get their statuses from the reaper too, several at
 	// once, and keep them for a later ConnectProcess.

@@ -32,8 +32,10 @@ const pipeGrace = 200 * time.Millisecond
 
 type execStream = grpc.BidiStreamingServer[agentpb.ExecRequest, agentpb.ExecResponse]
 
-// Exec runs one command; see agent.proto for the message flow. A command
-// that cannot start ends with an exit that carries error. The process group
+// Exec runs one command; see agent.proto for the message flow. A program
+// that is missing or cannot be executed ends with an exit that carries
+// error and code 127 or 126; any other request that cannot start is
+// InvalidArgument. The process group
 // is killed by the timeout, when the caller goes away and by Stop.
 func (s *Server) Exec(stream execStream) error {
 	first, err := stream.Recv()
@@ -46,7 +48,7 @@ func (s *Server) Exec(stream execStream) error {
 	}
 	cmd, err := s.buildCmd(start)
 	if err != nil {
-		return s.sendStartError(stream, start, err)
+		return s.refuseStart(stream, start, err)
 	}
 	e := &execution{
 		Server: s,
@@ -61,17 +63,20 @@ func (s *Server) Exec(stream execStream) error {
 	return e.run()
 }
 
-func (s *Server) sendStartError(stream execStream, start *agentpb.ExecStart, err error) error {
-	code := exitCannotExecute
-	var se *startError
-	if errors.As(err, &se) {
-		code = se.code
-	}
+// refuseStart ends an Exec whose command did not start. A missing or
+// unusable program is a valid request that ends like a shell's: an exit
+// with code 127 or 126 and the reason in error. Anything else is a
+// request that can never run as given: InvalidArgument.
+func (s *Server) refuseStart(stream execStream, start *agentpb.ExecStart, err error) error {
 	s.log.Info("command cannot start", "cmd", start.GetCmd(), "err", err)
+	var se *startError
+	if !errors.As(err, &se) {
+		return status.Error(codes.InvalidArgument, err.Error())
+	}
 	now := time.Now().UnixNano()
 	return stream.Send(&agentpb.ExecResponse{Msg: &agentpb.ExecResponse_Exit{Exit: &agentpb.ExecExit{
-		ExitCode:         int32(code),
-		Error:            err.Error(),
+		ExitCode:         int32(se.code),
+		Error:            se.Error(),
 		StartedUnixNano:  now,
 		FinishedUnixNano: now,
 	}}})
@@ -145,7 +150,7 @@ func (e *execution) run() error {
 		if errors.Is(serr, errStopping) {
 			return status.Error(codes.Unavailable, "the agent is shutting down")
 		}
-		return e.sendStartError(e.stream, e.start, cannotRun(serr))
+		return e.refuseStart(e.stream, e.start, cannotRun(e.start.GetCmd(), e.cmd.Path, serr))
 	}
 	pid := e.cmd.Process.Pid
 	log := e.log.With("cmd", e.start.GetCmd(), "pid", pid)

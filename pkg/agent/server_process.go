@@ -104,7 +104,7 @@ func (s *Server) startTableProc(req *agentpb.ProcessStartRequest, cmd *exec.Cmd,
 		if errors.Is(serr, errStopping) {
 			return nil, nil, status.Error(codes.Unavailable, "the agent is shutting down")
 		}
-		return nil, nil, status.Error(codes.InvalidArgument, cannotRun(serr).Error())
+		return nil, nil, status.Error(codes.InvalidArgument, cannotRun(req.GetCmd(), cmd.Path, serr).Error())
 	}
 
 	p := &tableProc{

@@ -419,7 +419,7 @@ type ExecExit struct {
 	StderrTruncated  bool                   `protobuf:"varint,5,opt,name=stderr_truncated,json=stderrTruncated,proto3" json:"stderr_truncated,omitempty"`
 	StartedUnixNano  int64                  `protobuf:"varint,6,opt,name=started_unix_nano,json=startedUnixNano,proto3" json:"started_unix_nano,omitempty"`
 	FinishedUnixNano int64                  `protobuf:"varint,7,opt,name=finished_unix_nano,json=finishedUnixNano,proto3" json:"finished_unix_nano,omitempty"`
-	Error            string                 `protobuf:"bytes,8,opt,name=error,proto3" json:"error,omitempty"` // the command could not be started
+	Error            string                 `protobuf:"bytes,8,opt,name=error,proto3" json:"error,omitempty"` // why the program could not be run (exit_code 126 or 127)
 	unknownFields    protoimpl.UnknownFields
 	sizeCache        protoimpl.SizeCache
 }

@@ -52,7 +52,10 @@ type AgentClient interface {
 	// Exec runs one command. The first client message must carry `start`;
 	// later ones carry stdin data, stdin close or a signal. The server sends
 	// `started`, then output chunks as they are produced, then one `exit`.
-	// If the client goes away, the command's process group is killed.
+	// If the client goes away, the command's process group is killed. A
+	// program that is missing or cannot be executed gets only `exit`, with
+	// exit_code 127 or 126 and error set; a request that cannot run as given
+	// (bad cwd, user or env) ends with InvalidArgument.
 	Exec(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ExecRequest, ExecResponse], error)
 	// WriteFile writes a file: the first message carries the header, then
 	// data chunks follow.
@@ -355,7 +358,10 @@ type AgentServer interface {
 	// Exec runs one command. The first client message must carry `start`;
 	// later ones carry stdin data, stdin close or a signal. The server sends
 	// `started`, then output chunks as they are produced, then one `exit`.
-	// If the client goes away, the command's process group is killed.
+	// If the client goes away, the command's process group is killed. A
+	// program that is missing or cannot be executed gets only `exit`, with
+	// exit_code 127 or 126 and error set; a request that cannot run as given
+	// (bad cwd, user or env) ends with InvalidArgument.
 	Exec(grpc.BidiStreamingServer[ExecRequest, ExecResponse]) error
 	// WriteFile writes a file: the first message carries the header, then
 	// data chunks follow.

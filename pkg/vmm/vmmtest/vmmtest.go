@@ -492,12 +492,14 @@ func (s *suite) testEnvCwd(t *testing.T, id string) {
 		"want the command's env, the VM's env beneath it, and the working directory")
 }
 
-// testCannotStart: a command that cannot be started is an error of kind
-// ErrInvalid, not an exit code.
+// testCannotStart: a missing program exits 127 with the reason on stderr,
+// as in a shell; a request that cannot run as given (a missing working
+// directory) is an error of kind ErrInvalid, not an exit code.
 func (s *suite) testCannotStart(t *testing.T, id string) {
-	_, err := s.o.ExecuteCommand(s.ctx(t), id, types.Command{Cmd: "/no/such/program"}, vmm.ExecIO{})
-	require.ErrorIs(t, err, types.ErrInvalid)
-	_, err = s.o.ExecuteCommand(s.ctx(t), id, types.Command{Cmd: "true", Cwd: "/no/such/dir"}, vmm.ExecIO{})
+	res := Exec(t, s.o, id, types.Command{Cmd: "/no/such/program"})
+	require.Equal(t, 127, res.ExitCode)
+	require.Equal(t, "aetherium: /no/such/program: no such file or directory\n", string(res.Stderr))
+	_, err := s.o.ExecuteCommand(s.ctx(t), id, types.Command{Cmd: "true", Cwd: "/no/such/dir"}, vmm.ExecIO{})
 	require.ErrorIs(t, err, types.ErrInvalid)
 }
 
