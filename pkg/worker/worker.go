@@ -107,6 +107,9 @@ type Worker struct {
 	inflightMu sync.Mutex
 	inflight   map[string]time.Time
 	expiring   sync.WaitGroup
+	// unknown holds the backend VMs without a row already reported by
+	// Reconcile (under inflightMu).
+	unknown map[string]struct{}
 }
 
 // Defaults of Config.
@@ -139,7 +142,7 @@ func New(cfg Config, store storage.Store, orch vmm.VMOrchestrator, notifier queu
 	m := newMetrics()
 	m.watchUsage(orch)
 	return &Worker{cfg: cfg, store: store, vmm: orch, notifier: notifier, output: output,
-		log: cfg.Logger.With("worker_id", cfg.ID), metrics: m, inflight: map[string]time.Time{}}, nil
+		log: cfg.Logger.With("worker_id", cfg.ID), metrics: m, inflight: map[string]time.Time{}, unknown: map[string]struct{}{}}, nil
 }
 
 // ID returns the worker's id.
@@ -322,8 +325,13 @@ func (w *Worker) checkRunning(ctx context.Context, seen map[string]vmm.VMStatus)
 }
 
 // Reconcile makes the backend and storage agree after a crash or restart:
-// backend VMs whose rows are gone, deleted or failed are removed, and rows of
-// running VMs that the backend lost are marked failed. It is idempotent.
+// backend VMs whose rows say deleted or failed are removed, and rows of
+// running VMs that the backend lost are marked failed. A backend VM without
+// a row is left alone and reported once (a worker pointed at the wrong or a
+// fresh database must not wipe the VMs it runs): the operator deletes it
+// with the backend's own tools if it is indeed a leak. A VM whose create
+// never finished is left to its create task, which resumes it when retried.
+// It is idempotent.
 func (w *Worker) Reconcile(ctx context.Context) error {
 	have, err := w.vmm.ListVMs(ctx)
 	if err != nil {
@@ -335,17 +343,32 @@ func (w *Worker) Reconcile(ctx context.Context) error {
 		vm, err := w.store.GetVM(ctx, st.ID)
 		switch {
 		case errors.Is(err, types.ErrNotFound):
+			w.reportUnknown(st.ID)
+			continue
 		case err != nil:
 			return err
 		case vm.State != types.VMDeleted && vm.State != types.VMFailed:
 			continue
 		}
-		w.log.Info("removing leaked vm", "vm_id", st.ID)
+		w.log.Info("removing leaked vm", "vm_id", st.ID, "state", vm.State)
 		if err := w.vmm.DeleteVM(ctx, st.ID); err != nil {
 			return fmt.Errorf("removing leaked vm %s: %w", st.ID, err)
 		}
 	}
 	return w.checkRunning(ctx, seen)
+}
+
+// reportUnknown logs, once per worker process, a backend VM that storage
+// has no row for.
+func (w *Worker) reportUnknown(id string) {
+	w.inflightMu.Lock()
+	defer w.inflightMu.Unlock()
+	if _, done := w.unknown[id]; done {
+		return
+	}
+	w.unknown[id] = struct{}{}
+	w.log.Warn("the backend runs a vm that storage does not know; leaving it alone. Is the worker pointed at the right database? If it is a leak, remove it with the backend's tools",
+		"vm_id", id, "provider", w.cfg.Provider)
 }
 
 // asynqLogger adapts slog to Asynq's logger.

@@ -21,6 +21,7 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/queue"
 	"github.com/aetherium/aetherium-core/pkg/service"
 	"github.com/aetherium/aetherium-core/pkg/types"
+	"github.com/aetherium/aetherium-core/pkg/vmm"
 	"github.com/aetherium/aetherium-core/pkg/vmm/docker"
 )
 
@@ -486,4 +487,31 @@ func TestOutputCapClamped(t *testing.T) {
 	e = execWait(t, s, vmID, types.Command{Cmd: "sh", Args: []string{"-c", "echo 0123456789"}, MaxOutputBytes: 4})
 	require.Equal(t, "0123", e.Stdout)
 	require.True(t, e.StdoutTruncated)
+}
+
+// TestReconcileKeepsUnknownVMs: a VM the backend runs but storage has no
+// row for (a worker pointed at a fresh database) survives a worker restart,
+// and goes on answering commands through the backend.
+func TestReconcileKeepsUnknownVMs(t *testing.T) {
+	s := stack.Start(t, stack.Options{})
+	ctx := context.Background()
+	orch := s.VMMs["w1"]
+	spec := types.VMSpec{ID: uuid.NewString(), Name: "rowless", VCPUs: 1, MemoryMB: 128, Network: types.NetworkNone}
+	_, err := orch.CreateVM(ctx, spec)
+	require.NoError(t, err)
+	require.NoError(t, orch.StartVM(ctx, spec.ID))
+	_, err = s.Store.GetVM(ctx, spec.ID)
+	require.ErrorIs(t, err, types.ErrNotFound)
+
+	w := s.Workers["w1"]
+	w.Stop()
+	require.NoError(t, w.Start(ctx))
+	require.NoError(t, w.Reconcile(ctx), "reconciling twice is harmless")
+
+	st, err := orch.GetVMStatus(ctx, spec.ID)
+	require.NoError(t, err, "reconcile removed a vm it has no row for")
+	require.Equal(t, types.VMRunning, st.State)
+	res, err := orch.ExecuteCommand(ctx, spec.ID, types.Command{Cmd: "echo", Args: []string{"alive"}}, vmm.ExecIO{})
+	require.NoError(t, err)
+	require.Equal(t, "alive\n", string(res.Stdout))
 }
