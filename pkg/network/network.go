@@ -17,14 +17,31 @@
 //     families;
 //   - the leases of Config.Pool in the LeaseStore.
 //
+// Several workers on one host may share the bridge, tables and pool. Each
+// VM is claimed by the Config.Owner of the Manager that attached it: a rule
+// in the bridge table's "owners" chain (never jumped to) whose comment is
+// "aetherium owner=OWNER vm=ID". Attach writes the claim before the lease,
+// rules and port, and Detach removes it after them, so every one of them is
+// always claimed; Reconcile reads the claims after the rest and removes
+// only what its own owner claimed, plus leftovers nobody claimed. Teardown
+// removes everyone's. The claims live in the namespace's own tables, so
+// they go with the TAPs they describe; `nft flush ruleset` removes them
+// with the isolation rules, and the VMs' next Attach writes both back.
+//
 // The isolation the tables enforce, for traffic from the VMs' ports:
 //   - a VM never reaches another VM (bridged frames between ports are
 //     dropped, and so is traffic routed back into the bridge);
 //   - a frame whose source MAC, or whose IPv4 or ARP source address, is not
 //     the port's own is dropped, and so is every protocol but IPv4 and ARP;
-//   - a VM never reaches the host itself (any of its addresses and ports),
-//     except for replies to connections the host opened;
-//   - a VM never reaches 169.254.0.0/16, nor Config.EgressDeny, and when
+//   - a VM never reaches the host itself, any of its addresses and ports
+//     (every packet addressed to the namespace's own addresses takes the
+//     input hook, where all from the bridge but replies to connections
+//     the host opened is dropped), the gateway included: guests use
+//     nothing on it, and DNS goes to the servers of Config.DNS;
+//   - a VM never reaches 169.254.0.0/16, nor Config.EgressDeny, nor, unless
+//     Config.AllowPrivate, PrivateRanges (10.0.0.0/8, 172.16.0.0/12,
+//     192.168.0.0/16, 100.64.0.0/10) other than Config.DNS servers on port
+//     53 and Config.EgressAllow entries inside them; when
 //     Config.EgressAllow is set, nothing outside it;
 //   - nobody outside opens connections into the VM subnet.
 //

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 
 	"github.com/google/nftables"
@@ -95,7 +96,8 @@ func (m *Manager) writeRuleset() error {
 		// ranges stays reachable: the DNS servers on port 53, and
 		// EgressAllow entries.
 		for _, d := range m.dns {
-			if !inPrivate(netip.PrefixFrom(d, 32)) {
+			// A server EgressAllow leaves out stays out.
+			if !inPrivate(netip.PrefixFrom(d, 32)) || len(m.allow) > 0 && !slices.ContainsFunc(m.allow, func(p netip.Prefix) bool { return p.Contains(d) }) {
 				continue
 			}
 			for _, proto := range []byte{unix.IPPROTO_UDP, unix.IPPROTO_TCP} {
