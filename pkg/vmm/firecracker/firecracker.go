@@ -110,6 +110,9 @@ func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
 		procs: map[string]*vmutil.Proc{},
 	}
 	o.AgentIO = vmutil.AgentIO{Agent: o.agentOf, Dialer: o.dialerOf}
+	// Other processes may use the socket dir too (a second worker, a
+	// CLI): a VM's life-cycle steps hold its lock across all of them.
+	o.locks.Dir = cfg.SocketDir
 	if cfg.Jailer.leased() {
 		l, err := jail.NewLeases(filepath.Join(cfg.Jailer.StateDir, "uids"), cfg.Jailer.UIDBase, cfg.Jailer.GIDBase, cfg.Jailer.Count)
 		if err != nil {

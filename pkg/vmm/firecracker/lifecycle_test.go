@@ -501,3 +501,46 @@ func TestCrash(t *testing.T) {
 		require.NoError(t, o.DeleteVM(ctx, id))
 	}
 }
+
+// TestVMLockAcrossOrchestrators: two orchestrators on one socket dir (two
+// workers, or a worker and a CLI) never act on one VM at once. While the
+// first holds the VM's lock, the second's StartVM waits, gives up with a
+// clear error when its ctx ends, and goes ahead once the lock is free.
+func TestVMLockAcrossOrchestrators(t *testing.T) {
+	t.Parallel()
+	cfg := fakeConfig(t)
+	first := newOrchestrator(t, cfg)
+	second := newOrchestrator(t, cfg)
+	sp := vmmtest.NewSpec(t)
+	_, err := first.CreateVM(t.Context(), sp)
+	require.NoError(t, err)
+	t.Cleanup(func() { second.DeleteVM(context.WithoutCancel(t.Context()), sp.ID) })
+
+	unlock := first.LockVM(sp.ID)
+	ctx, cancel := context.WithTimeout(t.Context(), 300*time.Millisecond)
+	err = second.StartVM(ctx, sp.ID)
+	cancel()
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	require.ErrorContains(t, err, "another process on this host")
+	require.NoFileExists(t, filepath.Join(cfg.SocketDir, sp.ID, "firecracker.pid"), "nothing was started while the lock was held")
+
+	done := make(chan error, 1)
+	go func() { done <- second.StartVM(t.Context(), sp.ID) }()
+	select {
+	case err := <-done:
+		t.Fatalf("StartVM went ahead while another orchestrator held the VM: %v", err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	unlock()
+	select {
+	case err := <-done:
+		require.NoError(t, err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("StartVM did not proceed once the lock was released")
+	}
+	require.Equal(t, "hi\n", sh(t, second, sp.ID, "echo hi"))
+	require.NoError(t, second.DeleteVM(t.Context(), sp.ID))
+	entries, err := os.ReadDir(cfg.SocketDir)
+	require.NoError(t, err)
+	require.Empty(t, entries, "lock files go with their holders")
+}

@@ -10,6 +10,7 @@ import (
 	"maps"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -21,8 +22,17 @@ import (
 
 // KeyedMutex serialises the life-cycle steps of one VM while leaving
 // different VMs independent. The zero value is ready; entries are dropped
-// once nobody holds or waits for them.
+// once nobody holds or waits for them. With Dir set, the lock holds across
+// processes too.
 type KeyedMutex struct {
+	// Dir, when set, makes each key's lock also an flock on
+	// Dir/.<key>.lock, taken after the in-process lock, so two
+	// orchestrators (two workers, or a worker and a CLI) sharing a run
+	// directory never act on one VM at once. The file exists only while
+	// the lock is held; its leading dot keeps it from being taken for a
+	// VM's directory.
+	Dir string
+
 	mu    sync.Mutex
 	locks map[string]*keyedEntry
 }
@@ -65,7 +75,26 @@ func (k *KeyedMutex) LockContext(ctx context.Context, key string) (unlock func()
 		release()
 		return nil, fmt.Errorf("waiting for another operation on %s: %w", key, ctx.Err())
 	}
+	funlock := func() {}
+	if k.Dir != "" {
+		if err := types.ValidateID(key); err != nil {
+			<-e.sem
+			release()
+			return nil, err // the key names a file: never a path
+		}
+		path := filepath.Join(k.Dir, "."+key+".lock")
+		funlock, err = lockFile(ctx, path)
+		if err != nil {
+			<-e.sem
+			release()
+			if ctx.Err() != nil {
+				return nil, fmt.Errorf("waiting for another process on this host (a second worker or a CLI sharing %s) to finish its operation on %s: %w", k.Dir, key, err)
+			}
+			return nil, err
+		}
+	}
 	return func() {
+		funlock()
 		<-e.sem
 		release()
 	}, nil

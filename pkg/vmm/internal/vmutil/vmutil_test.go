@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -87,4 +88,55 @@ func TestTail(t *testing.T) {
 	if got := Tail(p, 1); got != "last" {
 		t.Fatalf("Tail of a big file = %q", got)
 	}
+}
+
+// TestKeyedMutexAcrossProcesses: KeyedMutex values sharing a Dir (as two
+// orchestrators in two processes do; each flock is its own open file, so
+// separate values in one process contend the same way) exclude each other
+// per key, even while lock files are removed and made again on every
+// release, and leave no file behind.
+func TestKeyedMutexAcrossProcesses(t *testing.T) {
+	dir := t.TempDir()
+	ms := make([]*KeyedMutex, 4)
+	for i := range ms {
+		ms[i] = &KeyedMutex{Dir: dir}
+	}
+	var inside atomic.Int32
+	var wg sync.WaitGroup
+	for i := range 40 {
+		wg.Go(func() {
+			unlock, err := ms[i%len(ms)].LockContext(context.Background(), "vm-a")
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			if inside.Add(1) != 1 {
+				t.Error("two holders of vm-a")
+			}
+			time.Sleep(time.Millisecond)
+			inside.Add(-1)
+			unlock()
+		})
+	}
+	wg.Wait()
+	entries, err := os.ReadDir(dir)
+	if err != nil || len(entries) != 0 {
+		t.Fatalf("lock files left behind: %v %v", entries, err)
+	}
+
+	unlock := ms[0].Lock("vm-b")
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if _, err := ms[1].LockContext(ctx, "vm-b"); !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "another process") {
+		t.Fatalf("a held lock gave %v, want a deadline error naming another process", err)
+	}
+	if _, err := ms[1].LockContext(context.Background(), "../x"); err == nil {
+		t.Fatal("a key that is a path was accepted")
+	}
+	unlock()
+	u2, err := ms[1].LockContext(context.Background(), "vm-b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	u2()
 }
