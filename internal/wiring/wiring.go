@@ -176,6 +176,8 @@ func NetworkConfig(c *config.Config) network.Config {
 		Bridge: n.Bridge, Subnet: n.Subnet, Uplink: n.Uplink, DNS: n.DNS,
 		EgressDeny: n.EgressDeny, EgressAllow: n.EgressAllow,
 		Netns: n.Netns, Table: n.Table, Pool: n.Pool,
+		// Workers sharing a bridge reconcile only the VMs they claimed.
+		Owner: c.Worker.ID,
 	}
 }
 
