@@ -100,6 +100,16 @@ type Store interface {
 	// replaces the VM's error text. Moving to the current state is a no-op
 	// (besides errMsg), so retries are harmless. Returns the updated VM.
 	UpdateVMState(ctx context.Context, id string, to types.VMState, errMsg string) (*types.VM, error)
+	// UpdateOwnedVMState moves a VM from state `from` to `to` only if it is
+	// in `from` and owned by owner, in one atomic step, so that a caller
+	// that read the row earlier cannot overwrite a state another writer set
+	// meanwhile (a stop or delete that began wins). errMsg replaces the
+	// error text. It returns whether the VM was moved: false, with no
+	// error, when the VM is missing, in another state or another worker's.
+	// A transition types.CheckTransition refuses returns its error and
+	// changes nothing. Idempotent in effect: a second call finds the VM in
+	// `to` and returns false.
+	UpdateOwnedVMState(ctx context.Context, id, owner string, from, to types.VMState, errMsg string) (bool, error)
 	// ClaimVM sets the VM's owner if it has none. Claiming a VM one already
 	// owns is a no-op; a VM owned by another worker returns types.ErrConflict.
 	ClaimVM(ctx context.Context, id, owner string) error

@@ -310,15 +310,15 @@ func (w *Worker) checkRunning(ctx context.Context, seen map[string]vmm.VMStatus)
 			}
 			detail += "; delete it"
 		}
-		// Only a row still running is changed: a stop or delete that began
-		// meanwhile moved it on, and wins.
-		cur, err := w.store.GetVM(ctx, vm.ID)
-		if err != nil || cur.State != types.VMRunning {
-			continue
-		}
-		w.log.Warn("running vm lost by the backend", "vm_id", vm.ID, "detail", detail)
-		if _, err := w.store.UpdateVMState(ctx, vm.ID, types.VMFailed, detail); err != nil {
+		// Only a row still running and still this worker's is changed, in
+		// one conditional update: a stop or delete that began since the list
+		// was read moved it on, and wins.
+		moved, err := w.store.UpdateOwnedVMState(ctx, vm.ID, w.cfg.ID, types.VMRunning, types.VMFailed, detail)
+		if err != nil {
 			return err
+		}
+		if moved {
+			w.log.Warn("running vm lost by the backend", "vm_id", vm.ID, "detail", detail)
 		}
 	}
 	return nil

@@ -268,6 +268,23 @@ func (s *Store) UpdateVMState(ctx context.Context, id string, to types.VMState, 
 	return vm, nil
 }
 
+// UpdateOwnedVMState is one conditional UPDATE: the state and owner
+// checks and the write cannot be separated by another writer.
+func (s *Store) UpdateOwnedVMState(ctx context.Context, id, owner string, from, to types.VMState, errMsg string) (bool, error) {
+	if err := required("conditional update", "owner", owner); err != nil {
+		return false, fmt.Errorf("moving vm %s to %s: %w", id, to, err)
+	}
+	if err := types.CheckTransition(from, to); err != nil {
+		return false, fmt.Errorf("moving vm %s to %s: %w", id, to, err)
+	}
+	tag, err := s.pool.Exec(ctx, `UPDATE vms SET state = $4, error = $5, updated_at = $6
+		WHERE id = $1 AND owner = $2 AND state = $3`, id, owner, string(from), string(to), errMsg, now())
+	if err != nil {
+		return false, s.fail(err, "moving vm %s from %s to %s", id, from, to)
+	}
+	return tag.RowsAffected() == 1, nil
+}
+
 // ClaimVM sets the VM's owner if it has none. An owner, once set, never
 // changes, so the follow-up read that explains a refused claim cannot race
 // with another claim.

@@ -47,6 +47,8 @@ func Run(t *testing.T, newStore func(t *testing.T) storage.Store) {
 		{"UpdateVMStateConcurrent", testUpdateVMStateConcurrent},
 		{"ClaimVM", testClaimVM},
 		{"ClaimVMConcurrent", testClaimVMConcurrent},
+		{"UpdateOwnedVMState", testUpdateOwnedVMState},
+		{"UpdateOwnedVMStateRace", testUpdateOwnedVMStateRace},
 		{"TaskRoundTrip", testTaskRoundTrip},
 		{"TaskErrors", testTaskErrors},
 		{"UpdateTask", testUpdateTask},
@@ -542,6 +544,97 @@ func testClaimVMConcurrent(t *testing.T, s storage.Store) {
 		require.NoError(t, err)
 		require.Equal(t, winner, got.Owner)
 	}
+}
+
+func testUpdateOwnedVMState(t *testing.T, s storage.Store) {
+	ctx := t.Context()
+	vm := newVM("owned-cas", types.VMRunning)
+	vm.Owner = "w1"
+	require.NoError(t, s.CreateVM(ctx, vm))
+
+	moved, err := s.UpdateOwnedVMState(ctx, vm.ID, "w2", types.VMRunning, types.VMFailed, "gone")
+	require.NoError(t, err)
+	require.False(t, moved, "another worker's vm must be left alone")
+	moved, err = s.UpdateOwnedVMState(ctx, vm.ID, "w1", types.VMStopped, types.VMRunning, "")
+	require.NoError(t, err)
+	require.False(t, moved, "a vm not in the expected state must be left alone")
+	moved, err = s.UpdateOwnedVMState(ctx, "vm-missing", "w1", types.VMRunning, types.VMFailed, "gone")
+	require.NoError(t, err)
+	require.False(t, moved)
+	got, err := s.GetVM(ctx, vm.ID)
+	require.NoError(t, err)
+	require.Equal(t, types.VMRunning, got.State)
+
+	_, err = s.UpdateOwnedVMState(ctx, vm.ID, "w1", types.VMRunning, types.VMPending, "")
+	require.ErrorIs(t, err, types.ErrConflict, "a forbidden transition is refused")
+	_, err = s.UpdateOwnedVMState(ctx, vm.ID, "", types.VMRunning, types.VMFailed, "")
+	require.ErrorIs(t, err, types.ErrInvalid)
+
+	moved, err = s.UpdateOwnedVMState(ctx, vm.ID, "w1", types.VMRunning, types.VMFailed, "gone")
+	require.NoError(t, err)
+	require.True(t, moved)
+	got, err = s.GetVM(ctx, vm.ID)
+	require.NoError(t, err)
+	require.Equal(t, types.VMFailed, got.State)
+	require.Equal(t, "gone", got.Error)
+	moved, err = s.UpdateOwnedVMState(ctx, vm.ID, "w1", types.VMRunning, types.VMFailed, "again")
+	require.NoError(t, err)
+	require.False(t, moved, "a second call finds the vm moved on")
+}
+
+// testUpdateOwnedVMStateRace is the heartbeat's race: a worker saw a
+// running VM lost by its backend while a stop (or delete) of the same VM
+// began. Whoever moves it first wins; the loser changes nothing, so a
+// stopping VM is never overwritten with failed.
+func testUpdateOwnedVMStateRace(t *testing.T, s storage.Store) {
+	ctx := t.Context()
+	for round := range 10 {
+		vm := newVM(fmt.Sprintf("lost-race-%d", round), types.VMRunning)
+		vm.Owner = "w1"
+		require.NoError(t, s.CreateVM(ctx, vm))
+		start := make(chan struct{})
+		var (
+			wg      sync.WaitGroup
+			failed  bool
+			failErr error
+			stopErr error
+		)
+		wg.Go(func() {
+			<-start
+			failed, failErr = s.UpdateOwnedVMState(ctx, vm.ID, "w1", types.VMRunning, types.VMFailed, "lost")
+		})
+		wg.Go(func() {
+			<-start
+			_, stopErr = s.UpdateVMState(ctx, vm.ID, types.VMStopping, "")
+		})
+		close(start)
+		wg.Wait()
+		require.NoError(t, failErr)
+		got, err := s.GetVM(ctx, vm.ID)
+		require.NoError(t, err)
+		if failed {
+			// The failure came first; the stop then found a failed vm.
+			require.ErrorIs(t, stopErr, types.ErrConflict, "round %d", round)
+			require.Equal(t, types.VMFailed, got.State, "round %d", round)
+		} else {
+			require.NoError(t, stopErr, "round %d", round)
+			require.Equal(t, types.VMStopping, got.State, "round %d: the stop must win over a stale read", round)
+			require.Empty(t, got.Error, "round %d", round)
+		}
+	}
+	// The stale read made deterministic: the row moved on after the
+	// caller saw it running.
+	vm := newVM("lost-stale", types.VMRunning)
+	vm.Owner = "w1"
+	require.NoError(t, s.CreateVM(ctx, vm))
+	_, err := s.UpdateVMState(ctx, vm.ID, types.VMDeleting, "")
+	require.NoError(t, err)
+	moved, err := s.UpdateOwnedVMState(ctx, vm.ID, "w1", types.VMRunning, types.VMFailed, "lost")
+	require.NoError(t, err)
+	require.False(t, moved)
+	got, err := s.GetVM(ctx, vm.ID)
+	require.NoError(t, err)
+	require.Equal(t, types.VMDeleting, got.State)
 }
 
 func newTask(vmID string, created time.Time) *types.Task {
