@@ -504,3 +504,54 @@ func TestExecInterrupt(t *testing.T) {
 		})
 	}
 }
+
+// TestBadIDWithServicesDown: every command that takes an id checks it
+// before connecting, so a mistyped id is reported as such (exit 2) even
+// when PostgreSQL, Redis and aether-api are all down.
+func TestBadIDWithServicesDown(t *testing.T) {
+	cfg := filepath.Join(t.TempDir(), "aetherium.yaml")
+	require.NoError(t, os.WriteFile(cfg, fmt.Appendf(nil, "storage:\n  host: 127.0.0.1\n  port: %d\nqueue:\n  redis_addr: 127.0.0.1:%d\n",
+		testenv.FreePort(t), testenv.FreePort(t)), 0o600))
+	const good = "6f1c1b7e-9a3e-4b55-9a43-1c7f8b9f0e11"
+	for _, mode := range []string{"local", "remote"} {
+		t.Run(mode, func(t *testing.T) {
+			if mode == "remote" {
+				t.Setenv("AETHERIUM_API_URL", "http://127.0.0.1:"+strconv.Itoa(testenv.FreePort(t)))
+				t.Setenv("AETHERIUM_API_KEY", "aek_0123456789abcdef_"+strings.Repeat("x", 43))
+			}
+			// The control: with a well-formed id the command does try
+			// the services, and fails because they are down.
+			r := run(t, cfg, "", "vm", "get", good)
+			require.Equal(t, 1, r.code, r.stderr)
+
+			for _, args := range [][]string{
+				{"vm", "get", "nope"},
+				{"vm", "delete", "nope"},
+				{"vm", "delete", "nope", "--wait"},
+				{"vm", "stop", "nope"},
+				{"vm", "start", "nope"},
+				{"vm", "ttl", "nope", "10m"},
+				{"exec", "nope", "--", "true"},
+				{"executions", "nope"},
+				{"job", "run", "nope", "--cmd", "true"},
+				{"tools", "install", "nope", "node@22"},
+				{"tools", "list", "nope"},
+			} {
+				t.Run(strings.Join(args, " "), func(t *testing.T) {
+					start := time.Now()
+					r := run(t, cfg, "", args...)
+					require.Equal(t, 2, r.code, r.stderr)
+					require.Contains(t, r.stderr, `vm id "nope" is not a UUID`)
+					require.Less(t, time.Since(start), time.Second, "nothing was dialled")
+				})
+			}
+			for _, args := range [][]string{{"task", "get", "nope"}, {"task", "wait", "nope"}, {"job", "get", "nope"}} {
+				t.Run(strings.Join(args, " "), func(t *testing.T) {
+					r := run(t, cfg, "", args...)
+					require.Equal(t, 2, r.code, r.stderr)
+					require.Contains(t, r.stderr, `id "nope" is not a UUID`)
+				})
+			}
+		})
+	}
+}

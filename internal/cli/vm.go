@@ -129,11 +129,11 @@ func (a *app) vmGetCmd() *cobra.Command {
 		Short: "Show one VM",
 		Args:  args(cobra.ExactArgs(1)),
 		RunE: func(cmd *cobra.Command, argv []string) error {
-			svc, err := a.service(cmd.Context())
+			id, err := parseUUID("vm", argv[0])
 			if err != nil {
 				return err
 			}
-			id, err := parseUUID("vm", argv[0])
+			svc, err := a.service(cmd.Context())
 			if err != nil {
 				return err
 			}
@@ -203,11 +203,11 @@ func (a *app) vmTaskCmd(name, short string, submit func(service.TaskService, con
 		Short: short,
 		Args:  args(cobra.ExactArgs(1)),
 		RunE: func(cmd *cobra.Command, argv []string) error {
-			svc, err := a.service(cmd.Context())
-			if err != nil {
+			if _, err := parseUUID("vm", argv[0]); err != nil {
 				return err
 			}
-			if _, err := parseUUID("vm", argv[0]); err != nil {
+			svc, err := a.service(cmd.Context())
+			if err != nil {
 				return err
 			}
 			id, err := submit(svc, cmd.Context(), argv[0])
@@ -238,6 +238,9 @@ func (a *app) printTask(ctx context.Context, svc service.TaskService, id uuid.UU
 	return a.printJSON(newTaskView(t))
 }
 
+// parseUUID checks an id typed on the command line. Commands call it
+// before they connect to anything, so that a mistyped id is reported as
+// such (exit 2) even when PostgreSQL, Redis or aether-api is down.
 func parseUUID(kind, s string) (uuid.UUID, error) {
 	id, err := uuid.Parse(s)
 	if err != nil {
