@@ -18,6 +18,9 @@ type Capabilities struct {
 	Provider string `json:"provider"`
 	// MaxVCPUs is the most vCPUs one VM may have (the host's CPU count).
 	MaxVCPUs int `json:"max_vcpus"`
+	// MaxMemoryMB is the most memory one VM may ask for, in MiB (the
+	// backend's max_memory_mb; see DefaultMaxMemoryMB).
+	MaxMemoryMB int `json:"max_memory_mb"`
 	// Isolation describes the boundary: "container" or "vm".
 	Isolation string `json:"isolation"`
 	// PauseResume and Snapshot report the optional Snapshotter's features

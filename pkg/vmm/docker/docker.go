@@ -92,6 +92,10 @@ type Config struct {
 	// MaxVCPUs is the most vCPUs one VM may ask for. Default: the host's
 	// CPU count.
 	MaxVCPUs int `yaml:"-"`
+	// MaxMemoryMB is the most memory one VM may ask for, in MiB; a
+	// larger spec is refused before anything is made. Default: the host's
+	// RAM minus vmm.HostMemoryReserveMB (vmm.DefaultMaxMemoryMB).
+	MaxMemoryMB int `yaml:"max_memory_mb"`
 	// ReadyTimeout bounds how long StartVM waits for the agent to answer.
 	// Default 30s.
 	ReadyTimeout time.Duration `yaml:"ready_timeout"`
@@ -144,6 +148,10 @@ func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
 	cfg.BusyboxPath = cmp.Or(cfg.BusyboxPath, DefaultBusyboxPath)
 	cfg.SocketDir = cmp.Or(cfg.SocketDir, DefaultSocketDir)
 	cfg.MaxVCPUs = cmp.Or(cfg.MaxVCPUs, runtime.NumCPU())
+	if cfg.MaxMemoryMB < 0 {
+		return nil, fmt.Errorf("%w: vmm.docker.max_memory_mb is %d; give a positive size in MiB, or 0 for the default (host RAM minus %d MiB)", types.ErrInvalid, cfg.MaxMemoryMB, vmm.HostMemoryReserveMB)
+	}
+	cfg.MaxMemoryMB = cmp.Or(cfg.MaxMemoryMB, vmm.DefaultMaxMemoryMB())
 	cfg.ReadyTimeout = cmp.Or(cfg.ReadyTimeout, DefaultReadyTimeout)
 	cfg.StopTimeout = cmp.Or(cfg.StopTimeout, DefaultStopTimeout)
 	cfg.PidsLimit = cmp.Or(cfg.PidsLimit, DefaultPidsLimit)
@@ -231,7 +239,7 @@ func (o *Orchestrator) ensureImage(ctx context.Context) error {
 
 // Capabilities implements vmm.VMOrchestrator.
 func (o *Orchestrator) Capabilities() vmm.Capabilities {
-	return vmm.Capabilities{Provider: Provider, MaxVCPUs: o.cfg.MaxVCPUs, Isolation: "container"}
+	return vmm.Capabilities{Provider: Provider, MaxVCPUs: o.cfg.MaxVCPUs, MaxMemoryMB: o.cfg.MaxMemoryMB, Isolation: "container"}
 }
 
 // Health implements vmm.VMOrchestrator.
@@ -280,6 +288,9 @@ func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (*vmm.VM
 		return nil, err
 	}
 	if err := spec.Validate(o.cfg.MaxVCPUs); err != nil {
+		return nil, err
+	}
+	if err := vmm.CheckMaxMemory(spec, o.cfg.MaxMemoryMB, "vmm.docker.max_memory_mb"); err != nil {
 		return nil, err
 	}
 	if spec.Network == types.NetworkNAT {

@@ -10,6 +10,7 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/vmm/internal/jail"
 
 	"github.com/aetherium/aetherium-core/pkg/network"
+	"github.com/aetherium/aetherium-core/pkg/vmm"
 )
 
 // Provider is the backend's name in configuration.
@@ -84,6 +85,10 @@ type Config struct {
 	// MaxVCPUs is the most vCPUs one VM may ask for. Default: the host's CPU
 	// count, at most 32 (Firecracker's limit).
 	MaxVCPUs int `yaml:"-"`
+	// MaxMemoryMB is the most memory one VM may ask for, in MiB; a
+	// larger spec is refused before anything is made. Default: the host's
+	// RAM minus vmm.HostMemoryReserveMB (vmm.DefaultMaxMemoryMB).
+	MaxMemoryMB int `yaml:"max_memory_mb"`
 	// ReadyTimeout bounds how long StartVM waits for the API socket and then
 	// for the guest agent. Default 30s.
 	ReadyTimeout time.Duration `yaml:"ready_timeout"`
@@ -151,6 +156,9 @@ func (c *Config) setDefaults() {
 	c.SocketDir = cmp.Or(c.SocketDir, DefaultSocketDir)
 	c.LogLevel = cmp.Or(c.LogLevel, DefaultLogLevel)
 	c.MaxVCPUs = cmp.Or(c.MaxVCPUs, min(runtime.NumCPU(), MaxFirecrackerVCPUs))
+	if c.MaxMemoryMB == 0 {
+		c.MaxMemoryMB = vmm.DefaultMaxMemoryMB()
+	}
 	c.ReadyTimeout = cmp.Or(c.ReadyTimeout, DefaultReadyTimeout)
 	c.StopTimeout = cmp.Or(c.StopTimeout, DefaultStopTimeout)
 	c.Logger = cmp.Or(c.Logger, slog.Default())

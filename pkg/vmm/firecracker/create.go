@@ -30,6 +30,9 @@ func (o *Orchestrator) CreateVMWithOptions(ctx context.Context, spec types.VMSpe
 	if err := spec.Validate(o.cfg.MaxVCPUs); err != nil {
 		return nil, err
 	}
+	if err := vmm.CheckMaxMemory(spec, o.cfg.MaxMemoryMB, "vmm.firecracker.max_memory_mb"); err != nil {
+		return nil, err
+	}
 	if spec.Network == types.NetworkNAT && opts.TAPDevice == "" && !o.net.Enabled() {
 		return nil, vmutil.ErrNoNetwork
 	}

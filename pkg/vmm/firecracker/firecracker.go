@@ -75,6 +75,9 @@ func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
 	if cfg.MaxVCPUs < 0 || cfg.ReadyTimeout < 0 || cfg.StopTimeout < 0 {
 		return nil, fmt.Errorf("%w: firecracker backend: max vcpus, ready timeout and stop timeout must not be negative", types.ErrInvalid)
 	}
+	if cfg.MaxMemoryMB < 0 {
+		return nil, fmt.Errorf("%w: vmm.firecracker.max_memory_mb is %d; give a positive size in MiB, or 0 for the default (host RAM minus %d MiB)", types.ErrInvalid, cfg.MaxMemoryMB, vmm.HostMemoryReserveMB)
+	}
 	if cfg.KernelPath == "" || cfg.RootfsPath == "" {
 		return nil, fmt.Errorf("%w: firecracker backend: set vmm.firecracker.kernel_path (an ELF vmlinux) and vmm.firecracker.rootfs_path (an ext4 image); see docs/firecracker.md", types.ErrInvalid)
 	}
@@ -159,7 +162,7 @@ func (o *Orchestrator) recordedIDs() []string {
 
 // Capabilities implements vmm.VMOrchestrator.
 func (o *Orchestrator) Capabilities() vmm.Capabilities {
-	return vmm.Capabilities{Provider: Provider, MaxVCPUs: o.cfg.MaxVCPUs, Isolation: "vm", PauseResume: true, Snapshot: true,
+	return vmm.Capabilities{Provider: Provider, MaxVCPUs: o.cfg.MaxVCPUs, MaxMemoryMB: o.cfg.MaxMemoryMB, Isolation: "vm", PauseResume: true, Snapshot: true,
 		Networking: o.net.Enabled()}
 }
 

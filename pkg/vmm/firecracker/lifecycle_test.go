@@ -544,3 +544,30 @@ func TestVMLockAcrossOrchestrators(t *testing.T) {
 	require.NoError(t, err)
 	require.Empty(t, entries, "lock files go with their holders")
 }
+
+// TestMaxMemoryConfigured: vmm.firecracker.max_memory_mb caps each VM's
+// memory, is reported in Capabilities, and a negative value is refused.
+func TestMaxMemoryConfigured(t *testing.T) {
+	t.Parallel()
+	cfg := fakeConfig(t)
+	cfg.MaxMemoryMB = 256
+	o := newOrchestrator(t, cfg)
+	require.Equal(t, 256, o.Capabilities().MaxMemoryMB)
+	sp := vmmtest.NewSpec(t)
+	sp.MemoryMB = 512
+	_, err := o.CreateVM(t.Context(), sp)
+	require.ErrorIs(t, err, types.ErrInvalid)
+	require.ErrorContains(t, err, "at most 256 MiB per VM; ask for 256 or less, or raise vmm.firecracker.max_memory_mb")
+	entries, err := os.ReadDir(cfg.SocketDir)
+	require.NoError(t, err)
+	require.Empty(t, entries, "a refused spec leaves nothing behind")
+	sp.MemoryMB = 256
+	_, err = o.CreateVM(t.Context(), sp)
+	require.NoError(t, err, "the maximum itself is allowed")
+	require.NoError(t, o.DeleteVM(t.Context(), sp.ID))
+
+	cfg.MaxMemoryMB = -1
+	_, err = firecracker.New(t.Context(), cfg)
+	require.ErrorIs(t, err, types.ErrInvalid)
+	require.ErrorContains(t, err, "max_memory_mb")
+}

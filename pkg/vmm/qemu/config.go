@@ -50,6 +50,10 @@ type Config struct {
 	// MaxVCPUs is the most vCPUs one VM may ask for. Default: the host's
 	// CPU count.
 	MaxVCPUs int `yaml:"-"`
+	// MaxMemoryMB is the most memory one VM may ask for, in MiB; a
+	// larger spec is refused before anything is made. Default: the host's
+	// RAM minus vmm.HostMemoryReserveMB (vmm.DefaultMaxMemoryMB).
+	MaxMemoryMB int `yaml:"max_memory_mb"`
 	// ReadyTimeout bounds how long StartVM waits for the agent to answer.
 	// Default 90s (software emulation on a loaded host is slow).
 	ReadyTimeout time.Duration `yaml:"ready_timeout"`

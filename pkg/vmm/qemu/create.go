@@ -22,6 +22,9 @@ func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (_ *vmm.
 	if err := spec.Validate(o.cfg.MaxVCPUs); err != nil {
 		return nil, err
 	}
+	if err := vmm.CheckMaxMemory(spec, o.cfg.MaxMemoryMB, "vmm.qemu.max_memory_mb"); err != nil {
+		return nil, err
+	}
 	if err := types.ValidateID(spec.ID); err != nil {
 		return nil, err
 	}

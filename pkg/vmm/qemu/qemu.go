@@ -115,6 +115,10 @@ func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
 	cfg.ImgBinary = cmp.Or(cfg.ImgBinary, DefaultImgBinary)
 	cfg.RunDir = cmp.Or(cfg.RunDir, DefaultRunDir)
 	cfg.MaxVCPUs = cmp.Or(cfg.MaxVCPUs, runtime.NumCPU())
+	if cfg.MaxMemoryMB < 0 {
+		return nil, fmt.Errorf("%w: vmm.qemu.max_memory_mb is %d; give a positive size in MiB, or 0 for the default (host RAM minus %d MiB)", types.ErrInvalid, cfg.MaxMemoryMB, vmm.HostMemoryReserveMB)
+	}
+	cfg.MaxMemoryMB = cmp.Or(cfg.MaxMemoryMB, vmm.DefaultMaxMemoryMB())
 	cfg.ReadyTimeout = cmp.Or(cfg.ReadyTimeout, DefaultReadyTimeout)
 	cfg.StopTimeout = cmp.Or(cfg.StopTimeout, DefaultStopTimeout)
 	cfg.Logger = cmp.Or(cfg.Logger, slog.Default())
@@ -205,7 +209,7 @@ func (o *Orchestrator) path(id, name string) string { return filepath.Join(o.cfg
 
 // Capabilities implements vmm.VMOrchestrator.
 func (o *Orchestrator) Capabilities() vmm.Capabilities {
-	return vmm.Capabilities{Provider: Provider, MaxVCPUs: o.cfg.MaxVCPUs, Isolation: "vm", Networking: o.net.Enabled()}
+	return vmm.Capabilities{Provider: Provider, MaxVCPUs: o.cfg.MaxVCPUs, MaxMemoryMB: o.cfg.MaxMemoryMB, Isolation: "vm", Networking: o.net.Enabled()}
 }
 
 // Health implements vmm.VMOrchestrator.

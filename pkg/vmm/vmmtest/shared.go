@@ -3,6 +3,7 @@ package vmmtest
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"slices"
@@ -35,6 +36,7 @@ func RunShared(t *testing.T, h Harness) {
 func (s *suite) runShared(t *testing.T) {
 	t.Run("LockWaitHonoursCtx", s.testLockWait)
 	t.Run("InvalidID", s.testInvalidID)
+	t.Run("MemoryOverMaximum", s.testMemoryOverMax)
 	t.Run("Hostname", s.testHostname)
 	// A backend whose VMs' state lives in an engine (docker) keeps no
 	// record file and adopts no host process: these cases do not apply to
@@ -88,6 +90,30 @@ var BadIDs = []string{"", "../etc", "a/b", "a_b", "a.b", "-a", "a b", "vm\x00", 
 // testInvalidID: an id no VM can have is refused the same way by every
 // backend: types.ErrInvalid at create, types.ErrNotFound for a VM to act
 // on, and nil for a delete, before any state is touched.
+// testMemoryOverMax: every backend has a per-VM memory maximum, reported
+// in Capabilities; a spec over it is refused as invalid input, with the
+// limit and the setting that raises it, before anything is made.
+func (s *suite) testMemoryOverMax(t *testing.T) {
+	t.Parallel()
+	o := s.o
+	ctx := s.ctx(t)
+	maxMB := o.Capabilities().MaxMemoryMB
+	require.GreaterOrEqual(t, maxMB, types.MinMemoryMB, "Capabilities.MaxMemoryMB")
+	sp := s.spec(t)
+	sp.MemoryMB = maxMB + 1
+	st, err := o.CreateVM(ctx, sp)
+	if err == nil {
+		o.DeleteVM(context.WithoutCancel(ctx), sp.ID)
+	}
+	require.ErrorIs(t, err, types.ErrInvalid)
+	require.Nil(t, st)
+	require.ErrorContains(t, err, fmt.Sprintf("at most %d MiB", maxMB))
+	require.ErrorContains(t, err, "max_memory_mb", "the message names the setting that raises the limit")
+	_, err = o.GetVMStatus(ctx, sp.ID)
+	require.ErrorIs(t, err, types.ErrNotFound, "a refused spec left a VM behind")
+	require.NotContains(t, listIDs(t, o), sp.ID)
+}
+
 func (s *suite) testInvalidID(t *testing.T) {
 	t.Parallel()
 	o := s.o
