@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/netip"
 	"net/url"
@@ -15,10 +16,12 @@ import (
 	"path/filepath"
 	"reflect"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/agnivade/levenshtein"
 	"gopkg.in/yaml.v3"
 
 	"github.com/aetherium/aetherium-core/pkg/tools"
@@ -294,7 +297,9 @@ func Path(explicit string) string {
 
 // Load reads the file found by Path(explicit) (none is fine: defaults and
 // environment apply), applies environment overrides, fills defaults and
-// validates. Errors wrap types.ErrInvalid.
+// validates. An AETHERIUM_* variable that is neither a key nor in
+// OtherEnv fails, as an unknown key in the file does. Errors wrap
+// types.ErrInvalid.
 func Load(explicit string) (*Config, error) {
 	var c Config
 	if p := Path(explicit); p != "" {
@@ -309,7 +314,11 @@ func Load(explicit string) (*Config, error) {
 			return nil, fmt.Errorf("%w: parsing config %s: %v", types.ErrInvalid, p, err)
 		}
 	}
-	if err := applyEnv(reflect.ValueOf(&c).Elem(), strings.TrimSuffix(EnvPrefix, "_"), os.LookupEnv); err != nil {
+	keys := map[string]bool{}
+	if err := applyEnv(reflect.ValueOf(&c).Elem(), strings.TrimSuffix(EnvPrefix, "_"), os.LookupEnv, keys); err != nil {
+		return nil, err
+	}
+	if err := checkEnv(os.Environ(), keys); err != nil {
 		return nil, err
 	}
 	c.setDefaults()
@@ -504,7 +513,8 @@ func (s Storage) DSN() string {
 
 // applyEnv walks the struct, overriding each yaml-tagged leaf from
 // PREFIX_<PATH> where PATH joins the yaml keys in upper case with '_'.
-func applyEnv(v reflect.Value, prefix string, lookup func(string) (string, bool)) error {
+// It adds every such name to keys, set or not.
+func applyEnv(v reflect.Value, prefix string, lookup func(string) (string, bool), keys map[string]bool) error {
 	t := v.Type()
 	for i := 0; i < t.NumField(); i++ {
 		f := t.Field(i)
@@ -515,11 +525,12 @@ func applyEnv(v reflect.Value, prefix string, lookup func(string) (string, bool)
 		name := prefix + "_" + strings.ToUpper(tag)
 		fv := v.Field(i)
 		if fv.Kind() == reflect.Struct {
-			if err := applyEnv(fv, name, lookup); err != nil {
+			if err := applyEnv(fv, name, lookup, keys); err != nil {
 				return err
 			}
 			continue
 		}
+		keys[name] = true
 		raw, ok := lookup(name)
 		if !ok {
 			continue
@@ -529,6 +540,69 @@ func applyEnv(v reflect.Value, prefix string, lookup func(string) (string, bool)
 		}
 	}
 	return nil
+}
+
+// OtherEnv lists the AETHERIUM_* variables that are not configuration
+// keys but are read elsewhere, so that Load accepts them in its
+// environment. Add a variable here when something new reads one.
+var OtherEnv = map[string]string{
+	"AETHERIUM_CONFIG":             "the configuration file (Path)",
+	types.ToolsRootEnv:             "the guest's tool volume root, given to the docker guest's agent",
+	"AETHERIUM_IMAGE_DIR":          "the guest image cache of `aether-cli image` (pkg/image.CacheDirEnv)",
+	"AETHERIUM_STATE_DIR":          "where scripts/services.sh and up.sh keep data, logs and pids",
+	"AETHERIUM_PG_PORT":            "scripts/services.sh and up.sh: PostgreSQL's port",
+	"AETHERIUM_REDIS_PORT":         "scripts/services.sh and up.sh: Redis's port",
+	"AETHERIUM_PG_BIN":             "scripts/services.sh: directory of initdb and pg_ctl",
+	"AETHERIUM_API_PORT":           "scripts/up.sh: the port written as api.listen",
+	"AETHERIUM_MISE_SOURCE":        "scripts/setup.sh: where mise is fetched from",
+	"AETHERIUM_MISE_INTEGRITY":     "scripts/setup.sh: the integrity of AETHERIUM_MISE_SOURCE",
+	"AETHERIUM_TEST_REQUIRE":       "tests: turn skips for missing services into failures (internal/testenv)",
+	"AETHERIUM_BENCH_PROVIDER":     "tests: the backend of pkg/worker's tool benchmark",
+	"AETHERIUM_FIRECRACKER_SPEC":   "tests: the Firecracker API spec the fake checks against",
+	"AETHERIUM_FIRECRACKER_BIN":    "tests: the real-Firecracker suite's binary",
+	"AETHERIUM_FIRECRACKER_KERNEL": "tests: the real-Firecracker suite's kernel",
+	"AETHERIUM_FIRECRACKER_INITRD": "tests: the real-Firecracker suite's initramfs",
+	"AETHERIUM_FIRECRACKER_ROOTFS": "tests: the real-Firecracker suite's root file system",
+	"AETHERIUM_AGENT_REAPER_CHILD": "tests: marks pkg/agent's re-executed reaper test",
+	"AETHERIUM_NETWORK_TEST_CHILD": "tests: marks pkg/network's re-executed test",
+	"AETHERIUM_QEMU_NET_CHILD":     "tests: marks pkg/vmm/qemu's re-executed network test",
+}
+
+// checkEnv fails on AETHERIUM_* variables in environ that are neither in
+// keys nor in OtherEnv: most likely a misspelt key, which would
+// otherwise be ignored without a word. It names the closest known name.
+func checkEnv(environ []string, keys map[string]bool) error {
+	var errs []error
+	for _, kv := range environ {
+		name, _, _ := strings.Cut(kv, "=")
+		if !strings.HasPrefix(name, EnvPrefix) || keys[name] {
+			continue
+		}
+		if _, ok := OtherEnv[name]; ok {
+			continue
+		}
+		hint := "; unset it, or name a key as AETHERIUM_<SECTION>_<KEY> (vmm.provider is AETHERIUM_VMM_PROVIDER; aetherium.example.yaml lists the keys)"
+		if near := closest(name, keys); near != "" {
+			hint = fmt.Sprintf("; did you mean %s?", near)
+		}
+		errs = append(errs, fmt.Errorf("%w: environment variable %s is not a configuration key%s", types.ErrInvalid, name, hint))
+	}
+	return errors.Join(errs...)
+}
+
+// closest returns the key or OtherEnv name nearest to name, if it is
+// near enough to be a typo: edits to at most a quarter of the characters
+// after the prefix.
+func closest(name string, keys map[string]bool) string {
+	known := slices.Sorted(maps.Keys(keys))
+	known = append(known, slices.Sorted(maps.Keys(OtherEnv))...)
+	best, bestDist := "", len(strings.TrimPrefix(name, EnvPrefix))/4+1
+	for _, k := range known {
+		if d := levenshtein.ComputeDistance(name, k); d < bestDist {
+			best, bestDist = k, d
+		}
+	}
+	return best
 }
 
 func setValue(fv reflect.Value, raw string) error {

@@ -188,3 +188,49 @@ tools:
 	require.Equal(t, map[string]string{"MISE_NPM_PACKAGE_MANAGER": "npm", "MISE_URL_REPLACEMENTS": "a=b"}, c.Tools.Env)
 	require.Equal(t, "/var/tools", c.Tools.CacheDir)
 }
+
+// TestLoadRejectsUnknownEnv: an AETHERIUM_* variable that is no key fails
+// like an unknown key in the file, naming the closest known name, while
+// the variables read elsewhere (OtherEnv) pass.
+func TestLoadRejectsUnknownEnv(t *testing.T) {
+	t.Setenv("AETHERIUM_CONFIG", "")
+	p := writeFile(t, "")
+	cases := []struct {
+		name, value, want string
+	}{
+		{name: "AETHERIUM_VMM_PROVDER", value: "qemu", want: "environment variable AETHERIUM_VMM_PROVDER is not a configuration key; did you mean AETHERIUM_VMM_PROVIDER?"},
+		{name: "AETHERIUM_STORAGE_PORTT", value: "15432", want: "did you mean AETHERIUM_STORAGE_PORT?"},
+		{name: "AETHERIUM_VMM_QEMU_JAIL_ENABLE", value: "false", want: "did you mean AETHERIUM_VMM_QEMU_JAIL_ENABLED?"},
+		{name: "AETHERIUM_TEST_REQUIRED", value: "1", want: "did you mean AETHERIUM_TEST_REQUIRE?"},
+		{name: "AETHERIUM_WORKER_DEAD", value: "", want: "environment variable AETHERIUM_WORKER_DEAD is not a configuration key"},
+		{name: "AETHERIUM_SOMETHING_ELSE_ENTIRELY", value: "x", want: "AETHERIUM_SOMETHING_ELSE_ENTIRELY is not a configuration key; unset it, or name a key as AETHERIUM_<SECTION>_<KEY>"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Setenv(tc.name, tc.value)
+			_, err := Load(p)
+			require.ErrorIs(t, err, types.ErrInvalid)
+			require.ErrorContains(t, err, tc.want)
+		})
+	}
+
+	t.Run("every one is named", func(t *testing.T) {
+		t.Setenv("AETHERIUM_LOG_LEVL", "debug")
+		t.Setenv("AETHERIUM_API_LISTN", "127.0.0.1:1")
+		_, err := Load(p)
+		require.ErrorContains(t, err, "did you mean AETHERIUM_LOG_LEVEL?")
+		require.ErrorContains(t, err, "did you mean AETHERIUM_API_LISTEN?")
+	})
+
+	t.Run("variables read elsewhere pass", func(t *testing.T) {
+		for name := range OtherEnv {
+			if name != "AETHERIUM_CONFIG" {
+				t.Setenv(name, "1")
+			}
+		}
+		t.Setenv("AETHERIUM_VMM_PROVIDER", "qemu")
+		c, err := Load(p)
+		require.NoError(t, err)
+		require.Equal(t, "qemu", c.VMM.Provider)
+	})
+}
