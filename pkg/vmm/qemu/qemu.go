@@ -96,10 +96,12 @@ type Orchestrator struct {
 // vmProcs are the processes of one running VM.
 type vmProcs struct {
 	qemu, vsock *vmutil.Proc
-	// consoleFrom is the console log's size when this boot began: the
-	// boot's own lines come after it.
-	consoleFrom int64
-	stopping    bool // set while StopVM or DeleteVM ends it on purpose
+	// consoleFrom, qemuLogFrom and vsockLogFrom are the sizes of the
+	// console, QEMU and vhost-device-vsock logs when this boot began: the
+	// boot's own lines come after them. Zero for processes found again
+	// after a restart.
+	consoleFrom, qemuLogFrom, vsockLogFrom int64
+	stopping                               bool // set while StopVM or DeleteVM ends it on purpose
 }
 
 var (

@@ -259,3 +259,42 @@ func fileHash(t testing.TB, path string) string {
 	require.NoError(t, err)
 	return hex.EncodeToString(h.Sum(nil))
 }
+
+// TestFailureMessage: a VM whose QEMU exits during boot (here: a kernel
+// file QEMU cannot load) fails with one text, the same in StartVM's error
+// and in the VM's status: what failed, then one labelled tail of the log
+// that says why (QEMU's own), taken from this boot only, so a line an
+// earlier boot left on the console does not end the message.
+func TestFailureMessage(t *testing.T) {
+	requireHost(t)
+	img := testenv.GuestImage(t)
+	kernel := filepath.Join(t.TempDir(), "vmlinuz")
+	require.NoError(t, os.WriteFile(kernel, []byte("this is not a kernel\n"), 0o644))
+	o, err := qemu.New(context.Background(), qemu.Config{
+		KernelPath: kernel, InitrdPath: img.InitrdPath(), RootfsPath: img.RootfsPath(),
+		RunDir: runDir(t), Jail: jailConfig(t), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+	})
+	require.NoError(t, err)
+	t.Cleanup(func() { deleteAll(t, o); o.Close() })
+	ctx := t.Context()
+	sp := vmmtest.NewSpec(t)
+	_, err = o.CreateVM(ctx, sp)
+	require.NoError(t, err)
+	// What an earlier boot of the VM left on its console.
+	require.NoError(t, os.WriteFile(filepath.Join(o.RunDir(sp.ID), "console.log"), []byte("reboot: Power down (an earlier boot)\n"), 0o600))
+
+	err = o.StartVM(ctx, sp.ID)
+	require.Error(t, err)
+	t.Log(err)
+	var st *vmm.VMStatus
+	require.Eventually(t, func() bool {
+		st, _ = o.GetVMStatus(ctx, sp.ID)
+		return st != nil && st.State == types.VMFailed && st.Detail != ""
+	}, 10*time.Second, 20*time.Millisecond)
+	t.Log(st.Detail)
+	require.Regexp(t, `^QEMU exited with code \d+; QEMU's log ends with:\nqemu`, st.Detail)
+	require.Equal(t, 1, strings.Count(st.Detail, " ends with:"), "one labelled tail")
+	require.NotContains(t, st.Detail, "earlier boot")
+	require.Equal(t, "starting vm "+sp.ID+": it failed before its agent answered: "+st.Detail, err.Error(),
+		"StartVM's error and the recorded failure are the same text")
+}

@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -43,7 +44,7 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 			vf.Running = false
 			_ = o.writeVM(id, vf)
 		}
-		return fmt.Errorf("%w; vhost-device-vsock's log ends with:\n%s\nthe VM was powered off, so starting it again boots it afresh", err, vmutil.Tail(o.path(id, fileVsockLog), 5))
+		return err
 	}
 	return err
 }
@@ -75,6 +76,7 @@ func (o *Orchestrator) boot(ctx context.Context, id string, vf *vmFile) (p *vmPr
 		return nil, fmt.Errorf("starting vm %s: %w", id, err)
 	}
 
+	consoleFrom, qemuLogFrom, vsockLogFrom := logSize(o.path(id, fileConsole)), logSize(o.path(id, fileQEMULog)), logSize(o.path(id, fileVsockLog))
 	vs, err := o.spawnJailed(id, vf, cgroups, o.vmmDevices(vf, false), []string{o.cfg.VsockBinary, "--vm", fmt.Sprintf("guest-cid=%d,socket=%s,uds-path=%s",
 		guestCID, o.path(id, fileVhost), o.path(id, fileVsock))}, o.path(id, fileVsockLog), o.path(id, fileVsockPid), false)
 	if err != nil {
@@ -94,7 +96,7 @@ func (o *Orchestrator) boot(ctx context.Context, id string, vf *vmFile) (p *vmPr
 		}
 	}()
 	if err := vmutil.WaitFile(o.path(id, fileVhost), vs, 10*time.Second); err != nil {
-		return nil, fmt.Errorf("starting vm %s: vhost-device-vsock: %v; its log ends with:\n%s", id, err, vmutil.Tail(o.path(id, fileVsockLog), 10))
+		return nil, fmt.Errorf("starting vm %s: %s", id, withTail("vhost-device-vsock: "+err.Error(), "vhost-device-vsock's log", cmp.Or(vmutil.TailFrom(o.path(id, fileVsockLog), vsockLogFrom, 10), "(empty)")))
 	}
 
 	vf.Running = true
@@ -103,15 +105,11 @@ func (o *Orchestrator) boot(ctx context.Context, id string, vf *vmFile) (p *vmPr
 	if err := o.writeVM(id, vf); err != nil {
 		return nil, err
 	}
-	var consoleFrom int64
-	if fi, err := os.Stat(o.path(id, fileConsole)); err == nil {
-		consoleFrom = fi.Size()
-	}
 	q, err := o.spawnJailed(id, vf, cgroups, o.vmmDevices(vf, true), append([]string{o.cfg.Binary}, o.qemuArgs(id, vf)...), o.path(id, fileQEMULog), o.path(id, fileQEMUPid), vf.Net != nil)
 	if err != nil {
 		return nil, fmt.Errorf("starting vm %s: %w", id, err)
 	}
-	p = &vmProcs{qemu: q, vsock: vs, consoleFrom: consoleFrom}
+	p = &vmProcs{qemu: q, vsock: vs, consoleFrom: consoleFrom, qemuLogFrom: qemuLogFrom, vsockLogFrom: vsockLogFrom}
 	o.mu.Lock()
 	o.vms[id] = p
 	o.mu.Unlock()
@@ -186,12 +184,15 @@ func (o *Orchestrator) waitAgent(ctx context.Context, id string, p *vmProcs) err
 		if err == nil {
 			return nil
 		}
-		return vmutil.ReadyError(ctx, id, o.cfg.ReadyTimeout, err, "the serial console", vmutil.Tail(o.path(id, fileConsole), 20))
+		// Without ctx's end this is ErrUnavailable, on which StartVM
+		// powers the VM off: the message says so before the tail.
+		return vmutil.ReadyError(ctx, id, o.cfg.ReadyTimeout, err, "the VM was powered off, so starting it again boots it afresh; the serial console",
+			cmp.Or(vmutil.TailFrom(o.path(id, fileConsole), p.consoleFrom, 20), "(empty)"))
 	case <-p.qemu.Done():
 		cancel()
 		<-ready
-		return fmt.Errorf("starting vm %s: QEMU %s before the agent answered; its log ends with:\n%s\nthe serial console ends with:\n%s",
-			id, p.qemu.Status(), vmutil.Tail(o.path(id, fileQEMULog), 10), vmutil.Tail(o.path(id, fileConsole), 20))
+		// The same words the watcher records as the VM's failure.
+		return fmt.Errorf("starting vm %s: it failed before its agent answered: %s", id, o.qemuEnded(id, p))
 	}
 }
 

@@ -100,6 +100,10 @@ func (o *Orchestrator) status(id string) (*vmm.VMStatus, error) {
 		st.State = types.VMRunning
 	case vf.Failed != "":
 		st.State, st.Detail = types.VMFailed, vf.Failed
+	case vf.Running && p != nil:
+		// Ended, and the watcher has not recorded it yet: the words it
+		// will record.
+		st.State, st.Detail = types.VMFailed, o.qemuEnded(id, p)
 	case vf.Running:
 		// Should run, but this worker holds no process for it (the
 		// watcher has not caught up yet, or another worker owns it).

@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"strings"
 	"syscall"
 	"time"
 
@@ -23,14 +22,14 @@ func (o *Orchestrator) watch(id string, p *vmProcs) {
 	if p.vsock != nil {
 		vsockDone = p.vsock.Done()
 	}
-	var why string
+	var why func() string // read once the VM's lock is held
 	select {
 	case <-p.qemu.Done():
-		why = "QEMU " + p.qemu.Status()
+		why = func() string { return o.qemuEnded(id, p) }
 	case <-vsockDone:
 		// QEMU runs on, but nothing reaches its agent any more: the VM is
 		// as good as dead, and is ended rather than reported running.
-		why = "vhost-device-vsock " + p.vsock.Status() + ", so the host could no longer reach the agent"
+		why = func() string { return o.vsockEnded(id, p) }
 	}
 	unlock := o.locks.Lock(id)
 	defer unlock()
@@ -41,27 +40,19 @@ func (o *Orchestrator) watch(id string, p *vmProcs) {
 	if stopping || !current {
 		return
 	}
-	o.log.Warn("vm ended unexpectedly", "vm_id", id, "why", why)
+	failed := why()
+	o.log.Warn("vm ended unexpectedly", "vm_id", id, "why", failed)
+	// Recorded before the processes are dropped, so a status read in
+	// between shows these words and not a generic "not running".
+	if vf, err := o.readVM(id); err == nil {
+		vf.Running = false
+		vf.Failed = failed
+		if err := o.writeVM(id, vf); err != nil {
+			o.log.Warn("cannot record failed vm", "vm_id", id, "err", err)
+		}
+	}
 	o.stopProcs(id, true)
 	o.cleanRuntime(id)
-	vf, err := o.readVM(id)
-	if err != nil {
-		return
-	}
-	vf.Running = false
-	vf.Failed = why + lastLine(o.path(id, fileConsole))
-	if err := o.writeVM(id, vf); err != nil {
-		o.log.Warn("cannot record failed vm", "vm_id", id, "err", err)
-	}
-}
-
-// lastLine returns "; console: <last line>" from the serial log, if any.
-func lastLine(path string) string {
-	t := strings.TrimSpace(vmutil.Tail(path, 1))
-	if t == "" || strings.HasPrefix(t, "(") {
-		return ""
-	}
-	return "; console: " + t
 }
 
 // StopVM implements vmm.VMOrchestrator. A graceful stop asks the agent to

@@ -192,29 +192,49 @@ func DialAgent(ctx context.Context, running RunningDialer, id string) (net.Conn,
 // Tail returns the last n lines of a log file (reading at most its last
 // 64 KiB), "(empty)" for an empty one, or why it cannot be read.
 func Tail(path string, n int) string {
-	f, err := os.Open(path)
+	s, err := tailFrom(path, 0, n)
 	if err != nil {
 		return "(no output: " + err.Error() + ")"
 	}
+	if s == "" {
+		return "(empty)"
+	}
+	return s
+}
+
+// TailFrom returns the last n lines written to a log file past offset
+// from (reading at most its last 64 KiB), and "" when nothing was written
+// past it or the file cannot be read. A log appended across boots is thus
+// read for one boot only, and a caller can tell an empty one apart.
+func TailFrom(path string, from int64, n int) string {
+	s, _ := tailFrom(path, from, n)
+	return s
+}
+
+func tailFrom(path string, from int64, n int) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
 	defer f.Close()
 	const maxRead = 64 << 10
-	if fi, err := f.Stat(); err == nil && fi.Size() > maxRead {
-		if _, err := f.Seek(-maxRead, io.SeekEnd); err != nil {
-			return "(no output: " + err.Error() + ")"
+	if fi, err := f.Stat(); err == nil {
+		from = max(from, fi.Size()-maxRead)
+	}
+	if from > 0 {
+		if _, err := f.Seek(from, io.SeekStart); err != nil {
+			return "", err
 		}
 	}
 	b, err := io.ReadAll(f)
 	if err != nil {
-		return "(no output: " + err.Error() + ")"
+		return "", err
 	}
 	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
 	if len(lines) > n {
 		lines = lines[len(lines)-n:]
 	}
-	if s := strings.Join(lines, "\n"); s != "" {
-		return s
-	}
-	return "(empty)"
+	return strings.Join(lines, "\n"), nil
 }
 
 // AgentIO is the agent-facing part of vmm.VMOrchestrator (WriteFile,
