@@ -123,6 +123,15 @@ func testSession(t *testing.T, provider string, remoteMode bool) {
 	require.Equal(t, "json-out\n", ex["stdout"])
 	require.EqualValues(t, 5, ex["exit_code"])
 
+	// A missing program exits 127 and one that cannot be executed 126, as
+	// in a shell, with the reason on stderr.
+	r = run(t, cfg, "", "exec", vmID, "--", "nosuch")
+	require.Equal(t, 127, r.code, r.stderr)
+	require.Equal(t, "aetherium: nosuch: command not found\n", r.stderr)
+	r = run(t, cfg, "", "exec", vmID, "--", "/etc/passwd")
+	require.Equal(t, 126, r.code, r.stderr)
+	require.Equal(t, "aetherium: /etc/passwd: permission denied\n", r.stderr)
+
 	r = run(t, cfg, "", "--json", "vm", "get", vmID)
 	require.Equal(t, 0, r.code)
 	var vm map[string]any
