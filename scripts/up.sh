@@ -14,8 +14,26 @@ FOREGROUND=${1:-}
 mkdir -p "$STATE"
 
 cfgfile=${AETHERIUM_CONFIG:-aetherium.yaml}
-provider=${AETHERIUM_VMM_PROVIDER:-$( [ -e "$cfgfile" ] && sed -n 's/^  provider: *//p' "$cfgfile" | head -1 || true)}
+# The vmm section comes first, so the first "  provider:" line is its own.
+file_provider=$( [ -e "$cfgfile" ] && sed -n 's/^  provider: *//p' "$cfgfile" | head -1 | tr -d '"' || true)
+provider=${AETHERIUM_VMM_PROVIDER:-$file_provider}
 provider=${provider:-docker}
+case $provider in
+  docker|qemu|firecracker) ;;
+  *) die "unknown vmm provider '$provider'; use docker, qemu or firecracker" ;;
+esac
+# The CLI reads the same file without the environment: a file naming
+# another backend than the worker runs would mislead it (doctor, image
+# build) and whoever reads it. A file this script wrote follows the
+# environment; one the user wrote is theirs to change.
+if [ -n "$file_provider" ] && [ "$file_provider" != "$provider" ]; then
+  if head -1 "$cfgfile" | grep -q '^# Written by scripts/up.sh'; then
+    log "AETHERIUM_VMM_PROVIDER=$provider: switching vmm.provider in $cfgfile from $file_provider"
+    sed -i "/^vmm:/,/^[^ #]/ s/^  provider: .*/  provider: $provider/" "$cfgfile"
+  else
+    die "$cfgfile says vmm.provider: $file_provider but AETHERIUM_VMM_PROVIDER=$provider; set vmm.provider to $provider in $cfgfile (or unset AETHERIUM_VMM_PROVIDER) so that the CLI and the worker agree"
+  fi
+fi
 DOCKER_HOST_LINE=""
 configured=$( [ -e "$cfgfile" ] && sed -n 's/^    host: *//p' "$cfgfile" | tr -d '"' | head -1 || true)
 private_host=unix://$STATE/dockerd/docker.sock

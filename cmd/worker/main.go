@@ -64,6 +64,7 @@ func run() error {
 	w, err := worker.New(worker.Config{
 		ID:                cfg.Worker.ID,
 		Provider:          cfg.VMM.Provider,
+		NetworkByDefault:  cfg.Network.Enabled,
 		Redis:             wiring.RedisConfig(cfg),
 		Concurrency:       cfg.Worker.Concurrency,
 		TaskCheckInterval: cfg.Queue.TaskCheckInterval,

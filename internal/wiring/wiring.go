@@ -93,10 +93,10 @@ func OpenService(ctx context.Context, c *config.Config, log *slog.Logger) (*Serv
 		return nil, err
 	}
 	q := qr.q
-	opts := []service.Option{service.WithProvider(c.VMM.Provider), service.WithLogger(log)}
-	if c.Network.Enabled && c.VMM.Provider != "docker" {
-		opts = append(opts, service.WithDefaultNetwork(types.NetworkNAT))
-	}
+	// Neither the provider nor the default network mode is decided here:
+	// this process's vmm section may name another backend than the workers
+	// run (the worker that claims a VM records both).
+	opts := []service.Option{service.WithLogger(log)}
 	if c.VMM.MaxVCPUs > 0 {
 		opts = append(opts, service.WithMaxVCPUs(c.VMM.MaxVCPUs))
 	}

@@ -89,6 +89,11 @@ type VMCreatePayload struct {
 	// Tools are the mise tool specs to install and deliver (validated by
 	// the service).
 	Tools []string `json:"tools,omitempty"`
+	// DefaultNetwork says that the creator left the VM's network mode to
+	// the worker, which records its own default when it claims the VM (it
+	// depends on the worker's backend and configuration, which the service
+	// does not know). false: the stored mode stands.
+	DefaultNetwork bool `json:"default_network,omitempty"`
 }
 
 // VMExecutePayload asks the VM's owner to run a command.

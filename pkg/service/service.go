@@ -36,7 +36,6 @@ var _ TaskService = (*Service)(nil)
 
 type options struct {
 	maxVCPUs       int
-	provider       string
 	defaultNetwork string
 	maxTTL         time.Duration
 	dataPlane      DataPlane
@@ -50,11 +49,10 @@ type Option func(*options)
 // CPU count). Workers check their own host's limit again.
 func WithMaxVCPUs(n int) Option { return func(o *options) { o.maxVCPUs = n } }
 
-// WithProvider records which VM backend new VMs are meant for.
-func WithProvider(p string) Option { return func(o *options) { o.provider = p } }
-
 // WithDefaultNetwork sets the network mode of VMs created without one
-// (types.NetworkNone or types.NetworkNAT; default none).
+// (types.NetworkNone or types.NetworkNAT). Without it, the worker that
+// claims such a VM picks the mode from its backend and configuration
+// (worker.Config.NetworkByDefault); the VM's row says none until then.
 func WithDefaultNetwork(mode string) Option { return func(o *options) { o.defaultNetwork = mode } }
 
 // WithMaxTTL bounds the TTL a VM may be given (default: no bound).
@@ -73,7 +71,7 @@ func WithLogger(l *slog.Logger) Option { return func(o *options) { o.logger = l 
 // does), WaitTask is woken by notifications instead of polling and streamed
 // output can be read.
 func NewTaskService(q queue.Queue, s storage.Store, opts ...Option) *Service {
-	o := options{maxVCPUs: runtime.NumCPU(), provider: "docker", logger: slog.New(slog.DiscardHandler)}
+	o := options{maxVCPUs: runtime.NumCPU(), logger: slog.New(slog.DiscardHandler)}
 	for _, f := range opts {
 		f(&o)
 	}
@@ -101,7 +99,8 @@ type CreateVMOptions struct {
 	Labels   map[string]string
 	Env      map[string]string // default environment of every command in the VM
 	// Network is types.NetworkNone or types.NetworkNAT; empty takes the
-	// service's default (WithDefaultNetwork).
+	// service's default (WithDefaultNetwork) or, without one, that of the
+	// worker that creates the VM.
 	Network string
 	// TTL, when positive, makes the owning worker delete the VM that long
 	// after its creation (VM.ExpiresAt). Zero: the VM lives until deleted.
@@ -121,6 +120,9 @@ func (s *Service) CreateVMTask(ctx context.Context, name string, vcpus, memoryMB
 
 func (s *Service) CreateVMTaskWithOptions(ctx context.Context, o CreateVMOptions) (uuid.UUID, error) {
 	id := uuid.New()
+	// Left to the worker, the mode is decided when it claims the VM; the
+	// row holds none until then.
+	workerNetwork := o.Network == "" && s.opts.defaultNetwork == ""
 	network := cmp.Or(o.Network, s.opts.defaultNetwork, types.NetworkNone)
 	spec := types.VMSpec{ID: id.String(), Name: o.Name, VCPUs: o.VCPUs, MemoryMB: o.MemoryMB, Labels: o.Labels, Env: o.Env, Network: network}
 	if err := spec.Validate(s.opts.maxVCPUs); err != nil {
@@ -134,8 +136,10 @@ func (s *Service) CreateVMTaskWithOptions(ctx context.Context, o CreateVMOptions
 	}
 	sc := scopeOf(ctx)
 	now := time.Now().UTC()
+	// Provider stays empty: the worker that claims the VM records the
+	// backend it really runs on, which this process cannot know.
 	vm := &types.VM{ID: spec.ID, Name: o.Name, VCPUs: o.VCPUs, MemoryMB: o.MemoryMB, State: types.VMPending,
-		Provider: s.opts.provider, Labels: o.Labels, Env: o.Env, Network: network, Tenant: sc.Tenant, CreatedAt: now, UpdatedAt: now}
+		Labels: o.Labels, Env: o.Env, Network: network, Tenant: sc.Tenant, CreatedAt: now, UpdatedAt: now}
 	if o.TTL > 0 {
 		exp := now.Add(o.TTL)
 		vm.ExpiresAt = &exp
@@ -146,7 +150,7 @@ func (s *Service) CreateVMTaskWithOptions(ctx context.Context, o CreateVMOptions
 		}
 		return uuid.Nil, fmt.Errorf("recording vm %s: %w", o.Name, err)
 	}
-	t, err := queue.NewVMCreateTask(id.String(), queue.VMCreatePayload{VMID: vm.ID, Tools: o.Tools})
+	t, err := queue.NewVMCreateTask(id.String(), queue.VMCreatePayload{VMID: vm.ID, Tools: o.Tools, DefaultNetwork: workerNetwork})
 	if err == nil {
 		err = s.submit(ctx, t, queue.EnqueueOptions{Queue: queue.SharedQueue, MaxRetry: createMaxRetry, Timeout: createTimeout})
 	}

@@ -29,6 +29,19 @@ type VMFilter struct {
 	Limit int
 }
 
+// Claim is what a worker records about a VM when it takes it on.
+type Claim struct {
+	// Owner is the worker's id. Required.
+	Owner string
+	// Provider is the backend the worker runs the VM on (its
+	// orchestrator's Capabilities().Provider). Required.
+	Provider string
+	// Network, when set, is the VM's network mode as the worker decided it
+	// for a VM whose creator left it to the worker (types.NetworkNone or
+	// types.NetworkNAT). Empty keeps the stored mode.
+	Network string
+}
+
 // VMCount is how many VMs are in one state for one provider.
 type VMCount struct {
 	State    types.VMState
@@ -110,9 +123,14 @@ type Store interface {
 	// changes nothing. Idempotent in effect: a second call finds the VM in
 	// `to` and returns false.
 	UpdateOwnedVMState(ctx context.Context, id, owner string, from, to types.VMState, errMsg string) (bool, error)
-	// ClaimVM sets the VM's owner if it has none. Claiming a VM one already
-	// owns is a no-op; a VM owned by another worker returns types.ErrConflict.
-	ClaimVM(ctx context.Context, id, owner string) error
+	// ClaimVM makes c.Owner the VM's owner if it has none, recording in the
+	// same step the backend that will run it (c.Provider) and, when
+	// c.Network is set, its network mode, and returns the VM as it then
+	// is. Claiming a VM one already owns changes nothing and returns it
+	// (idempotent); a VM owned by another worker returns types.ErrConflict
+	// naming the owner, a missing one types.ErrNotFound, an empty owner or
+	// provider types.ErrInvalid.
+	ClaimVM(ctx context.Context, id string, c Claim) (*types.VM, error)
 
 	// CreateTask inserts a task; an existing id returns types.ErrConflict.
 	CreateTask(ctx context.Context, t *types.Task) error

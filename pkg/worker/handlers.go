@@ -12,6 +12,7 @@ import (
 	"github.com/hibiken/asynq"
 
 	"github.com/aetherium/aetherium-core/pkg/queue"
+	"github.com/aetherium/aetherium-core/pkg/storage"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
 )
@@ -70,7 +71,11 @@ func (w *Worker) handleVMCreate(ctx context.Context, t *asynq.Task, log *slog.Lo
 			return map[string]any{"vm_id": vm.ID}, nil
 		}
 	}
-	if err := w.store.ClaimVM(ctx, vm.ID, w.cfg.ID); err != nil {
+	claim := storage.Claim{Owner: w.cfg.ID, Provider: w.cfg.Provider}
+	if p.DefaultNetwork {
+		claim.Network = w.defaultNetwork
+	}
+	if vm, err = w.store.ClaimVM(ctx, vm.ID, claim); err != nil {
 		return nil, err
 	}
 	if err := w.setState(ctx, vm.ID, types.VMCreating, ""); err != nil {

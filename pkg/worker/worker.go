@@ -28,8 +28,15 @@ import (
 type Config struct {
 	// ID names this worker and its queue. Required.
 	ID string
-	// Provider is recorded with the worker's heartbeat (e.g. "docker").
+	// Provider names the worker's backend (e.g. "docker"). It is recorded
+	// with the heartbeat and on every VM the worker claims. Empty: the
+	// orchestrator's Capabilities().Provider, which it must equal if set.
 	Provider string
+	// NetworkByDefault gives VMs created without a network mode NAT
+	// networking when the backend can network VMs
+	// (Capabilities().Networking); otherwise they get none. The worker
+	// decides this, not the service, because it depends on the backend.
+	NetworkByDefault bool
 	// Redis is where the task queue lives.
 	Redis queue.RedisConfig
 	// Concurrency is how many tasks run at once. Default 10.
@@ -87,6 +94,9 @@ type Worker struct {
 	log      *slog.Logger
 
 	metrics *metrics
+	// defaultNetwork is the network mode of VMs whose creator left it to
+	// the worker (Config.NetworkByDefault and the backend's capabilities).
+	defaultNetwork string
 
 	mu        sync.Mutex
 	srv       *asynq.Server
@@ -129,7 +139,11 @@ func New(cfg Config, store storage.Store, orch vmm.VMOrchestrator, notifier queu
 	cfg.HeartbeatInterval = cmp.Or(cfg.HeartbeatInterval, 5*time.Second)
 	cfg.MaxOutputBytes = cmp.Or(cfg.MaxOutputBytes, types.DefaultMaxOutputBytes)
 	cfg.ExpiryInterval = cmp.Or(cfg.ExpiryInterval, ExpiryIntervalDefault)
-	cfg.Provider = cmp.Or(cfg.Provider, orch.Capabilities().Provider)
+	caps := orch.Capabilities()
+	if cfg.Provider != "" && cfg.Provider != caps.Provider {
+		return nil, fmt.Errorf("%w: worker provider %q differs from its backend's %q; set vmm.provider to the backend the worker runs", types.ErrInvalid, cfg.Provider, caps.Provider)
+	}
+	cfg.Provider = caps.Provider
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -141,7 +155,11 @@ func New(cfg Config, store storage.Store, orch vmm.VMOrchestrator, notifier queu
 	}
 	m := newMetrics()
 	m.watchUsage(orch)
-	return &Worker{cfg: cfg, store: store, vmm: orch, notifier: notifier, output: output,
+	defaultNetwork := types.NetworkNone
+	if cfg.NetworkByDefault && caps.Networking {
+		defaultNetwork = types.NetworkNAT
+	}
+	return &Worker{cfg: cfg, defaultNetwork: defaultNetwork, store: store, vmm: orch, notifier: notifier, output: output,
 		log: cfg.Logger.With("worker_id", cfg.ID), metrics: m, inflight: map[string]time.Time{}, unknown: map[string]struct{}{}}, nil
 }
 

@@ -23,6 +23,7 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
 	"github.com/aetherium/aetherium-core/pkg/vmm/docker"
+	"github.com/aetherium/aetherium-core/pkg/worker"
 )
 
 func TestMain(m *testing.M) { testenv.Main(m) }
@@ -514,4 +515,18 @@ func TestReconcileKeepsUnknownVMs(t *testing.T) {
 	res, err := orch.ExecuteCommand(ctx, spec.ID, types.Command{Cmd: "echo", Args: []string{"alive"}}, vmm.ExecIO{})
 	require.NoError(t, err)
 	require.Equal(t, "alive\n", string(res.Stdout))
+}
+
+// TestProviderFromBackend: the worker records its backend's provider, and
+// refuses a configured provider that names another backend.
+func TestProviderFromBackend(t *testing.T) {
+	s := stack.Start(t, stack.Options{})
+	orch := s.VMMs["w1"]
+	_, err := worker.New(worker.Config{ID: "odd", Provider: "qemu"}, s.Store, orch, nil, nil)
+	require.ErrorIs(t, err, types.ErrInvalid)
+	require.Contains(t, err.Error(), "vmm.provider")
+	id := createVM(t, s, "provider")
+	vm, err := s.Service.GetVM(context.Background(), id)
+	require.NoError(t, err)
+	require.Equal(t, orch.Capabilities().Provider, vm.Provider)
 }

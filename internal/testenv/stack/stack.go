@@ -107,7 +107,7 @@ func Start(t testing.TB, o Options) *Stack {
 
 	token := rand.Text()
 	s := &Stack{t: t, DSN: dsn, RedisAddr: redisAddr, DockerHost: host, Store: store, Queue: q, Token: token, opts: o,
-		Provider: o.Provider, Service: service.NewTaskService(q, store, service.WithProvider(o.Provider),
+		Provider: o.Provider, Service: service.NewTaskService(q, store,
 			service.WithDataPlane(dataplane.NewClient(token))),
 		Workers: map[string]*worker.Worker{}, VMMs: map[string]vmm.VMOrchestrator{}, Networks: map[string]*network.Manager{}, SocketDirs: map[string]string{}}
 	for _, id := range o.Workers {

@@ -285,29 +285,36 @@ func (s *Store) UpdateOwnedVMState(ctx context.Context, id, owner string, from, 
 	return tag.RowsAffected() == 1, nil
 }
 
-// ClaimVM sets the VM's owner if it has none. An owner, once set, never
-// changes, so the follow-up read that explains a refused claim cannot race
-// with another claim.
-func (s *Store) ClaimVM(ctx context.Context, id, owner string) error {
-	if err := required("claim", "owner", owner); err != nil {
-		return fmt.Errorf("claiming vm %s: %w", id, err)
+// ClaimVM sets the VM's owner, provider and (if given) network if it has no
+// owner. An owner, once set, never changes, so the follow-up read that
+// explains a refused claim cannot race with another claim.
+func (s *Store) ClaimVM(ctx context.Context, id string, c storage.Claim) (*types.VM, error) {
+	if err := required("claim", "owner", c.Owner); err != nil {
+		return nil, fmt.Errorf("claiming vm %s: %w", id, err)
 	}
-	tag, err := s.pool.Exec(ctx, `UPDATE vms SET owner = $2, updated_at = $3 WHERE id = $1 AND owner = ''`, id, owner, now())
-	if err != nil {
-		return s.fail(err, "claiming vm %s for %s", id, owner)
+	if err := required("claim", "provider", c.Provider); err != nil {
+		return nil, fmt.Errorf("claiming vm %s: %w", id, err)
 	}
-	if tag.RowsAffected() == 1 {
-		return nil
+	if c.Network != "" {
+		if err := types.ValidateNetwork(c.Network); err != nil {
+			return nil, fmt.Errorf("claiming vm %s: %w", id, err)
+		}
 	}
-	var current string
-	err = s.pool.QueryRow(ctx, `SELECT owner FROM vms WHERE id = $1`, id).Scan(&current)
+	vm, err := scanVM(s.pool.QueryRow(ctx, `UPDATE vms SET owner = $2, provider = $3,
+			network = CASE WHEN $4 = '' THEN network ELSE $4 END, updated_at = $5
+		WHERE id = $1 AND owner = '' RETURNING `+vmColumns, id, c.Owner, c.Provider, c.Network, now()))
+	if err == nil {
+		return vm, nil
+	}
+	if !errors.Is(err, pgx.ErrNoRows) {
+		return nil, s.fail(err, "claiming vm %s for %s", id, c.Owner)
+	}
+	vm, err = s.GetVM(ctx, id)
 	switch {
-	case errors.Is(err, pgx.ErrNoRows):
-		return fmt.Errorf("claiming vm %s for %s: %w", id, owner, notFound("vm", id))
 	case err != nil:
-		return s.fail(err, "claiming vm %s for %s", id, owner)
-	case current != owner:
-		return fmt.Errorf("claiming vm %s for %s: %w: worker %s owns it", id, owner, types.ErrConflict, current)
+		return nil, fmt.Errorf("claiming vm %s for %s: %w", id, c.Owner, err)
+	case vm.Owner != c.Owner:
+		return nil, fmt.Errorf("claiming vm %s for %s: %w: worker %s owns it", id, c.Owner, types.ErrConflict, vm.Owner)
 	}
-	return nil
+	return vm, nil
 }

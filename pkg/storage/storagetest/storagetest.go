@@ -277,7 +277,10 @@ func testVMNotFound(t *testing.T, s storage.Store) {
 			_, err := s.UpdateVMState(ctx, "vm-missing", types.VMCreating, "")
 			return err
 		}},
-		{"ClaimVM", func() error { return s.ClaimVM(ctx, "vm-missing", "worker-1") }},
+		{"ClaimVM", func() error {
+			_, err := s.ClaimVM(ctx, "vm-missing", storage.Claim{Owner: "worker-1", Provider: "docker"})
+			return err
+		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := tc.call()
@@ -489,29 +492,53 @@ func testUpdateVMStateConcurrent(t *testing.T, s storage.Store) {
 
 func testClaimVM(t *testing.T, s storage.Store) {
 	ctx := t.Context()
-	vm := createVM(t, s, "claimed", types.VMPending)
+	vm := newVM("claimed", types.VMPending)
+	vm.Provider = "" // the service does not know which backend will run it
+	require.NoError(t, s.CreateVM(ctx, vm))
 
-	require.NoError(t, s.ClaimVM(ctx, vm.ID, "w1"))
-	got, err := s.GetVM(ctx, vm.ID)
+	got, err := s.ClaimVM(ctx, vm.ID, storage.Claim{Owner: "w1", Provider: "qemu", Network: types.NetworkNAT})
 	require.NoError(t, err)
 	require.Equal(t, "w1", got.Owner)
+	require.Equal(t, "qemu", got.Provider, "the claiming worker's backend is recorded")
+	require.Equal(t, types.NetworkNAT, got.Network, "the claiming worker's network default is recorded")
+	stored, err := s.GetVM(ctx, vm.ID)
+	require.NoError(t, err)
+	require.Equal(t, got, stored)
 
-	require.NoError(t, s.ClaimVM(ctx, vm.ID, "w1"), "claiming one's own vm again is a no-op")
+	again, err := s.ClaimVM(ctx, vm.ID, storage.Claim{Owner: "w1", Provider: "docker", Network: types.NetworkNone})
+	require.NoError(t, err, "claiming one's own vm again is a no-op")
+	require.Equal(t, stored, again, "a repeated claim changes nothing")
 
-	err = s.ClaimVM(ctx, vm.ID, "w2")
+	_, err = s.ClaimVM(ctx, vm.ID, storage.Claim{Owner: "w2", Provider: "docker"})
 	require.ErrorIs(t, err, types.ErrConflict)
 	require.Contains(t, err.Error(), "w1", "the message should name the owner")
 	got, err = s.GetVM(ctx, vm.ID)
 	require.NoError(t, err)
 	require.Equal(t, "w1", got.Owner, "a refused claim must not change the owner")
+	require.Equal(t, "qemu", got.Provider, "a refused claim must not change the provider")
 
-	require.ErrorIs(t, s.ClaimVM(ctx, vm.ID, ""), types.ErrInvalid)
+	_, err = s.ClaimVM(ctx, vm.ID, storage.Claim{Provider: "docker"})
+	require.ErrorIs(t, err, types.ErrInvalid)
+	_, err = s.ClaimVM(ctx, vm.ID, storage.Claim{Owner: "w1"})
+	require.ErrorIs(t, err, types.ErrInvalid)
+	_, err = s.ClaimVM(ctx, vm.ID, storage.Claim{Owner: "w1", Provider: "docker", Network: "bridge"})
+	require.ErrorIs(t, err, types.ErrInvalid)
+
+	// Without a network the stored one is kept.
+	keep := newVM("claimed-keep", types.VMPending)
+	keep.Network = types.NetworkNAT
+	require.NoError(t, s.CreateVM(ctx, keep))
+	got, err = s.ClaimVM(ctx, keep.ID, storage.Claim{Owner: "w1", Provider: "qemu"})
+	require.NoError(t, err)
+	require.Equal(t, types.NetworkNAT, got.Network)
 
 	owned := newVM("born-owned", types.VMPending)
 	owned.Owner = "w3"
 	require.NoError(t, s.CreateVM(ctx, owned))
-	require.ErrorIs(t, s.ClaimVM(ctx, owned.ID, "w1"), types.ErrConflict)
-	require.NoError(t, s.ClaimVM(ctx, owned.ID, "w3"))
+	_, err = s.ClaimVM(ctx, owned.ID, storage.Claim{Owner: "w1", Provider: "docker"})
+	require.ErrorIs(t, err, types.ErrConflict)
+	_, err = s.ClaimVM(ctx, owned.ID, storage.Claim{Owner: "w3", Provider: "docker"})
+	require.NoError(t, err)
 }
 
 func testClaimVMConcurrent(t *testing.T, s storage.Store) {
@@ -525,7 +552,7 @@ func testClaimVMConcurrent(t *testing.T, s storage.Store) {
 		for i, owner := range owners {
 			wg.Go(func() {
 				<-start
-				errs[i] = s.ClaimVM(ctx, vm.ID, owner)
+				_, errs[i] = s.ClaimVM(ctx, vm.ID, storage.Claim{Owner: owner, Provider: "docker"})
 			})
 		}
 		close(start)
