@@ -158,13 +158,18 @@ func TestBadInput(t *testing.T) {
 	_, err = svc.CreateVMTask(ctx, "bad-input", 1, 128)
 	require.ErrorIs(t, err, types.ErrConflict, "names are unique among live vms")
 
-	// A command that cannot start fails its task without retries.
-	id, err := svc.ExecuteCommandTask(ctx, vmID.String(), "/no/such/program", nil)
+	// A missing program ends as in a shell: exit 127, the reason on stderr.
+	e := execWait(t, s, vmID, types.Command{Cmd: "/no/such/program"})
+	require.Equal(t, 127, e.ExitCode)
+	require.Equal(t, "aetherium: /no/such/program: no such file or directory\n", e.Stderr)
+
+	// A command that cannot run as given fails its task without retries.
+	id, err := svc.ExecuteCommandTaskWithOptions(ctx, vmID.String(), types.Command{Cmd: "true", Cwd: "/no/such/dir"}, service.ExecOptions{})
 	require.NoError(t, err)
 	task, err := svc.WaitTask(ctx, id)
 	require.NoError(t, err)
 	require.Equal(t, types.TaskFailed, task.State)
-	require.Contains(t, task.Error, "no/such/program")
+	require.Contains(t, task.Error, "/no/such/dir")
 	require.Equal(t, 1, task.Attempts)
 
 	stopID, err := svc.StopVMTask(ctx, vmID.String())
