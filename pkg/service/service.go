@@ -504,14 +504,22 @@ func (s *Service) CancelTask(ctx context.Context, id uuid.UUID) error {
 	if _, err := s.store.UpdateTask(ctx, t.ID, storage.TaskUpdate{State: &st, Error: &msg}); err != nil {
 		return fmt.Errorf("cancelling task %s: %w", id, err)
 	}
-	q := queue.SharedQueue
+	// A create task starts in the shared queue and, once its VM is
+	// claimed, its retries may have been handed on to the owner's queue.
+	queues := []string{queue.SharedQueue}
 	if t.VMID != "" {
-		if vm, err := s.store.GetVM(ctx, t.VMID); err == nil && vm.Owner != "" && t.Type != types.TaskVMCreate {
-			q = queue.WorkerQueue(vm.Owner)
+		if vm, err := s.store.GetVM(ctx, t.VMID); err == nil && vm.Owner != "" {
+			if t.Type == types.TaskVMCreate {
+				queues = append(queues, queue.WorkerQueue(vm.Owner))
+			} else {
+				queues = []string{queue.WorkerQueue(vm.Owner)}
+			}
 		}
 	}
-	if err := s.queue.Cancel(ctx, t.ID, q); err != nil {
-		return err
+	for _, q := range queues {
+		if err := s.queue.Cancel(ctx, t.ID, q); err != nil {
+			return err
+		}
 	}
 	if s.notifier != nil {
 		_ = s.notifier.NotifyTask(ctx, t.ID)

@@ -114,6 +114,12 @@ func (w *Worker) track(ctx context.Context, t *asynq.Task, next asynq.Handler) e
 		w.metrics.taskEnded(t.Type(), types.TaskSucceeded)
 		return nil
 	}
+	if h := (*handedOn)(nil); errors.As(err, &h) {
+		// The owner's copy carries on; this one ends here, and the error
+		// of an earlier attempt (the owner's) stays on the row.
+		log.Info("task handed on to the vm's owner", "owner", h.owner, "queue", h.queue)
+		return nil
+	}
 	if ctx.Err() != nil {
 		if cur, e := w.store.GetTask(bg, id); e == nil && cur.State == types.TaskFailed {
 			log.Info("task cancelled")

@@ -58,9 +58,18 @@ func (w *Worker) handleVMCreate(ctx context.Context, t *asynq.Task, log *slog.Lo
 	if err != nil {
 		return nil, err
 	}
-	vm, err := w.ownedVM(ctx, p.VMID)
+	vm, err := w.store.GetVM(ctx, p.VMID)
 	if err != nil {
 		return nil, err
+	}
+	if vm.Owner != "" && vm.Owner != w.cfg.ID {
+		// A retry of a create another worker claimed came through the
+		// shared queue: it belongs to the owner, which holds whatever the
+		// first attempts made.
+		if vm.State == types.VMPending || vm.State == types.VMCreating {
+			return nil, w.handOn(ctx, t, vm.Owner)
+		}
+		return nil, fmt.Errorf("%w: vm %s belongs to worker %s, not %s", types.ErrConflict, vm.ID, vm.Owner, w.cfg.ID)
 	}
 	log = log.With("vm_id", vm.ID)
 	switch vm.State {
@@ -99,6 +108,42 @@ func (w *Worker) handleVMCreate(ctx context.Context, t *asynq.Task, log *slog.Lo
 	w.recordConfinement(ctx, log, vm.ID)
 	log.Info("vm running", "took", time.Since(start))
 	return map[string]any{"vm_id": vm.ID}, nil
+}
+
+// handedOn is the outcome of an attempt that passed its task on to another
+// worker's queue: the task is neither done nor failed (handOn recorded it
+// pending again), and this copy of it ends.
+type handedOn struct{ owner, queue string }
+
+func (h *handedOn) Error() string {
+	return fmt.Sprintf("handed on to worker %s (queue %s)", h.owner, h.queue)
+}
+
+// handOn enqueues the task t under its own id on owner's queue, with the
+// retries and time it has left, so that the worker holding the VM runs it.
+// Without an enqueuer it fails as before hand-on existed, with
+// types.ErrConflict naming the owner. A failed enqueue is returned as it
+// is, for asynq to retry.
+func (w *Worker) handOn(ctx context.Context, t *asynq.Task, owner string) error {
+	vmErr := fmt.Errorf("%w: the vm belongs to worker %s, not %s", types.ErrConflict, owner, w.cfg.ID)
+	if w.enqueuer == nil {
+		return vmErr
+	}
+	id, _ := asynq.GetTaskID(ctx)
+	retry, _ := asynq.GetRetryCount(ctx)
+	maxRetry, _ := asynq.GetMaxRetry(ctx)
+	o := queue.EnqueueOptions{Queue: queue.WorkerQueue(owner), MaxRetry: max(maxRetry-retry, 0)}
+	if d, ok := ctx.Deadline(); ok {
+		o.Timeout = time.Until(d)
+	}
+	// The row goes back to pending before the owner can see the task, so
+	// that this does not overwrite what the owner records.
+	w.update(ctx, id, storage.TaskUpdate{State: ptr(types.TaskPending)})
+	task := &types.Task{ID: id, Type: types.TaskType(t.Type()), Payload: t.Payload()}
+	if err := w.enqueuer.Enqueue(ctx, task, o); err != nil {
+		return fmt.Errorf("handing task %s on to worker %s: %w", id, owner, err)
+	}
+	return &handedOn{owner: owner, queue: o.Queue}
 }
 
 // raceLost handles a VM that could not be marked running: when a delete

@@ -6,10 +6,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
+	"github.com/hibiken/asynq"
 	"github.com/stretchr/testify/require"
 
 	"github.com/aetherium/aetherium-core/internal/testenv/stack"
 	"github.com/aetherium/aetherium-core/pkg/queue"
+	"github.com/aetherium/aetherium-core/pkg/storage"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
 	"github.com/aetherium/aetherium-core/pkg/worker"
@@ -67,4 +70,60 @@ func TestDeletedWhileCreating(t *testing.T) {
 	require.Contains(t, task.Error, "deleted while it was being created")
 	_, err = p.GetVMStatus(ctx, id)
 	require.ErrorIs(t, err, types.ErrNotFound, "the backend's vm must be removed")
+}
+
+// TestCreateRetryHandedOnToOwner: a create retry that reaches a worker
+// other than the one that claimed the VM (retries go through the shared
+// queue) is handed on to the owner's queue, not failed: the owner, back,
+// finishes the create.
+func TestCreateRetryHandedOnToOwner(t *testing.T) {
+	s := stack.Start(t, stack.Options{Workers: []string{"alpha", "beta"}})
+	ctx := t.Context()
+	s.Workers["alpha"].Stop()
+
+	// What the first attempt on alpha left: a VM alpha claimed, and the
+	// task's retry waiting in the shared queue.
+	now := time.Now().UTC()
+	vm := &types.VM{ID: uuid.NewString(), Name: "handed-on", VCPUs: 1, MemoryMB: 128, State: types.VMPending,
+		Network: types.NetworkNone, CreatedAt: now, UpdatedAt: now}
+	require.NoError(t, s.Store.CreateVM(ctx, vm))
+	_, err := s.Store.ClaimVM(ctx, vm.ID, storage.Claim{Owner: "alpha", Provider: s.Provider})
+	require.NoError(t, err)
+	task, err := queue.NewVMCreateTask(vm.ID, queue.VMCreatePayload{VMID: vm.ID})
+	require.NoError(t, err)
+	task.Error = "creating vm: the first attempt's error"
+	require.NoError(t, s.Store.CreateTask(ctx, task))
+	require.NoError(t, s.Queue.Enqueue(ctx, task, queue.EnqueueOptions{Queue: queue.SharedQueue, MaxRetry: 2, Timeout: 10 * time.Minute}))
+
+	insp := asynq.NewInspector(asynq.RedisClientOpt{Addr: s.RedisAddr})
+	defer insp.Close()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		rec, err := s.Store.GetTask(ctx, task.ID)
+		require.NoError(t, err)
+		require.False(t, rec.State.Terminal(), "beta ended the task instead of handing it on: %s %s", rec.State, rec.Error)
+		if info, err := insp.GetTaskInfo(queue.WorkerQueue("alpha"), task.ID); err == nil {
+			require.Equal(t, asynq.TaskStatePending, info.State)
+			require.Equal(t, 2, info.MaxRetry, "the retries left go along")
+			require.Equal(t, types.TaskPending, rec.State)
+			require.Equal(t, task.Error, rec.Error, "the owner's error must not be replaced")
+			break
+		}
+		require.True(t, time.Now().Before(deadline), "the task never reached alpha's queue")
+		time.Sleep(20 * time.Millisecond)
+	}
+
+	require.NoError(t, s.NewWorker(t, "alpha").Start(ctx))
+	done := waitOK(t, s.Service, uuid.MustParse(task.ID))
+	require.Equal(t, "alpha", workerOf(t, done))
+	got, err := s.Store.GetVM(ctx, vm.ID)
+	require.NoError(t, err)
+	require.Equal(t, types.VMRunning, got.State)
+	require.Equal(t, "alpha", got.Owner)
+	st, err := s.VMMs["alpha"].GetVMStatus(ctx, vm.ID)
+	require.NoError(t, err)
+	require.Equal(t, types.VMRunning, st.State)
+	left, err := s.VMMs["beta"].ListVMs(ctx)
+	require.NoError(t, err)
+	require.Empty(t, left, "the non-owner must not have made anything")
 }

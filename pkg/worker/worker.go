@@ -91,6 +91,9 @@ type Worker struct {
 	vmm      vmm.VMOrchestrator
 	notifier queue.Notifier
 	output   queue.OutputStream
+	// enqueuer hands create tasks on to the queue of their VM's owner (nil:
+	// they fail with types.ErrConflict instead).
+	enqueuer queue.Queue
 	log      *slog.Logger
 
 	metrics *metrics
@@ -128,7 +131,10 @@ const (
 )
 
 // New returns a worker. notifier and output may be nil (no wake-ups, no
-// streaming).
+// streaming). When notifier also implements queue.Queue (the Redis queue
+// does), a create task that reaches this worker for a VM another worker
+// claimed (a retry through the shared queue) is handed on to the owner's
+// queue instead of failing.
 func New(cfg Config, store storage.Store, orch vmm.VMOrchestrator, notifier queue.Notifier, output queue.OutputStream) (*Worker, error) {
 	if cfg.ID == "" {
 		return nil, fmt.Errorf("%w: worker id is empty", types.ErrInvalid)
@@ -159,7 +165,8 @@ func New(cfg Config, store storage.Store, orch vmm.VMOrchestrator, notifier queu
 	if cfg.NetworkByDefault && caps.Networking {
 		defaultNetwork = types.NetworkNAT
 	}
-	return &Worker{cfg: cfg, defaultNetwork: defaultNetwork, store: store, vmm: orch, notifier: notifier, output: output,
+	enqueuer, _ := notifier.(queue.Queue)
+	return &Worker{cfg: cfg, defaultNetwork: defaultNetwork, enqueuer: enqueuer, store: store, vmm: orch, notifier: notifier, output: output,
 		log: cfg.Logger.With("worker_id", cfg.ID), metrics: m, inflight: map[string]time.Time{}, unknown: map[string]struct{}{}}, nil
 }
 
