@@ -174,7 +174,7 @@ func NetworkConfig(c *config.Config) network.Config {
 	n := c.Network
 	return network.Config{
 		Bridge: n.Bridge, Subnet: n.Subnet, Uplink: n.Uplink, DNS: n.DNS,
-		EgressDeny: n.EgressDeny, EgressAllow: n.EgressAllow,
+		EgressDeny: n.EgressDeny, EgressAllow: n.EgressAllow, AllowPrivate: n.AllowPrivate,
 		Netns: n.Netns, Table: n.Table, Pool: n.Pool,
 		// Workers sharing a bridge reconcile only the VMs they claimed.
 		Owner: c.Worker.ID,

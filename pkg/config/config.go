@@ -155,6 +155,11 @@ type Network struct {
 	// EgressAllow is set, everything else is denied.
 	EgressDeny  []string `yaml:"egress_deny"`
 	EgressAllow []string `yaml:"egress_allow"`
+	// AllowPrivate lets VMs reach private ranges (10/8, 172.16/12,
+	// 192.168/16, 100.64/10). Default false: they are denied, like
+	// 169.254/16 and the host's own addresses, so a guest cannot probe the
+	// operator's internal network; EgressAllow can still open one range.
+	AllowPrivate bool `yaml:"allow_private"`
 	// Netns is the network namespace holding the bridge, TAPs and NAT, and
 	// where VMM processes run, e.g. /var/run/netns/aeth. Default: the host's.
 	Netns string `yaml:"netns"`

@@ -234,3 +234,20 @@ func TestLoadRejectsUnknownEnv(t *testing.T) {
 		require.Equal(t, "qemu", c.VMM.Provider)
 	})
 }
+
+// TestNetworkAllowPrivate: private ranges are denied unless
+// network.allow_private (or its environment variable) says otherwise, and
+// wiring hands the setting to the network manager.
+func TestNetworkAllowPrivate(t *testing.T) {
+	t.Setenv("AETHERIUM_CONFIG", "")
+	c, err := Load(writeFile(t, ""))
+	require.NoError(t, err)
+	require.False(t, c.Network.AllowPrivate, "denied by default")
+	c, err = Load(writeFile(t, "network: {allow_private: true}\n"))
+	require.NoError(t, err)
+	require.True(t, c.Network.AllowPrivate)
+	t.Setenv("AETHERIUM_NETWORK_ALLOW_PRIVATE", "true")
+	c, err = Load(writeFile(t, ""))
+	require.NoError(t, err)
+	require.True(t, c.Network.AllowPrivate)
+}
