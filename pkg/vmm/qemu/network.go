@@ -71,8 +71,9 @@ func (o *Orchestrator) inNetns(n *netFile, fn func() error) error {
 // directory. The worker runs it at start, before it takes tasks. It is
 // idempotent; creates in progress in this process are left alone.
 //
-// The network's Reconcile is given only this backend's VMs, so a bridge
-// and pool must not be shared with another worker or run directory.
+// The network's Reconcile is given only this backend's VMs; it removes
+// only what its own manager (network.Config.Owner, the worker's id)
+// attached, so workers with distinct ids may share a bridge and pool.
 func (o *Orchestrator) Reconcile(ctx context.Context) error {
 	ents, err := os.ReadDir(o.cfg.RunDir)
 	if err != nil {
