@@ -3,11 +3,13 @@ package vmutil
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -99,23 +101,36 @@ func TestAdoptRefusesPidReusedAfterPidfd(t *testing.T) {
 	var newcomer *exec.Cmd
 	t.Cleanup(func() {
 		if newcomer != nil {
-			newcomer.Process.Kill()
+			syscall.Kill(-newcomer.Process.Pid, syscall.SIGKILL)
 			newcomer.Wait()
 		}
 	})
 	afterPidfdOpen = func(pid int) {
 		vmm.Stop(syscall.SIGKILL, 0) // reaped: the pid is free
-		// Other processes on the host may fork in between; try a few
-		// times to be the one that gets pid.
-		for range 50 {
-			require.NoError(t, os.WriteFile(lastPid, []byte(strconv.Itoa(pid-1)), 0o644))
-			c := exec.Command("sh", args...)
+		// A Go process may start a thread (which takes a pid) between
+		// writing ns_last_pid and forking, so a single-threaded shell does
+		// both, microseconds apart; other processes on the host may still
+		// fork in between, so it is tried a number of times.
+		// "; :" keeps the inner shell from exec'ing sleep, which would
+		// drop the marker from its command line.
+		script := fmt.Sprintf(`echo %d > %s && { sh -c 'sleep 30; :' %s & } && wait`, pid-1, lastPid, dir+"/marker")
+		for range 200 {
+			c := exec.Command("sh", "-c", script)
+			c.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 			require.NoError(t, c.Start())
-			if c.Process.Pid == pid {
-				newcomer = c
-				return
+			deadline := time.Now().Add(time.Second)
+			for time.Now().Before(deadline) {
+				b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+				if err == nil && strings.Contains(string(b), dir+"/marker") && strings.Contains(string(b), "sleep 30") {
+					newcomer = c
+					return
+				}
+				if err == nil && len(b) > 0 && !strings.Contains(string(b), dir) {
+					break // someone else's process took the pid
+				}
+				time.Sleep(time.Millisecond)
 			}
-			c.Process.Kill()
+			syscall.Kill(-c.Process.Pid, syscall.SIGKILL)
 			c.Wait()
 		}
 	}
@@ -123,7 +138,7 @@ func TestAdoptRefusesPidReusedAfterPidfd(t *testing.T) {
 
 	got := Adopt(pidPath, MentionsDir(dir))
 	if newcomer == nil {
-		testenv.Skip(t, "could not get pid %d reused within 50 forks: the host forks too much", vmm.Pid())
+		testenv.Skip(t, "could not get pid %d reused within 200 tries: the host forks too much", vmm.Pid())
 	}
 	require.Nil(t, got, "adopted pid %d, whose pinned process had died and whose command line was a newcomer's", vmm.Pid())
 	// The newcomer itself is adoptable by a fresh call, as it should be.
