@@ -14,8 +14,9 @@ FOREGROUND=${1:-}
 mkdir -p "$STATE"
 
 cfgfile=${AETHERIUM_CONFIG:-aetherium.yaml}
-# The vmm section comes first, so the first "  provider:" line is its own.
-file_provider=$( [ -e "$cfgfile" ] && sed -n 's/^  provider: *//p' "$cfgfile" | head -1 | tr -d '"' || true)
+# vmm.provider: the "  provider:" line inside the vmm: section (other
+# sections have provider keys too), without quotes or a trailing comment.
+file_provider=$( [ -e "$cfgfile" ] && sed -n '/^vmm:/,/^[^ #]/ s/^  provider: *"\{0,1\}\([^ "#]*\).*/\1/p' "$cfgfile" | head -1 || true)
 provider=${AETHERIUM_VMM_PROVIDER:-$file_provider}
 provider=${provider:-docker}
 case $provider in

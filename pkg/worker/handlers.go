@@ -129,6 +129,16 @@ func (w *Worker) handOn(ctx context.Context, t *asynq.Task, owner string) error 
 	if w.enqueuer == nil {
 		return vmErr
 	}
+	// A worker that stopped reporting reads no queue: handing the task to
+	// it would leave the VM creating with nobody to finish it. Fail as
+	// before, saying why, until dead owners are handled (issue 13, item 4).
+	if wk, err := w.store.GetWorker(ctx, owner); err != nil || time.Since(wk.LastSeen) > ownerSilentAfter(w.cfg.HeartbeatInterval) {
+		since := "never"
+		if err == nil {
+			since = wk.LastSeen.UTC().Format(time.RFC3339)
+		}
+		return fmt.Errorf("%w; owner worker %s has not reported since %s, so the task is not handed on to it", vmErr, owner, since)
+	}
 	id, _ := asynq.GetTaskID(ctx)
 	retry, _ := asynq.GetRetryCount(ctx)
 	maxRetry, _ := asynq.GetMaxRetry(ctx)
@@ -400,3 +410,7 @@ func (w *Worker) handleJobRun(ctx context.Context, t *asynq.Task, log *slog.Logg
 	}
 	return map[string]any{"job_id": job.ID, "state": state}, nil
 }
+
+// ownerSilentAfter is how long a worker may go without a heartbeat before
+// tasks are no longer handed on to it: a few missed beats.
+func ownerSilentAfter(beat time.Duration) time.Duration { return max(6*beat, 30*time.Second) }

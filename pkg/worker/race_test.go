@@ -105,6 +105,10 @@ func TestCreateRetryHandedOnToOwner(t *testing.T) {
 		if info, err := insp.GetTaskInfo(queue.WorkerQueue("alpha"), task.ID); err == nil {
 			require.Equal(t, asynq.TaskStatePending, info.State)
 			require.Equal(t, 2, info.MaxRetry, "the retries left go along")
+			// Read again: the row read above may predate the hand-on's
+			// write, which comes before the enqueue.
+			rec, err = s.Store.GetTask(ctx, task.ID)
+			require.NoError(t, err)
 			require.Equal(t, types.TaskPending, rec.State)
 			require.Equal(t, task.Error, rec.Error, "the owner's error must not be replaced")
 			break
@@ -126,4 +130,31 @@ func TestCreateRetryHandedOnToOwner(t *testing.T) {
 	left, err := s.VMMs["beta"].ListVMs(ctx)
 	require.NoError(t, err)
 	require.Empty(t, left, "the non-owner must not have made anything")
+}
+
+// TestCreateRetryNotHandedToSilentOwner: when the VM's owner has not
+// reported for long (it is gone), a create retry reaching another worker
+// is not handed on to a queue nobody reads: the task fails at once saying
+// which worker is silent, instead of leaving the VM creating for good.
+func TestCreateRetryNotHandedToSilentOwner(t *testing.T) {
+	s := stack.Start(t, stack.Options{Workers: []string{"beta"}})
+	ctx := t.Context()
+	now := time.Now().UTC()
+	require.NoError(t, s.Store.UpsertWorker(ctx, &types.Worker{ID: "gone", LastSeen: now.Add(-time.Hour)}))
+	vm := &types.VM{ID: uuid.NewString(), Name: "silent-owner", VCPUs: 1, MemoryMB: 128, State: types.VMPending,
+		Network: types.NetworkNone, CreatedAt: now, UpdatedAt: now}
+	require.NoError(t, s.Store.CreateVM(ctx, vm))
+	_, err := s.Store.ClaimVM(ctx, vm.ID, storage.Claim{Owner: "gone", Provider: s.Provider})
+	require.NoError(t, err)
+	task, err := queue.NewVMCreateTask(vm.ID, queue.VMCreatePayload{VMID: vm.ID})
+	require.NoError(t, err)
+	require.NoError(t, s.Store.CreateTask(ctx, task))
+	require.NoError(t, s.Queue.Enqueue(ctx, task, queue.EnqueueOptions{Queue: queue.SharedQueue, MaxRetry: 2, Timeout: 10 * time.Minute}))
+
+	wctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	got, err := s.Service.WaitTask(wctx, uuid.MustParse(task.ID))
+	require.NoError(t, err)
+	require.Equal(t, types.TaskFailed, got.State)
+	require.Contains(t, got.Error, "owner worker gone has not reported since")
 }

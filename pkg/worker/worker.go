@@ -340,7 +340,9 @@ func (w *Worker) checkRunning(ctx context.Context, seen map[string]vmm.VMStatus)
 		// was read moved it on, and wins.
 		moved, err := w.store.UpdateOwnedVMState(ctx, vm.ID, w.cfg.ID, types.VMRunning, types.VMFailed, detail)
 		if err != nil {
-			return err
+			// One VM's failed write must not keep the others unchecked.
+			w.log.Warn("cannot mark a lost vm failed; the next check retries", "vm_id", vm.ID, "err", err)
+			continue
 		}
 		if moved {
 			w.log.Warn("running vm lost by the backend", "vm_id", vm.ID, "detail", detail)
