@@ -5,6 +5,8 @@ package vmm
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"io"
 	"net"
 
@@ -32,12 +34,49 @@ type Capabilities struct {
 	Networking bool `json:"networking"`
 }
 
-// ExecIO carries optional live output sinks. Whatever is written to them is
-// also kept (up to the cap) in the returned ExecResult.
+// ExecIO carries optional live output sinks and the command's identity.
+// Whatever is written to the sinks is also kept (up to the cap) in the
+// returned ExecResult.
 type ExecIO struct {
 	Stdout io.Writer
 	Stderr io.Writer
+
+	// ExecutionID, when set, names the command so that it runs at most
+	// once in the VM's guest: the agent journals it under this id while it
+	// runs and for a retention period after it ends (see
+	// agent.ExecRetention). A call with the id of a journaled execution
+	// starts nothing; it reattaches: Started reports reattached, the output
+	// kept so far is written to the sinks again from its start, then the
+	// live output, and the result is the original command's. With an id,
+	// the command outlives its caller: a dropped connection (a crashed
+	// worker) does not kill it, only cancelling ctx or its own timeout
+	// does.
+	ExecutionID string
+	// ReattachOnly makes the call only reattach: an execution the agent
+	// has no record of (never started, or forgotten after its retention or
+	// a guest reboot) starts nothing and returns an error wrapping
+	// ErrUnknownExecution. It needs ExecutionID.
+	ReattachOnly bool
+	// Started, when set, is called once, before any output is written,
+	// with the command's pid in the guest (0 for a program that could not
+	// be started) and whether the call reattached to an execution that had
+	// already started. The call waits for it to return.
+	Started func(pid int, reattached bool)
+	// Detach, when closed, ends the call without killing the command: it
+	// returns an error wrapping ErrDetached and the command runs on, to be
+	// reattached later by ExecutionID (which Detach needs). A worker
+	// shutting down uses it; cancelling ctx, by contrast, kills the command.
+	Detach <-chan struct{}
 }
+
+// ErrUnknownExecution is wrapped by ExecuteCommand with ExecIO.ReattachOnly
+// when the guest agent has no record of the execution. It also wraps
+// types.ErrNotFound.
+var ErrUnknownExecution = fmt.Errorf("%w: the guest agent has no record of this execution", types.ErrNotFound)
+
+// ErrDetached is wrapped by ExecuteCommand when ExecIO.Detach ended the
+// call while the command ran on in the guest.
+var ErrDetached = errors.New("detached from a command that runs on in the guest")
 
 // VMOrchestrator creates, runs and removes VMs and runs commands in them.
 //
