@@ -562,6 +562,8 @@ var OtherEnv = map[string]string{
 	"AETHERIUM_MISE_SOURCE":        "scripts/setup.sh: where mise is fetched from",
 	"AETHERIUM_MISE_INTEGRITY":     "scripts/setup.sh: the integrity of AETHERIUM_MISE_SOURCE",
 	"AETHERIUM_TEST_REQUIRE":       "tests: turn skips for missing services into failures (internal/testenv)",
+	"AETHERIUM_TEST_FAULT_DIR":     "tests: where a worker's fault points meet the chaos suite (internal/faults)",
+	"AETHERIUM_TEST_FAULT_POINTS":  "tests: the fault points a worker stops at (internal/faults)",
 	"AETHERIUM_BENCH_PROVIDER":     "tests: the backend of pkg/worker's tool benchmark",
 	"AETHERIUM_FIRECRACKER_SPEC":   "tests: the Firecracker API spec the fake checks against",
 	"AETHERIUM_FIRECRACKER_BIN":    "tests: the real-Firecracker suite's binary",
