@@ -55,6 +55,27 @@ type TaskUpdate struct {
 	Attempts *int
 	Error    *string
 	Result   json.RawMessage
+	Queue    *string
+	WorkerID *string
+}
+
+// OpenTaskFilter narrows ListOpenTasks. Zero fields do not filter.
+type OpenTaskFilter struct {
+	WorkerID string            // only tasks whose last attempt this worker ran
+	VMID     string            // only this VM's tasks
+	States   []types.TaskState // only these open states (default: all three)
+	// UpdatedBefore keeps only tasks not updated since then.
+	UpdatedBefore *time.Time
+	Limit         int // at most this many (0: all)
+}
+
+// ExecutionStart records that the guest agent reported a command's start.
+type ExecutionStart struct {
+	ID        string // the execution's id
+	VMID      string
+	TaskID    string
+	PID       int // in the guest
+	StartedAt time.Time
 }
 
 // Sandbox is a VM made through the E2B-compatible API (pkg/e2b).
@@ -138,6 +159,29 @@ type Store interface {
 	UpdateTask(ctx context.Context, id string, u TaskUpdate) (*types.Task, error)
 	// ListTasks returns a VM's tasks, newest first.
 	ListTasks(ctx context.Context, vmID string) ([]*types.Task, error)
+	// ListOpenTasks returns the tasks that are pending, running or
+	// retrying and match f, least recently updated first.
+	ListOpenTasks(ctx context.Context, f OpenTaskFilter) ([]*types.Task, error)
+	// FailOpenTasks fails every open task of vmID but exceptID with msg in
+	// one statement and returns the tasks it ended. Idempotent: a second
+	// call finds none.
+	FailOpenTasks(ctx context.Context, vmID, exceptID, msg string) ([]*types.Task, error)
+
+	// MarkExecutionStarted records a command's start. Recording the same
+	// id again keeps the first record (idempotent).
+	MarkExecutionStarted(ctx context.Context, s *ExecutionStart) error
+	// GetExecutionStart returns a start record, or types.ErrNotFound.
+	GetExecutionStart(ctx context.Context, id string) (*ExecutionStart, error)
+
+	// MarkOwnerVMsLost moves every VM owner owns that is pending, creating,
+	// running, stopping or stopped to types.VMLost with msg as its error,
+	// in one statement, and returns the VMs it moved. Idempotent.
+	MarkOwnerVMsLost(ctx context.Context, owner, msg string) ([]*types.VM, error)
+	// RunExclusive runs fn unless another caller anywhere holds the lock
+	// named name, holding it while fn runs, and reports whether fn ran.
+	// The lock ends with fn or with the connection that holds it, so a
+	// crashed holder never keeps it.
+	RunExclusive(ctx context.Context, name string, fn func(context.Context) error) (bool, error)
 
 	// PutExecution inserts or replaces an execution by id (idempotent).
 	PutExecution(ctx context.Context, e *types.Execution) error

@@ -44,6 +44,12 @@ type Task struct {
 	Attempts int             `json:"attempts"`
 	Error    string          `json:"error,omitempty"`
 	Result   json.RawMessage `json:"result,omitempty"`
+	// Queue is the Asynq queue the task was enqueued in (empty for a task
+	// that needed no worker); recovery enqueues a task Asynq lost again
+	// there, under the same id.
+	Queue string `json:"queue,omitempty"`
+	// WorkerID is the worker running (or that last ran) an attempt.
+	WorkerID string `json:"worker_id,omitempty"`
 
 	CreatedAt  time.Time  `json:"created_at"`
 	UpdatedAt  time.Time  `json:"updated_at"`

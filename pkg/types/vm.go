@@ -19,20 +19,26 @@ const (
 	VMDeleting VMState = "deleting"
 	VMDeleted  VMState = "deleted" // terminal: every resource is gone
 	VMFailed   VMState = "failed"  // something broke; only delete is allowed
+	// VMLost: the worker that owns the VM stopped reporting (for
+	// worker.dead_after). Calls on it fail at once saying so; a delete is
+	// recorded and finished by the owner when it returns, which also takes
+	// the VM back (running) if it still runs, or fails it.
+	VMLost VMState = "lost"
 )
 
 // AllVMStates lists every state, in life-cycle order.
-var AllVMStates = []VMState{VMPending, VMCreating, VMRunning, VMStopping, VMStopped, VMDeleting, VMDeleted, VMFailed}
+var AllVMStates = []VMState{VMPending, VMCreating, VMRunning, VMStopping, VMStopped, VMDeleting, VMDeleted, VMFailed, VMLost}
 
 // vmTransitions is the one place the VM state machine is written down.
 var vmTransitions = map[VMState][]VMState{
-	VMPending:  {VMCreating, VMDeleting, VMFailed},
-	VMCreating: {VMRunning, VMDeleting, VMFailed},
-	VMRunning:  {VMStopping, VMDeleting, VMFailed},
-	VMStopping: {VMStopped, VMDeleting, VMFailed},
-	VMStopped:  {VMCreating, VMRunning, VMDeleting, VMFailed},
+	VMPending:  {VMCreating, VMDeleting, VMFailed, VMLost},
+	VMCreating: {VMRunning, VMDeleting, VMFailed, VMLost},
+	VMRunning:  {VMStopping, VMDeleting, VMFailed, VMLost},
+	VMStopping: {VMStopped, VMDeleting, VMFailed, VMLost},
+	VMStopped:  {VMCreating, VMRunning, VMDeleting, VMFailed, VMLost},
 	VMDeleting: {VMDeleted, VMFailed},
 	VMFailed:   {VMDeleting},
+	VMLost:     {VMRunning, VMStopped, VMDeleting, VMFailed},
 	VMDeleted:  {},
 }
 

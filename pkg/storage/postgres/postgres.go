@@ -347,3 +347,28 @@ func nullIfEmpty(s string) *string {
 
 // utc returns t in UTC; pgx reads timestamptz in the local zone.
 func utc(t time.Time) time.Time { return t.UTC() }
+
+// RunExclusive holds a PostgreSQL transaction-level advisory lock, keyed by
+// the hash of name, while fn runs. The lock is taken with
+// pg_try_advisory_xact_lock in a transaction kept open for fn's duration,
+// so it ends with the transaction: at commit, or when the connection drops
+// (a crashed holder, a restarted server).
+func (s *Store) RunExclusive(ctx context.Context, name string, fn func(context.Context) error) (bool, error) {
+	tx, err := s.pool.Begin(ctx)
+	if err != nil {
+		return false, s.fail(err, "taking lock %s", name)
+	}
+	defer tx.Rollback(context.WithoutCancel(ctx)) //nolint:errcheck // a no-op after Commit
+	var got bool
+	if err := tx.QueryRow(ctx, `SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))`, name).Scan(&got); err != nil {
+		return false, s.fail(err, "taking lock %s", name)
+	}
+	if !got {
+		return false, nil
+	}
+	ferr := fn(ctx)
+	if err := tx.Commit(ctx); err != nil && ferr == nil {
+		return true, s.fail(err, "releasing lock %s", name)
+	}
+	return true, ferr
+}

@@ -318,3 +318,20 @@ func (s *Store) ClaimVM(ctx context.Context, id string, c storage.Claim) (*types
 	}
 	return vm, nil
 }
+
+// lostFrom are the states a VM leaves for types.VMLost when its owner dies.
+var lostFrom = []string{string(types.VMPending), string(types.VMCreating), string(types.VMRunning),
+	string(types.VMStopping), string(types.VMStopped)}
+
+// MarkOwnerVMsLost is one UPDATE over the owner's VMs in lostFrom.
+func (s *Store) MarkOwnerVMsLost(ctx context.Context, owner, msg string) ([]*types.VM, error) {
+	if err := required("marking vms lost", "owner", owner); err != nil {
+		return nil, err
+	}
+	vms, err := queryAll(ctx, s, scanVM, `UPDATE vms SET state = 'lost', error = $2, updated_at = $3
+		WHERE owner = $1 AND state = ANY($4) RETURNING `+vmColumns, owner, msg, now(), lostFrom)
+	if err != nil {
+		return nil, s.fail(err, "marking the vms of worker %s lost", owner)
+	}
+	return vms, nil
+}

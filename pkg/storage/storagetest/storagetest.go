@@ -74,6 +74,10 @@ func Run(t *testing.T, newStore func(t *testing.T) storage.Store) {
 		{"Sandboxes", testSandboxes},
 		{"Templates", testTemplates},
 		{"VMTools", testVMTools},
+		{"OpenTasks", testOpenTasks},
+		{"ExecutionStarts", testExecutionStarts},
+		{"MarkOwnerVMsLost", testMarkOwnerVMsLost},
+		{"RunExclusive", testRunExclusive},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -1497,4 +1501,147 @@ func testVMTools(t *testing.T, s storage.Store) {
 		{"empty key", func() error { return s.AddVMTools(ctx, live.ID, []types.VMTool{{Tool: "t", Version: "1"}}) }, types.ErrInvalid},
 		{"no vm id", func() error { return s.AddVMTools(ctx, "", []types.VMTool{{Key: "k"}}) }, types.ErrInvalid},
 	})
+}
+
+func testOpenTasks(t *testing.T, s storage.Store) {
+	ctx := t.Context()
+	vm := newID("vm")
+	var open []string
+	for i, st := range []types.TaskState{types.TaskPending, types.TaskRunning, types.TaskRetrying, types.TaskSucceeded, types.TaskFailed} {
+		task := newTask(vm, at(time.Duration(i)*time.Second))
+		task.State, task.Queue = st, "q1"
+		if st == types.TaskRunning {
+			task.WorkerID = "w-open"
+		}
+		require.NoError(t, s.CreateTask(ctx, task))
+		if !st.Terminal() {
+			open = append(open, task.ID)
+		}
+	}
+	got, err := s.ListOpenTasks(ctx, storage.OpenTaskFilter{VMID: vm})
+	require.NoError(t, err)
+	require.ElementsMatch(t, open, ids(got, taskID))
+	require.Equal(t, "q1", got[0].Queue)
+
+	got, err = s.ListOpenTasks(ctx, storage.OpenTaskFilter{VMID: vm, WorkerID: "w-open"})
+	require.NoError(t, err)
+	require.Equal(t, []string{open[1]}, ids(got, taskID))
+	got, err = s.ListOpenTasks(ctx, storage.OpenTaskFilter{VMID: vm, States: []types.TaskState{types.TaskRetrying}})
+	require.NoError(t, err)
+	require.Equal(t, []string{open[2]}, ids(got, taskID))
+	_, err = s.ListOpenTasks(ctx, storage.OpenTaskFilter{States: []types.TaskState{types.TaskFailed}})
+	require.ErrorIs(t, err, types.ErrInvalid)
+
+	// The worker id and queue are updated like any field.
+	u, err := s.UpdateTask(ctx, open[0], storage.TaskUpdate{WorkerID: ptr("w2"), Queue: ptr("q2")})
+	require.NoError(t, err)
+	require.Equal(t, "w2", u.WorkerID)
+	require.Equal(t, "q2", u.Queue)
+
+	ended, err := s.FailOpenTasks(ctx, vm, open[0], "vm deleted")
+	require.NoError(t, err)
+	require.ElementsMatch(t, open[1:], ids(ended, taskID))
+	for _, e := range ended {
+		require.Equal(t, types.TaskFailed, e.State)
+		require.Equal(t, "vm deleted", e.Error)
+		require.NotNil(t, e.FinishedAt)
+	}
+	got, err = s.ListOpenTasks(ctx, storage.OpenTaskFilter{VMID: vm})
+	require.NoError(t, err)
+	require.Equal(t, []string{open[0]}, ids(got, taskID))
+	ended, err = s.FailOpenTasks(ctx, vm, open[0], "again")
+	require.NoError(t, err)
+	require.Empty(t, ended)
+}
+
+func ptr[T any](v T) *T { return &v }
+
+func testExecutionStarts(t *testing.T, s storage.Store) {
+	ctx := t.Context()
+	id := newID("exec")
+	_, err := s.GetExecutionStart(ctx, id)
+	require.ErrorIs(t, err, types.ErrNotFound)
+	first := &storage.ExecutionStart{ID: id, VMID: "vm-1", TaskID: "task-1", PID: 42, StartedAt: at(0)}
+	require.NoError(t, s.MarkExecutionStarted(ctx, first))
+	require.NoError(t, s.MarkExecutionStarted(ctx, &storage.ExecutionStart{ID: id, VMID: "vm-1", PID: 43}))
+	got, err := s.GetExecutionStart(ctx, id)
+	require.NoError(t, err)
+	require.Equal(t, 42, got.PID)
+	require.Equal(t, "task-1", got.TaskID)
+	require.True(t, got.StartedAt.Equal(at(0)))
+	require.ErrorIs(t, s.MarkExecutionStarted(ctx, &storage.ExecutionStart{ID: newID("exec")}), types.ErrInvalid)
+}
+
+func testMarkOwnerVMsLost(t *testing.T, s storage.Store) {
+	ctx := t.Context()
+	owner := newID("worker")
+	want := map[string]bool{}
+	for _, st := range types.AllVMStates {
+		vm := createVM(t, s, newID("lost-"+string(st)), st)
+		_, err := s.ClaimVM(ctx, vm.ID, storage.Claim{Owner: owner, Provider: "docker"})
+		require.NoError(t, err)
+		switch st {
+		case types.VMPending, types.VMCreating, types.VMRunning, types.VMStopping, types.VMStopped:
+			want[vm.ID] = true // a VM already lost, failed or on its way out stays as it is
+		}
+	}
+	other := createVM(t, s, newID("other"), types.VMRunning)
+	_, err := s.ClaimVM(ctx, other.ID, storage.Claim{Owner: newID("worker"), Provider: "docker"})
+	require.NoError(t, err)
+
+	moved, err := s.MarkOwnerVMsLost(ctx, owner, "owner silent")
+	require.NoError(t, err)
+	got := map[string]bool{}
+	for _, vm := range moved {
+		got[vm.ID] = true
+		require.Equal(t, types.VMLost, vm.State)
+		require.Equal(t, "owner silent", vm.Error)
+	}
+	require.Equal(t, want, got)
+	again, err := s.MarkOwnerVMsLost(ctx, owner, "owner silent")
+	require.NoError(t, err)
+	require.Empty(t, again)
+	o, err := s.GetVM(ctx, other.ID)
+	require.NoError(t, err)
+	require.Equal(t, types.VMRunning, o.State)
+	// The owner takes a lost VM back.
+	for id := range want {
+		ok, err := s.UpdateOwnedVMState(ctx, id, owner, types.VMLost, types.VMRunning, "")
+		require.NoError(t, err)
+		require.True(t, ok)
+		break
+	}
+	_, err = s.MarkOwnerVMsLost(ctx, "", "x")
+	require.ErrorIs(t, err, types.ErrInvalid)
+}
+
+func testRunExclusive(t *testing.T, s storage.Store) {
+	ctx := t.Context()
+	name := newID("lock")
+	inside, leave := make(chan struct{}), make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		ran, err := s.RunExclusive(ctx, name, func(context.Context) error {
+			close(inside)
+			<-leave
+			return nil
+		})
+		if err == nil && !ran {
+			err = errors.New("the first caller did not run")
+		}
+		done <- err
+	}()
+	<-inside
+	ran, err := s.RunExclusive(ctx, name, func(context.Context) error { return nil })
+	require.NoError(t, err)
+	require.False(t, ran, "a second holder ran while the first held the lock")
+	ran, err = s.RunExclusive(ctx, newID("lock"), func(context.Context) error { return nil })
+	require.NoError(t, err)
+	require.True(t, ran, "another name is another lock")
+	close(leave)
+	require.NoError(t, <-done)
+	boom := errors.New("boom")
+	ran, err = s.RunExclusive(ctx, name, func(context.Context) error { return boom })
+	require.True(t, ran)
+	require.ErrorIs(t, err, boom)
 }
