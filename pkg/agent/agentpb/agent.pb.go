@@ -206,8 +206,17 @@ type ExecStart struct {
 	TimeoutMs      int64                  `protobuf:"varint,6,opt,name=timeout_ms,json=timeoutMs,proto3" json:"timeout_ms,omitempty"`                  // 0: none
 	MaxOutputBytes int64                  `protobuf:"varint,7,opt,name=max_output_bytes,json=maxOutputBytes,proto3" json:"max_output_bytes,omitempty"` // per stream; 0: the agent's default
 	Stdin          bool                   `protobuf:"varint,8,opt,name=stdin,proto3" json:"stdin,omitempty"`                                           // the client will send stdin; otherwise it is /dev/null
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Protocol 5. execution_id names the command so that it runs at most
+	// once: the agent journals it while it runs and for a retention period
+	// after (agent.ExecRetention). A start with an id the journal holds
+	// starts nothing and reattaches; the other fields are then ignored, and
+	// the reattached stream gets no stdin. Empty: not journaled.
+	ExecutionId string `protobuf:"bytes,9,opt,name=execution_id,json=executionId,proto3" json:"execution_id,omitempty"`
+	// reattach_only: never start; an id the journal does not hold ends with
+	// NotFound. Needs execution_id.
+	ReattachOnly  bool `protobuf:"varint,10,opt,name=reattach_only,json=reattachOnly,proto3" json:"reattach_only,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ExecStart) Reset() {
@@ -292,6 +301,20 @@ func (x *ExecStart) GetMaxOutputBytes() int64 {
 func (x *ExecStart) GetStdin() bool {
 	if x != nil {
 		return x.Stdin
+	}
+	return false
+}
+
+func (x *ExecStart) GetExecutionId() string {
+	if x != nil {
+		return x.ExecutionId
+	}
+	return ""
+}
+
+func (x *ExecStart) GetReattachOnly() bool {
+	if x != nil {
+		return x.ReattachOnly
 	}
 	return false
 }
@@ -399,7 +422,9 @@ type ExecRequest_CloseStdin struct {
 }
 
 type ExecRequest_Signal struct {
-	Signal int32 `protobuf:"varint,4,opt,name=signal,proto3,oneof"` // a signal number for the process group
+	// A signal number for the process group; SIGKILL (9) kills every
+	// process the command started, in its group or not (protocol 5).
+	Signal int32 `protobuf:"varint,4,opt,name=signal,proto3,oneof"`
 }
 
 func (*ExecRequest_Start) isExecRequest_Msg() {}
@@ -510,6 +535,60 @@ func (x *ExecExit) GetError() string {
 	return ""
 }
 
+// ExecReattached answers, instead of started_pid, a start whose
+// execution_id names a journaled execution (protocol 5).
+type ExecReattached struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	Pid             int32                  `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"` // 0: the program could not be started
+	StartedUnixNano int64                  `protobuf:"varint,2,opt,name=started_unix_nano,json=startedUnixNano,proto3" json:"started_unix_nano,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *ExecReattached) Reset() {
+	*x = ExecReattached{}
+	mi := &file_agent_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExecReattached) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExecReattached) ProtoMessage() {}
+
+func (x *ExecReattached) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExecReattached.ProtoReflect.Descriptor instead.
+func (*ExecReattached) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *ExecReattached) GetPid() int32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *ExecReattached) GetStartedUnixNano() int64 {
+	if x != nil {
+		return x.StartedUnixNano
+	}
+	return 0
+}
+
 type ExecResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Types that are valid to be assigned to Msg:
@@ -518,6 +597,7 @@ type ExecResponse struct {
 	//	*ExecResponse_Stdout
 	//	*ExecResponse_Stderr
 	//	*ExecResponse_Exit
+	//	*ExecResponse_Reattached
 	Msg           isExecResponse_Msg `protobuf_oneof:"msg"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -525,7 +605,7 @@ type ExecResponse struct {
 
 func (x *ExecResponse) Reset() {
 	*x = ExecResponse{}
-	mi := &file_agent_proto_msgTypes[5]
+	mi := &file_agent_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -537,7 +617,7 @@ func (x *ExecResponse) String() string {
 func (*ExecResponse) ProtoMessage() {}
 
 func (x *ExecResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[5]
+	mi := &file_agent_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -550,7 +630,7 @@ func (x *ExecResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecResponse.ProtoReflect.Descriptor instead.
 func (*ExecResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{5}
+	return file_agent_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ExecResponse) GetMsg() isExecResponse_Msg {
@@ -596,6 +676,15 @@ func (x *ExecResponse) GetExit() *ExecExit {
 	return nil
 }
 
+func (x *ExecResponse) GetReattached() *ExecReattached {
+	if x != nil {
+		if x, ok := x.Msg.(*ExecResponse_Reattached); ok {
+			return x.Reattached
+		}
+	}
+	return nil
+}
+
 type isExecResponse_Msg interface {
 	isExecResponse_Msg()
 }
@@ -616,6 +705,10 @@ type ExecResponse_Exit struct {
 	Exit *ExecExit `protobuf:"bytes,4,opt,name=exit,proto3,oneof"`
 }
 
+type ExecResponse_Reattached struct {
+	Reattached *ExecReattached `protobuf:"bytes,5,opt,name=reattached,proto3,oneof"`
+}
+
 func (*ExecResponse_StartedPid) isExecResponse_Msg() {}
 
 func (*ExecResponse_Stdout) isExecResponse_Msg() {}
@@ -623,6 +716,8 @@ func (*ExecResponse_Stdout) isExecResponse_Msg() {}
 func (*ExecResponse_Stderr) isExecResponse_Msg() {}
 
 func (*ExecResponse_Exit) isExecResponse_Msg() {}
+
+func (*ExecResponse_Reattached) isExecResponse_Msg() {}
 
 type WriteFileRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -637,7 +732,7 @@ type WriteFileRequest struct {
 
 func (x *WriteFileRequest) Reset() {
 	*x = WriteFileRequest{}
-	mi := &file_agent_proto_msgTypes[6]
+	mi := &file_agent_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -649,7 +744,7 @@ func (x *WriteFileRequest) String() string {
 func (*WriteFileRequest) ProtoMessage() {}
 
 func (x *WriteFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[6]
+	mi := &file_agent_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -662,7 +757,7 @@ func (x *WriteFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileRequest.ProtoReflect.Descriptor instead.
 func (*WriteFileRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{6}
+	return file_agent_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *WriteFileRequest) GetMsg() isWriteFileRequest_Msg {
@@ -721,7 +816,7 @@ type WriteFileHeader struct {
 
 func (x *WriteFileHeader) Reset() {
 	*x = WriteFileHeader{}
-	mi := &file_agent_proto_msgTypes[7]
+	mi := &file_agent_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -733,7 +828,7 @@ func (x *WriteFileHeader) String() string {
 func (*WriteFileHeader) ProtoMessage() {}
 
 func (x *WriteFileHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[7]
+	mi := &file_agent_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -746,7 +841,7 @@ func (x *WriteFileHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileHeader.ProtoReflect.Descriptor instead.
 func (*WriteFileHeader) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{7}
+	return file_agent_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *WriteFileHeader) GetPath() string {
@@ -786,7 +881,7 @@ type WriteFileResponse struct {
 
 func (x *WriteFileResponse) Reset() {
 	*x = WriteFileResponse{}
-	mi := &file_agent_proto_msgTypes[8]
+	mi := &file_agent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -798,7 +893,7 @@ func (x *WriteFileResponse) String() string {
 func (*WriteFileResponse) ProtoMessage() {}
 
 func (x *WriteFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[8]
+	mi := &file_agent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -811,7 +906,7 @@ func (x *WriteFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteFileResponse.ProtoReflect.Descriptor instead.
 func (*WriteFileResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{8}
+	return file_agent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *WriteFileResponse) GetBytesWritten() int64 {
@@ -831,7 +926,7 @@ type ReadFileRequest struct {
 
 func (x *ReadFileRequest) Reset() {
 	*x = ReadFileRequest{}
-	mi := &file_agent_proto_msgTypes[9]
+	mi := &file_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -843,7 +938,7 @@ func (x *ReadFileRequest) String() string {
 func (*ReadFileRequest) ProtoMessage() {}
 
 func (x *ReadFileRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[9]
+	mi := &file_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -856,7 +951,7 @@ func (x *ReadFileRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadFileRequest.ProtoReflect.Descriptor instead.
 func (*ReadFileRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{9}
+	return file_agent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ReadFileRequest) GetPath() string {
@@ -882,7 +977,7 @@ type ReadFileResponse struct {
 
 func (x *ReadFileResponse) Reset() {
 	*x = ReadFileResponse{}
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -894,7 +989,7 @@ func (x *ReadFileResponse) String() string {
 func (*ReadFileResponse) ProtoMessage() {}
 
 func (x *ReadFileResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[10]
+	mi := &file_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -907,7 +1002,7 @@ func (x *ReadFileResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReadFileResponse.ProtoReflect.Descriptor instead.
 func (*ReadFileResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{10}
+	return file_agent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ReadFileResponse) GetData() []byte {
@@ -926,7 +1021,7 @@ type ShutdownRequest struct {
 
 func (x *ShutdownRequest) Reset() {
 	*x = ShutdownRequest{}
-	mi := &file_agent_proto_msgTypes[11]
+	mi := &file_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -938,7 +1033,7 @@ func (x *ShutdownRequest) String() string {
 func (*ShutdownRequest) ProtoMessage() {}
 
 func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[11]
+	mi := &file_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -951,7 +1046,7 @@ func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownRequest.ProtoReflect.Descriptor instead.
 func (*ShutdownRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{11}
+	return file_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ShutdownRequest) GetReboot() bool {
@@ -969,7 +1064,7 @@ type ShutdownResponse struct {
 
 func (x *ShutdownResponse) Reset() {
 	*x = ShutdownResponse{}
-	mi := &file_agent_proto_msgTypes[12]
+	mi := &file_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -981,7 +1076,7 @@ func (x *ShutdownResponse) String() string {
 func (*ShutdownResponse) ProtoMessage() {}
 
 func (x *ShutdownResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[12]
+	mi := &file_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -994,7 +1089,7 @@ func (x *ShutdownResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownResponse.ProtoReflect.Descriptor instead.
 func (*ShutdownResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{12}
+	return file_agent_proto_rawDescGZIP(), []int{13}
 }
 
 type ProcessStartRequest struct {
@@ -1016,7 +1111,7 @@ type ProcessStartRequest struct {
 
 func (x *ProcessStartRequest) Reset() {
 	*x = ProcessStartRequest{}
-	mi := &file_agent_proto_msgTypes[13]
+	mi := &file_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1028,7 +1123,7 @@ func (x *ProcessStartRequest) String() string {
 func (*ProcessStartRequest) ProtoMessage() {}
 
 func (x *ProcessStartRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[13]
+	mi := &file_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1041,7 +1136,7 @@ func (x *ProcessStartRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessStartRequest.ProtoReflect.Descriptor instead.
 func (*ProcessStartRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{13}
+	return file_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ProcessStartRequest) GetCmd() string {
@@ -1121,7 +1216,7 @@ type ProcessSelector struct {
 
 func (x *ProcessSelector) Reset() {
 	*x = ProcessSelector{}
-	mi := &file_agent_proto_msgTypes[14]
+	mi := &file_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1133,7 +1228,7 @@ func (x *ProcessSelector) String() string {
 func (*ProcessSelector) ProtoMessage() {}
 
 func (x *ProcessSelector) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[14]
+	mi := &file_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1146,7 +1241,7 @@ func (x *ProcessSelector) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessSelector.ProtoReflect.Descriptor instead.
 func (*ProcessSelector) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{14}
+	return file_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ProcessSelector) GetSelector() isProcessSelector_Selector {
@@ -1200,7 +1295,7 @@ type ProcessConnectRequest struct {
 
 func (x *ProcessConnectRequest) Reset() {
 	*x = ProcessConnectRequest{}
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1212,7 +1307,7 @@ func (x *ProcessConnectRequest) String() string {
 func (*ProcessConnectRequest) ProtoMessage() {}
 
 func (x *ProcessConnectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[15]
+	mi := &file_agent_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1225,7 +1320,7 @@ func (x *ProcessConnectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessConnectRequest.ProtoReflect.Descriptor instead.
 func (*ProcessConnectRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{15}
+	return file_agent_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ProcessConnectRequest) GetProcess() *ProcessSelector {
@@ -1251,7 +1346,7 @@ type ProcessStart struct {
 
 func (x *ProcessStart) Reset() {
 	*x = ProcessStart{}
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1263,7 +1358,7 @@ func (x *ProcessStart) String() string {
 func (*ProcessStart) ProtoMessage() {}
 
 func (x *ProcessStart) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[16]
+	mi := &file_agent_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1276,7 +1371,7 @@ func (x *ProcessStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessStart.ProtoReflect.Descriptor instead.
 func (*ProcessStart) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{16}
+	return file_agent_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ProcessStart) GetPid() uint32 {
@@ -1299,7 +1394,7 @@ type ProcessData struct {
 
 func (x *ProcessData) Reset() {
 	*x = ProcessData{}
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1311,7 +1406,7 @@ func (x *ProcessData) String() string {
 func (*ProcessData) ProtoMessage() {}
 
 func (x *ProcessData) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[17]
+	mi := &file_agent_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1324,7 +1419,7 @@ func (x *ProcessData) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessData.ProtoReflect.Descriptor instead.
 func (*ProcessData) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{17}
+	return file_agent_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ProcessData) GetOutput() isProcessData_Output {
@@ -1376,7 +1471,7 @@ type ProcessKeepalive struct {
 
 func (x *ProcessKeepalive) Reset() {
 	*x = ProcessKeepalive{}
-	mi := &file_agent_proto_msgTypes[18]
+	mi := &file_agent_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1388,7 +1483,7 @@ func (x *ProcessKeepalive) String() string {
 func (*ProcessKeepalive) ProtoMessage() {}
 
 func (x *ProcessKeepalive) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[18]
+	mi := &file_agent_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1401,7 +1496,7 @@ func (x *ProcessKeepalive) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessKeepalive.ProtoReflect.Descriptor instead.
 func (*ProcessKeepalive) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{18}
+	return file_agent_proto_rawDescGZIP(), []int{19}
 }
 
 // ProcessEnd is how a process ended, as Go's os.ProcessState reports it.
@@ -1417,7 +1512,7 @@ type ProcessEnd struct {
 
 func (x *ProcessEnd) Reset() {
 	*x = ProcessEnd{}
-	mi := &file_agent_proto_msgTypes[19]
+	mi := &file_agent_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1429,7 +1524,7 @@ func (x *ProcessEnd) String() string {
 func (*ProcessEnd) ProtoMessage() {}
 
 func (x *ProcessEnd) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[19]
+	mi := &file_agent_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1442,7 +1537,7 @@ func (x *ProcessEnd) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessEnd.ProtoReflect.Descriptor instead.
 func (*ProcessEnd) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{19}
+	return file_agent_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ProcessEnd) GetExitCode() int32 {
@@ -1488,7 +1583,7 @@ type ProcessEvent struct {
 
 func (x *ProcessEvent) Reset() {
 	*x = ProcessEvent{}
-	mi := &file_agent_proto_msgTypes[20]
+	mi := &file_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1500,7 +1595,7 @@ func (x *ProcessEvent) String() string {
 func (*ProcessEvent) ProtoMessage() {}
 
 func (x *ProcessEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[20]
+	mi := &file_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1513,7 +1608,7 @@ func (x *ProcessEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessEvent.ProtoReflect.Descriptor instead.
 func (*ProcessEvent) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{20}
+	return file_agent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ProcessEvent) GetEvent() isProcessEvent_Event {
@@ -1595,7 +1690,7 @@ type ListProcessesRequest struct {
 
 func (x *ListProcessesRequest) Reset() {
 	*x = ListProcessesRequest{}
-	mi := &file_agent_proto_msgTypes[21]
+	mi := &file_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1607,7 +1702,7 @@ func (x *ListProcessesRequest) String() string {
 func (*ListProcessesRequest) ProtoMessage() {}
 
 func (x *ListProcessesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[21]
+	mi := &file_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1620,7 +1715,7 @@ func (x *ListProcessesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProcessesRequest.ProtoReflect.Descriptor instead.
 func (*ListProcessesRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{21}
+	return file_agent_proto_rawDescGZIP(), []int{22}
 }
 
 type ProcessInfo struct {
@@ -1637,7 +1732,7 @@ type ProcessInfo struct {
 
 func (x *ProcessInfo) Reset() {
 	*x = ProcessInfo{}
-	mi := &file_agent_proto_msgTypes[22]
+	mi := &file_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1649,7 +1744,7 @@ func (x *ProcessInfo) String() string {
 func (*ProcessInfo) ProtoMessage() {}
 
 func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[22]
+	mi := &file_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1662,7 +1757,7 @@ func (x *ProcessInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProcessInfo.ProtoReflect.Descriptor instead.
 func (*ProcessInfo) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{22}
+	return file_agent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ProcessInfo) GetPid() uint32 {
@@ -1716,7 +1811,7 @@ type ListProcessesResponse struct {
 
 func (x *ListProcessesResponse) Reset() {
 	*x = ListProcessesResponse{}
-	mi := &file_agent_proto_msgTypes[23]
+	mi := &file_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1728,7 +1823,7 @@ func (x *ListProcessesResponse) String() string {
 func (*ListProcessesResponse) ProtoMessage() {}
 
 func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[23]
+	mi := &file_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1741,7 +1836,7 @@ func (x *ListProcessesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListProcessesResponse.ProtoReflect.Descriptor instead.
 func (*ListProcessesResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{23}
+	return file_agent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ListProcessesResponse) GetProcesses() []*ProcessInfo {
@@ -1761,7 +1856,7 @@ type SignalProcessRequest struct {
 
 func (x *SignalProcessRequest) Reset() {
 	*x = SignalProcessRequest{}
-	mi := &file_agent_proto_msgTypes[24]
+	mi := &file_agent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1773,7 +1868,7 @@ func (x *SignalProcessRequest) String() string {
 func (*SignalProcessRequest) ProtoMessage() {}
 
 func (x *SignalProcessRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[24]
+	mi := &file_agent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1786,7 +1881,7 @@ func (x *SignalProcessRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignalProcessRequest.ProtoReflect.Descriptor instead.
 func (*SignalProcessRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{24}
+	return file_agent_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *SignalProcessRequest) GetProcess() *ProcessSelector {
@@ -1811,7 +1906,7 @@ type SignalProcessResponse struct {
 
 func (x *SignalProcessResponse) Reset() {
 	*x = SignalProcessResponse{}
-	mi := &file_agent_proto_msgTypes[25]
+	mi := &file_agent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1823,7 +1918,7 @@ func (x *SignalProcessResponse) String() string {
 func (*SignalProcessResponse) ProtoMessage() {}
 
 func (x *SignalProcessResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[25]
+	mi := &file_agent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1836,7 +1931,7 @@ func (x *SignalProcessResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignalProcessResponse.ProtoReflect.Descriptor instead.
 func (*SignalProcessResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{25}
+	return file_agent_proto_rawDescGZIP(), []int{26}
 }
 
 type WriteStdinRequest struct {
@@ -1849,7 +1944,7 @@ type WriteStdinRequest struct {
 
 func (x *WriteStdinRequest) Reset() {
 	*x = WriteStdinRequest{}
-	mi := &file_agent_proto_msgTypes[26]
+	mi := &file_agent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1861,7 +1956,7 @@ func (x *WriteStdinRequest) String() string {
 func (*WriteStdinRequest) ProtoMessage() {}
 
 func (x *WriteStdinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[26]
+	mi := &file_agent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1874,7 +1969,7 @@ func (x *WriteStdinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteStdinRequest.ProtoReflect.Descriptor instead.
 func (*WriteStdinRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{26}
+	return file_agent_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *WriteStdinRequest) GetProcess() *ProcessSelector {
@@ -1899,7 +1994,7 @@ type WriteStdinResponse struct {
 
 func (x *WriteStdinResponse) Reset() {
 	*x = WriteStdinResponse{}
-	mi := &file_agent_proto_msgTypes[27]
+	mi := &file_agent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1911,7 +2006,7 @@ func (x *WriteStdinResponse) String() string {
 func (*WriteStdinResponse) ProtoMessage() {}
 
 func (x *WriteStdinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[27]
+	mi := &file_agent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1924,7 +2019,7 @@ func (x *WriteStdinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteStdinResponse.ProtoReflect.Descriptor instead.
 func (*WriteStdinResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{27}
+	return file_agent_proto_rawDescGZIP(), []int{28}
 }
 
 type CloseStdinRequest struct {
@@ -1936,7 +2031,7 @@ type CloseStdinRequest struct {
 
 func (x *CloseStdinRequest) Reset() {
 	*x = CloseStdinRequest{}
-	mi := &file_agent_proto_msgTypes[28]
+	mi := &file_agent_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1948,7 +2043,7 @@ func (x *CloseStdinRequest) String() string {
 func (*CloseStdinRequest) ProtoMessage() {}
 
 func (x *CloseStdinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[28]
+	mi := &file_agent_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1961,7 +2056,7 @@ func (x *CloseStdinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseStdinRequest.ProtoReflect.Descriptor instead.
 func (*CloseStdinRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{28}
+	return file_agent_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *CloseStdinRequest) GetProcess() *ProcessSelector {
@@ -1979,7 +2074,7 @@ type CloseStdinResponse struct {
 
 func (x *CloseStdinResponse) Reset() {
 	*x = CloseStdinResponse{}
-	mi := &file_agent_proto_msgTypes[29]
+	mi := &file_agent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1991,7 +2086,7 @@ func (x *CloseStdinResponse) String() string {
 func (*CloseStdinResponse) ProtoMessage() {}
 
 func (x *CloseStdinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[29]
+	mi := &file_agent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2004,7 +2099,7 @@ func (x *CloseStdinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseStdinResponse.ProtoReflect.Descriptor instead.
 func (*CloseStdinResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{29}
+	return file_agent_proto_rawDescGZIP(), []int{30}
 }
 
 type EntryInfo struct {
@@ -2025,7 +2120,7 @@ type EntryInfo struct {
 
 func (x *EntryInfo) Reset() {
 	*x = EntryInfo{}
-	mi := &file_agent_proto_msgTypes[30]
+	mi := &file_agent_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2037,7 +2132,7 @@ func (x *EntryInfo) String() string {
 func (*EntryInfo) ProtoMessage() {}
 
 func (x *EntryInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[30]
+	mi := &file_agent_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2050,7 +2145,7 @@ func (x *EntryInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EntryInfo.ProtoReflect.Descriptor instead.
 func (*EntryInfo) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{30}
+	return file_agent_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *EntryInfo) GetName() string {
@@ -2133,7 +2228,7 @@ type StatRequest struct {
 
 func (x *StatRequest) Reset() {
 	*x = StatRequest{}
-	mi := &file_agent_proto_msgTypes[31]
+	mi := &file_agent_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2145,7 +2240,7 @@ func (x *StatRequest) String() string {
 func (*StatRequest) ProtoMessage() {}
 
 func (x *StatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[31]
+	mi := &file_agent_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2158,7 +2253,7 @@ func (x *StatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatRequest.ProtoReflect.Descriptor instead.
 func (*StatRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{31}
+	return file_agent_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *StatRequest) GetPath() string {
@@ -2184,7 +2279,7 @@ type StatResponse struct {
 
 func (x *StatResponse) Reset() {
 	*x = StatResponse{}
-	mi := &file_agent_proto_msgTypes[32]
+	mi := &file_agent_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2196,7 +2291,7 @@ func (x *StatResponse) String() string {
 func (*StatResponse) ProtoMessage() {}
 
 func (x *StatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[32]
+	mi := &file_agent_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2209,7 +2304,7 @@ func (x *StatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatResponse.ProtoReflect.Descriptor instead.
 func (*StatResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{32}
+	return file_agent_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *StatResponse) GetEntry() *EntryInfo {
@@ -2230,7 +2325,7 @@ type ListDirRequest struct {
 
 func (x *ListDirRequest) Reset() {
 	*x = ListDirRequest{}
-	mi := &file_agent_proto_msgTypes[33]
+	mi := &file_agent_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2242,7 +2337,7 @@ func (x *ListDirRequest) String() string {
 func (*ListDirRequest) ProtoMessage() {}
 
 func (x *ListDirRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[33]
+	mi := &file_agent_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2255,7 +2350,7 @@ func (x *ListDirRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDirRequest.ProtoReflect.Descriptor instead.
 func (*ListDirRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{33}
+	return file_agent_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ListDirRequest) GetPath() string {
@@ -2288,7 +2383,7 @@ type ListDirResponse struct {
 
 func (x *ListDirResponse) Reset() {
 	*x = ListDirResponse{}
-	mi := &file_agent_proto_msgTypes[34]
+	mi := &file_agent_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2300,7 +2395,7 @@ func (x *ListDirResponse) String() string {
 func (*ListDirResponse) ProtoMessage() {}
 
 func (x *ListDirResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[34]
+	mi := &file_agent_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2313,7 +2408,7 @@ func (x *ListDirResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDirResponse.ProtoReflect.Descriptor instead.
 func (*ListDirResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{34}
+	return file_agent_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ListDirResponse) GetEntries() []*EntryInfo {
@@ -2333,7 +2428,7 @@ type MakeDirRequest struct {
 
 func (x *MakeDirRequest) Reset() {
 	*x = MakeDirRequest{}
-	mi := &file_agent_proto_msgTypes[35]
+	mi := &file_agent_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2345,7 +2440,7 @@ func (x *MakeDirRequest) String() string {
 func (*MakeDirRequest) ProtoMessage() {}
 
 func (x *MakeDirRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[35]
+	mi := &file_agent_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2358,7 +2453,7 @@ func (x *MakeDirRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MakeDirRequest.ProtoReflect.Descriptor instead.
 func (*MakeDirRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{35}
+	return file_agent_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *MakeDirRequest) GetPath() string {
@@ -2384,7 +2479,7 @@ type MakeDirResponse struct {
 
 func (x *MakeDirResponse) Reset() {
 	*x = MakeDirResponse{}
-	mi := &file_agent_proto_msgTypes[36]
+	mi := &file_agent_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2396,7 +2491,7 @@ func (x *MakeDirResponse) String() string {
 func (*MakeDirResponse) ProtoMessage() {}
 
 func (x *MakeDirResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[36]
+	mi := &file_agent_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2409,7 +2504,7 @@ func (x *MakeDirResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MakeDirResponse.ProtoReflect.Descriptor instead.
 func (*MakeDirResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{36}
+	return file_agent_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *MakeDirResponse) GetEntry() *EntryInfo {
@@ -2430,7 +2525,7 @@ type MoveRequest struct {
 
 func (x *MoveRequest) Reset() {
 	*x = MoveRequest{}
-	mi := &file_agent_proto_msgTypes[37]
+	mi := &file_agent_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2442,7 +2537,7 @@ func (x *MoveRequest) String() string {
 func (*MoveRequest) ProtoMessage() {}
 
 func (x *MoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[37]
+	mi := &file_agent_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2455,7 +2550,7 @@ func (x *MoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MoveRequest.ProtoReflect.Descriptor instead.
 func (*MoveRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{37}
+	return file_agent_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *MoveRequest) GetSource() string {
@@ -2488,7 +2583,7 @@ type MoveResponse struct {
 
 func (x *MoveResponse) Reset() {
 	*x = MoveResponse{}
-	mi := &file_agent_proto_msgTypes[38]
+	mi := &file_agent_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2500,7 +2595,7 @@ func (x *MoveResponse) String() string {
 func (*MoveResponse) ProtoMessage() {}
 
 func (x *MoveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[38]
+	mi := &file_agent_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2513,7 +2608,7 @@ func (x *MoveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MoveResponse.ProtoReflect.Descriptor instead.
 func (*MoveResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{38}
+	return file_agent_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *MoveResponse) GetEntry() *EntryInfo {
@@ -2533,7 +2628,7 @@ type RemoveRequest struct {
 
 func (x *RemoveRequest) Reset() {
 	*x = RemoveRequest{}
-	mi := &file_agent_proto_msgTypes[39]
+	mi := &file_agent_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2545,7 +2640,7 @@ func (x *RemoveRequest) String() string {
 func (*RemoveRequest) ProtoMessage() {}
 
 func (x *RemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[39]
+	mi := &file_agent_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2558,7 +2653,7 @@ func (x *RemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveRequest.ProtoReflect.Descriptor instead.
 func (*RemoveRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{39}
+	return file_agent_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *RemoveRequest) GetPath() string {
@@ -2583,7 +2678,7 @@ type RemoveResponse struct {
 
 func (x *RemoveResponse) Reset() {
 	*x = RemoveResponse{}
-	mi := &file_agent_proto_msgTypes[40]
+	mi := &file_agent_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2595,7 +2690,7 @@ func (x *RemoveResponse) String() string {
 func (*RemoveResponse) ProtoMessage() {}
 
 func (x *RemoveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[40]
+	mi := &file_agent_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2608,7 +2703,7 @@ func (x *RemoveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveResponse.ProtoReflect.Descriptor instead.
 func (*RemoveResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{40}
+	return file_agent_proto_rawDescGZIP(), []int{41}
 }
 
 // ToolVolume is types.ToolVolume without the host's image path.
@@ -2624,7 +2719,7 @@ type ToolVolume struct {
 
 func (x *ToolVolume) Reset() {
 	*x = ToolVolume{}
-	mi := &file_agent_proto_msgTypes[41]
+	mi := &file_agent_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2636,7 +2731,7 @@ func (x *ToolVolume) String() string {
 func (*ToolVolume) ProtoMessage() {}
 
 func (x *ToolVolume) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[41]
+	mi := &file_agent_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2649,7 +2744,7 @@ func (x *ToolVolume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolVolume.ProtoReflect.Descriptor instead.
 func (*ToolVolume) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{41}
+	return file_agent_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *ToolVolume) GetKey() string {
@@ -2690,7 +2785,7 @@ type AddToolsHeader struct {
 
 func (x *AddToolsHeader) Reset() {
 	*x = AddToolsHeader{}
-	mi := &file_agent_proto_msgTypes[42]
+	mi := &file_agent_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2702,7 +2797,7 @@ func (x *AddToolsHeader) String() string {
 func (*AddToolsHeader) ProtoMessage() {}
 
 func (x *AddToolsHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[42]
+	mi := &file_agent_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2715,7 +2810,7 @@ func (x *AddToolsHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddToolsHeader.ProtoReflect.Descriptor instead.
 func (*AddToolsHeader) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{42}
+	return file_agent_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *AddToolsHeader) GetRoot() string {
@@ -2745,7 +2840,7 @@ type AddToolsRequest struct {
 
 func (x *AddToolsRequest) Reset() {
 	*x = AddToolsRequest{}
-	mi := &file_agent_proto_msgTypes[43]
+	mi := &file_agent_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2757,7 +2852,7 @@ func (x *AddToolsRequest) String() string {
 func (*AddToolsRequest) ProtoMessage() {}
 
 func (x *AddToolsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[43]
+	mi := &file_agent_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2770,7 +2865,7 @@ func (x *AddToolsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddToolsRequest.ProtoReflect.Descriptor instead.
 func (*AddToolsRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{43}
+	return file_agent_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *AddToolsRequest) GetMsg() isAddToolsRequest_Msg {
@@ -2825,7 +2920,7 @@ type AddToolsResponse struct {
 
 func (x *AddToolsResponse) Reset() {
 	*x = AddToolsResponse{}
-	mi := &file_agent_proto_msgTypes[44]
+	mi := &file_agent_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2837,7 +2932,7 @@ func (x *AddToolsResponse) String() string {
 func (*AddToolsResponse) ProtoMessage() {}
 
 func (x *AddToolsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[44]
+	mi := &file_agent_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2850,7 +2945,7 @@ func (x *AddToolsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddToolsResponse.ProtoReflect.Descriptor instead.
 func (*AddToolsResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{44}
+	return file_agent_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *AddToolsResponse) GetAlreadyPresent() bool {
@@ -2882,7 +2977,7 @@ type ListToolsRequest struct {
 
 func (x *ListToolsRequest) Reset() {
 	*x = ListToolsRequest{}
-	mi := &file_agent_proto_msgTypes[45]
+	mi := &file_agent_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2894,7 +2989,7 @@ func (x *ListToolsRequest) String() string {
 func (*ListToolsRequest) ProtoMessage() {}
 
 func (x *ListToolsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[45]
+	mi := &file_agent_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2907,7 +3002,7 @@ func (x *ListToolsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListToolsRequest.ProtoReflect.Descriptor instead.
 func (*ListToolsRequest) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{45}
+	return file_agent_proto_rawDescGZIP(), []int{46}
 }
 
 type ListToolsResponse struct {
@@ -2920,7 +3015,7 @@ type ListToolsResponse struct {
 
 func (x *ListToolsResponse) Reset() {
 	*x = ListToolsResponse{}
-	mi := &file_agent_proto_msgTypes[46]
+	mi := &file_agent_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2932,7 +3027,7 @@ func (x *ListToolsResponse) String() string {
 func (*ListToolsResponse) ProtoMessage() {}
 
 func (x *ListToolsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_proto_msgTypes[46]
+	mi := &file_agent_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2945,7 +3040,7 @@ func (x *ListToolsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListToolsResponse.ProtoReflect.Descriptor instead.
 func (*ListToolsResponse) Descriptor() ([]byte, []int) {
-	return file_agent_proto_rawDescGZIP(), []int{46}
+	return file_agent_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *ListToolsResponse) GetRoot() string {
@@ -2974,7 +3069,7 @@ const file_agent_proto_rawDesc = "" +
 	"\x0euptime_seconds\x18\x03 \x01(\x01R\ruptimeSeconds\x12\x1a\n" +
 	"\bhostname\x18\x04 \x01(\tR\bhostname\x12\x12\n" +
 	"\x04pid1\x18\x05 \x01(\bR\x04pid1\x12\x1a\n" +
-	"\bprotocol\x18\x06 \x01(\rR\bprotocol\"\xa8\x02\n" +
+	"\bprotocol\x18\x06 \x01(\rR\bprotocol\"\xf0\x02\n" +
 	"\tExecStart\x12\x10\n" +
 	"\x03cmd\x18\x01 \x01(\tR\x03cmd\x12\x12\n" +
 	"\x04args\x18\x02 \x03(\tR\x04args\x128\n" +
@@ -2984,7 +3079,10 @@ const file_agent_proto_rawDesc = "" +
 	"\n" +
 	"timeout_ms\x18\x06 \x01(\x03R\ttimeoutMs\x12(\n" +
 	"\x10max_output_bytes\x18\a \x01(\x03R\x0emaxOutputBytes\x12\x14\n" +
-	"\x05stdin\x18\b \x01(\bR\x05stdin\x1a6\n" +
+	"\x05stdin\x18\b \x01(\bR\x05stdin\x12!\n" +
+	"\fexecution_id\x18\t \x01(\tR\vexecutionId\x12#\n" +
+	"\rreattach_only\x18\n" +
+	" \x01(\bR\freattachOnly\x1a6\n" +
 	"\bEnvEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xa0\x01\n" +
@@ -3003,13 +3101,19 @@ const file_agent_proto_rawDesc = "" +
 	"\x10stderr_truncated\x18\x05 \x01(\bR\x0fstderrTruncated\x12*\n" +
 	"\x11started_unix_nano\x18\x06 \x01(\x03R\x0fstartedUnixNano\x12,\n" +
 	"\x12finished_unix_nano\x18\a \x01(\x03R\x10finishedUnixNano\x12\x14\n" +
-	"\x05error\x18\b \x01(\tR\x05error\"\xa0\x01\n" +
+	"\x05error\x18\b \x01(\tR\x05error\"N\n" +
+	"\x0eExecReattached\x12\x10\n" +
+	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12*\n" +
+	"\x11started_unix_nano\x18\x02 \x01(\x03R\x0fstartedUnixNano\"\xe6\x01\n" +
 	"\fExecResponse\x12!\n" +
 	"\vstarted_pid\x18\x01 \x01(\x05H\x00R\n" +
 	"startedPid\x12\x18\n" +
 	"\x06stdout\x18\x02 \x01(\fH\x00R\x06stdout\x12\x18\n" +
 	"\x06stderr\x18\x03 \x01(\fH\x00R\x06stderr\x122\n" +
-	"\x04exit\x18\x04 \x01(\v2\x1c.aetherium.agent.v1.ExecExitH\x00R\x04exitB\x05\n" +
+	"\x04exit\x18\x04 \x01(\v2\x1c.aetherium.agent.v1.ExecExitH\x00R\x04exit\x12D\n" +
+	"\n" +
+	"reattached\x18\x05 \x01(\v2\".aetherium.agent.v1.ExecReattachedH\x00R\n" +
+	"reattachedB\x05\n" +
 	"\x03msg\"n\n" +
 	"\x10WriteFileRequest\x12=\n" +
 	"\x06header\x18\x01 \x01(\v2#.aetherium.agent.v1.WriteFileHeaderH\x00R\x06header\x12\x14\n" +
@@ -3194,7 +3298,7 @@ func file_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 50)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 51)
 var file_agent_proto_goTypes = []any{
 	(FileType)(0),                 // 0: aetherium.agent.v1.FileType
 	(*InfoRequest)(nil),           // 1: aetherium.agent.v1.InfoRequest
@@ -3202,117 +3306,119 @@ var file_agent_proto_goTypes = []any{
 	(*ExecStart)(nil),             // 3: aetherium.agent.v1.ExecStart
 	(*ExecRequest)(nil),           // 4: aetherium.agent.v1.ExecRequest
 	(*ExecExit)(nil),              // 5: aetherium.agent.v1.ExecExit
-	(*ExecResponse)(nil),          // 6: aetherium.agent.v1.ExecResponse
-	(*WriteFileRequest)(nil),      // 7: aetherium.agent.v1.WriteFileRequest
-	(*WriteFileHeader)(nil),       // 8: aetherium.agent.v1.WriteFileHeader
-	(*WriteFileResponse)(nil),     // 9: aetherium.agent.v1.WriteFileResponse
-	(*ReadFileRequest)(nil),       // 10: aetherium.agent.v1.ReadFileRequest
-	(*ReadFileResponse)(nil),      // 11: aetherium.agent.v1.ReadFileResponse
-	(*ShutdownRequest)(nil),       // 12: aetherium.agent.v1.ShutdownRequest
-	(*ShutdownResponse)(nil),      // 13: aetherium.agent.v1.ShutdownResponse
-	(*ProcessStartRequest)(nil),   // 14: aetherium.agent.v1.ProcessStartRequest
-	(*ProcessSelector)(nil),       // 15: aetherium.agent.v1.ProcessSelector
-	(*ProcessConnectRequest)(nil), // 16: aetherium.agent.v1.ProcessConnectRequest
-	(*ProcessStart)(nil),          // 17: aetherium.agent.v1.ProcessStart
-	(*ProcessData)(nil),           // 18: aetherium.agent.v1.ProcessData
-	(*ProcessKeepalive)(nil),      // 19: aetherium.agent.v1.ProcessKeepalive
-	(*ProcessEnd)(nil),            // 20: aetherium.agent.v1.ProcessEnd
-	(*ProcessEvent)(nil),          // 21: aetherium.agent.v1.ProcessEvent
-	(*ListProcessesRequest)(nil),  // 22: aetherium.agent.v1.ListProcessesRequest
-	(*ProcessInfo)(nil),           // 23: aetherium.agent.v1.ProcessInfo
-	(*ListProcessesResponse)(nil), // 24: aetherium.agent.v1.ListProcessesResponse
-	(*SignalProcessRequest)(nil),  // 25: aetherium.agent.v1.SignalProcessRequest
-	(*SignalProcessResponse)(nil), // 26: aetherium.agent.v1.SignalProcessResponse
-	(*WriteStdinRequest)(nil),     // 27: aetherium.agent.v1.WriteStdinRequest
-	(*WriteStdinResponse)(nil),    // 28: aetherium.agent.v1.WriteStdinResponse
-	(*CloseStdinRequest)(nil),     // 29: aetherium.agent.v1.CloseStdinRequest
-	(*CloseStdinResponse)(nil),    // 30: aetherium.agent.v1.CloseStdinResponse
-	(*EntryInfo)(nil),             // 31: aetherium.agent.v1.EntryInfo
-	(*StatRequest)(nil),           // 32: aetherium.agent.v1.StatRequest
-	(*StatResponse)(nil),          // 33: aetherium.agent.v1.StatResponse
-	(*ListDirRequest)(nil),        // 34: aetherium.agent.v1.ListDirRequest
-	(*ListDirResponse)(nil),       // 35: aetherium.agent.v1.ListDirResponse
-	(*MakeDirRequest)(nil),        // 36: aetherium.agent.v1.MakeDirRequest
-	(*MakeDirResponse)(nil),       // 37: aetherium.agent.v1.MakeDirResponse
-	(*MoveRequest)(nil),           // 38: aetherium.agent.v1.MoveRequest
-	(*MoveResponse)(nil),          // 39: aetherium.agent.v1.MoveResponse
-	(*RemoveRequest)(nil),         // 40: aetherium.agent.v1.RemoveRequest
-	(*RemoveResponse)(nil),        // 41: aetherium.agent.v1.RemoveResponse
-	(*ToolVolume)(nil),            // 42: aetherium.agent.v1.ToolVolume
-	(*AddToolsHeader)(nil),        // 43: aetherium.agent.v1.AddToolsHeader
-	(*AddToolsRequest)(nil),       // 44: aetherium.agent.v1.AddToolsRequest
-	(*AddToolsResponse)(nil),      // 45: aetherium.agent.v1.AddToolsResponse
-	(*ListToolsRequest)(nil),      // 46: aetherium.agent.v1.ListToolsRequest
-	(*ListToolsResponse)(nil),     // 47: aetherium.agent.v1.ListToolsResponse
-	nil,                           // 48: aetherium.agent.v1.ExecStart.EnvEntry
-	nil,                           // 49: aetherium.agent.v1.ProcessStartRequest.EnvEntry
-	nil,                           // 50: aetherium.agent.v1.ProcessInfo.EnvEntry
+	(*ExecReattached)(nil),        // 6: aetherium.agent.v1.ExecReattached
+	(*ExecResponse)(nil),          // 7: aetherium.agent.v1.ExecResponse
+	(*WriteFileRequest)(nil),      // 8: aetherium.agent.v1.WriteFileRequest
+	(*WriteFileHeader)(nil),       // 9: aetherium.agent.v1.WriteFileHeader
+	(*WriteFileResponse)(nil),     // 10: aetherium.agent.v1.WriteFileResponse
+	(*ReadFileRequest)(nil),       // 11: aetherium.agent.v1.ReadFileRequest
+	(*ReadFileResponse)(nil),      // 12: aetherium.agent.v1.ReadFileResponse
+	(*ShutdownRequest)(nil),       // 13: aetherium.agent.v1.ShutdownRequest
+	(*ShutdownResponse)(nil),      // 14: aetherium.agent.v1.ShutdownResponse
+	(*ProcessStartRequest)(nil),   // 15: aetherium.agent.v1.ProcessStartRequest
+	(*ProcessSelector)(nil),       // 16: aetherium.agent.v1.ProcessSelector
+	(*ProcessConnectRequest)(nil), // 17: aetherium.agent.v1.ProcessConnectRequest
+	(*ProcessStart)(nil),          // 18: aetherium.agent.v1.ProcessStart
+	(*ProcessData)(nil),           // 19: aetherium.agent.v1.ProcessData
+	(*ProcessKeepalive)(nil),      // 20: aetherium.agent.v1.ProcessKeepalive
+	(*ProcessEnd)(nil),            // 21: aetherium.agent.v1.ProcessEnd
+	(*ProcessEvent)(nil),          // 22: aetherium.agent.v1.ProcessEvent
+	(*ListProcessesRequest)(nil),  // 23: aetherium.agent.v1.ListProcessesRequest
+	(*ProcessInfo)(nil),           // 24: aetherium.agent.v1.ProcessInfo
+	(*ListProcessesResponse)(nil), // 25: aetherium.agent.v1.ListProcessesResponse
+	(*SignalProcessRequest)(nil),  // 26: aetherium.agent.v1.SignalProcessRequest
+	(*SignalProcessResponse)(nil), // 27: aetherium.agent.v1.SignalProcessResponse
+	(*WriteStdinRequest)(nil),     // 28: aetherium.agent.v1.WriteStdinRequest
+	(*WriteStdinResponse)(nil),    // 29: aetherium.agent.v1.WriteStdinResponse
+	(*CloseStdinRequest)(nil),     // 30: aetherium.agent.v1.CloseStdinRequest
+	(*CloseStdinResponse)(nil),    // 31: aetherium.agent.v1.CloseStdinResponse
+	(*EntryInfo)(nil),             // 32: aetherium.agent.v1.EntryInfo
+	(*StatRequest)(nil),           // 33: aetherium.agent.v1.StatRequest
+	(*StatResponse)(nil),          // 34: aetherium.agent.v1.StatResponse
+	(*ListDirRequest)(nil),        // 35: aetherium.agent.v1.ListDirRequest
+	(*ListDirResponse)(nil),       // 36: aetherium.agent.v1.ListDirResponse
+	(*MakeDirRequest)(nil),        // 37: aetherium.agent.v1.MakeDirRequest
+	(*MakeDirResponse)(nil),       // 38: aetherium.agent.v1.MakeDirResponse
+	(*MoveRequest)(nil),           // 39: aetherium.agent.v1.MoveRequest
+	(*MoveResponse)(nil),          // 40: aetherium.agent.v1.MoveResponse
+	(*RemoveRequest)(nil),         // 41: aetherium.agent.v1.RemoveRequest
+	(*RemoveResponse)(nil),        // 42: aetherium.agent.v1.RemoveResponse
+	(*ToolVolume)(nil),            // 43: aetherium.agent.v1.ToolVolume
+	(*AddToolsHeader)(nil),        // 44: aetherium.agent.v1.AddToolsHeader
+	(*AddToolsRequest)(nil),       // 45: aetherium.agent.v1.AddToolsRequest
+	(*AddToolsResponse)(nil),      // 46: aetherium.agent.v1.AddToolsResponse
+	(*ListToolsRequest)(nil),      // 47: aetherium.agent.v1.ListToolsRequest
+	(*ListToolsResponse)(nil),     // 48: aetherium.agent.v1.ListToolsResponse
+	nil,                           // 49: aetherium.agent.v1.ExecStart.EnvEntry
+	nil,                           // 50: aetherium.agent.v1.ProcessStartRequest.EnvEntry
+	nil,                           // 51: aetherium.agent.v1.ProcessInfo.EnvEntry
 }
 var file_agent_proto_depIdxs = []int32{
-	48, // 0: aetherium.agent.v1.ExecStart.env:type_name -> aetherium.agent.v1.ExecStart.EnvEntry
+	49, // 0: aetherium.agent.v1.ExecStart.env:type_name -> aetherium.agent.v1.ExecStart.EnvEntry
 	3,  // 1: aetherium.agent.v1.ExecRequest.start:type_name -> aetherium.agent.v1.ExecStart
 	5,  // 2: aetherium.agent.v1.ExecResponse.exit:type_name -> aetherium.agent.v1.ExecExit
-	8,  // 3: aetherium.agent.v1.WriteFileRequest.header:type_name -> aetherium.agent.v1.WriteFileHeader
-	49, // 4: aetherium.agent.v1.ProcessStartRequest.env:type_name -> aetherium.agent.v1.ProcessStartRequest.EnvEntry
-	15, // 5: aetherium.agent.v1.ProcessConnectRequest.process:type_name -> aetherium.agent.v1.ProcessSelector
-	17, // 6: aetherium.agent.v1.ProcessEvent.start:type_name -> aetherium.agent.v1.ProcessStart
-	18, // 7: aetherium.agent.v1.ProcessEvent.data:type_name -> aetherium.agent.v1.ProcessData
-	19, // 8: aetherium.agent.v1.ProcessEvent.keepalive:type_name -> aetherium.agent.v1.ProcessKeepalive
-	20, // 9: aetherium.agent.v1.ProcessEvent.end:type_name -> aetherium.agent.v1.ProcessEnd
-	50, // 10: aetherium.agent.v1.ProcessInfo.env:type_name -> aetherium.agent.v1.ProcessInfo.EnvEntry
-	23, // 11: aetherium.agent.v1.ListProcessesResponse.processes:type_name -> aetherium.agent.v1.ProcessInfo
-	15, // 12: aetherium.agent.v1.SignalProcessRequest.process:type_name -> aetherium.agent.v1.ProcessSelector
-	15, // 13: aetherium.agent.v1.WriteStdinRequest.process:type_name -> aetherium.agent.v1.ProcessSelector
-	15, // 14: aetherium.agent.v1.CloseStdinRequest.process:type_name -> aetherium.agent.v1.ProcessSelector
-	0,  // 15: aetherium.agent.v1.EntryInfo.type:type_name -> aetherium.agent.v1.FileType
-	31, // 16: aetherium.agent.v1.StatResponse.entry:type_name -> aetherium.agent.v1.EntryInfo
-	31, // 17: aetherium.agent.v1.ListDirResponse.entries:type_name -> aetherium.agent.v1.EntryInfo
-	31, // 18: aetherium.agent.v1.MakeDirResponse.entry:type_name -> aetherium.agent.v1.EntryInfo
-	31, // 19: aetherium.agent.v1.MoveResponse.entry:type_name -> aetherium.agent.v1.EntryInfo
-	42, // 20: aetherium.agent.v1.AddToolsHeader.volume:type_name -> aetherium.agent.v1.ToolVolume
-	43, // 21: aetherium.agent.v1.AddToolsRequest.header:type_name -> aetherium.agent.v1.AddToolsHeader
-	42, // 22: aetherium.agent.v1.ListToolsResponse.volumes:type_name -> aetherium.agent.v1.ToolVolume
-	1,  // 23: aetherium.agent.v1.Agent.Info:input_type -> aetherium.agent.v1.InfoRequest
-	4,  // 24: aetherium.agent.v1.Agent.Exec:input_type -> aetherium.agent.v1.ExecRequest
-	7,  // 25: aetherium.agent.v1.Agent.WriteFile:input_type -> aetherium.agent.v1.WriteFileRequest
-	10, // 26: aetherium.agent.v1.Agent.ReadFile:input_type -> aetherium.agent.v1.ReadFileRequest
-	12, // 27: aetherium.agent.v1.Agent.Shutdown:input_type -> aetherium.agent.v1.ShutdownRequest
-	14, // 28: aetherium.agent.v1.Agent.StartProcess:input_type -> aetherium.agent.v1.ProcessStartRequest
-	16, // 29: aetherium.agent.v1.Agent.ConnectProcess:input_type -> aetherium.agent.v1.ProcessConnectRequest
-	22, // 30: aetherium.agent.v1.Agent.ListProcesses:input_type -> aetherium.agent.v1.ListProcessesRequest
-	25, // 31: aetherium.agent.v1.Agent.SignalProcess:input_type -> aetherium.agent.v1.SignalProcessRequest
-	27, // 32: aetherium.agent.v1.Agent.WriteStdin:input_type -> aetherium.agent.v1.WriteStdinRequest
-	29, // 33: aetherium.agent.v1.Agent.CloseStdin:input_type -> aetherium.agent.v1.CloseStdinRequest
-	32, // 34: aetherium.agent.v1.Agent.Stat:input_type -> aetherium.agent.v1.StatRequest
-	34, // 35: aetherium.agent.v1.Agent.ListDir:input_type -> aetherium.agent.v1.ListDirRequest
-	36, // 36: aetherium.agent.v1.Agent.MakeDir:input_type -> aetherium.agent.v1.MakeDirRequest
-	38, // 37: aetherium.agent.v1.Agent.Move:input_type -> aetherium.agent.v1.MoveRequest
-	40, // 38: aetherium.agent.v1.Agent.Remove:input_type -> aetherium.agent.v1.RemoveRequest
-	44, // 39: aetherium.agent.v1.Agent.AddTools:input_type -> aetherium.agent.v1.AddToolsRequest
-	46, // 40: aetherium.agent.v1.Agent.ListTools:input_type -> aetherium.agent.v1.ListToolsRequest
-	2,  // 41: aetherium.agent.v1.Agent.Info:output_type -> aetherium.agent.v1.InfoResponse
-	6,  // 42: aetherium.agent.v1.Agent.Exec:output_type -> aetherium.agent.v1.ExecResponse
-	9,  // 43: aetherium.agent.v1.Agent.WriteFile:output_type -> aetherium.agent.v1.WriteFileResponse
-	11, // 44: aetherium.agent.v1.Agent.ReadFile:output_type -> aetherium.agent.v1.ReadFileResponse
-	13, // 45: aetherium.agent.v1.Agent.Shutdown:output_type -> aetherium.agent.v1.ShutdownResponse
-	21, // 46: aetherium.agent.v1.Agent.StartProcess:output_type -> aetherium.agent.v1.ProcessEvent
-	21, // 47: aetherium.agent.v1.Agent.ConnectProcess:output_type -> aetherium.agent.v1.ProcessEvent
-	24, // 48: aetherium.agent.v1.Agent.ListProcesses:output_type -> aetherium.agent.v1.ListProcessesResponse
-	26, // 49: aetherium.agent.v1.Agent.SignalProcess:output_type -> aetherium.agent.v1.SignalProcessResponse
-	28, // 50: aetherium.agent.v1.Agent.WriteStdin:output_type -> aetherium.agent.v1.WriteStdinResponse
-	30, // 51: aetherium.agent.v1.Agent.CloseStdin:output_type -> aetherium.agent.v1.CloseStdinResponse
-	33, // 52: aetherium.agent.v1.Agent.Stat:output_type -> aetherium.agent.v1.StatResponse
-	35, // 53: aetherium.agent.v1.Agent.ListDir:output_type -> aetherium.agent.v1.ListDirResponse
-	37, // 54: aetherium.agent.v1.Agent.MakeDir:output_type -> aetherium.agent.v1.MakeDirResponse
-	39, // 55: aetherium.agent.v1.Agent.Move:output_type -> aetherium.agent.v1.MoveResponse
-	41, // 56: aetherium.agent.v1.Agent.Remove:output_type -> aetherium.agent.v1.RemoveResponse
-	45, // 57: aetherium.agent.v1.Agent.AddTools:output_type -> aetherium.agent.v1.AddToolsResponse
-	47, // 58: aetherium.agent.v1.Agent.ListTools:output_type -> aetherium.agent.v1.ListToolsResponse
-	41, // [41:59] is the sub-list for method output_type
-	23, // [23:41] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	6,  // 3: aetherium.agent.v1.ExecResponse.reattached:type_name -> aetherium.agent.v1.ExecReattached
+	9,  // 4: aetherium.agent.v1.WriteFileRequest.header:type_name -> aetherium.agent.v1.WriteFileHeader
+	50, // 5: aetherium.agent.v1.ProcessStartRequest.env:type_name -> aetherium.agent.v1.ProcessStartRequest.EnvEntry
+	16, // 6: aetherium.agent.v1.ProcessConnectRequest.process:type_name -> aetherium.agent.v1.ProcessSelector
+	18, // 7: aetherium.agent.v1.ProcessEvent.start:type_name -> aetherium.agent.v1.ProcessStart
+	19, // 8: aetherium.agent.v1.ProcessEvent.data:type_name -> aetherium.agent.v1.ProcessData
+	20, // 9: aetherium.agent.v1.ProcessEvent.keepalive:type_name -> aetherium.agent.v1.ProcessKeepalive
+	21, // 10: aetherium.agent.v1.ProcessEvent.end:type_name -> aetherium.agent.v1.ProcessEnd
+	51, // 11: aetherium.agent.v1.ProcessInfo.env:type_name -> aetherium.agent.v1.ProcessInfo.EnvEntry
+	24, // 12: aetherium.agent.v1.ListProcessesResponse.processes:type_name -> aetherium.agent.v1.ProcessInfo
+	16, // 13: aetherium.agent.v1.SignalProcessRequest.process:type_name -> aetherium.agent.v1.ProcessSelector
+	16, // 14: aetherium.agent.v1.WriteStdinRequest.process:type_name -> aetherium.agent.v1.ProcessSelector
+	16, // 15: aetherium.agent.v1.CloseStdinRequest.process:type_name -> aetherium.agent.v1.ProcessSelector
+	0,  // 16: aetherium.agent.v1.EntryInfo.type:type_name -> aetherium.agent.v1.FileType
+	32, // 17: aetherium.agent.v1.StatResponse.entry:type_name -> aetherium.agent.v1.EntryInfo
+	32, // 18: aetherium.agent.v1.ListDirResponse.entries:type_name -> aetherium.agent.v1.EntryInfo
+	32, // 19: aetherium.agent.v1.MakeDirResponse.entry:type_name -> aetherium.agent.v1.EntryInfo
+	32, // 20: aetherium.agent.v1.MoveResponse.entry:type_name -> aetherium.agent.v1.EntryInfo
+	43, // 21: aetherium.agent.v1.AddToolsHeader.volume:type_name -> aetherium.agent.v1.ToolVolume
+	44, // 22: aetherium.agent.v1.AddToolsRequest.header:type_name -> aetherium.agent.v1.AddToolsHeader
+	43, // 23: aetherium.agent.v1.ListToolsResponse.volumes:type_name -> aetherium.agent.v1.ToolVolume
+	1,  // 24: aetherium.agent.v1.Agent.Info:input_type -> aetherium.agent.v1.InfoRequest
+	4,  // 25: aetherium.agent.v1.Agent.Exec:input_type -> aetherium.agent.v1.ExecRequest
+	8,  // 26: aetherium.agent.v1.Agent.WriteFile:input_type -> aetherium.agent.v1.WriteFileRequest
+	11, // 27: aetherium.agent.v1.Agent.ReadFile:input_type -> aetherium.agent.v1.ReadFileRequest
+	13, // 28: aetherium.agent.v1.Agent.Shutdown:input_type -> aetherium.agent.v1.ShutdownRequest
+	15, // 29: aetherium.agent.v1.Agent.StartProcess:input_type -> aetherium.agent.v1.ProcessStartRequest
+	17, // 30: aetherium.agent.v1.Agent.ConnectProcess:input_type -> aetherium.agent.v1.ProcessConnectRequest
+	23, // 31: aetherium.agent.v1.Agent.ListProcesses:input_type -> aetherium.agent.v1.ListProcessesRequest
+	26, // 32: aetherium.agent.v1.Agent.SignalProcess:input_type -> aetherium.agent.v1.SignalProcessRequest
+	28, // 33: aetherium.agent.v1.Agent.WriteStdin:input_type -> aetherium.agent.v1.WriteStdinRequest
+	30, // 34: aetherium.agent.v1.Agent.CloseStdin:input_type -> aetherium.agent.v1.CloseStdinRequest
+	33, // 35: aetherium.agent.v1.Agent.Stat:input_type -> aetherium.agent.v1.StatRequest
+	35, // 36: aetherium.agent.v1.Agent.ListDir:input_type -> aetherium.agent.v1.ListDirRequest
+	37, // 37: aetherium.agent.v1.Agent.MakeDir:input_type -> aetherium.agent.v1.MakeDirRequest
+	39, // 38: aetherium.agent.v1.Agent.Move:input_type -> aetherium.agent.v1.MoveRequest
+	41, // 39: aetherium.agent.v1.Agent.Remove:input_type -> aetherium.agent.v1.RemoveRequest
+	45, // 40: aetherium.agent.v1.Agent.AddTools:input_type -> aetherium.agent.v1.AddToolsRequest
+	47, // 41: aetherium.agent.v1.Agent.ListTools:input_type -> aetherium.agent.v1.ListToolsRequest
+	2,  // 42: aetherium.agent.v1.Agent.Info:output_type -> aetherium.agent.v1.InfoResponse
+	7,  // 43: aetherium.agent.v1.Agent.Exec:output_type -> aetherium.agent.v1.ExecResponse
+	10, // 44: aetherium.agent.v1.Agent.WriteFile:output_type -> aetherium.agent.v1.WriteFileResponse
+	12, // 45: aetherium.agent.v1.Agent.ReadFile:output_type -> aetherium.agent.v1.ReadFileResponse
+	14, // 46: aetherium.agent.v1.Agent.Shutdown:output_type -> aetherium.agent.v1.ShutdownResponse
+	22, // 47: aetherium.agent.v1.Agent.StartProcess:output_type -> aetherium.agent.v1.ProcessEvent
+	22, // 48: aetherium.agent.v1.Agent.ConnectProcess:output_type -> aetherium.agent.v1.ProcessEvent
+	25, // 49: aetherium.agent.v1.Agent.ListProcesses:output_type -> aetherium.agent.v1.ListProcessesResponse
+	27, // 50: aetherium.agent.v1.Agent.SignalProcess:output_type -> aetherium.agent.v1.SignalProcessResponse
+	29, // 51: aetherium.agent.v1.Agent.WriteStdin:output_type -> aetherium.agent.v1.WriteStdinResponse
+	31, // 52: aetherium.agent.v1.Agent.CloseStdin:output_type -> aetherium.agent.v1.CloseStdinResponse
+	34, // 53: aetherium.agent.v1.Agent.Stat:output_type -> aetherium.agent.v1.StatResponse
+	36, // 54: aetherium.agent.v1.Agent.ListDir:output_type -> aetherium.agent.v1.ListDirResponse
+	38, // 55: aetherium.agent.v1.Agent.MakeDir:output_type -> aetherium.agent.v1.MakeDirResponse
+	40, // 56: aetherium.agent.v1.Agent.Move:output_type -> aetherium.agent.v1.MoveResponse
+	42, // 57: aetherium.agent.v1.Agent.Remove:output_type -> aetherium.agent.v1.RemoveResponse
+	46, // 58: aetherium.agent.v1.Agent.AddTools:output_type -> aetherium.agent.v1.AddToolsResponse
+	48, // 59: aetherium.agent.v1.Agent.ListTools:output_type -> aetherium.agent.v1.ListToolsResponse
+	42, // [42:60] is the sub-list for method output_type
+	24, // [24:42] is the sub-list for method input_type
+	24, // [24:24] is the sub-list for extension type_name
+	24, // [24:24] is the sub-list for extension extendee
+	0,  // [0:24] is the sub-list for field type_name
 }
 
 func init() { file_agent_proto_init() }
@@ -3326,31 +3432,32 @@ func file_agent_proto_init() {
 		(*ExecRequest_CloseStdin)(nil),
 		(*ExecRequest_Signal)(nil),
 	}
-	file_agent_proto_msgTypes[5].OneofWrappers = []any{
+	file_agent_proto_msgTypes[6].OneofWrappers = []any{
 		(*ExecResponse_StartedPid)(nil),
 		(*ExecResponse_Stdout)(nil),
 		(*ExecResponse_Stderr)(nil),
 		(*ExecResponse_Exit)(nil),
+		(*ExecResponse_Reattached)(nil),
 	}
-	file_agent_proto_msgTypes[6].OneofWrappers = []any{
+	file_agent_proto_msgTypes[7].OneofWrappers = []any{
 		(*WriteFileRequest_Header)(nil),
 		(*WriteFileRequest_Data)(nil),
 	}
-	file_agent_proto_msgTypes[14].OneofWrappers = []any{
+	file_agent_proto_msgTypes[15].OneofWrappers = []any{
 		(*ProcessSelector_Pid)(nil),
 		(*ProcessSelector_Tag)(nil),
 	}
-	file_agent_proto_msgTypes[17].OneofWrappers = []any{
+	file_agent_proto_msgTypes[18].OneofWrappers = []any{
 		(*ProcessData_Stdout)(nil),
 		(*ProcessData_Stderr)(nil),
 	}
-	file_agent_proto_msgTypes[20].OneofWrappers = []any{
+	file_agent_proto_msgTypes[21].OneofWrappers = []any{
 		(*ProcessEvent_Start)(nil),
 		(*ProcessEvent_Data)(nil),
 		(*ProcessEvent_Keepalive)(nil),
 		(*ProcessEvent_End)(nil),
 	}
-	file_agent_proto_msgTypes[43].OneofWrappers = []any{
+	file_agent_proto_msgTypes[44].OneofWrappers = []any{
 		(*AddToolsRequest_Header)(nil),
 		(*AddToolsRequest_Tar)(nil),
 	}
@@ -3360,7 +3467,7 @@ func file_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   50,
+			NumMessages:   51,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -52,10 +52,16 @@ type AgentClient interface {
 	// Exec runs one command. The first client message must carry `start`;
 	// later ones carry stdin data, stdin close or a signal. The server sends
 	// `started`, then output chunks as they are produced, then one `exit`.
-	// If the client goes away, the command's process group is killed. A
-	// program that is missing or cannot be executed gets only `exit`, with
-	// exit_code 127 or 126 and error set; a request that cannot run as given
-	// (bad cwd, user or env) ends with InvalidArgument.
+	// If the client goes away, the command and every process it started are
+	// killed, unless the start names an execution_id (protocol 5): such a
+	// command runs on, journaled, and a later Exec with the same id
+	// reattaches (`reattached`, then all output kept from the start, then
+	// live output and the `exit`). A signal request still reaches it; SIGKILL
+	// kills its whole process tree. A program that is missing or cannot be
+	// executed gets only `exit`, with exit_code 127 or 126 and error set (a
+	// reattach gets `reattached` with pid 0 first); a request that cannot run
+	// as given (bad cwd, user or env) ends with InvalidArgument;
+	// reattach_only with an id the journal does not hold ends with NotFound.
 	Exec(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ExecRequest, ExecResponse], error)
 	// WriteFile writes a file: the first message carries the header, then
 	// data chunks follow.
@@ -358,10 +364,16 @@ type AgentServer interface {
 	// Exec runs one command. The first client message must carry `start`;
 	// later ones carry stdin data, stdin close or a signal. The server sends
 	// `started`, then output chunks as they are produced, then one `exit`.
-	// If the client goes away, the command's process group is killed. A
-	// program that is missing or cannot be executed gets only `exit`, with
-	// exit_code 127 or 126 and error set; a request that cannot run as given
-	// (bad cwd, user or env) ends with InvalidArgument.
+	// If the client goes away, the command and every process it started are
+	// killed, unless the start names an execution_id (protocol 5): such a
+	// command runs on, journaled, and a later Exec with the same id
+	// reattaches (`reattached`, then all output kept from the start, then
+	// live output and the `exit`). A signal request still reaches it; SIGKILL
+	// kills its whole process tree. A program that is missing or cannot be
+	// executed gets only `exit`, with exit_code 127 or 126 and error set (a
+	// reattach gets `reattached` with pid 0 first); a request that cannot run
+	// as given (bad cwd, user or env) ends with InvalidArgument;
+	// reattach_only with an id the journal does not hold ends with NotFound.
 	Exec(grpc.BidiStreamingServer[ExecRequest, ExecResponse]) error
 	// WriteFile writes a file: the first message carries the header, then
 	// data chunks follow.
