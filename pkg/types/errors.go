@@ -1,6 +1,9 @@
 package types
 
-import "errors"
+import (
+	"errors"
+	"strings"
+)
 
 // Error kinds. Every error returned by the public API wraps at most one of
 // these so callers (the CLI, the gateway) can map it to an exit code or an
@@ -21,4 +24,18 @@ var (
 	// ErrLimit: a quota (VMs, vCPUs, memory of a tenant) would be exceeded.
 	// Deleting something or raising the limit makes the request succeed.
 	ErrLimit = errors.New("limit exceeded")
+	// ErrOutcomeUnknown: a command started, then the worker running it was
+	// lost (killed, restarted) and its result can no longer be had from
+	// the guest. The command is never run again (at most once), so whether
+	// it did its work is unknown. A task failed this way has an Error that
+	// begins with this error's text (see OutcomeUnknown).
+	ErrOutcomeUnknown = errors.New("outcome unknown")
 )
+
+// OutcomeUnknown reports whether a failed task's error text says its
+// command's outcome is unknown (ErrOutcomeUnknown), so that callers that
+// only have the stored text (the CLI, HTTP clients) can tell it from a
+// command that never ran.
+func OutcomeUnknown(taskError string) bool {
+	return strings.HasPrefix(taskError, ErrOutcomeUnknown.Error()+":")
+}
