@@ -52,6 +52,14 @@ type Config struct {
 	// that the VMs it owns still run (a VM whose VMM crashed or was killed
 	// is recorded as failed). Default 5s.
 	HeartbeatInterval time.Duration
+	// DeadAfter is how long a worker may go without a heartbeat before the
+	// VMs it owns are marked types.VMLost and its queued tasks failed (by
+	// whichever live worker holds the sweeper lock). Default 60s.
+	DeadAfter time.Duration
+	// SweepInterval is how often the sweeper (one worker at a time) marks
+	// dead owners' VMs lost and enqueues again the tasks Asynq lost.
+	// Default: HeartbeatInterval.
+	SweepInterval time.Duration
 	// MaxOutputBytes caps each stream of a command: commands asking for
 	// less get what they ask, those asking for more get this (the task's
 	// result says which as max_output_bytes). Default 1 MiB.
@@ -128,6 +136,7 @@ type Worker struct {
 // Defaults of Config.
 const (
 	ExpiryIntervalDefault = time.Second
+	DeadAfterDefault      = 60 * time.Second
 )
 
 // New returns a worker. notifier and output may be nil (no wake-ups, no
@@ -145,6 +154,8 @@ func New(cfg Config, store storage.Store, orch vmm.VMOrchestrator, notifier queu
 	cfg.HeartbeatInterval = cmp.Or(cfg.HeartbeatInterval, 5*time.Second)
 	cfg.MaxOutputBytes = cmp.Or(cfg.MaxOutputBytes, types.DefaultMaxOutputBytes)
 	cfg.ExpiryInterval = cmp.Or(cfg.ExpiryInterval, ExpiryIntervalDefault)
+	cfg.DeadAfter = cmp.Or(cfg.DeadAfter, DeadAfterDefault)
+	cfg.SweepInterval = cmp.Or(cfg.SweepInterval, cfg.HeartbeatInterval)
 	caps := orch.Capabilities()
 	if cfg.Provider != "" && cfg.Provider != caps.Provider {
 		return nil, fmt.Errorf("%w: worker provider %q differs from its backend's %q; set vmm.provider to the backend the worker runs", types.ErrInvalid, cfg.Provider, caps.Provider)
