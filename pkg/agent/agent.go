@@ -44,7 +44,10 @@ const DefaultVsockPort = bootparams.AgentPort
 //	   system RPCs (Stat, ListDir, MakeDir, Move, Remove).
 //	4: tool volumes (AddTools, ListTools), and every command's PATH
 //	   starts with their bin directories.
-const protocolRevision = 4
+//	5: ExecStart.execution_id and reattach_only (the execution journal,
+//	   ExecResponse.reattached), and killing a command kills every
+//	   process it started (ExecTokenEnv).
+const protocolRevision = 5
 
 // protocolFileUser is the first revision that honours WriteFileHeader.user.
 const protocolFileUser = 2
@@ -55,6 +58,10 @@ const protocolProcessesFiles = 3
 
 // protocolTools is the first revision with AddTools and ListTools.
 const protocolTools = 4
+
+// protocolExecJournal is the first revision that journals executions by
+// ExecStart.execution_id and kills a command's whole process tree.
+const protocolExecJournal = 5
 
 // chunkSize bounds every data message (output, file content, stdin): small
 // enough to stream promptly, large enough to keep per-message cost low.

@@ -44,6 +44,14 @@ type ServerConfig struct {
 	// MaxToolBytes bounds the file content of one volume AddTools
 	// extracts; 0: DefaultMaxToolBytes.
 	MaxToolBytes int64
+	// MaxEndedExecs bounds how many ended executions the journal of
+	// execution ids keeps (see ExecRetention); past it the oldest are
+	// forgotten. 0: DefaultMaxEndedExecs.
+	MaxEndedExecs int
+	// MaxEndedExecBytes bounds the output those ended executions hold
+	// together; past it the oldest are forgotten. 0:
+	// DefaultMaxEndedExecBytes.
+	MaxEndedExecBytes int64
 }
 
 // stopGrace is how long Stop waits for RPCs to end after killing commands
@@ -56,13 +64,14 @@ const stopGrace = 5 * time.Second
 type Server struct {
 	agentpb.UnimplementedAgentServer
 
-	cfg    ServerConfig
-	log    *slog.Logger
-	grpc   *grpc.Server
-	waiter waiter
-	self   identity // the agent's own user
-	procs  *procTable
-	tools  *toolRegistry
+	cfg     ServerConfig
+	log     *slog.Logger
+	grpc    *grpc.Server
+	waiter  waiter
+	self    identity // the agent's own user
+	procs   *procTable
+	tools   *toolRegistry
+	journal *execJournal
 
 	// stopping is cancelled by Stop; it kills every running command.
 	stopping context.Context
@@ -77,16 +86,19 @@ type Server struct {
 func NewServer(cfg ServerConfig) *Server {
 	cfg.MaxOutputBytes = cmp.Or(cfg.MaxOutputBytes, types.DefaultMaxOutputBytes)
 	cfg.MaxToolBytes = cmp.Or(cfg.MaxToolBytes, DefaultMaxToolBytes)
+	cfg.MaxEndedExecs = cmp.Or(cfg.MaxEndedExecs, DefaultMaxEndedExecs)
+	cfg.MaxEndedExecBytes = cmp.Or(cfg.MaxEndedExecBytes, DefaultMaxEndedExecBytes)
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	s := &Server{
-		cfg:    cfg,
-		log:    cfg.Logger,
-		grpc:   grpc.NewServer(),
-		waiter: directWaiter{},
-		self:   selfIdentity(),
-		procs:  newProcTable(),
+		cfg:     cfg,
+		log:     cfg.Logger,
+		grpc:    grpc.NewServer(),
+		waiter:  directWaiter{},
+		self:    selfIdentity(),
+		procs:   newProcTable(),
+		journal: newExecJournal(cfg.MaxEndedExecs, cfg.MaxEndedExecBytes),
 	}
 	root := cfg.ToolsRoot
 	if root != "" {
