@@ -3,6 +3,7 @@ package queue_test
 import (
 	"bytes"
 	"context"
+	"os"
 	"testing"
 	"time"
 
@@ -13,7 +14,13 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
-func TestMain(m *testing.M) { testenv.Main(m) }
+func TestMain(m *testing.M) {
+	if addr := os.Getenv(blockerEnv); addr != "" {
+		runBlocker(addr)
+		return
+	}
+	testenv.Main(m)
+}
 
 func TestPayloads(t *testing.T) {
 	task, err := queue.NewVMExecuteTask("t1", queue.VMExecutePayload{VMID: "v1", Command: types.Command{Cmd: "echo", Args: []string{"hi"}}})
