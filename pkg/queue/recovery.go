@@ -104,4 +104,3 @@ func RecoveryOptions(t *types.Task) EnqueueOptions {
 	o.MaxRetry = max(o.MaxRetry-t.Attempts, 1)
 	return o
 }
-
