@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -41,6 +42,10 @@ const (
 type Client struct {
 	conn *grpc.ClientConn
 	api  agentpb.AgentClient
+
+	// protocol is the agent's protocol revision once Info was asked for
+	// it by a call that depends on it; 0: not known yet.
+	protocol atomic.Uint32
 }
 
 // NewClient makes a client that reaches the agent through d. It does no
