@@ -5,6 +5,7 @@ package vmutil
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -103,18 +104,47 @@ func (k *KeyedMutex) LockContext(ctx context.Context, key string) (unlock func()
 // Exec runs cmd in VM id through its agent. The command's environment is
 // base (the VM's defaults) overlaid with cmd.Env; the agent itself starts
 // commands with only what it is given. A failing stream writer does not
-// stop the command, so the result is returned with the error.
+// stop the command, so the result is returned with the error. stream's
+// ExecutionID, ReattachOnly, Started and Detach go to the agent as
+// documented on vmm.ExecIO; the agent's ErrUnknownExecution and
+// ErrDetached are also reported as vmm's.
 func Exec(ctx context.Context, c *agent.Client, id string, base map[string]string, cmd types.Command, stream vmm.ExecIO) (*types.ExecResult, error) {
 	env := make(map[string]string, len(base)+len(cmd.Env))
 	maps.Copy(env, base)
 	maps.Copy(env, cmd.Env)
 	cmd.Env = env
-	res, err := c.Exec(ctx, cmd, stream.Stdout, stream.Stderr)
+	res, err := c.ExecWith(ctx, cmd, agent.ExecOptions{
+		Stdout:       stream.Stdout,
+		Stderr:       stream.Stderr,
+		ExecutionID:  stream.ExecutionID,
+		ReattachOnly: stream.ReattachOnly,
+		Started:      stream.Started,
+		Detach:       stream.Detach,
+	})
 	if err != nil {
-		return res, fmt.Errorf("running %q in vm %s: %w", cmd.Cmd, id, err)
+		return res, fmt.Errorf("running %q in vm %s: %w", cmd.Cmd, id, alsoVMMError(err))
 	}
 	return res, nil
 }
+
+// alsoVMMError makes err match vmm's sentinel for the agent's one it
+// wraps, keeping its message: pkg/agent, which also builds the guest's
+// fc-agent, does not import pkg/vmm.
+func alsoVMMError(err error) error {
+	switch {
+	case errors.Is(err, agent.ErrUnknownExecution):
+		return vmmError{err: err, kind: vmm.ErrUnknownExecution}
+	case errors.Is(err, agent.ErrDetached):
+		return vmmError{err: err, kind: vmm.ErrDetached}
+	}
+	return err
+}
+
+// vmmError is err, also matching kind with errors.Is.
+type vmmError struct{ err, kind error }
+
+func (e vmmError) Error() string   { return e.err.Error() }
+func (e vmmError) Unwrap() []error { return []error{e.err, e.kind} }
 
 // RunningAgent returns the agent client of VM id when it runs, or the
 // backend's error for an unknown (types.ErrNotFound) or stopped
