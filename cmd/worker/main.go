@@ -70,6 +70,7 @@ func run() error {
 		TaskCheckInterval: cfg.Queue.TaskCheckInterval,
 		ShutdownTimeout:   cfg.Worker.ShutdownTimeout,
 		HeartbeatInterval: cfg.Worker.HeartbeatInterval,
+		DeadAfter:         cfg.Worker.DeadAfter,
 		MaxOutputBytes:    cfg.VMM.MaxOutputBytes,
 		DataListen:        cfg.Worker.DataListen,
 		DataAdvertise:     cfg.Worker.DataAdvertise,

@@ -218,6 +218,12 @@ type Worker struct {
 	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
 	// HeartbeatInterval is how often the worker records itself. Default 5s.
 	HeartbeatInterval time.Duration `yaml:"heartbeat_interval"`
+	// DeadAfter is how long a worker may go without a heartbeat before it
+	// counts as dead: its VMs become lost, their queued tasks fail, calls
+	// on them answer at once saying so, and `aether-cli workers` shows it
+	// unhealthy. The API and CLI use it too (it is checked when a call
+	// arrives). Must be longer than heartbeat_interval. Default 60s.
+	DeadAfter time.Duration `yaml:"dead_after"`
 	// ReadyFile, when set, is written once the worker serves tasks (used by
 	// `make up` to know the worker is ready).
 	ReadyFile string `yaml:"ready_file"`
@@ -276,6 +282,9 @@ type Log struct {
 
 // EnvPrefix starts every overriding environment variable.
 const EnvPrefix = "AETHERIUM_"
+
+// DeadAfterDefault is worker.dead_after's default.
+const DeadAfterDefault = 60 * time.Second
 
 // Path finds the configuration file: explicit (from --config), then
 // $AETHERIUM_CONFIG, then ./aetherium.yaml, then
@@ -367,6 +376,7 @@ func (c *Config) setDefaults() {
 	c.Worker.Concurrency = cmp.Or(c.Worker.Concurrency, 10)
 	c.Worker.ShutdownTimeout = cmp.Or(c.Worker.ShutdownTimeout, 30*time.Second)
 	c.Worker.HeartbeatInterval = cmp.Or(c.Worker.HeartbeatInterval, 5*time.Second)
+	c.Worker.DeadAfter = cmp.Or(c.Worker.DeadAfter, DeadAfterDefault)
 	c.Worker.DataListen = cmp.Or(c.Worker.DataListen, "127.0.0.1:9465")
 	c.Worker.MetricsListen = cmp.Or(c.Worker.MetricsListen, "127.0.0.1:9464")
 	c.Worker.ExpiryInterval = cmp.Or(c.Worker.ExpiryInterval, time.Second)
@@ -466,6 +476,9 @@ func (c *Config) Validate() error {
 		if _, _, err := net.SplitHostPort(c.Worker.DataAdvertise); err != nil {
 			return bad("worker.data_advertise %q must be host:port", c.Worker.DataAdvertise)
 		}
+	}
+	if c.Worker.DeadAfter <= c.Worker.HeartbeatInterval {
+		return bad("worker.dead_after %s must be longer than worker.heartbeat_interval %s (a live worker would be taken for dead between two heartbeats); raise it, e.g. to %s", c.Worker.DeadAfter, c.Worker.HeartbeatInterval, 12*c.Worker.HeartbeatInterval)
 	}
 	if (c.API.TLSCertFile == "") != (c.API.TLSKeyFile == "") {
 		return bad("api.tls_cert_file and api.tls_key_file must be set together")

@@ -39,8 +39,10 @@ worker:
 	t.Setenv("AETHERIUM_STORAGE_HOST", "db.local")
 	t.Setenv("AETHERIUM_VMM_DOCKER_HOST", "unix:///tmp/d.sock")
 	t.Setenv("AETHERIUM_QUEUE_TASK_CHECK_INTERVAL", "20ms")
+	t.Setenv("AETHERIUM_WORKER_DEAD_AFTER", "10s")
 	c, err := Load(p)
 	require.NoError(t, err)
+	require.Equal(t, 10*time.Second, c.Worker.DeadAfter)
 	require.Equal(t, "docker", c.VMM.Provider)
 	require.Equal(t, "/tmp/x", c.VMM.Docker.SocketDir)
 	require.Equal(t, "unix:///tmp/d.sock", c.VMM.Docker.Host)
@@ -68,6 +70,8 @@ func TestLoadRejectsBadInput(t *testing.T) {
 		{name: "bad tool default", file: "tools: {defaults: ['node@22;rm']}", want: `tools.defaults: invalid input: tool spec "node@22;rm"`},
 		{name: "relative tools cache", file: "tools: {cache_dir: tools}", want: "tools.cache_dir"},
 		{name: "unknown tools key", file: "tools: {cachedir: /x}", want: "field cachedir not found"},
+		{name: "dead_after not above heartbeat", env: map[string]string{"AETHERIUM_WORKER_DEAD_AFTER": "5s"}, want: "worker.dead_after 5s must be longer than worker.heartbeat_interval 5s"},
+		{name: "dead_after below heartbeat", file: "worker: {heartbeat_interval: 10s, dead_after: 3s}", want: "worker.dead_after 3s"},
 		{name: "bad tools env", env: map[string]string{"AETHERIUM_TOOLS_ENV": "novalue"}, want: "AETHERIUM_TOOLS_ENV"},
 	}
 	for _, tc := range cases {
