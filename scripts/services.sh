@@ -178,8 +178,11 @@ start_redis() {
 	else
 		say "starting redis on 127.0.0.1:$REDIS_PORT"
 		rm -f "$REDIS_PIDFILE"
+		# The append-only file keeps queued tasks across a restart, written
+		# every second; what a crash loses meanwhile the workers' sweeper
+		# enqueues again from PostgreSQL (docs/reliability.md).
 		redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$REDIS_DIR" \
-			--save "" --appendonly no \
+			--save "" --appendonly yes --appendfsync everysec \
 			--daemonize yes --pidfile "$REDIS_PIDFILE" --logfile "$REDIS_LOG" ||
 			die "redis-server did not start; its log is $REDIS_LOG"
 	fi

@@ -10,20 +10,36 @@ import (
 
 	"github.com/hibiken/asynq"
 
+	"github.com/aetherium/aetherium-core/internal/faults"
 	"github.com/aetherium/aetherium-core/pkg/storage"
 	"github.com/aetherium/aetherium-core/pkg/types"
+	"github.com/aetherium/aetherium-core/pkg/vmm"
 )
 
 // permanent reports whether err can never succeed on retry.
 func permanent(err error) bool {
 	return errors.Is(err, types.ErrInvalid) || errors.Is(err, types.ErrNotFound) ||
 		errors.Is(err, types.ErrConflict) || errors.Is(err, types.ErrNotSupported) ||
-		errors.Is(err, asynq.SkipRetry)
+		errors.Is(err, types.ErrOutcomeUnknown) || errors.Is(err, asynq.SkipRetry)
+}
+
+// errShutdown is the cause of the contexts of the attempts a stopping
+// worker interrupts once its drain time is over. Asynq has requeued those
+// tasks without counting an attempt, so they are not failures.
+var errShutdown = errors.New("the worker stopped while the task ran; the task runs again on the next worker, and a command left running in its guest is reattached to, not run again")
+
+// interrupted reports whether an attempt ended because its worker stopped.
+func interrupted(ctx context.Context, err error) bool {
+	return errors.Is(err, vmm.ErrDetached) || (ctx.Err() != nil && errors.Is(context.Cause(ctx), errShutdown))
 }
 
 // final reports whether a failing attempt is the task's last one, so the
-// handler must clean up instead of leaving the work for a retry.
+// handler must clean up instead of leaving the work for a retry. An
+// attempt its stopping worker interrupted is never the last.
 func final(ctx context.Context, err error) bool {
+	if interrupted(ctx, err) {
+		return false
+	}
 	retry, _ := asynq.GetRetryCount(ctx)
 	maxRetry, _ := asynq.GetMaxRetry(ctx)
 	return permanent(err) || retry >= maxRetry
@@ -72,6 +88,8 @@ func (w *Worker) bookkeeping(next asynq.Handler) asynq.Handler {
 
 // track runs one attempt of a task through next; see bookkeeping.
 func (w *Worker) track(ctx context.Context, t *asynq.Task, next asynq.Handler) error {
+	w.attempts.Add(1)
+	defer w.attempts.Done()
 	id, _ := asynq.GetTaskID(ctx)
 	retry, _ := asynq.GetRetryCount(ctx)
 	log := w.log.With("task_id", id, "type", t.Type())
@@ -99,7 +117,10 @@ func (w *Worker) track(ctx context.Context, t *asynq.Task, next asynq.Handler) e
 	if retry == 0 && rec.Attempts == 0 {
 		w.metrics.queueLatency.WithLabelValues(t.Type()).Observe(since(rec.CreatedAt))
 	}
-	w.update(ctx, id, storage.TaskUpdate{State: ptr(types.TaskRunning), Attempts: ptr(retry + 1)})
+	w.update(ctx, id, storage.TaskUpdate{State: ptr(types.TaskRunning), Attempts: ptr(retry + 1), WorkerID: &w.cfg.ID})
+	if err := faults.Reach(ctx, faults.TaskClaimed); err != nil {
+		return err
+	}
 
 	a := &attempt{log: log}
 	err = next.ProcessTask(context.WithValue(ctx, attemptKey{}, a), t)
@@ -126,6 +147,13 @@ func (w *Worker) track(ctx context.Context, t *asynq.Task, next asynq.Handler) e
 			w.metrics.taskEnded(t.Type(), types.TaskFailed)
 			return fmt.Errorf("task %s cancelled: %w", id, asynq.SkipRetry)
 		}
+	}
+	if interrupted(ctx, err) {
+		// Asynq put the task back in its queue; the next worker (this one
+		// restarted, usually) runs it again or reattaches to its command.
+		log.Warn("task interrupted by the worker's stop; it runs again on the next worker", "err", err)
+		w.update(bg, id, storage.TaskUpdate{State: ptr(types.TaskPending), Error: ptr(errShutdown.Error())})
+		return err
 	}
 	state := types.TaskRetrying
 	if final(ctx, err) {

@@ -4,13 +4,16 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/google/uuid"
 	"github.com/hibiken/asynq"
 
+	"github.com/aetherium/aetherium-core/internal/faults"
 	"github.com/aetherium/aetherium-core/pkg/queue"
 	"github.com/aetherium/aetherium-core/pkg/storage"
 	"github.com/aetherium/aetherium-core/pkg/types"
@@ -95,6 +98,9 @@ func (w *Worker) handleVMCreate(ctx context.Context, t *asynq.Task, log *slog.Lo
 	if spec.Tools, err = w.createTools(ctx, log, vm.ID, p.Tools); err == nil {
 		err = w.createAndStart(ctx, spec)
 	}
+	if err == nil {
+		err = faults.Reach(ctx, faults.CreateBooted)
+	}
 	if err != nil {
 		if final(ctx, err) {
 			w.discard(context.WithoutCancel(ctx), log, vm.ID, err)
@@ -148,7 +154,7 @@ func (w *Worker) handOn(ctx context.Context, t *asynq.Task, owner string) error 
 	}
 	// The row goes back to pending before the owner can see the task, so
 	// that this does not overwrite what the owner records.
-	w.update(ctx, id, storage.TaskUpdate{State: ptr(types.TaskPending)})
+	w.update(ctx, id, storage.TaskUpdate{State: ptr(types.TaskPending), Queue: &o.Queue})
 	task := &types.Task{ID: id, Type: types.TaskType(t.Type()), Payload: t.Payload()}
 	if err := w.enqueuer.Enqueue(ctx, task, o); err != nil {
 		return fmt.Errorf("handing task %s on to worker %s: %w", id, owner, err)
@@ -196,7 +202,9 @@ func (w *Worker) discard(ctx context.Context, log *slog.Logger, id string, cause
 
 // handleVMExecute runs one command through the VM's agent and records the
 // execution (its id is the task id). When the command ran, the task
-// succeeds whatever its exit code; only an unreachable agent is retried.
+// succeeds whatever its exit code; only an unreachable agent is retried,
+// and a retry of a command that started reattaches to it instead of
+// running it again (see runCommand).
 func (w *Worker) handleVMExecute(ctx context.Context, t *asynq.Task, log *slog.Logger) (map[string]any, error) {
 	p, err := queue.Decode[queue.VMExecutePayload](t.Payload())
 	if err != nil {
@@ -204,23 +212,24 @@ func (w *Worker) handleVMExecute(ctx context.Context, t *asynq.Task, log *slog.L
 	}
 	id, _ := asynq.GetTaskID(ctx)
 	var sio vmm.ExecIO
-	var exit *queue.ExitInfo
+	var out *outputStream
 	if p.Stream && w.output != nil {
-		sio = vmm.ExecIO{Stdout: &chunkWriter{w, id, queue.OutputStdout}, Stderr: &chunkWriter{w, id, queue.OutputStderr}}
-		exit = &queue.ExitInfo{}
-		defer func() {
-			if err := w.output.AppendOutput(context.WithoutCancel(ctx), id, queue.OutputChunk{Kind: queue.OutputExit, Exit: exit}); err != nil {
-				log.Warn("ending output stream", "err", err)
-			}
-		}()
+		if out, err = w.openStream(ctx, id); err != nil {
+			return nil, err
+		}
+		sio.Stdout, sio.Stderr = out.writer(queue.OutputStdout), out.writer(queue.OutputStderr)
 	}
 	e, err := w.runCommand(ctx, log, p.VMID, id, "", p.Command, sio)
-	if exit != nil {
+	// The stream ends with the task's outcome: not after an attempt that
+	// will be retried, whose retry goes on with the output.
+	if out != nil && (err == nil || final(ctx, err)) {
+		exit := &queue.ExitInfo{}
 		if err != nil {
 			exit.Error = err.Error()
 		} else {
 			exit.ExitCode, exit.TimedOut = e.ExitCode, e.TimedOut
 		}
+		out.end(context.WithoutCancel(ctx), log, exit)
 	}
 	if err != nil {
 		return nil, err
@@ -241,12 +250,23 @@ func (w *Worker) outputCap(requested int) int {
 	return requested
 }
 
-// runCommand runs cmd in the VM and stores the execution. The VM's env is
-// left to the backend, which lays it beneath cmd.Env (vmm.VMOrchestrator's
+// runCommand runs cmd in the VM at most once and stores the execution,
+// under execID. An execution already stored is returned as it is. A
+// command whose start was recorded (an earlier attempt started it, then
+// its worker died or storage failed) is not started again: the guest
+// agent's journal is asked for it by execID, live or ended, and when the
+// agent no longer has it (the guest rebooted, or it was forgotten) the
+// attempt fails with types.ErrOutcomeUnknown. The VM's env is left to the
+// backend, which lays it beneath cmd.Env (vmm.VMOrchestrator's
 // ExecuteCommand, checked by vmmtest) together with what only it knows:
 // the image's env, the guest's defaults. cmd is not validated again: the
 // service did, and the agent does.
 func (w *Worker) runCommand(ctx context.Context, log *slog.Logger, vmID, execID, jobID string, cmd types.Command, sio vmm.ExecIO) (*types.Execution, error) {
+	if e, err := w.store.GetExecution(ctx, execID); err == nil {
+		return e, nil
+	} else if !errors.Is(err, types.ErrNotFound) {
+		return nil, err
+	}
 	vm, err := w.ownedVM(ctx, vmID)
 	if err != nil {
 		return nil, err
@@ -254,37 +274,123 @@ func (w *Worker) runCommand(ctx context.Context, log *slog.Logger, vmID, execID,
 	if vm.State != types.VMRunning {
 		return nil, fmt.Errorf("%w: vm %s is %s, not running", types.ErrConflict, vm.ID, vm.State)
 	}
+	started, err := w.store.GetExecutionStart(ctx, execID)
+	switch {
+	case err == nil:
+		sio.ReattachOnly = true
+	case !errors.Is(err, types.ErrNotFound):
+		return nil, err
+	}
+	taskID, _ := asynq.GetTaskID(ctx)
 	cmd.MaxOutputBytes = w.outputCap(cmd.MaxOutputBytes)
+	sio.ExecutionID, sio.Detach = execID, w.detach
+	sio.Started = func(pid int, reattached bool) {
+		if started == nil {
+			s := &storage.ExecutionStart{ID: execID, VMID: vm.ID, TaskID: taskID, PID: pid}
+			if err := w.store.MarkExecutionStarted(context.WithoutCancel(ctx), s); err != nil {
+				// The agent's journal still keeps it from running twice
+				// while it remembers it.
+				log.Warn("cannot record the command's start", "execution_id", execID, "err", err)
+			}
+		}
+		if reattached {
+			log.Info("reattached to a command an earlier attempt started", "execution_id", execID, "pid", pid)
+		}
+		if err := faults.Reach(ctx, faults.ExecStarted); err != nil {
+			log.Warn("fault point", "err", err)
+		}
+	}
 	res, err := w.vmm.ExecuteCommand(ctx, vm.ID, cmd, sio)
+	if errors.Is(err, vmm.ErrUnknownExecution) {
+		return nil, fmt.Errorf("%w: the worker stopped while the command ran; its result is unknown (it started at %s in vm %s and was not run again)",
+			types.ErrOutcomeUnknown, started.StartedAt.Format(time.RFC3339), vm.ID)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("running %q in vm %s: %w", cmd.Cmd, vm.ID, err)
+	}
+	if err := faults.Reach(ctx, faults.ExecEnded); err != nil {
+		return nil, err
 	}
 	e := types.NewExecution(execID, vm.ID, cmd, res)
 	w.metrics.exec.WithLabelValues(w.cfg.Provider).Observe(e.Duration.Seconds())
 	e.JobID = jobID
-	e.TaskID, _ = asynq.GetTaskID(ctx)
+	e.TaskID = taskID
 	if err := w.store.PutExecution(context.WithoutCancel(ctx), e); err != nil {
+		// The retry reattaches to the ended command and stores it then.
 		return nil, fmt.Errorf("recording execution %s: %w", execID, err)
 	}
 	log.Debug("command ran", "vm_id", vm.ID, "execution_id", execID, "exit_code", e.ExitCode, "took", e.Duration)
 	return e, nil
 }
 
-// chunkWriter forwards live output to the task's output stream. A Redis
-// hiccup must not kill the command: the full record is stored anyway.
-type chunkWriter struct {
-	w    *Worker
-	id   string
-	kind queue.OutputKind
+// outputStream forwards a command's live output to its task's stream. A
+// retried attempt that reattaches to the command gets its output again
+// from the start; what the stream already has is skipped, so a reader
+// sees every byte once.
+type outputStream struct {
+	w     *Worker
+	id    string
+	ended bool
+	mu    sync.Mutex
+	skip  map[queue.OutputKind]int64
 }
 
-func (c *chunkWriter) Write(p []byte) (int, error) {
-	data := append([]byte(nil), p...)
-	if err := c.w.output.AppendOutput(context.Background(), c.id, queue.OutputChunk{Kind: c.kind, Data: data}); err != nil {
-		c.w.log.Warn("streaming output", "task_id", c.id, "err", err)
+// openStream resumes task id's output stream where earlier attempts left
+// it.
+func (w *Worker) openStream(ctx context.Context, id string) (*outputStream, error) {
+	s := &outputStream{w: w, id: id, skip: map[queue.OutputKind]int64{}}
+	if retry, _ := asynq.GetRetryCount(ctx); retry == 0 || w.recovery == nil {
+		return s, nil
 	}
-	return len(p), nil
+	o, e, ended, err := w.recovery.OutputSent(ctx, id)
+	if err != nil {
+		// Without Redis there is no stream to resume: the output is
+		// stored with the execution all the same.
+		w.log.Warn("cannot read what the output stream holds; resending it all", "task_id", id, "err", err)
+		return s, nil
+	}
+	s.skip[queue.OutputStdout], s.skip[queue.OutputStderr], s.ended = o, e, ended
+	return s, nil
 }
+
+func (s *outputStream) writer(kind queue.OutputKind) io.Writer {
+	return writerFunc(func(p []byte) (int, error) {
+		n := len(p)
+		s.mu.Lock()
+		if skip := s.skip[kind]; skip > 0 {
+			d := min(skip, int64(len(p)))
+			s.skip[kind] -= d
+			p = p[d:]
+		}
+		s.mu.Unlock()
+		if len(p) > 0 {
+			s.append(queue.OutputChunk{Kind: kind, Data: append([]byte(nil), p...)})
+		}
+		return n, nil
+	})
+}
+
+// append adds a chunk. A Redis hiccup must not kill the command: the full
+// record is stored anyway.
+func (s *outputStream) append(c queue.OutputChunk) {
+	if err := s.w.output.AppendOutput(context.Background(), s.id, c); err != nil {
+		s.w.log.Warn("streaming output", "task_id", s.id, "err", err)
+	}
+}
+
+// end closes the stream with the task's outcome, once.
+func (s *outputStream) end(ctx context.Context, log *slog.Logger, exit *queue.ExitInfo) {
+	if s.ended {
+		return
+	}
+	if err := s.w.output.AppendOutput(ctx, s.id, queue.OutputChunk{Kind: queue.OutputExit, Exit: exit}); err != nil {
+		log.Warn("ending output stream", "err", err)
+	}
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
 
 // handleVMDelete stops a VM and removes all its resources. Deleting a
 // deleted VM succeeds.
@@ -293,7 +399,33 @@ func (w *Worker) handleVMDelete(ctx context.Context, t *asynq.Task, log *slog.Lo
 	if err != nil {
 		return nil, err
 	}
-	return w.moveVM(ctx, log, p.VMID, types.VMDeleting, types.VMDeleted, "deleting", w.vmm.DeleteVM)
+	res, err := w.moveVM(ctx, log, p.VMID, types.VMDeleting, types.VMDeleted, "deleting", w.vmm.DeleteVM)
+	if err == nil {
+		w.closeTasks(context.WithoutCancel(ctx), log, p.VMID)
+	}
+	return res, err
+}
+
+// closeTasks ends the open tasks of a deleted VM (but the deleting task's
+// own): they can never run, and their callers must learn it.
+func (w *Worker) closeTasks(ctx context.Context, log *slog.Logger, vmID string) {
+	self, _ := asynq.GetTaskID(ctx)
+	ended, err := w.store.FailOpenTasks(ctx, vmID, self, fmt.Sprintf("vm %s was deleted before the task could finish", vmID))
+	if err != nil {
+		log.Warn("cannot close the deleted vm's open tasks", "err", err)
+		return
+	}
+	for _, t := range ended {
+		if w.enqueuer != nil && t.Queue != "" {
+			if err := w.enqueuer.Cancel(ctx, t.ID, t.Queue); err != nil {
+				log.Warn("removing a deleted vm's task from its queue", "task_id", t.ID, "err", err)
+			}
+		}
+		if w.notifier != nil {
+			_ = w.notifier.NotifyTask(ctx, t.ID)
+		}
+		log.Info("closed a task of the deleted vm", "task_id", t.ID, "type", t.Type)
+	}
 }
 
 // handleVMStop stops a running VM.
@@ -381,10 +513,7 @@ func (w *Worker) handleJobRun(ctx context.Context, t *asynq.Task, log *slog.Logg
 	state, failedAt := types.JobSucceeded, 0
 	for i, cmd := range job.Commands {
 		execID := uuid.NewSHA1(jobUUID, []byte(strconv.Itoa(i))).String()
-		e, err := w.store.GetExecution(ctx, execID)
-		if errors.Is(err, types.ErrNotFound) {
-			e, err = w.runCommand(ctx, log, job.VMID, execID, job.ID, cmd, vmm.ExecIO{})
-		}
+		e, err := w.runCommand(ctx, log, job.VMID, execID, job.ID, cmd, vmm.ExecIO{})
 		if err != nil {
 			if final(ctx, err) {
 				_ = w.store.UpdateJobState(context.WithoutCancel(ctx), job.ID, types.JobFailed, err.Error())

@@ -26,6 +26,7 @@ type metrics struct {
 	exec         *prometheus.HistogramVec
 	tasks        *prometheus.CounterVec
 	queueLatency *prometheus.HistogramVec
+	recovered    *prometheus.CounterVec
 }
 
 func newMetrics() *metrics {
@@ -54,8 +55,12 @@ func newMetrics() *metrics {
 			Help:    "Time from a task's submission (its row) until its first attempt starts.",
 			Buckets: fast,
 		}, []string{"type"}),
+		recovered: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "aetherium_tasks_recovered_total",
+			Help: "Tasks recovered after a fault: requeued (Asynq had lost them) or reclaimed (from this worker's killed previous run).",
+		}, []string{"how"}),
 	}
-	m.reg.MustRegister(m.vmCreate, m.exec, m.tasks, m.queueLatency,
+	m.reg.MustRegister(m.vmCreate, m.exec, m.tasks, m.queueLatency, m.recovered,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

@@ -100,8 +100,11 @@ type Worker struct {
 	notifier queue.Notifier
 	output   queue.OutputStream
 	// enqueuer hands create tasks on to the queue of their VM's owner (nil:
-	// they fail with types.ErrConflict instead).
+	// they fail with types.ErrConflict instead), and enqueues again the
+	// tasks Asynq lost.
 	enqueuer queue.Queue
+	// recovery reaches into Asynq's state for recovery (nil: none).
+	recovery queueRecovery
 	log      *slog.Logger
 
 	metrics *metrics
@@ -121,6 +124,20 @@ type Worker struct {
 	stopExpiry context.CancelFunc
 	expiryDone chan struct{}
 	started    bool
+	// stopSweep ends the sweeper loop, which closes sweepDone.
+	stopSweep context.CancelFunc
+	sweepDone chan struct{}
+	// base is the context of every task attempt; cancelBase ends the
+	// attempts still running when the drain time is over.
+	base       context.Context
+	cancelBase context.CancelFunc
+	// detach is closed when the drain time is over: commands still running
+	// are left going in their guests (ExecIO.Detach), for the next run to
+	// reattach to.
+	detach chan struct{}
+	// attempts counts the task attempts in flight (see track), which Stop
+	// waits for so that each records its outcome while storage is open.
+	attempts sync.WaitGroup
 
 	// inflight holds the expired VMs being deleted (zero time), so that a
 	// slow deletion is not started again by the next round, and those
@@ -177,7 +194,8 @@ func New(cfg Config, store storage.Store, orch vmm.VMOrchestrator, notifier queu
 		defaultNetwork = types.NetworkNAT
 	}
 	enqueuer, _ := notifier.(queue.Queue)
-	return &Worker{cfg: cfg, defaultNetwork: defaultNetwork, enqueuer: enqueuer, store: store, vmm: orch, notifier: notifier, output: output,
+	recovery, _ := notifier.(queueRecovery)
+	return &Worker{cfg: cfg, defaultNetwork: defaultNetwork, enqueuer: enqueuer, recovery: recovery, store: store, vmm: orch, notifier: notifier, output: output,
 		log: cfg.Logger.With("worker_id", cfg.ID), metrics: m, inflight: map[string]time.Time{}, unknown: map[string]struct{}{}}, nil
 }
 
@@ -219,8 +237,19 @@ func (w *Worker) Start(ctx context.Context) error {
 	if err := w.Reconcile(ctx); err != nil {
 		return fmt.Errorf("reconciling: %w", err)
 	}
+	// Before the task server starts: its recoverer, which runs at once,
+	// then retries what the previous run of this worker was running.
+	if err := w.reclaim(ctx); err != nil {
+		w.log.Warn("cannot take back the previous run's tasks; Asynq will retry them once their leases lapse", "err", err)
+	}
+	base, cancelBase := context.WithCancelCause(context.WithoutCancel(ctx))
+	w.base, w.cancelBase = base, func() { cancelBase(errShutdown) }
+	w.detach = make(chan struct{})
 	srv := asynq.NewServer(w.cfg.Redis.ConnOpt(), asynq.Config{
-		Concurrency: w.cfg.Concurrency,
+		BaseContext:              func() context.Context { return w.base },
+		RetryDelayFunc:           retryDelay,
+		DelayedTaskCheckInterval: time.Second,
+		Concurrency:              w.cfg.Concurrency,
 		// The worker's own queue goes first: its tasks concern VMs that only
 		// this worker can reach.
 		Queues:            map[string]int{w.Queue(): 2, queue.SharedQueue: 1},
@@ -250,14 +279,26 @@ func (w *Worker) Start(ctx context.Context) error {
 	expCtx, stopExp := context.WithCancel(context.WithoutCancel(ctx))
 	w.stopExpiry, w.expiryDone = stopExp, make(chan struct{})
 	go w.expiryLoop(expCtx)
+	sweepCtx, stopSweep := context.WithCancel(context.WithoutCancel(ctx))
+	w.stopSweep, w.sweepDone = stopSweep, make(chan struct{})
+	go w.sweepLoop(sweepCtx, w.sweepDone)
 	w.started = true
 	w.log.Info("worker started", "queues", []string{w.Queue(), queue.SharedQueue}, "provider", w.cfg.Provider)
 	return nil
 }
 
+// stopGrace bounds how long Stop waits, after the drain time, for the
+// attempts it interrupted to record their outcome.
+const stopGrace = 10 * time.Second
+
 // Stop stops taking tasks, waits up to ShutdownTimeout for the tasks and
 // file transfers in flight and lets Asynq requeue the rest; deletions of
-// expired VMs under way are finished. VMs keep running. Safe to call twice.
+// expired VMs under way are finished. The attempts still running then are
+// interrupted and Stop waits (up to stopGrace) until each has recorded its
+// outcome, so that the caller may close storage and Redis after it
+// returns. Commands still running in guests are left running, to be
+// reattached to by the next run (nothing runs twice). VMs keep running.
+// Safe to call twice.
 func (w *Worker) Stop() {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -265,7 +306,14 @@ func (w *Worker) Stop() {
 		return
 	}
 	w.stopExpiry()
+	w.stopSweep()
 	w.srv.Shutdown()
+	close(w.detach)
+	w.cancelBase()
+	if !waitGroup(&w.attempts, stopGrace) {
+		w.log.Error("task attempts did not record their outcome in time; their rows say running until the next run takes them back")
+	}
+	<-w.sweepDone
 	w.stopHB()
 	<-w.hbDone
 	<-w.expiryDone
@@ -422,4 +470,19 @@ func (a asynqLogger) Fatal(args ...any) { a.l.Error(fmt.Sprint(args...)) }
 func result(v any) json.RawMessage {
 	b, _ := json.Marshal(v)
 	return b
+}
+
+// waitGroup waits for wg up to d and reports whether it finished.
+func waitGroup(wg *sync.WaitGroup, d time.Duration) bool {
+	done := make(chan struct{})
+	go func() {
+		wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return true
+	case <-time.After(d):
+		return false
+	}
 }
