@@ -301,7 +301,7 @@ func TestBuildOptionErrors(t *testing.T) {
 // QEMU backend's tests boot.
 func TestGuestImage(t *testing.T) {
 	if testing.Short() {
-		t.Skip("-short: the full guest image build runs debootstrap")
+		testenv.Skip(t, "-short: the full guest image build runs debootstrap; run without -short")
 	}
 	m := testenv.GuestImage(t)
 	checkImage(t, m, testenv.BuildBinary(t, "fc-agent"))

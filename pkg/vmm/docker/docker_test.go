@@ -285,7 +285,7 @@ func BenchmarkExecTrue(b *testing.B) {
 	b.Run("docker-cli", func(b *testing.B) {
 		cli, err := exec.LookPath("docker")
 		if err != nil {
-			b.Skip("no docker CLI in PATH")
+			testenv.Skip(b, "no docker CLI in PATH; install docker.io (scripts/setup.sh does)")
 		}
 		testenv.Measure(b, func() {
 			if out, err := exec.Command(cli, "-H", cfg.Host, "exec", name, "true").CombinedOutput(); err != nil {

@@ -221,9 +221,10 @@ func TestVendoredSpecUnchanged(t *testing.T) {
 		t.Logf("%s is identical to %s", specFile, c)
 		return
 	}
-	// Not a missing prerequisite: the vendored copy is what the tests use;
-	// this only cross-checks it when the reference is around.
-	t.Skipf("no reference copy of the spec found (looked at $AETHERIUM_FIRECRACKER_SPEC, ../shared/reference/firecracker and /work/shared/reference/firecracker)")
+	// The vendored copy is what the tests use; this cross-checks it
+	// against the reference, which CI machines have (testenv.Skip fails
+	// there rather than skip).
+	testenv.Skip(t, "no reference copy of the spec found; set $AETHERIUM_FIRECRACKER_SPEC to firecracker-api-v1.16.1.yaml (looked at ../shared/reference/firecracker and /work/shared/reference/firecracker too)")
 }
 
 func readJSON(t testing.TB, path string, v any) {
