@@ -96,7 +96,7 @@ func OpenService(ctx context.Context, c *config.Config, log *slog.Logger) (*Serv
 	// Neither the provider nor the default network mode is decided here:
 	// this process's vmm section may name another backend than the workers
 	// run (the worker that claims a VM records both).
-	opts := []service.Option{service.WithLogger(log)}
+	opts := []service.Option{service.WithLogger(log), service.WithDeadAfter(c.Worker.DeadAfter)}
 	if c.VMM.MaxVCPUs > 0 {
 		opts = append(opts, service.WithMaxVCPUs(c.VMM.MaxVCPUs))
 	}

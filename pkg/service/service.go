@@ -13,6 +13,7 @@ import (
 	"io"
 	"log/slog"
 	"runtime"
+	"strings"
 	"time"
 
 	"github.com/google/uuid"
@@ -40,6 +41,7 @@ type options struct {
 	maxTTL         time.Duration
 	dataPlane      DataPlane
 	logger         *slog.Logger
+	deadAfter      time.Duration
 }
 
 // Option configures a TaskService.
@@ -71,7 +73,7 @@ func WithLogger(l *slog.Logger) Option { return func(o *options) { o.logger = l 
 // does), WaitTask is woken by notifications instead of polling and streamed
 // output can be read.
 func NewTaskService(q queue.Queue, s storage.Store, opts ...Option) *Service {
-	o := options{maxVCPUs: runtime.NumCPU(), logger: slog.New(slog.DiscardHandler)}
+	o := options{maxVCPUs: runtime.NumCPU(), logger: slog.New(slog.DiscardHandler), deadAfter: DeadAfterDefault}
 	for _, f := range opts {
 		f(&o)
 	}
@@ -245,6 +247,19 @@ func (s *Service) vmTask(ctx context.Context, vmID string, typ types.TaskType) (
 		if err != nil {
 			return uuid.Nil, err
 		}
+		if typ == types.TaskVMDelete {
+			if done, err := s.deleteLost(ctx, id, vm); done || err != nil {
+				if err == nil {
+					return id, nil
+				}
+				if errors.Is(err, errMoved) && attempt < 3 {
+					continue // the VM moved meanwhile (its owner took it back): look again
+				}
+				return uuid.Nil, err
+			}
+		} else if err := s.checkOwner(ctx, vm, strings.TrimPrefix(string(typ), "vm:")); err != nil {
+			return uuid.Nil, err
+		}
 		switch {
 		case typ == types.TaskVMDelete && vm.State == types.VMDeleted:
 			return id, s.recordDone(ctx, id, typ, vm.ID, "vm was already deleted")
@@ -299,6 +314,7 @@ func (s *Service) recordDone(ctx context.Context, id uuid.UUID, typ types.TaskTy
 // submit records the task, then enqueues it. If the queue refuses, the task
 // is marked failed so that it never silently vanishes.
 func (s *Service) submit(ctx context.Context, t *types.Task, o queue.EnqueueOptions) error {
+	t.Queue = o.Queue // so that recovery and CancelTask find it there
 	if err := s.store.CreateTask(ctx, t); err != nil {
 		return fmt.Errorf("recording %s task: %w", t.Type, err)
 	}
@@ -330,6 +346,9 @@ func (s *Service) getVM(ctx context.Context, vmID string) (*types.VM, error) {
 func (s *Service) runningVM(ctx context.Context, vmID, what string) (*types.VM, error) {
 	vm, err := s.getVM(ctx, vmID)
 	if err != nil {
+		return nil, err
+	}
+	if err := s.checkOwner(ctx, vm, what); err != nil {
 		return nil, err
 	}
 	switch vm.State {
@@ -459,29 +478,61 @@ func (s *Service) ListWorkers(ctx context.Context) ([]*types.Worker, error) {
 	if !scopeOf(ctx).Admin {
 		return nil, fmt.Errorf("%w: workers are visible to admin keys only", types.ErrNotFound)
 	}
-	return s.store.ListWorkers(ctx)
+	ws, err := s.store.ListWorkers(ctx)
+	if err != nil {
+		return nil, err
+	}
+	// A dead worker cannot say it is unhealthy: its last heartbeat would
+	// claim it is.
+	for _, w := range ws {
+		if s.silent(w) {
+			w.Healthy, w.Detail = false, "has not reported since "+w.LastSeen.UTC().Format(time.RFC3339)
+		}
+	}
+	return ws, nil
 }
 
 // waitFallback bounds how long WaitTask trusts notifications alone (they
-// can be lost if Redis restarts).
-const waitFallback = 2 * time.Second
+// can be lost if Redis restarts); waitPoll is its polling period when it
+// has no notifications at all (no notifier, or Redis down).
+const (
+	waitFallback = 2 * time.Second
+	waitPoll     = 500 * time.Millisecond
+)
+
+// Reads of a waited task that fail because PostgreSQL cannot be reached
+// are retried with a backoff from readRetryMin to readRetryMax, for as
+// long as the outage lasts up to readOutageMax (a restart of the server
+// takes seconds; a longer outage is reported).
+const (
+	readRetryMin  = 100 * time.Millisecond
+	readRetryMax  = 5 * time.Second
+	readOutageMax = 90 * time.Second
+)
 
 func (s *Service) WaitTask(ctx context.Context, id uuid.UUID) (*types.Task, error) {
 	var events <-chan struct{}
+	period := waitPoll
 	if s.notifier != nil {
 		ev, stop, err := s.notifier.WatchTask(ctx, id.String())
-		if err != nil {
-			return nil, err
+		switch {
+		case err == nil:
+			defer stop()
+			events, period = ev, waitFallback
+		case ctx.Err() != nil:
+			return nil, fmt.Errorf("waiting for task %s: %w", id, ctx.Err())
+		default:
+			// PostgreSQL holds the truth; notifications only make waiting
+			// quicker. Poll it instead.
+			s.opts.logger.Warn("task notifications unavailable; polling storage", "task_id", id, "err", err)
 		}
-		defer stop()
-		events = ev
 	}
-	tick := time.NewTicker(waitFallback)
+	tick := time.NewTicker(period)
 	defer tick.Stop()
 	for {
-		t, err := s.GetTask(ctx, id)
+		t, err := s.getTaskRetrying(ctx, id)
 		if err != nil {
-			return nil, err
+			return t, err
 		}
 		if t.State.Terminal() {
 			return t, nil
@@ -489,9 +540,44 @@ func (s *Service) WaitTask(ctx context.Context, id uuid.UUID) (*types.Task, erro
 		select {
 		case <-ctx.Done():
 			return t, fmt.Errorf("waiting for task %s (still %s): %w", id, t.State, ctx.Err())
-		case <-events:
+		case _, ok := <-events:
+			if !ok { // the subscription ended: poll from now on
+				events = nil
+				tick.Reset(waitPoll)
+			}
 		case <-tick.C:
 		}
+	}
+}
+
+// getTaskRetrying is GetTask riding out a PostgreSQL outage.
+func (s *Service) getTaskRetrying(ctx context.Context, id uuid.UUID) (*types.Task, error) {
+	return retryUnavailable(ctx, s.opts.logger, "task "+id.String(), func() (*types.Task, error) { return s.GetTask(ctx, id) })
+}
+
+// retryUnavailable calls f again, with a bounded backoff, while it fails
+// with types.ErrUnavailable (PostgreSQL restarting), for up to
+// readOutageMax and while ctx lives. Other errors return at once.
+func retryUnavailable[T any](ctx context.Context, log *slog.Logger, what string, f func() (T, error)) (T, error) {
+	var outage time.Time
+	delay := readRetryMin
+	for {
+		v, err := f()
+		if err == nil || !errors.Is(err, types.ErrUnavailable) || ctx.Err() != nil {
+			return v, err
+		}
+		if outage.IsZero() {
+			outage = time.Now()
+			log.Warn("storage unavailable; retrying", "reading", what, "err", err)
+		} else if time.Since(outage) > readOutageMax {
+			return v, fmt.Errorf("reading %s: storage unreachable for %s: %w", what, readOutageMax, err)
+		}
+		select {
+		case <-ctx.Done():
+			return v, fmt.Errorf("reading %s: %w (storage: %v)", what, ctx.Err(), err)
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, readRetryMax)
 	}
 }
 
@@ -506,8 +592,16 @@ func (s *Service) CancelTask(ctx context.Context, id uuid.UUID) error {
 	}
 	// A create task starts in the shared queue and, once its VM is
 	// claimed, its retries may have been handed on to the owner's queue.
+	// Rows from before tasks recorded their queue fall back to guessing it.
 	queues := []string{queue.SharedQueue}
-	if t.VMID != "" {
+	if t.Queue != "" {
+		queues = []string{t.Queue}
+		if t.Type == types.TaskVMCreate && t.VMID != "" {
+			if vm, err := s.store.GetVM(ctx, t.VMID); err == nil && vm.Owner != "" && queue.WorkerQueue(vm.Owner) != t.Queue {
+				queues = append(queues, queue.WorkerQueue(vm.Owner))
+			}
+		}
+	} else if t.VMID != "" {
 		if vm, err := s.store.GetVM(ctx, t.VMID); err == nil && vm.Owner != "" {
 			if t.Type == types.TaskVMCreate {
 				queues = append(queues, queue.WorkerQueue(vm.Owner))
@@ -553,13 +647,46 @@ type ExecResult struct {
 	TaskID   uuid.UUID
 	ExitCode int
 	TimedOut bool
-	// Err is set when the command could not run at all (the task failed).
+	// Err is set when the command could not run at all (the task failed),
+	// or when its outcome is unknown (see OutcomeUnknown).
 	Err string
+	// OutcomeUnknown: the command started, then the worker running it was
+	// lost and its result could not be had from the guest. It was not run
+	// again (at most once), so whether it did its work is unknown; Err
+	// says so (types.ErrOutcomeUnknown's text). ExitCode means nothing then.
+	OutcomeUnknown bool
 }
 
 // drainGrace is how long Exec keeps reading output after its task ended
 // without an exit chunk (a worker crash), before trusting the stored state.
 const drainGrace = 2 * time.Second
+
+// countingWriter counts what reached w and keeps w's first error, so that
+// Exec can tell a caller's broken writer from a broken stream and write
+// only the part of the stored output the stream did not deliver.
+type countingWriter struct {
+	w   io.Writer
+	n   int64
+	err error
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	if err != nil && c.err == nil {
+		c.err = err
+	}
+	return n, err
+}
+
+// writeRest writes what of the stored output s the caller has not had.
+func (c *countingWriter) writeRest(s string) error {
+	if c.err != nil || int64(len(s)) <= c.n {
+		return c.err
+	}
+	_, err := io.WriteString(c, s[c.n:])
+	return err
+}
 
 func (s *Service) Exec(ctx context.Context, vmID string, cmd types.Command, stdout, stderr io.Writer) (*ExecResult, error) {
 	id, err := s.ExecuteCommandTaskWithOptions(ctx, vmID, cmd, ExecOptions{Stream: true})
@@ -567,6 +694,7 @@ func (s *Service) Exec(ctx context.Context, vmID string, cmd types.Command, stdo
 		return nil, err
 	}
 	res := &ExecResult{TaskID: id}
+	out, errOut := &countingWriter{w: stdout}, &countingWriter{w: stderr}
 	// The reads outlive the caller's ctx: once it ends, the task is
 	// cancelled and the output read on until the exit chunk (or drainGrace),
 	// so that the result of the killed command is returned and recorded.
@@ -579,14 +707,17 @@ func (s *Service) Exec(ctx context.Context, vmID string, cmd types.Command, stdo
 	}
 	done := make(chan readOut, 1)
 	go func() {
-		ei, err := s.streamOutput(readCtx, id, stdout, stderr)
+		ei, err := s.streamOutput(readCtx, id, out, errOut)
 		done <- readOut{ei, err}
 	}()
 	taskDone := make(chan *types.Task, 1)
+	waitErr := make(chan error, 1)
 	go func() {
 		t, err := s.WaitTask(readCtx, id)
 		if err == nil {
 			taskDone <- t
+		} else if readCtx.Err() == nil {
+			waitErr <- err
 		}
 	}()
 	// callerErr is the caller's cancellation, kept once seen: every return
@@ -594,41 +725,89 @@ func (s *Service) Exec(ctx context.Context, vmID string, cmd types.Command, stdo
 	var callerErr error
 	callerDone := ctx.Done()
 	var grace <-chan time.Time
+	var ended *types.Task
+	streamDead := false
 	for {
 		select {
 		case r := <-done:
-			if r.err != nil {
-				return res, errors.Join(r.err, callerErr)
+			if r.err == nil {
+				res.ExitCode, res.TimedOut, res.Err = r.exit.ExitCode, r.exit.TimedOut, r.exit.Error
+				res.OutcomeUnknown = types.OutcomeUnknown(res.Err)
+				if callerErr == nil {
+					callerErr = ctx.Err()
+				}
+				return res, callerErr
 			}
-			res.ExitCode, res.TimedOut, res.Err = r.exit.ExitCode, r.exit.TimedOut, r.exit.Error
-			if callerErr == nil {
-				callerErr = ctx.Err()
+			if werr := errors.Join(out.err, errOut.err); werr != nil {
+				return res, errors.Join(werr, callerErr) // the caller's writer broke
 			}
-			return res, callerErr
+			// The stream broke (Redis down or restarted), not the command:
+			// PostgreSQL still records how it ends.
+			s.opts.logger.Warn("output stream lost; waiting for the task in storage", "task_id", id, "err", r.err)
+			streamDead = true
+			if ended != nil {
+				return res, errors.Join(s.finishExec(bg, ended, res, out, errOut), callerErr)
+			}
 		case <-callerDone:
 			// Kill the remote command, then keep reading until its exit chunk.
 			callerErr, callerDone = ctx.Err(), nil
 			if err := s.CancelTask(bg, id); err != nil {
 				s.opts.logger.Warn("cancelling an abandoned exec", "task_id", id, "err", err)
 			}
-			grace = time.After(drainGrace)
+			if !streamDead {
+				grace = time.After(drainGrace)
+			}
 		case t := <-taskDone:
+			ended = t
+			if streamDead {
+				return res, errors.Join(s.finishExec(bg, t, res, out, errOut), callerErr)
+			}
 			if grace == nil {
 				grace = time.After(drainGrace)
 			}
-			if t.State == types.TaskFailed && res.Err == "" {
-				res.Err = t.Error
-			}
+		case err := <-waitErr:
+			return res, errors.Join(err, callerErr)
 		case <-grace:
 			stopRead()
-			if e, err := s.store.GetExecution(bg, id.String()); err == nil {
-				res.ExitCode, res.TimedOut = e.ExitCode, e.TimedOut
-				return res, callerErr
+			if ended == nil {
+				// Only the caller's cancellation started the grace: the
+				// task row is read as it now is.
+				t, err := s.getTaskRetrying(bg, id)
+				if err != nil {
+					return res, errors.Join(err, callerErr)
+				}
+				ended = t
 			}
-			if res.Err == "" {
-				res.Err = "the command's task ended without a result"
-			}
-			return res, callerErr
+			return res, errors.Join(s.finishExec(bg, ended, res, out, errOut), callerErr)
 		}
 	}
+}
+
+// finishExec completes res from storage once the task t ended without the
+// stream's exit chunk: the stored execution's exit code, and the output the
+// stream did not deliver; a failed task's error (an outcome-unknown one
+// flagged as such).
+func (s *Service) finishExec(ctx context.Context, t *types.Task, res *ExecResult, out, errOut *countingWriter) error {
+	if t.State == types.TaskFailed && res.Err == "" {
+		res.Err = t.Error
+	}
+	e, err := retryUnavailable(ctx, s.opts.logger, "execution "+t.ID, func() (*types.Execution, error) { return s.store.GetExecution(ctx, t.ID) })
+	switch {
+	case err == nil:
+		res.ExitCode, res.TimedOut = e.ExitCode, e.TimedOut
+		if e.Error != "" && res.Err == "" {
+			res.Err = e.Error
+		}
+		if err := errors.Join(out.writeRest(e.Stdout), errOut.writeRest(e.Stderr)); err != nil {
+			return err
+		}
+	case errors.Is(err, types.ErrNotFound):
+		if res.Err == "" {
+			res.Err = "the command's task ended without a result"
+		}
+	default:
+		return err
+	}
+	res.OutcomeUnknown = types.OutcomeUnknown(res.Err)
+	return nil
 }
