@@ -431,3 +431,13 @@ func TestExecTokenReplaced(t *testing.T) {
 	require.NotEqual(t, "forged", tok)
 	require.Len(t, tok, 26)
 }
+
+// TestReattachOnlyOnOldAgent: an agent before protocol 5 journals nothing,
+// so reattaching finds nothing, and the start is never sent (it would
+// run the command).
+func TestReattachOnlyOnOldAgent(t *testing.T) {
+	c := oldAgentClient(t)
+	_, err := c.ExecWith(t.Context(), sh("echo hi"), ExecOptions{ExecutionID: "x", ReattachOnly: true})
+	require.ErrorIs(t, err, ErrUnknownExecution)
+	require.ErrorContains(t, err, "predates protocol 5")
+}
