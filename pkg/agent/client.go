@@ -74,7 +74,8 @@ func NewClient(d Dialer) (*Client, error) {
 }
 
 // Close closes the connection; calls in flight fail. Commands they started
-// are killed by the agent.
+// are killed by the agent, except those started with an execution id
+// (ExecOptions.ExecutionID), which run on to be reattached.
 func (c *Client) Close() error {
 	return c.conn.Close()
 }

@@ -81,25 +81,6 @@ func countLines(t *testing.T, path string) int {
 	return bytes.Count(b, []byte("\n"))
 }
 
-// syncBuffer is a bytes.Buffer safe for the client's writer goroutine and
-// the test.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // TestExecJournalSurvivesDisconnect: a command with an execution id runs
 // on when its caller's connection breaks; a second Exec with the id runs
 // nothing, replays the output from the start, follows the rest and
@@ -110,7 +91,7 @@ func TestExecJournalSurvivesDisconnect(t *testing.T) {
 	runs, marks := filepath.Join(dir, "runs"), filepath.Join(dir, "marks")
 	cmd := sh(fmt.Sprintf(`echo run >> %s; echo start; echo oops >&2; sleep 1; echo mark >> %s; sleep 1; echo after; exit 7`, runs, marks))
 
-	var out syncBuffer
+	var out lockedWriter
 	started := make(chan int, 1)
 	p, err := c.StartWith(t.Context(), cmd, ExecOptions{
 		ExecutionID: "job-1",
@@ -133,7 +114,7 @@ func TestExecJournalSurvivesDisconnect(t *testing.T) {
 	require.Eventually(t, func() bool { return countLines(t, marks) == 1 }, 5*time.Second, 20*time.Millisecond)
 	require.True(t, alive(pid), "the command died with its caller's connection")
 
-	var stdout, stderr syncBuffer
+	var stdout, stderr lockedWriter
 	var reattached bool
 	res, err := newClient(t, dial).ExecWith(t.Context(), cmd, ExecOptions{
 		ExecutionID: "job-1",

@@ -22,7 +22,11 @@ import (
 //
 // No cgroup per command: the agent must work as PID 1 of a microVM and
 // inside a container whose cgroup file system is read-only, and the scan
-// of /proc needs neither.
+// of /proc needs neither. Nor is the agent made a child subreaper: in
+// every backend it is PID 1 already, so orphans are re-parented to it and
+// its reaper collects them; elsewhere (an agent run in-process by tests)
+// the killed orphans go to the nearest subreaper or init, which reaps
+// them, and the token still finds them while they live.
 const ExecTokenEnv = "AETHERIUM_EXEC_TOKEN"
 
 // Bounds of killTree: a pass freezes what it finds until a scan finds
