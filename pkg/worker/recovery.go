@@ -39,7 +39,7 @@ const sweeperLock = "aetherium-worker-sweeper"
 
 // lostGrace is how long a task row may be open before the sweeper asks
 // Asynq about it: the service records a task before it enqueues it.
-const lostGrace = 10 * time.Second
+var lostGrace = 10 * time.Second
 
 // sweepBatch bounds the tasks one sweep looks at.
 const sweepBatch = 200
