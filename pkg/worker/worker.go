@@ -411,13 +411,16 @@ func (w *Worker) checkRunning(ctx context.Context, seen map[string]vmm.VMStatus)
 }
 
 // Reconcile makes the backend and storage agree after a crash or restart:
-// backend VMs whose rows say deleted or failed are removed, and rows of
-// running VMs that the backend lost are marked failed. A backend VM without
-// a row is left alone and reported once (a worker pointed at the wrong or a
-// fresh database must not wipe the VMs it runs): the operator deletes it
-// with the backend's own tools if it is indeed a leak. A VM whose create
-// never finished is left to its create task, which resumes it when retried.
-// It is idempotent.
+// VMs marked lost while this worker was away are taken back (running) if
+// the backend still runs them and failed otherwise; backend VMs whose rows
+// say deleted or failed are removed, and rows of running VMs that the
+// backend lost are marked failed. A backend VM without a row is left alone
+// and reported once (a worker pointed at the wrong or a fresh database
+// must not wipe the VMs it runs): the operator deletes it with the
+// backend's own tools if it is indeed a leak. A VM whose create never
+// finished is left to its create task, which resumes it when retried, and
+// one in deleting to its delete task (queued for this worker, also when it
+// was deleted while lost). It is idempotent.
 func (w *Worker) Reconcile(ctx context.Context) error {
 	have, err := w.vmm.ListVMs(ctx)
 	if err != nil {
@@ -426,6 +429,13 @@ func (w *Worker) Reconcile(ctx context.Context) error {
 	seen := map[string]vmm.VMStatus{}
 	for _, st := range have {
 		seen[st.ID] = st
+	}
+	// First, so that a lost VM found gone in the backend is failed, and its
+	// leftovers removed below.
+	if err := w.adoptLost(ctx, seen); err != nil {
+		return err
+	}
+	for _, st := range have {
 		vm, err := w.store.GetVM(ctx, st.ID)
 		switch {
 		case errors.Is(err, types.ErrNotFound):
