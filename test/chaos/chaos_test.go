@@ -1,0 +1,477 @@
+// Package chaos is the fault-injection suite of issue 13: it runs the real
+// worker and aether-cli binaries against private PostgreSQL and Redis
+// servers and a real VM backend (docker and qemu), kills or stops each
+// piece at a chosen point (package internal/faults stops the worker there,
+// so no sleep guesses when), and checks what every scenario promises: the
+// end state of each VM and task, that each command ran at most once
+// (marks the command appends in the guest, counted by a fresh exec), what
+// the waiting caller was told, that nothing leaks after delete, and how
+// long recovery took. Each scenario logs a line "CHAOS | scenario |
+// backend | guarantee | recovery | note" for docs/reliability.md.
+//
+// Run it alone with
+//
+//	go test ./test/chaos -count=1 -v -run 'TestChaos/docker'
+package chaos
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/aetherium/aetherium-core/internal/faults"
+	"github.com/aetherium/aetherium-core/internal/testenv"
+	"github.com/aetherium/aetherium-core/pkg/types"
+)
+
+func TestMain(m *testing.M) { testenv.Main(m) }
+
+// scenario is one fault and what must hold after it.
+type scenario struct {
+	name string
+	run  func(t *testing.T, e *env, backend string)
+}
+
+var scenarios = []scenario{
+	{"s01-worker-kill-at-exec-started", workerKillMidExec},
+	{"s02-worker-sigterm-drain-timeout", workerTermMidExec},
+	{"s03-postgres-down-at-result-store", postgresDownAtStore},
+	{"s04-redis-restart-keeps-queue", func(t *testing.T, e *env, b string) { redisRestartQueuedCreate(t, e, b, false) }},
+	{"s05-redis-restart-wiped", func(t *testing.T, e *env, b string) { redisRestartQueuedCreate(t, e, b, true) }},
+	{"s06-redis-down-while-streaming", redisDownWhileStreaming},
+	{"s07-worker-kill-at-create-booted", workerKillMidCreate},
+	{"s08-vmm-killed", vmmKilled},
+	{"s09a-dead-owner-delete", func(t *testing.T, e *env, b string) { deadOwner(t, e, b, true) }},
+	{"s09b-dead-owner-adopt", func(t *testing.T, e *env, b string) { deadOwner(t, e, b, false) }},
+	{"s10-task-cancel", taskCancel},
+	{"s11a-delete-closes-create", deleteClosesCreate},
+	{"s11b-delete-closes-exec", deleteClosesExec},
+}
+
+// TestChaos runs every scenario on docker, then on qemu.
+func TestChaos(t *testing.T) {
+	for _, backend := range []string{"docker", "qemu"} {
+		t.Run(backend, func(t *testing.T) {
+			e := newEnv(t, backend)
+			for _, sc := range scenarios {
+				t.Run(sc.name, func(t *testing.T) { sc.run(t, e, backend) })
+			}
+		})
+	}
+	figuresMu.Lock()
+	defer figuresMu.Unlock()
+	if len(figures) > 0 {
+		var b strings.Builder
+		b.WriteString("\n| scenario | backend | guarantee | recovery | note |\n|---|---|---|---|---|\n")
+		for _, f := range figures {
+			fmt.Fprintf(&b, "| %s | %s | %s | %s | %s |\n", f.scenario, f.backend, f.guarantee, f.recovery.Round(10*time.Millisecond), f.note)
+		}
+		t.Logf("chaos figures:%s", b.String())
+	}
+}
+
+// workerID names a scenario's worker: unique per backend and scenario, so
+// one scenario's dead worker never owns another's VMs.
+func workerID(backend, scenario string) string {
+	return backend[:1] + "-" + strings.SplitN(scenario, "-", 2)[0]
+}
+
+func ctxT(d time.Duration) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), d)
+}
+
+// 1. kill -9 at exec.started, restart: the command ran once, the task has
+// its real result, the waiting CLI exits with the command's code.
+func workerKillMidExec(t *testing.T, e *env, backend string) {
+	w := e.newWorker(t, workerID(backend, "s01"))
+	w.Start(faults.ExecStarted)
+	vm := e.createVM(t, "s01")
+	m := newMarker()
+	before := time.Now()
+	caller := e.cliStart(append([]string{"exec", vm, "--"}, m.Shell("sleep 2; echo out-1; echo err-1 >&2; exit 7")...)...)
+	w.WaitReached(faults.ExecStarted, 1)
+	task := e.execTask(t, vm, before)
+	w.Kill()
+	w.Start()
+	restarted := time.Now()
+	got, at := e.waitTerminal(t, task.ID, terminalTimeout)
+	recovery := at.Sub(restarted)
+	require.Equal(t, types.TaskSucceeded, got.State, "task error: %s", got.Error)
+	x := e.execution(t, task.ID)
+	require.Equal(t, 7, x.ExitCode)
+	require.Equal(t, "out-1\n", x.Stdout)
+	require.Equal(t, "err-1\n", x.Stderr)
+	ctx, cancel := ctxT(cliTimeout)
+	defer cancel()
+	r := caller.Wait(ctx)
+	t.Logf("waiting CLI: exit %d after %s, stdout %q, stderr %q", r.code, r.elapsed.Round(time.Millisecond), r.stdout, r.stderr)
+	if r.code != 7 {
+		require.Contains(t, r.stderr, task.ID, "a CLI that gave up names the task whose outcome it could not see")
+	} else {
+		require.Equal(t, 1, strings.Count(r.stdout, "out-1"), "the output is printed once")
+	}
+	require.Equal(t, 1, m.Count(t, e, vm), "the command ran exactly once")
+	require.Less(t, recovery, recoveryBound)
+	record(t, backend, "worker kill -9 at exec.started, restart", "ran once; real exit code and output", recovery, fmt.Sprintf("CLI exit %d", r.code))
+	e.deleteVM(t, vm)
+	w.AssertNoLeaks(vm)
+}
+
+// 2. SIGTERM at exec.started with a command longer than the drain
+// timeout, restart: the command ran once and the task has its result.
+func workerTermMidExec(t *testing.T, e *env, backend string) {
+	w := e.newWorker(t, workerID(backend, "s02"))
+	w.Start(faults.ExecStarted)
+	vm := e.createVM(t, "s02")
+	m := newMarker()
+	before := time.Now()
+	caller := e.cliStart(append([]string{"exec", vm, "--"}, m.Shell("sleep 8; echo out-2; exit 3")...)...)
+	w.WaitReached(faults.ExecStarted, 1)
+	task := e.execTask(t, vm, before)
+	w.Term()
+	w.Release(faults.ExecStarted)
+	code := w.Wait(shutdownTimeout + 30*time.Second)
+	t.Logf("worker exited %d after SIGTERM", code)
+	w.Start()
+	restarted := time.Now()
+	got, at := e.waitTerminal(t, task.ID, terminalTimeout)
+	require.Equal(t, types.TaskSucceeded, got.State, "task error: %s", got.Error)
+	x := e.execution(t, task.ID)
+	require.Equal(t, 3, x.ExitCode)
+	require.Equal(t, "out-2\n", x.Stdout)
+	ctx, cancel := ctxT(cliTimeout)
+	defer cancel()
+	r := caller.Wait(ctx)
+	t.Logf("waiting CLI: exit %d after %s, stdout %q, stderr %q", r.code, r.elapsed.Round(time.Millisecond), r.stdout, r.stderr)
+	if r.code != 3 {
+		require.Contains(t, r.stderr, task.ID, "a CLI that gave up names the task whose outcome it could not see")
+	}
+	require.Equal(t, 1, m.Count(t, e, vm), "the command ran exactly once")
+	// The command sleeps 8 s from its start; what counts is the time
+	// after it ended, which the restart cannot shorten.
+	recovery := at.Sub(restarted)
+	require.Less(t, recovery, recoveryBound)
+	record(t, backend, "worker SIGTERM at exec.started, drain timeout < command", "ran once; real result after restart", recovery, fmt.Sprintf("CLI exit %d", r.code))
+	e.deleteVM(t, vm)
+	w.AssertNoLeaks(vm)
+}
+
+// 3. PostgreSQL down when the result is stored: the command ran once, the
+// task succeeds once PostgreSQL is back, the CLI prints the output once
+// and exits 0.
+func postgresDownAtStore(t *testing.T, e *env, backend string) {
+	w := e.newWorker(t, workerID(backend, "s03"))
+	w.Start(faults.ExecEnded)
+	vm := e.createVM(t, "s03")
+	m := newMarker()
+	before := time.Now()
+	caller := e.cliStart(append([]string{"exec", vm, "--"}, m.Shell("echo out-3")...)...)
+	w.WaitReached(faults.ExecEnded, 1)
+	task := e.execTask(t, vm, before)
+	e.pg.Stop()
+	w.Release(faults.ExecEnded)
+	// The outage itself: PostgreSQL stays down while the worker tries to
+	// store the result.
+	time.Sleep(2 * time.Second)
+	require.NoError(t, e.pg.Start())
+	back := time.Now()
+	got, at := e.waitTerminal(t, task.ID, terminalTimeout)
+	require.Equal(t, types.TaskSucceeded, got.State, "task error: %s", got.Error)
+	x := e.execution(t, task.ID)
+	require.Equal(t, 0, x.ExitCode)
+	require.Equal(t, "out-3\n", x.Stdout)
+	ctx, cancel := ctxT(cliTimeout)
+	defer cancel()
+	r := caller.Wait(ctx)
+	t.Logf("waiting CLI: exit %d after %s, stdout %q, stderr %q", r.code, r.elapsed.Round(time.Millisecond), r.stdout, r.stderr)
+	require.Equal(t, 0, r.code, "the CLI reports the command's success: %s", r.stderr)
+	require.Equal(t, 1, strings.Count(r.stdout, "out-3"), "the output is printed once")
+	require.Equal(t, 1, m.Count(t, e, vm), "the command ran exactly once")
+	recovery := at.Sub(back)
+	require.Less(t, recovery, recoveryBound)
+	record(t, backend, "PostgreSQL down 2 s at exec.ended", "ran once; result stored when back; CLI exit 0", recovery, "")
+	e.deleteVM(t, vm)
+	w.AssertNoLeaks(vm)
+}
+
+// 4 and 5. Redis restarted (with or without its data) while a create is
+// queued and no worker runs: the create still happens.
+func redisRestartQueuedCreate(t *testing.T, e *env, backend string, wipe bool) {
+	scen, name := "s04", "redis restart with AOF while create queued"
+	if wipe {
+		scen, name = "s05", "redis restart wiped while create queued"
+	}
+	w := e.newWorker(t, workerID(backend, scen))
+	ctx, cancel := ctxT(cliTimeout)
+	defer cancel()
+	out, stderr, code := e.cli(ctx, "vm", "create", "--name", scen, "--network", "none")
+	require.Equal(t, 0, code, "vm create: %s", stderr)
+	vm := strings.TrimSpace(out)
+	e.redis.Stop()
+	if wipe {
+		require.NoError(t, e.redis.Wipe())
+	}
+	require.NoError(t, e.redis.Start())
+	w.Start()
+	started := time.Now()
+	got, at := e.waitTerminal(t, vm, terminalTimeout) // the create task's id is the VM's
+	require.Equal(t, types.TaskSucceeded, got.State, "task error: %s", got.Error)
+	e.waitVM(t, vm, 10*time.Second, types.VMRunning)
+	recovery := at.Sub(started)
+	require.Less(t, recovery, recoveryBound+5*time.Second, "the create finished within ~15 s of the worker's start")
+	r := e.exec(t, vm, "echo", "ok")
+	require.Equal(t, 0, r.code, "%s", r.stderr)
+	record(t, backend, name, "task not lost; VM running", recovery, "from worker start")
+	e.deleteVM(t, vm)
+	w.AssertNoLeaks(vm)
+}
+
+// 6. Redis stopped while a CLI streams a command's output: the CLI still
+// reports the real exit code (from PostgreSQL).
+func redisDownWhileStreaming(t *testing.T, e *env, backend string) {
+	w := e.newWorker(t, workerID(backend, "s06"))
+	w.Start()
+	vm := e.createVM(t, "s06")
+	m := newMarker()
+	before := time.Now()
+	caller := e.cliStart(append([]string{"exec", vm, "--"}, m.Shell("echo first; sleep 3; echo second; exit 4")...)...)
+	caller.WaitOutput(t, "first")
+	task := e.execTask(t, vm, before)
+	e.redis.Stop()
+	require.NoError(t, e.redis.Start())
+	back := time.Now()
+	ctx, cancel := ctxT(cliTimeout)
+	defer cancel()
+	r := caller.Wait(ctx)
+	t.Logf("streaming CLI: exit %d after %s, stdout %q, stderr %q", r.code, r.elapsed.Round(time.Millisecond), r.stdout, r.stderr)
+	require.NotContains(t, r.stderr, "reading output of task")
+	require.Equal(t, 4, r.code, "the CLI exits with the command's code: %s", r.stderr)
+	got, at := e.waitTerminal(t, task.ID, terminalTimeout)
+	require.Equal(t, types.TaskSucceeded, got.State, "task error: %s", got.Error)
+	require.Equal(t, 4, e.execution(t, task.ID).ExitCode)
+	require.Equal(t, 1, m.Count(t, e, vm), "the command ran exactly once")
+	record(t, backend, "redis restarted while CLI streams", "CLI gets the real exit code", at.Sub(back), "")
+	e.deleteVM(t, vm)
+	w.AssertNoLeaks(vm)
+}
+
+// 7. kill -9 at create.booted, restart: the create resumes to running and
+// exactly one VMM runs for the VM.
+func workerKillMidCreate(t *testing.T, e *env, backend string) {
+	w := e.newWorker(t, workerID(backend, "s07"))
+	w.Start(faults.CreateBooted)
+	ctx, cancel := ctxT(cliTimeout)
+	defer cancel()
+	out, stderr, code := e.cli(ctx, "vm", "create", "--name", "s07", "--network", "none")
+	require.Equal(t, 0, code, "vm create: %s", stderr)
+	vm := strings.TrimSpace(out)
+	w.WaitReached(faults.CreateBooted, 1)
+	w.Kill()
+	w.Start()
+	restarted := time.Now()
+	got, at := e.waitTerminal(t, vm, terminalTimeout)
+	require.Equal(t, types.TaskSucceeded, got.State, "task error: %s", got.Error)
+	e.waitVM(t, vm, 10*time.Second, types.VMRunning)
+	recovery := at.Sub(restarted)
+	switch backend {
+	case "qemu":
+		var qemus int
+		for _, p := range w.vmmProcesses(vm) {
+			if strings.Contains(p.cmdline, "qemu-system") {
+				qemus++
+			}
+		}
+		require.LessOrEqual(t, qemus, 1, "one QEMU for the VM: %v", w.vmmProcesses(vm))
+	case "docker":
+		require.Len(t, w.containers(ctx, vm), 1, "one container for the VM")
+	}
+	r := e.exec(t, vm, "echo", "ok")
+	require.Equal(t, 0, r.code, "%s", r.stderr)
+	require.Less(t, recovery, recoveryBound)
+	record(t, backend, "worker kill -9 at create.booted, restart", "create resumes; one VMM; no leak", recovery, "")
+	e.deleteVM(t, vm)
+	w.AssertNoLeaks(vm)
+}
+
+// 8. The VMM killed: the VM is recorded failed with a reason within a few
+// heartbeats, and delete leaves nothing.
+func vmmKilled(t *testing.T, e *env, backend string) {
+	w := e.newWorker(t, workerID(backend, "s08"))
+	w.Start()
+	vm := e.createVM(t, "s08")
+	w.KillVMM(vm)
+	killed := time.Now()
+	got := e.waitVM(t, vm, 30*time.Second, types.VMFailed)
+	detected := time.Since(killed)
+	require.NotEmpty(t, got.Error, "a failed VM says why")
+	t.Logf("failed VM's error: %s", got.Error)
+	require.Less(t, detected, 10*heartbeat+5*time.Second)
+	record(t, backend, "VMM process killed", "VM failed with a reason; delete cleans", detected, "time to failed")
+	e.deleteVM(t, vm)
+	w.AssertNoLeaks(vm)
+}
+
+// 9. The owner dies for good: after dead_after its VM is lost, calls fail
+// at once naming the worker, `workers` shows it unhealthy. Then either a
+// delete is recorded and finished by the returning owner, or the returning
+// owner adopts the VM.
+func deadOwner(t *testing.T, e *env, backend string, del bool) {
+	scen := "s09b"
+	if del {
+		scen = "s09a"
+	}
+	w := e.newWorker(t, workerID(backend, scen))
+	w.Start()
+	vm := e.createVM(t, scen)
+	w.Kill()
+	killed := time.Now()
+	// Nothing but a call notices a dead owner when no worker is alive:
+	// poll with calls, as a client would.
+	deadline := killed.Add(deadAfter + 30*time.Second)
+	var r cliResult
+	for {
+		r = e.exec(t, vm, "true")
+		if r.code != 0 && strings.Contains(r.stderr, "has not reported since") {
+			break
+		}
+		require.True(t, time.Now().Before(deadline), "an exec %s after the owner died still does not say so: exit %d, %q", time.Since(killed), r.code, r.stderr)
+		if time.Since(killed) < deadAfter {
+			require.Equal(t, 0, r.code, "calls before dead_after are not refused: %s", r.stderr)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	lostAfter := time.Since(killed)
+	e.waitVM(t, vm, 5*time.Second, types.VMLost)
+	r = e.exec(t, vm, "true")
+	t.Logf("exec on a lost VM: exit %d in %s: %s", r.code, r.elapsed.Round(time.Millisecond), strings.TrimSpace(r.stderr))
+	require.NotEqual(t, 0, r.code)
+	require.Contains(t, r.stderr, "has not reported since")
+	require.Contains(t, r.stderr, w.id)
+	require.Less(t, r.elapsed, 2*time.Second, "the refusal comes at once (process start included)")
+	var seen bool
+	for _, ws := range e.workers(t) {
+		if ws.ID == w.id {
+			seen = true
+			require.False(t, ws.Healthy, "a worker silent for %s is not healthy", time.Since(killed))
+		}
+	}
+	require.True(t, seen, "workers lists %s", w.id)
+	if del {
+		ctx, cancel := ctxT(cliTimeout)
+		defer cancel()
+		_, stderr, code := e.cli(ctx, "vm", "delete", vm)
+		require.Equal(t, 0, code, "delete of a lost VM is accepted: %s", stderr)
+		e.waitVM(t, vm, 5*time.Second, types.VMDeleting, types.VMLost)
+		w.Start()
+		restarted := time.Now()
+		e.waitVM(t, vm, terminalTimeout, types.VMDeleted)
+		recovery := time.Since(restarted)
+		require.Less(t, recovery, recoveryBound)
+		record(t, backend, "owner dead (kill -9, not restarted), delete, owner returns", "lost after dead_after; calls refused at once; delete finished by owner",
+			recovery, fmt.Sprintf("lost seen %s after kill; refusal %s", lostAfter.Round(100*time.Millisecond), r.elapsed.Round(time.Millisecond)))
+		w.AssertNoLeaks(vm)
+		return
+	}
+	w.Start()
+	restarted := time.Now()
+	e.waitVM(t, vm, terminalTimeout, types.VMRunning)
+	recovery := time.Since(restarted)
+	r = e.exec(t, vm, "echo", "adopted")
+	require.Equal(t, 0, r.code, "%s", r.stderr)
+	require.Equal(t, "adopted\n", r.stdout)
+	require.Less(t, recovery, recoveryBound)
+	record(t, backend, "owner dead (kill -9, not restarted), owner returns", "lost after dead_after; VM adopted back to running",
+		recovery, fmt.Sprintf("lost seen %s after kill; refusal %s", lostAfter.Round(100*time.Millisecond), r.elapsed.Round(time.Millisecond)))
+	e.deleteVM(t, vm)
+	w.AssertNoLeaks(vm)
+}
+
+// 10. task cancel on a running exec kills the guest command and fails the
+// task with "cancelled".
+func taskCancel(t *testing.T, e *env, backend string) {
+	w := e.newWorker(t, workerID(backend, "s10"))
+	w.Start()
+	vm := e.createVM(t, "s10")
+	m := newMarker()
+	ticks := string(newMarker())
+	before := time.Now()
+	caller := e.cliStart(append([]string{"exec", "--timeout", "90s", vm, "--"},
+		m.Shell("echo started; while true; do echo t >> "+ticks+"; sleep 0.2; done")...)...)
+	caller.WaitOutput(t, "started")
+	task := e.execTask(t, vm, before)
+	ctx, cancel := ctxT(cliTimeout)
+	defer cancel()
+	_, stderr, code := e.cli(ctx, "task", "cancel", task.ID)
+	require.Equal(t, 0, code, "task cancel: %s", stderr)
+	cancelled := time.Now()
+	got, at := e.waitTerminal(t, task.ID, terminalTimeout)
+	require.Equal(t, types.TaskFailed, got.State)
+	require.Contains(t, strings.ToLower(got.Error), "cancel")
+	n1 := e.countLines(t, vm, ticks)
+	// An observation window: a command still alive would tick 5 times a
+	// second.
+	time.Sleep(time.Second)
+	n2 := e.countLines(t, vm, ticks)
+	require.Equal(t, n1, n2, "no ticks after the task was cancelled")
+	r := caller.Wait(ctx)
+	t.Logf("waiting CLI: exit %d, stderr %q", r.code, r.stderr)
+	require.NotEqual(t, 0, r.code)
+	require.Equal(t, 1, m.Count(t, e, vm))
+	record(t, backend, "task cancel on a running exec", "guest command killed; task failed cancelled", at.Sub(cancelled), "")
+	e.deleteVM(t, vm)
+	w.AssertNoLeaks(vm)
+}
+
+// 11a. Deleting a VM whose create task is still open closes that task.
+func deleteClosesCreate(t *testing.T, e *env, backend string) {
+	w := e.newWorker(t, workerID(backend, "s11a"))
+	w.Start(faults.CreateBooted)
+	ctx, cancel := ctxT(cliTimeout)
+	defer cancel()
+	out, stderr, code := e.cli(ctx, "vm", "create", "--name", "s11a", "--network", "none")
+	require.Equal(t, 0, code, "vm create: %s", stderr)
+	vm := strings.TrimSpace(out)
+	w.WaitReached(faults.CreateBooted, 1)
+	deleting := e.cliStart("vm", "delete", vm, "--wait")
+	// The delete may itself wait for the create's attempt; let the create
+	// go on once the delete is recorded.
+	e.waitVM(t, vm, 30*time.Second, types.VMDeleting, types.VMDeleted)
+	w.Release(faults.CreateBooted)
+	r := deleting.Wait(ctx)
+	require.Equal(t, 0, r.code, "vm delete: %s", r.stderr)
+	e.waitVM(t, vm, 30*time.Second, types.VMDeleted)
+	got, _ := e.waitTerminal(t, vm, terminalTimeout)
+	require.Equal(t, types.TaskFailed, got.State)
+	require.Contains(t, strings.ToLower(got.Error), "delet", "the create task's error names the deletion")
+	record(t, backend, "delete while create open", "create task failed naming the deletion", 0, got.Error)
+	w.AssertNoLeaks(vm)
+}
+
+// 11b. Deleting a VM whose exec task is still open closes that task.
+func deleteClosesExec(t *testing.T, e *env, backend string) {
+	w := e.newWorker(t, workerID(backend, "s11b"))
+	w.Start(faults.ExecStarted)
+	vm := e.createVM(t, "s11b")
+	before := time.Now()
+	caller := e.cliStart("exec", vm, "--", "sleep", "30")
+	w.WaitReached(faults.ExecStarted, 1)
+	task := e.execTask(t, vm, before)
+	ctx, cancel := ctxT(cliTimeout)
+	defer cancel()
+	_, stderr, code := e.cli(ctx, "vm", "delete", vm, "--wait")
+	require.Equal(t, 0, code, "vm delete: %s", stderr)
+	w.Release(faults.ExecStarted)
+	e.waitVM(t, vm, 30*time.Second, types.VMDeleted)
+	got, _ := e.waitTerminal(t, task.ID, terminalTimeout)
+	require.Equal(t, types.TaskFailed, got.State)
+	require.Contains(t, strings.ToLower(got.Error), "delet", "the exec task's error names the deletion")
+	r := caller.Wait(ctx)
+	t.Logf("waiting CLI: exit %d, stderr %q", r.code, r.stderr)
+	require.NotEqual(t, 0, r.code)
+	record(t, backend, "delete while exec open", "exec task failed naming the deletion; caller told", 0, got.Error)
+	w.AssertNoLeaks(vm)
+}
