@@ -422,3 +422,24 @@ func TestReattachOnlyOnOldAgent(t *testing.T) {
 	require.ErrorIs(t, err, ErrUnknownExecution)
 	require.ErrorContains(t, err, "predates protocol 5")
 }
+
+// TestProcessTimeoutKillsWholeTree: a table process's timeout kills what
+// it started outside its group too.
+func TestProcessTimeoutKillsWholeTree(t *testing.T) {
+	c, _ := startAgent(t, ServerConfig{})
+	cmd, args := escapeScript(t)
+	s, err := c.StartProcess(t.Context(), ProcessSpec{Cmd: cmd.Cmd, Args: cmd.Args, Timeout: time.Second})
+	require.NoError(t, err)
+	defer s.Close()
+	require.Eventually(t, func() bool { return len(sleepers(args...)) == 3 }, 5*time.Second, 10*time.Millisecond,
+		"the three sleeps did not start")
+	for {
+		ev, err := s.Recv()
+		require.NoError(t, err)
+		if ev.End != nil {
+			break
+		}
+	}
+	require.Eventually(t, func() bool { return len(sleepers(args...)) == 0 }, 3*time.Second, 20*time.Millisecond,
+		"processes of the table process survived")
+}

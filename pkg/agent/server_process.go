@@ -54,6 +54,9 @@ func tagInUse(tag string) error {
 // starting stream before any output is read, so that it misses none. A
 // goroutine waits for the process; it does not depend on the stream.
 func (s *Server) startTableProc(req *agentpb.ProcessStartRequest, cmd *exec.Cmd, cwd string) (*tableProc, *subscriber, error) {
+	// Marks the process's tree so that a timeout or Stop kills all of it.
+	token := newExecToken()
+	cmd.Env = withExecToken(cmd.Env, token)
 	var parentEnds, childEnds []*os.File
 	closeAll := func(fs []*os.File) {
 		for _, f := range fs {
@@ -120,7 +123,7 @@ func (s *Server) startTableProc(req *agentpb.ProcessStartRequest, cmd *exec.Cmd,
 	}
 	sub := p.subscribe()
 	addErr := s.procs.add(p)
-	go s.superviseProc(p, cmd, waitc, time.Duration(req.GetTimeoutMs())*time.Millisecond, outR, errR)
+	go s.superviseProc(p, cmd, token, waitc, time.Duration(req.GetTimeoutMs())*time.Millisecond, outR, errR)
 	if addErr != nil {
 		// Another start took the tag after the check above.
 		p.unsubscribe(sub)
@@ -130,9 +133,10 @@ func (s *Server) startTableProc(req *agentpb.ProcessStartRequest, cmd *exec.Cmd,
 	return p, sub, nil
 }
 
-// superviseProc forwards the output of a table process, kills its group
-// on timeout or Stop, and records its end once its output is read.
-func (s *Server) superviseProc(p *tableProc, cmd *exec.Cmd, waitc <-chan waitResult, timeout time.Duration, outR, errR *os.File) {
+// superviseProc forwards the output of a table process, kills it and every
+// process it started (killTree, by token) on timeout or Stop, and records
+// its end once its output is read.
+func (s *Server) superviseProc(p *tableProc, cmd *exec.Cmd, token string, waitc <-chan waitResult, timeout time.Duration, outR, errR *os.File) {
 	pid := int(p.pid)
 	log := s.log.With("cmd", p.cmd, "pid", pid, "tag", p.tag)
 	log.Debug("process started")
@@ -157,20 +161,20 @@ wait:
 		case res = <-waitc:
 			break wait
 		case <-timeoutc:
-			log.Info("process timed out; killing its process group", "timeout", timeout)
+			log.Info("process timed out; killing it and every process it started", "timeout", timeout)
 			timeoutc = nil
 		case <-stopping:
-			log.Info("agent stopping; killing the process group")
+			log.Info("agent stopping; killing the process and every process it started")
 			stopping = nil
 		}
 		killed = true
-		killGroup(pid)
+		killTree(pid, token)
 	}
 	if killed {
-		// Processes forked while the first signal was under way.
-		killGroup(pid)
+		// Processes forked while the first kill was under way.
+		killTree(pid, token)
 	}
-	// The reaper, or directWaiter, took the status; see execution.run.
+	// The reaper, or directWaiter, took the status; see execution.supervise.
 	_ = cmd.Process.Release()
 	p.closeStdin()
 	awaitPumps(&wg, log, outR, errR)
