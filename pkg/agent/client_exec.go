@@ -338,8 +338,10 @@ func (p *Process) notStarted(o ExecOptions, x *agentpb.ExecExit, limit int) (*Pr
 	return p, nil
 }
 
-// Signal sends sig to the command's process group. Once the command has
-// exited it returns an error wrapping types.ErrConflict.
+// Signal sends sig to the command's process group; SIGKILL kills every
+// process the command started, in its group or not (agent protocol 5).
+// Once the command has exited it returns an error wrapping
+// types.ErrConflict.
 func (p *Process) Signal(sig syscall.Signal) error {
 	select {
 	case <-p.done:

@@ -197,10 +197,12 @@ func killPass(leader int, token string) int {
 			}
 			fd, err := unix.PidfdOpen(pid, 0)
 			switch {
-			case errors.Is(err, unix.ENOSYS):
-				fd = -1
-			case err != nil:
+			case errors.Is(err, unix.ESRCH):
 				continue // gone
+			case err != nil:
+				// No pidfds: an old kernel (ENOSYS) or a seccomp profile
+				// (EPERM). The pid is signalled instead.
+				fd = -1
 			}
 			// Checked again through the pidfd's process: the pid may have
 			// been reused between the scan and the open.
