@@ -66,7 +66,7 @@ func (w *Worker) sweep(ctx context.Context) {
 	sctx, cancel := context.WithTimeout(ctx, max(w.cfg.SweepInterval, 5*time.Second))
 	defer cancel()
 	_, err := w.store.RunExclusive(sctx, sweeperLock, func(ctx context.Context) error {
-		return errors.Join(w.requeueLost(ctx))
+		return errors.Join(w.markDeadOwners(ctx), w.requeueLost(ctx))
 	})
 	if err != nil && ctx.Err() == nil {
 		w.log.Warn("sweeping", "err", err)
