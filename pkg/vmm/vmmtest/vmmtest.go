@@ -11,6 +11,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"strconv"
@@ -357,6 +358,7 @@ func (s *suite) testExec(t *testing.T) {
 		{"Timeout", s.testTimeout},
 		{"OutputCap", s.testOutputCap},
 		{"Streaming", s.testStreaming},
+		{"AtMostOnce", s.testAtMostOnce},
 		{"Files", s.testFiles},
 		{"DialAgent", s.testDialAgent},
 		{"Limits", func(t *testing.T, id string) { s.testLimits(t, id, sp) }},
@@ -577,6 +579,66 @@ func (s *suite) testStreaming(t *testing.T, id string) {
 	require.NoError(t, err)
 	require.Equal(t, "first\nsecond\n", string(res.Stdout))
 	require.Equal(t, "first\nsecond\n", w.String(), "the stream should carry all output")
+}
+
+// testAtMostOnce: a command named by an execution id runs once. A caller
+// that detaches leaves it running; a second call with the id reattaches,
+// replaying the output from the start, and gets the original exit; a
+// reattach-only call for an unknown id starts nothing.
+func (s *suite) testAtMostOnce(t *testing.T, id string) {
+	execID := fmt.Sprintf("vmmtest-%d", time.Now().UnixNano())
+	marks := "/tmp/" + execID
+	cmd := types.Command{Cmd: "sh", Args: []string{"-c", "echo s >> " + marks + "; echo begin; sleep 2; echo end; exit 7"}}
+	type start struct {
+		pid        int
+		reattached bool
+	}
+	starts := make(chan start, 2)
+	detach := make(chan struct{})
+	first := &signalWriter{first: make(chan struct{})}
+	done := make(chan error, 1)
+	go func() {
+		_, err := s.o.ExecuteCommand(s.ctx(t), id, cmd, vmm.ExecIO{Stdout: first, ExecutionID: execID, Detach: detach,
+			Started: func(pid int, re bool) { starts <- start{pid, re} }})
+		done <- err
+	}()
+	select {
+	case <-first.first:
+	case <-time.After(s.h.OpTimeout):
+		t.Fatal("the command never printed")
+	}
+	close(detach)
+	select {
+	case err := <-done:
+		require.ErrorIs(t, err, vmm.ErrDetached)
+	case <-time.After(s.h.OpTimeout):
+		t.Fatal("detaching did not end the call")
+	}
+	st := <-starts
+	require.False(t, st.reattached)
+	require.Positive(t, st.pid)
+
+	var out strings.Builder
+	res, err := s.o.ExecuteCommand(s.ctx(t), id, cmd, vmm.ExecIO{Stdout: &out, ExecutionID: execID,
+		Started: func(pid int, re bool) { starts <- start{pid, re} }})
+	require.NoError(t, err)
+	again := <-starts
+	require.True(t, again.reattached, "the second call must reattach")
+	require.Equal(t, st.pid, again.pid)
+	require.Equal(t, 7, res.ExitCode)
+	require.Equal(t, "begin\nend\n", string(res.Stdout))
+	require.Equal(t, "begin\nend\n", out.String(), "the reattached stream replays from the start")
+
+	// Ended, it is still reattached to, not run again.
+	res, err = s.o.ExecuteCommand(s.ctx(t), id, cmd, vmm.ExecIO{ExecutionID: execID, ReattachOnly: true})
+	require.NoError(t, err)
+	require.Equal(t, 7, res.ExitCode)
+	require.Equal(t, "s\n", Sh(t, s.o, id, "cat "+marks), "the command ran more than once")
+
+	_, err = s.o.ExecuteCommand(s.ctx(t), id, cmd, vmm.ExecIO{ExecutionID: execID + "-unknown", ReattachOnly: true})
+	require.ErrorIs(t, err, vmm.ErrUnknownExecution)
+	require.ErrorIs(t, err, types.ErrNotFound)
+	require.Equal(t, "s\n", Sh(t, s.o, id, "cat "+marks))
 }
 
 // testLimits: the VM's size is visible inside it, as far as the isolation
