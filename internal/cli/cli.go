@@ -1,6 +1,8 @@
 // Package cli is aether-cli: a docker-like, scriptable command line over
 // the public TaskService API. Exit codes: 0 success, the command's own code
-// for exec, 2 bad usage or invalid input, 1 anything else.
+// for exec, 2 bad usage or invalid input, 3 (exec) the command started but
+// its outcome is unknown (its worker was lost; it was not run again), 1
+// anything else (for exec: the command could not run).
 //
 // The commands on VMs, executions, files, tasks and jobs see only
 // service.TaskService: with api_url set (AETHERIUM_API_URL) it is a
@@ -90,8 +92,14 @@ func Main(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 
 func (a *app) rootCmd() *cobra.Command {
 	root := &cobra.Command{
-		Use:           "aether-cli",
-		Short:         "Create VMs and run commands in them through Aetherium Core",
+		Use:   "aether-cli",
+		Short: "Create VMs and run commands in them through Aetherium Core",
+		Long: `Create VMs and run commands in them through Aetherium Core.
+
+Exit codes: 0 success; for exec, the command's own code (124 when its
+--timeout expired, 130 when interrupted); 2 bad usage or invalid input;
+3 the command started but its outcome is unknown (its worker was lost);
+it was not run again; 1 anything else (for exec: the command could not run).`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}

@@ -276,6 +276,9 @@ func testUsageAndErrors(t *testing.T, remoteMode bool) {
 		{"no name", []string{"vm", "create"}, 2, "empty"},
 		{"no command", []string{"exec", "6f1c1b7e-9a3e-4b55-9a43-1c7f8b9f0e11", "--"}, 2, "no command"},
 		{"bad env", []string{"exec", "--env", "NOEQUALS", "6f1c1b7e-9a3e-4b55-9a43-1c7f8b9f0e11", "--", "true"}, 2, "KEY=VALUE"},
+		{"cancel without id", []string{"task", "cancel"}, 2, "accepts 1 arg"},
+		{"cancel bad id", []string{"task", "cancel", "nope"}, 2, `task id "nope" is not a UUID`},
+		{"cancel unknown task", []string{"task", "cancel", "6f1c1b7e-9a3e-4b55-9a43-1c7f8b9f0e11"}, 1, "task 6f1c1b7e-9a3e-4b55-9a43-1c7f8b9f0e11 does not exist"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -287,6 +290,19 @@ func testUsageAndErrors(t *testing.T, remoteMode bool) {
 	r := run(t, cfg, "", "vm", "list")
 	require.Equal(t, 0, r.code)
 	require.NotContains(t, r.stdout, "x ", "invalid creates leave nothing behind")
+
+	// task cancel: with no worker to take it, a create stays queued until
+	// cancelled; cancelling it again says it had ended.
+	s.Workers["w1"].Stop()
+	r = run(t, cfg, "", "vm", "create", "--name", "to-cancel")
+	require.Equal(t, 0, r.code, r.stderr)
+	id := strings.TrimSpace(r.stdout)
+	r = run(t, cfg, "", "task", "cancel", id)
+	require.Equal(t, 0, r.code, r.stderr)
+	require.Equal(t, "task "+id+" cancelled: failed (cancelled)\n", r.stdout)
+	r = run(t, cfg, "", "task", "cancel", id)
+	require.Equal(t, 0, r.code, r.stderr)
+	require.Equal(t, "task "+id+" had already ended: failed (cancelled)\n", r.stdout)
 }
 
 func TestDoctor(t *testing.T) {
@@ -554,7 +570,7 @@ func TestBadIDWithServicesDown(t *testing.T) {
 					require.Less(t, time.Since(start), time.Second, "nothing was dialled")
 				})
 			}
-			for _, args := range [][]string{{"task", "get", "nope"}, {"task", "wait", "nope"}, {"job", "get", "nope"}} {
+			for _, args := range [][]string{{"task", "get", "nope"}, {"task", "wait", "nope"}, {"task", "cancel", "nope"}, {"job", "get", "nope"}} {
 				t.Run(strings.Join(args, " "), func(t *testing.T) {
 					r := run(t, cfg, "", args...)
 					require.Equal(t, 2, r.code, r.stderr)

@@ -11,6 +11,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/spf13/cobra"
 
 	"github.com/aetherium/aetherium-core/pkg/agent/bootparams"
@@ -22,6 +23,9 @@ import (
 const (
 	exitTimedOut    = bootparams.ExitTimedOut // as coreutils timeout
 	exitInterrupted = 130                     // 128 + SIGINT
+	// exitOutcomeUnknown: the command started but its outcome is unknown
+	// (its worker was lost); it was not run again.
+	exitOutcomeUnknown = 3
 )
 
 func (a *app) execCmd() *cobra.Command {
@@ -37,7 +41,9 @@ func (a *app) execCmd() *cobra.Command {
 		Long: `Run a command in a VM. Its stdout and stderr are streamed to this
 process's stdout and stderr as they are produced; piped stdin is passed
 through; Ctrl-C ends the remote command. The exit code is the command's
-(124 when --timeout expired).`,
+(124 when --timeout expired, 130 when interrupted); 1 when the command
+could not run; 3 when the command started but its outcome is unknown
+(the worker running it was lost); it was not run again.`,
 		Args: args(cobra.MinimumNArgs(2)),
 		RunE: func(cmd *cobra.Command, argv []string) error {
 			vmID, rest := argv[0], argv[1:]
@@ -117,6 +123,8 @@ func (a *app) execInteractive(ctx context.Context, svc service.TaskService, vmID
 		return err
 	case interrupted:
 		return exitError{exitInterrupted}
+	case res.OutcomeUnknown || types.OutcomeUnknown(res.Err):
+		return a.outcomeUnknown(res.TaskID)
 	case res.Err != "":
 		return fmt.Errorf("the command could not run: %s", res.Err)
 	case res.TimedOut:
@@ -133,8 +141,14 @@ func (a *app) execJSON(ctx context.Context, svc service.TaskService, vmID string
 	if err != nil {
 		return err
 	}
-	if err := a.waitOK(ctx, svc, id); err != nil {
+	t, err := svc.WaitTask(ctx, id)
+	switch {
+	case err != nil:
 		return err
+	case t.State == types.TaskFailed && types.OutcomeUnknown(t.Error):
+		return a.outcomeUnknown(id)
+	case t.State == types.TaskFailed:
+		return fmt.Errorf("task %s (%s) failed: %s", t.ID, t.Type, t.Error)
 	}
 	e, err := svc.GetExecution(ctx, id)
 	if err != nil {
@@ -198,4 +212,11 @@ func shellJoin(cmd string, args []string) string {
 		s += " " + fmt.Sprintf("%q", a)
 	}
 	return s
+}
+
+// outcomeUnknown tells the user that a command started but its result is
+// lost, and exits 3 (a command that never ran exits 1).
+func (a *app) outcomeUnknown(taskID uuid.UUID) error {
+	fmt.Fprintf(a.stderr, "aether-cli: the worker stopped while the command ran; its result is unknown (task %s)\n", taskID)
+	return exitError{exitOutcomeUnknown}
 }

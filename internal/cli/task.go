@@ -11,7 +11,7 @@ import (
 )
 
 func (a *app) taskCmd() *cobra.Command {
-	task := &cobra.Command{Use: "task", Short: "Inspect and wait for tasks"}
+	task := &cobra.Command{Use: "task", Short: "Inspect, wait for and cancel tasks"}
 	for _, wait := range []bool{false, true} {
 		name, short := "get", "Show a task"
 		if wait {
@@ -60,7 +60,60 @@ func (a *app) taskCmd() *cobra.Command {
 			},
 		})
 	}
+	task.AddCommand(a.taskCancelCmd())
 	return task
+}
+
+// taskCancelCmd cancels a task and prints its state afterwards.
+func (a *app) taskCancelCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "cancel TASK_ID",
+		Short: "Cancel a task: dequeued if it has not started, its command killed if it runs; print its new state",
+		Long: `Cancel a task. One that has not started is removed from its queue; one
+that runs is asked to stop (a command is killed in the guest). The task
+ends failed with "cancelled", and its new state is printed. Cancelling a
+task that already ended changes nothing and says so (exit 0). A task id
+that is not a UUID exits 2, an unknown task 1.`,
+		Args: args(cobra.ExactArgs(1)),
+		RunE: func(cmd *cobra.Command, argv []string) error {
+			id, err := parseUUID("task", argv[0])
+			if err != nil {
+				return err
+			}
+			svc, err := a.service(cmd.Context())
+			if err != nil {
+				return err
+			}
+			ctx := cmd.Context()
+			t, err := svc.GetTask(ctx, id)
+			if err != nil {
+				return err
+			}
+			ended := t.State.Terminal()
+			if !ended {
+				if err := svc.CancelTask(ctx, id); err != nil {
+					return err
+				}
+				if t, err = svc.GetTask(ctx, id); err != nil {
+					return err
+				}
+			}
+			if a.json {
+				return a.printJSON(newTaskView(t))
+			}
+			switch {
+			case ended:
+				fmt.Fprintf(a.stdout, "task %s had already ended: %s", t.ID, t.State)
+			default:
+				fmt.Fprintf(a.stdout, "task %s cancelled: %s", t.ID, t.State)
+			}
+			if t.Error != "" {
+				fmt.Fprintf(a.stdout, " (%s)", t.Error)
+			}
+			fmt.Fprintln(a.stdout)
+			return nil
+		},
+	}
 }
 
 func (a *app) jobCmd() *cobra.Command {

@@ -114,9 +114,10 @@ func (a *app) vmListCmd() *cobra.Command {
 				return a.printJSON(out)
 			}
 			tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tNAME\tSTATE\tVCPUS\tMEMORY\tPROVIDER\tWORKER")
+			// ERROR is last: it says why a VM is failed or lost, and is long.
+			fmt.Fprintln(tw, "ID\tNAME\tSTATE\tVCPUS\tMEMORY\tPROVIDER\tWORKER\tERROR")
 			for _, v := range vms {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%dMiB\t%s\t%s\n", v.ID, v.Name, v.State, v.VCPUs, v.MemoryMB, v.Provider, v.Owner)
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%dMiB\t%s\t%s\t%s\n", v.ID, v.Name, v.State, v.VCPUs, v.MemoryMB, v.Provider, v.Owner, v.Error)
 			}
 			return tw.Flush()
 		},

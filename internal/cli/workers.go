@@ -11,7 +11,7 @@ import (
 func (a *app) workersCmd() *cobra.Command {
 	return &cobra.Command{
 		Use:   "workers",
-		Short: "List the workers that have reported themselves",
+		Short: "List the workers that have reported themselves (one silent for worker.dead_after is not healthy)",
 		Args:  args(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			svc, err := a.service(cmd.Context())
@@ -26,9 +26,9 @@ func (a *app) workersCmd() *cobra.Command {
 				return a.printJSON(ws)
 			}
 			tw := tabwriter.NewWriter(a.stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "ID\tHOST\tPROVIDER\tHEALTHY\tLAST SEEN")
+			fmt.Fprintln(tw, "ID\tHOST\tPROVIDER\tHEALTHY\tLAST SEEN\tDETAIL")
 			for _, w := range ws {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%t\t%s ago\n", w.ID, w.Hostname, w.Provider, w.Healthy, time.Since(w.LastSeen).Round(time.Second))
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%t\t%s ago\t%s\n", w.ID, w.Hostname, w.Provider, w.Healthy, time.Since(w.LastSeen).Round(time.Second), w.Detail)
 			}
 			return tw.Flush()
 		},
