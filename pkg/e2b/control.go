@@ -332,9 +332,11 @@ func listed(vm *types.VM, sb *storage.Sandbox) listedSandbox {
 }
 
 // sandboxState is E2B's state of a VM: a stopped VM is the nearest thing
-// to a paused sandbox; every other live VM counts as running.
+// to a paused sandbox, and so is a lost one (E2B has no other state that
+// is not running: it takes no commands until its worker returns); every
+// other live VM counts as running.
 func sandboxState(st types.VMState) string {
-	if st == types.VMStopped || st == types.VMStopping {
+	if st == types.VMStopped || st == types.VMStopping || st == types.VMLost {
 		return "paused"
 	}
 	return "running"
@@ -416,6 +418,9 @@ func (s *Server) connect(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	if vm.State != types.VMRunning {
+		if vm.State == types.VMLost {
+			return errStatus(http.StatusServiceUnavailable, "sandbox %s is lost: %s; wait for its worker to return, or kill it", vm.ID, vm.Error)
+		}
 		if sandboxState(vm.State) == "paused" {
 			return errNotSupported("resuming a paused sandbox (Aetherium has no snapshots yet)")
 		}
