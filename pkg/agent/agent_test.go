@@ -17,6 +17,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/aetherium/aetherium-core/internal/testenv"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
@@ -129,7 +130,7 @@ func TestExec(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			if tt.root && os.Geteuid() != 0 {
-				t.Skip("switching users needs root; run the tests as root")
+				testenv.Skip(t, "switching users needs root; run the tests as root")
 			}
 			var out, errOut bytes.Buffer
 			res, err := c.Exec(t.Context(), tt.cmd, &out, &errOut)

@@ -109,7 +109,8 @@ type VMOrchestrator interface {
 	// the result's ExitCode/TimedOut. Errors mean the command could not be
 	// run: types.ErrNotFound for an unknown VM, types.ErrConflict when the VM
 	// is not running, types.ErrUnavailable when the agent cannot be reached.
-	// Cancelling ctx kills the command's process group in the guest.
+	// Cancelling ctx kills the command and everything it started in the
+	// guest (its process tree, setsid'd and daemonized children included).
 	// cmd is not validated here: the service checks user input and the
 	// guest agent, the trust boundary, refuses what it cannot run. The
 	// backend alone puts the VM spec's environment beneath cmd.Env.

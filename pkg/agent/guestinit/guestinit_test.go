@@ -14,6 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 
+	"github.com/aetherium/aetherium-core/internal/testenv"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
@@ -210,7 +211,7 @@ func TestConsoleLogger(t *testing.T) {
 
 func TestDetect(t *testing.T) {
 	if os.Getpid() == 1 {
-		t.Skip("the test runs as PID 1, so auto-detection depends on the machine")
+		testenv.Skip(t, "the test runs as PID 1, so auto-detection depends on the machine; run it as an ordinary process")
 	}
 	require.False(t, Detect([]string{"/init"}), "only PID 1 is init without the flag")
 	require.False(t, Detect([]string{"fc-agent", "--listen", "unix:///x"}))
@@ -235,7 +236,7 @@ func TestDeferModule(t *testing.T) {
 
 func TestSyscallsRefuseOutsidePID1(t *testing.T) {
 	if os.Getpid() == 1 {
-		t.Skip("the test runs as PID 1")
+		testenv.Skip(t, "the test runs as PID 1, where these calls would act; run it as an ordinary process")
 	}
 	// These would remount or end this machine's processes: they must
 	// refuse before touching anything.
