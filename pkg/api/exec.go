@@ -111,8 +111,7 @@ func (s *Server) exec(w http.ResponseWriter, r *http.Request) error {
 	}
 	e, err := s.svc.GetExecution(r.Context(), id)
 	if errors.Is(err, types.ErrNotFound) && t.State == types.TaskFailed {
-		return &Error{Status: http.StatusInternalServerError, Code: CodeExecFailed,
-			Message: fmt.Sprintf("the command could not run: %s", t.Error)}
+		return &Error{Status: http.StatusInternalServerError, Code: CodeExecFailed, Message: execFailedText(t.Error)}
 	}
 	if err != nil {
 		return err
@@ -183,7 +182,7 @@ func (s *Server) pump(r *http.Request, ew *eventWriter, id uuid.UUID) {
 				s.log.Warn("streaming output failed", "task_id", id, "error", o.err)
 				ew.send(Event{Type: "error", Error: &body})
 			case o.exit.Error != "":
-				ew.send(Event{Type: "error", Error: &errorBody{CodeExecFailed, "the command could not run: " + o.exit.Error}})
+				ew.send(execFailed(o.exit.Error))
 			default:
 				ew.send(exitEvent(o.exit.ExitCode, o.exit.TimedOut))
 			}
@@ -198,10 +197,10 @@ func (s *Server) pump(r *http.Request, ew *eventWriter, id uuid.UUID) {
 			case err == nil && e.Error == "":
 				ew.send(exitEvent(e.ExitCode, e.TimedOut))
 			case err == nil:
-				ew.send(Event{Type: "error", Error: &errorBody{CodeExecFailed, "the command could not run: " + e.Error}})
+				ew.send(execFailed(e.Error))
 			default:
 				msg := cmp.Or(task.Error, "the command's task ended without a result")
-				ew.send(Event{Type: "error", Error: &errorBody{CodeExecFailed, "the command could not run: " + msg}})
+				ew.send(execFailed(msg))
 			}
 			return
 		case <-s.closing.Done():
@@ -215,6 +214,21 @@ func (s *Server) pump(r *http.Request, ew *eventWriter, id uuid.UUID) {
 			return
 		}
 	}
+}
+
+// execFailedText says why a command has no exit code: it could not run,
+// or it started and its outcome is unknown (types.OutcomeUnknown: the text
+// is kept as is, so that clients can tell the two apart).
+func execFailedText(msg string) string {
+	if types.OutcomeUnknown(msg) {
+		return msg
+	}
+	return "the command could not run: " + msg
+}
+
+// execFailed is the error line of a command without an exit code.
+func execFailed(msg string) Event {
+	return Event{Type: "error", Error: &errorBody{CodeExecFailed, execFailedText(msg)}}
 }
 
 func exitEvent(code int, timedOut bool) Event {

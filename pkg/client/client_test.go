@@ -231,6 +231,11 @@ func TestExecStream(t *testing.T) {
 			`{"type":"start","execution_id":"` + execID + `"}`,
 		}, errKind: types.ErrUnavailable, errText: "ended before"},
 		{name: "garbage", lines: []string{`{"type":"start","execution_id":"` + execID + `"}`, `not json`}, errText: "malformed"},
+		{name: "outcome unknown", lines: []string{
+			`{"type":"start","execution_id":"` + execID + `"}`,
+			`{"type":"stdout","data_b64":"` + b64("s\n") + `"}`,
+			`{"type":"error","error":{"code":"exec_failed","message":"outcome unknown: the worker stopped while the command ran"}}`,
+		}, stdout: "s\n", resErr: "outcome unknown: the worker stopped while the command ran"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -259,6 +264,8 @@ func TestExecStream(t *testing.T) {
 			require.Equal(t, execID, res.TaskID.String())
 			require.Equal(t, tc.code, res.ExitCode)
 			require.Equal(t, tc.timedOut, res.TimedOut)
+			require.Equal(t, tc.resErr, res.Err)
+			require.Equal(t, tc.resErr != "", res.OutcomeUnknown)
 		})
 	}
 }

@@ -274,6 +274,12 @@ func (c *Client) Exec(ctx context.Context, vmID string, cmd types.Command, stdou
 		}
 	}()
 	ei, err := r.untilExit()
+	var apiErr *Error
+	if errors.As(err, &apiErr) && apiErr.Code == wire.CodeExecFailed && types.OutcomeUnknown(apiErr.Message) {
+		// The command started and its result is lost: not an error of
+		// this call, but its outcome (service.ExecResult.OutcomeUnknown).
+		ei, err = &queue.ExitInfo{Error: apiErr.Message}, nil
+	}
 	if err != nil {
 		if ctx.Err() != nil {
 			return res, ctx.Err()
@@ -284,6 +290,7 @@ func (c *Client) Exec(ctx context.Context, vmID string, cmd types.Command, stdou
 		return res, err
 	}
 	res.ExitCode, res.TimedOut, res.Err = ei.ExitCode, ei.TimedOut, ei.Error
+	res.OutcomeUnknown = types.OutcomeUnknown(res.Err)
 	if ctx.Err() != nil {
 		return res, ctx.Err()
 	}
