@@ -31,12 +31,6 @@ func WithDeadAfter(d time.Duration) Option {
 	}
 }
 
-// ownerSilent is the one text saying a worker is gone; the sweeper in
-// pkg/worker writes the same (pkg/worker cannot be imported here).
-func ownerSilent(worker string, lastSeen time.Time) string {
-	return fmt.Sprintf("owner worker %s has not reported since %s", worker, lastSeen.UTC().Format(time.RFC3339))
-}
-
 // silent reports whether a worker's last heartbeat is older than deadAfter.
 func (s *Service) silent(w *types.Worker) bool {
 	return time.Since(w.LastSeen) > s.opts.deadAfter
@@ -65,11 +59,11 @@ func (s *Service) ownerGone(ctx context.Context, vm *types.VM) (msg string, err 
 	case err != nil:
 		return "", fmt.Errorf("checking the owner of vm %s: %w", vm.ID, err)
 	case s.silent(w):
-		msg = ownerSilent(w.ID, w.LastSeen)
+		msg = types.OwnerSilent(w.ID, w.LastSeen)
 	case vm.State == types.VMLost:
 		// The owner is back but has not taken the VM back yet (it does so
 		// when it starts).
-		msg = cmp.Or(vm.Error, ownerSilent(w.ID, w.LastSeen))
+		msg = cmp.Or(vm.Error, types.OwnerSilent(w.ID, w.LastSeen))
 		return msg, s.failVMTasks(ctx, vm.ID, msg)
 	default:
 		return "", nil

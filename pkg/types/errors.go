@@ -2,7 +2,9 @@ package types
 
 import (
 	"errors"
+	"fmt"
 	"strings"
+	"time"
 )
 
 // Error kinds. Every error returned by the public API wraps at most one of
@@ -38,4 +40,11 @@ var (
 // command that never ran.
 func OutcomeUnknown(taskError string) bool {
 	return strings.HasPrefix(taskError, ErrOutcomeUnknown.Error()+":")
+}
+
+// OwnerSilent is the reason given for a VM whose owner worker stopped
+// reporting (VMLost): the same text from the service, which notices it
+// when a call arrives, and from the workers' sweeper.
+func OwnerSilent(worker string, lastSeen time.Time) string {
+	return fmt.Sprintf("owner worker %s has not reported since %s", worker, lastSeen.UTC().Format(time.RFC3339))
 }

@@ -11,12 +11,6 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/vmm"
 )
 
-// ownerSilent is the one text saying a worker is gone (pkg/service writes
-// the same when a call finds the owner silent).
-func ownerSilent(worker string, lastSeen time.Time) string {
-	return fmt.Sprintf("owner worker %s has not reported since %s", worker, lastSeen.UTC().Format(time.RFC3339))
-}
-
 // markDeadOwners marks lost the VMs of every other worker whose last
 // heartbeat is older than Config.DeadAfter, and fails the open tasks of
 // each VM it moved with the reason (removing them from their queues and
@@ -34,7 +28,7 @@ func (w *Worker) markDeadOwners(ctx context.Context) error {
 		if o.ID == w.cfg.ID || time.Since(o.LastSeen) <= w.cfg.DeadAfter {
 			continue
 		}
-		msg := ownerSilent(o.ID, o.LastSeen)
+		msg := types.OwnerSilent(o.ID, o.LastSeen)
 		moved, err := w.store.MarkOwnerVMsLost(ctx, o.ID, msg)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("marking the vms of worker %s lost: %w", o.ID, err))
@@ -88,9 +82,14 @@ func (w *Worker) adoptLost(ctx context.Context, seen map[string]vmm.VMStatus) er
 	for _, vm := range lost {
 		to, detail := types.VMFailed, "its worker was away and the backend no longer has it; delete it"
 		if st, ok := seen[vm.ID]; ok {
-			if st.State == types.VMRunning {
+			switch st.State {
+			case types.VMRunning:
 				to, detail = types.VMRunning, ""
-			} else {
+			case types.VMStopped:
+				// Stopped before its worker went away (or while): it
+				// is still whole, and can be started again.
+				to, detail = types.VMStopped, ""
+			default:
 				detail = fmt.Sprintf("its worker was away and the vm is %s in the backend", st.State)
 				if st.Detail != "" {
 					detail += ": " + st.Detail
