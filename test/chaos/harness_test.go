@@ -611,6 +611,14 @@ func (e *env) exec(t *testing.T, vmID string, argv ...string) cliResult {
 	return e.cliStart(append([]string{"exec", vmID, "--"}, argv...)...).Wait(ctx)
 }
 
+// execWithin is exec with the CLI killed after d.
+func (e *env) execWithin(t *testing.T, d time.Duration, vmID string, argv ...string) cliResult {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	return e.cliStart(append([]string{"exec", vmID, "--"}, argv...)...).Wait(ctx)
+}
+
 // marker is a file in the guest that a command appends one line to each
 // time it runs.
 type marker string
