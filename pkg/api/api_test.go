@@ -3,6 +3,8 @@ package api_test
 import (
 	"context"
 	"encoding/base64"
+	"errors"
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -14,6 +16,9 @@ import (
 	"github.com/aetherium/aetherium-core/internal/testenv/stack"
 	"github.com/aetherium/aetherium-core/pkg/api"
 	"github.com/aetherium/aetherium-core/pkg/apikey"
+	"github.com/aetherium/aetherium-core/pkg/dataplane"
+	"github.com/aetherium/aetherium-core/pkg/queue"
+	"github.com/aetherium/aetherium-core/pkg/service"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
@@ -352,4 +357,54 @@ func TestVMsAndExec(t *testing.T) {
 		c.call("GET", "/v1/vms", nil, http.StatusOK, &list)
 		require.Empty(t, list.VMs)
 	})
+}
+
+// breakingStream is a Redis queue whose output stream breaks after its
+// first chunk, as when Redis restarts mid-command.
+type breakingStream struct{ *queue.Redis }
+
+func (b breakingStream) ReadOutput(ctx context.Context, taskID string, fn func(queue.OutputChunk) error) (*queue.ExitInfo, error) {
+	errBroke := errors.New("read tcp: connection reset by peer")
+	ei, err := b.Redis.ReadOutput(ctx, taskID, func(c queue.OutputChunk) error {
+		if err := fn(c); err != nil {
+			return err
+		}
+		return errBroke
+	})
+	if errors.Is(err, errBroke) {
+		return nil, fmt.Errorf("reading output of task %s: %w", taskID, err)
+	}
+	return ei, err
+}
+
+// TestExecStreamBreaks: when Redis loses a streamed exec's output midway,
+// the HTTP stream still ends with the real exit code and every byte of the
+// output once, from what PostgreSQL recorded, not with an error line.
+func TestExecStreamBreaks(t *testing.T) {
+	t.Parallel()
+	s := stack.Start(t, stack.Options{Workers: []string{"broken"}})
+	a := s.StartAPI(t, stack.APIOptions{Service: service.NewTaskService(breakingStream{s.Queue}, s.Store,
+		service.WithDataPlane(dataplane.NewClient(s.Token)))})
+	c := newClient(t, a, "")
+	c = c.as(a.Key(t, apikey.Options{}))
+	vm := c.createVM("broken")
+	resp, evs := c.stream(vm.ID, api.ExecRequest{Command: "sh", Args: []string{"-c", "echo one; sleep 1; echo two; echo err >&2; exit 7"}})
+	defer resp.Body.Close()
+	all := evs.all()
+	var out, errOut strings.Builder
+	for _, ev := range all {
+		b, err := base64.StdEncoding.DecodeString(ev.DataB64)
+		require.NoError(t, err)
+		switch ev.Type {
+		case "stdout":
+			out.Write(b)
+		case "stderr":
+			errOut.Write(b)
+		}
+	}
+	last := all[len(all)-1]
+	require.Equal(t, "exit", last.Type, fmtEvents(all))
+	require.Equal(t, 7, *last.ExitCode)
+	require.Equal(t, "one\ntwo\n", out.String(), fmtEvents(all))
+	require.Equal(t, "err\n", errOut.String())
 }

@@ -172,11 +172,23 @@ func (s *Server) pump(r *http.Request, ew *eventWriter, id uuid.UUID) {
 	}
 	var task *types.Task
 	var grace <-chan time.Time
+	streamDead := false
 	for {
 		select {
 		case o := <-done:
 			switch {
 			case o.err != nil && r.Context().Err() != nil:
+			case o.err != nil && ew.failed() == nil:
+				// The stream broke (Redis down or restarted), not the
+				// client: PostgreSQL still records how the command ends,
+				// and what the stream did not deliver.
+				s.log.Warn("output stream lost; waiting for the task in storage", "task_id", id, "error", o.err)
+				streamDead = true
+				if task != nil {
+					s.finishFromStore(r, ew, id, task)
+					return
+				}
+				continue
 			case o.err != nil:
 				_, body := httpError(o.err, infoOf(r.Context()).id)
 				s.log.Warn("streaming output failed", "task_id", id, "error", o.err)
@@ -188,20 +200,14 @@ func (s *Server) pump(r *http.Request, ew *eventWriter, id uuid.UUID) {
 			}
 			return
 		case task = <-ended:
+			if streamDead {
+				s.finishFromStore(r, ew, id, task)
+				return
+			}
 			grace = time.After(drainGrace)
 		case <-grace:
 			finish()
-			bg := context.WithoutCancel(r.Context())
-			e, err := s.svc.GetExecution(bg, id)
-			switch {
-			case err == nil && e.Error == "":
-				ew.send(exitEvent(e.ExitCode, e.TimedOut))
-			case err == nil:
-				ew.send(execFailed(e.Error))
-			default:
-				msg := cmp.Or(task.Error, "the command's task ended without a result")
-				ew.send(execFailed(msg))
-			}
+			s.finishFromStore(r, ew, id, task)
 			return
 		case <-s.closing.Done():
 			ew.stopOutput()
@@ -213,6 +219,28 @@ func (s *Server) pump(r *http.Request, ew *eventWriter, id uuid.UUID) {
 			finish()
 			return
 		}
+	}
+}
+
+// finishFromStore ends a stream whose task ended without the stream's
+// exit chunk (its worker crashed, or Redis lost the stream) from what
+// PostgreSQL recorded: the output the stream did not deliver, then the
+// exit, or why there is none.
+func (s *Server) finishFromStore(r *http.Request, ew *eventWriter, id uuid.UUID, task *types.Task) {
+	ew.stopOutput()
+	bg := context.WithoutCancel(r.Context())
+	e, err := s.svc.GetExecution(bg, id)
+	switch {
+	case err == nil:
+		ew.sendRest("stdout", e.Stdout)
+		ew.sendRest("stderr", e.Stderr)
+		if e.Error == "" {
+			ew.send(exitEvent(e.ExitCode, e.TimedOut))
+		} else {
+			ew.send(execFailed(e.Error))
+		}
+	default:
+		ew.send(execFailed(cmp.Or(task.Error, "the command's task ended without a result")))
 	}
 }
 
@@ -246,6 +274,34 @@ type eventWriter struct {
 	// outputStopped refuses output chunks but not the handler's last line.
 	outputStopped bool
 	err           error
+	// sent counts the output bytes delivered per kind ("stdout",
+	// "stderr"), so that sendRest writes only what the client lacks.
+	sent map[string]int
+}
+
+// failed returns the error that ended writing to the client, if any.
+func (e *eventWriter) failed() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.err
+}
+
+// restChunk bounds the output of one line sendRest writes.
+const restChunk = 64 << 10
+
+// sendRest writes, as the handler's own lines, the part of a stream's
+// whole stored output (stored) not yet delivered.
+func (e *eventWriter) sendRest(kind, stored string) {
+	e.mu.Lock()
+	n := e.sent[kind]
+	e.mu.Unlock()
+	for n < len(stored) {
+		end := min(n+restChunk, len(stored))
+		if e.writeCounted(Event{Type: kind, DataB64: base64.StdEncoding.EncodeToString([]byte(stored[n:end]))}, false, end-n) != nil {
+			return
+		}
+		n = end
+	}
 }
 
 // writeTimeout bounds each line's write, so a client that stops reading
@@ -259,7 +315,7 @@ func newEventWriter(w http.ResponseWriter) *eventWriter {
 	w.WriteHeader(http.StatusOK)
 	rc := http.NewResponseController(w)
 	_ = rc.Flush()
-	return &eventWriter{w: w, rc: rc}
+	return &eventWriter{w: w, rc: rc, sent: map[string]int{}}
 }
 
 func (e *eventWriter) send(ev Event) error { return e.write(ev, false) }
@@ -267,12 +323,26 @@ func (e *eventWriter) send(ev Event) error { return e.write(ev, false) }
 // write writes one line unless the writer is closed (or, for output
 // chunks, the output stopped).
 func (e *eventWriter) write(ev Event, output bool) error {
+	return e.writeCounted(ev, output, 0)
+}
+
+// writeCounted is write that, once the line is out, counts n output bytes
+// of ev.Type as delivered, under the same lock (see sendRest).
+func (e *eventWriter) writeCounted(ev Event, output bool, n int) error {
 	b, err := json.Marshal(ev)
 	if err != nil {
 		return err
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	if err := e.writeLocked(b, output); err != nil {
+		return err
+	}
+	e.sent[ev.Type] += n
+	return nil
+}
+
+func (e *eventWriter) writeLocked(b []byte, output bool) error {
 	if e.closed || (output && e.outputStopped) {
 		return errStreamClosed
 	}
@@ -314,7 +384,7 @@ type sinkWriter struct {
 }
 
 func (s sinkWriter) Write(p []byte) (int, error) {
-	if err := s.e.write(Event{Type: s.kind, DataB64: base64.StdEncoding.EncodeToString(p)}, true); err != nil {
+	if err := s.e.writeCounted(Event{Type: s.kind, DataB64: base64.StdEncoding.EncodeToString(p)}, true, len(p)); err != nil {
 		return 0, err
 	}
 	return len(p), nil

@@ -1,6 +1,7 @@
 package stack
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"net"
@@ -13,6 +14,7 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/api"
 	"github.com/aetherium/aetherium-core/pkg/apikey"
 	"github.com/aetherium/aetherium-core/pkg/e2b"
+	"github.com/aetherium/aetherium-core/pkg/service"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
@@ -37,6 +39,9 @@ type APIOptions struct {
 	// with E2BDomain as its domain (empty: no host routing).
 	E2B       bool
 	E2BDomain string
+	// Service, when set, is what the API serves instead of the stack's
+	// Service (a test's variant of it, e.g. over a queue that fails).
+	Service *service.Service
 }
 
 // API is an aether-api serving the stack's Service on 127.0.0.1.
@@ -72,7 +77,7 @@ func (s *Stack) StartAPI(t testing.TB, o APIOptions) *API {
 		ShutdownTimeout: o.ShutdownTimeout,
 		TLSCertFile:     o.TLSCertFile,
 		TLSKeyFile:      o.TLSKeyFile,
-	}, s.Service, s.Store, logger(t).With("component", "api"), opts...)
+	}, cmp.Or(o.Service, s.Service), s.Store, logger(t).With("component", "api"), opts...)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	scheme := "http"
