@@ -132,7 +132,7 @@ func (e *env) config(id, runDir, readyFile string) string {
 	if readyFile != "" {
 		fmt.Fprintf(&b, "  ready_file: %q\n", readyFile)
 	}
-	b.WriteString("log:\n  level: info\n")
+	b.WriteString("log:\n  level: debug\n")
 	return b.String()
 }
 
@@ -178,7 +178,7 @@ func (e *env) newWorker(t *testing.T, id string) *workerProc {
 	require.NoError(t, os.MkdirAll(w.runDir, 0o755))
 	require.NoError(t, os.WriteFile(w.cfgPath, []byte(e.config(id, w.runDir, w.ready)), 0o600))
 	t.Cleanup(func() {
-		if t.Failed() {
+		if t.Failed() || os.Getenv("CHAOS_DEBUG") != "" {
 			t.Logf("worker %s log ends with:\n%s", id, tail(w.logPath, 60))
 		}
 		w.cleanup()
@@ -454,6 +454,36 @@ func (w *workerProc) KillVMM(vmID string) {
 		pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
 		require.NoError(t, err)
 		require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
+	}
+}
+
+// AssertOneVMM checks that exactly one VMM runs for VM vmID (one
+// qemu-system process, or one running container), which also proves that
+// AssertNoLeaks can see the processes it looks for.
+func (w *workerProc) AssertOneVMM(vmID string) {
+	t := w.t
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	switch w.e.provider {
+	case "qemu":
+		var qemus []proc
+		for _, p := range w.vmmProcesses(vmID) {
+			if strings.Contains(p.cmdline, "qemu-system") {
+				qemus = append(qemus, p)
+			}
+		}
+		require.Len(t, qemus, 1, "one QEMU process for VM %s", vmID)
+		var inRunDir bool
+		for _, p := range w.vmmProcesses("") {
+			inRunDir = inRunDir || p.pid == qemus[0].pid
+		}
+		require.True(t, inRunDir, "VM %s's QEMU is found by the run dir, as AssertNoLeaks looks: %v", vmID, qemus)
+	case "docker":
+		f := filters.NewArgs(filters.Arg("label", docker.LabelOwner+"="+w.id), filters.Arg("label", docker.LabelVMID+"="+vmID))
+		cs, err := w.e.docker.ContainerList(ctx, container.ListOptions{Filters: f})
+		require.NoError(t, err)
+		require.Len(t, cs, 1, "one running container for VM %s", vmID)
 	}
 }
 
