@@ -80,6 +80,18 @@ func workerID(backend, scenario string) string {
 	return backend[:1] + "-" + strings.SplitN(scenario, "-", 2)[0]
 }
 
+// commandLines returns the lines of a CLI's stderr that are not the
+// CLI's own notes (those start with "aether-cli:").
+func commandLines(stderr string) []string {
+	var out []string
+	for _, l := range strings.Split(strings.TrimRight(stderr, "\n"), "\n") {
+		if l != "" && !strings.HasPrefix(l, "aether-cli:") {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
 func ctxT(d time.Duration) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), d)
 }
@@ -243,10 +255,23 @@ func redisDownWhileStreaming(t *testing.T, e *env, backend string) {
 	w.AssertOneVMM(vm)
 	m := newMarker()
 	before := time.Now()
-	caller := e.cliStart(append([]string{"exec", vm, "--"}, m.Shell("echo first; sleep 3; echo second; exit 4")...)...)
+	caller := e.cliStart(append([]string{"exec", vm, "--"}, m.Shell("echo first; sleep 3; echo second; echo err-6 >&2; exit 4")...)...)
 	caller.WaitOutput(t, "first")
 	task := e.execTask(t, vm, before)
 	e.redis.Stop()
+	// Keep Redis down until the command has ended and its result is in
+	// PostgreSQL (or a bound passed), so the CLI cannot get the end
+	// through Redis at all.
+	deadline := time.Now().Add(8 * time.Second)
+	for time.Now().Before(deadline) {
+		ctx, cancel := ctxT(2 * time.Second)
+		cur, err := e.store.GetTask(ctx, task.ID)
+		cancel()
+		if err == nil && (cur.State == types.TaskSucceeded || cur.State == types.TaskFailed) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 	require.NoError(t, e.redis.Start())
 	back := time.Now()
 	ctx, cancel := ctxT(cliTimeout)
@@ -255,6 +280,9 @@ func redisDownWhileStreaming(t *testing.T, e *env, backend string) {
 	t.Logf("streaming CLI: exit %d after %s, stdout %q, stderr %q", r.code, r.elapsed.Round(time.Millisecond), r.stdout, r.stderr)
 	require.NotContains(t, r.stderr, "reading output of task")
 	require.Equal(t, 4, r.code, "the CLI exits with the command's code: %s", r.stderr)
+	require.Equal(t, "first\nsecond\n", r.stdout, "the command's stdout, once")
+	require.Equal(t, []string{"err-6"}, commandLines(r.stderr),
+		"the CLI's stderr is the command's, plus at most its own aether-cli: notes (no library logs)")
 	got, at := e.waitTerminal(t, task.ID, terminalTimeout)
 	require.Equal(t, types.TaskSucceeded, got.State, "task error: %s", got.Error)
 	require.Equal(t, 4, e.execution(t, task.ID).ExitCode)

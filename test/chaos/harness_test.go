@@ -487,9 +487,9 @@ func (w *workerProc) AssertOneVMM(vmID string) {
 	}
 }
 
-// AssertNoLeaks checks that nothing of VM vmID is left: no VMM process or
-// container, nothing of it in the run dir. With vmID empty it checks the
-// whole worker.
+// AssertNoLeaks checks that nothing of the worker's VMs is left: no VMM
+// process or container of the worker, nothing of vmIDs in the run dir,
+// and no open task of vmIDs.
 func (w *workerProc) AssertNoLeaks(vmIDs ...string) {
 	t := w.t
 	t.Helper()
@@ -501,6 +501,14 @@ func (w *workerProc) AssertNoLeaks(vmIDs ...string) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	require.Empty(t, w.vmmProcesses(""), "VMM processes left for worker %s", w.id)
+	for _, id := range vmIDs {
+		tasks, err := w.e.store.ListTasks(ctx, id)
+		require.NoError(t, err)
+		for _, task := range tasks {
+			require.True(t, task.State == types.TaskSucceeded || task.State == types.TaskFailed,
+				"VM %s is gone but its task %s (%s) is %s", id, task.ID, task.Type, task.State)
+		}
+	}
 	require.Empty(t, w.containers(ctx, ""), "containers left for worker %s", w.id)
 	entries, err := os.ReadDir(w.runDir)
 	require.NoError(t, err)
