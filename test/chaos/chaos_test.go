@@ -17,6 +17,7 @@ package chaos
 import (
 	"context"
 	"fmt"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -25,6 +26,7 @@ import (
 
 	"github.com/aetherium/aetherium-core/internal/faults"
 	"github.com/aetherium/aetherium-core/internal/testenv"
+	"github.com/aetherium/aetherium-core/pkg/network"
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
@@ -34,22 +36,26 @@ func TestMain(m *testing.M) { testenv.Main(m) }
 type scenario struct {
 	name string
 	run  func(t *testing.T, e *env, backend string)
+	// only names the one backend the scenario applies to; empty: all.
+	only string
 }
 
 var scenarios = []scenario{
-	{"s01-worker-kill-at-exec-started", workerKillMidExec},
-	{"s02-worker-sigterm-drain-timeout", workerTermMidExec},
-	{"s03-postgres-down-at-result-store", postgresDownAtStore},
-	{"s04-redis-restart-keeps-queue", func(t *testing.T, e *env, b string) { redisRestartQueuedCreate(t, e, b, false) }},
-	{"s05-redis-restart-wiped", func(t *testing.T, e *env, b string) { redisRestartQueuedCreate(t, e, b, true) }},
-	{"s06-redis-down-while-streaming", redisDownWhileStreaming},
-	{"s07-worker-kill-at-create-booted", workerKillMidCreate},
-	{"s08-vmm-killed", vmmKilled},
-	{"s09a-dead-owner-delete", func(t *testing.T, e *env, b string) { deadOwner(t, e, b, true) }},
-	{"s09b-dead-owner-adopt", func(t *testing.T, e *env, b string) { deadOwner(t, e, b, false) }},
-	{"s10-task-cancel", taskCancel},
-	{"s11a-delete-closes-create", deleteClosesCreate},
-	{"s11b-delete-closes-exec", deleteClosesExec},
+	{name: "s01-worker-kill-at-exec-started", run: workerKillMidExec},
+	{name: "s02-worker-sigterm-drain-timeout", run: workerTermMidExec},
+	{name: "s03-postgres-down-at-result-store", run: postgresDownAtStore},
+	{name: "s04-redis-restart-keeps-queue", run: func(t *testing.T, e *env, b string) { redisRestartQueuedCreate(t, e, b, false) }},
+	{name: "s05-redis-restart-wiped", run: func(t *testing.T, e *env, b string) { redisRestartQueuedCreate(t, e, b, true) }},
+	{name: "s06-redis-down-while-streaming", run: redisDownWhileStreaming},
+	{name: "s07-worker-kill-at-create-booted", run: workerKillMidCreate},
+	{name: "s08-vmm-killed", run: vmmKilled},
+	{name: "s09a-dead-owner-delete", run: func(t *testing.T, e *env, b string) { deadOwner(t, e, b, true) }},
+	{name: "s09b-dead-owner-adopt", run: func(t *testing.T, e *env, b string) { deadOwner(t, e, b, false) }},
+	{name: "s10-task-cancel", run: taskCancel},
+	{name: "s11a-delete-closes-create", run: deleteClosesCreate},
+	{name: "s11b-delete-closes-exec", run: deleteClosesExec},
+	// The docker backend runs VMs without a network (it refuses nat).
+	{name: "s12-network-worker-kill-at-create-booted", run: networkKillMidCreate, only: "qemu"},
 }
 
 // TestChaos runs every scenario on docker, then on qemu.
@@ -58,6 +64,9 @@ func TestChaos(t *testing.T) {
 		t.Run(backend, func(t *testing.T) {
 			e := newEnv(t, backend)
 			for _, sc := range scenarios {
+				if sc.only != "" && sc.only != backend {
+					continue
+				}
 				t.Run(sc.name, func(t *testing.T) { sc.run(t, e, backend) })
 			}
 		})
@@ -505,4 +514,60 @@ func deleteClosesExec(t *testing.T, e *env, backend string) {
 	require.NotEqual(t, 0, r.code)
 	record(t, backend, "delete while exec open", "exec task failed naming the deletion; caller told", 0, got.Error)
 	w.AssertNoLeaks(vm)
+}
+
+// 12. A networked VM (TAP, rules, lease) whose worker is killed at
+// create.booted: the restarted worker finishes the create with the same
+// network port and lease, and the delete gives back TAP, rules and lease.
+// The bridge and rules live in a network namespace the test makes.
+func networkKillMidCreate(t *testing.T, e *env, backend string) {
+	if os.Geteuid() != 0 {
+		testenv.Skip(t, "VM networking needs root (CAP_NET_ADMIN); run the tests as root")
+	}
+	ns := testenv.NewNetns(t)
+	id := workerID(backend, "s12")
+	nc := network.Config{Netns: testenv.NetnsPath(ns), Bridge: "aechaos0", Subnet: "10.97.0.0/24", Table: "aechaos", Pool: "chaos/" + id, Owner: id}
+	w := e.newWorkerWith(t, id, fmt.Sprintf("network:\n  netns: %q\n  bridge: %s\n  subnet: %s\n  table: %s\n  pool: %q\n",
+		nc.Netns, nc.Bridge, nc.Subnet, nc.Table, nc.Pool))
+	// A manager of the same pool, only to read what exists.
+	m, err := network.New(nc, e.store)
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		ctx, cancel := ctxT(time.Minute)
+		defer cancel()
+		_ = m.Teardown(ctx)
+		m.Close()
+	})
+	w.Start(faults.CreateBooted)
+	ctx, cancel := ctxT(cliTimeout)
+	defer cancel()
+	out, stderr, code := e.cli(ctx, "vm", "create", "--name", "s12", "--network", "nat")
+	require.Equal(t, 0, code, "vm create: %s", stderr)
+	vm := strings.TrimSpace(out)
+	w.WaitReached(faults.CreateBooted, 1)
+	w.Kill()
+	restarted := time.Now()
+	w.Start()
+	got, at := e.waitTerminal(t, vm, terminalTimeout)
+	require.Equal(t, types.TaskSucceeded, got.State, "task error: %s", got.Error)
+	e.waitVM(t, vm, 10*time.Second, types.VMRunning)
+	recovery := at.Sub(restarted)
+	w.AssertOneVMM(vm)
+	st, err := m.List(ctx)
+	require.NoError(t, err)
+	require.Len(t, st.Ports, 1, "one TAP for the VM")
+	require.Len(t, st.Leases, 1, "one lease for the VM")
+	require.Equal(t, vm, st.Leases[0].VMID)
+	r := e.exec(t, vm, "cat", "/proc/net/fib_trie")
+	require.Equal(t, 0, r.code, "%s", r.stderr)
+	require.Contains(t, r.stdout, st.Leases[0].Addr.String(), "the guest holds its leased address")
+	require.Less(t, recovery, recoveryBound)
+	e.deleteVM(t, vm)
+	st, err = m.List(ctx)
+	require.NoError(t, err)
+	require.Empty(t, st.Ports, "the VM's TAP outlived its delete")
+	require.Empty(t, st.VMRules, "the VM's rules outlived its delete")
+	require.Empty(t, st.Leases, "the VM's lease outlived its delete")
+	w.AssertNoLeaks(vm)
+	record(t, backend, "networked VM, worker kill -9 at create.booted, restart", "create resumes; one TAP and lease; delete frees TAP, rules, lease", recovery, "")
 }

@@ -172,11 +172,18 @@ type workerProc struct {
 // stopped, so that a failed scenario leaks nothing into the next.
 func (e *env) newWorker(t *testing.T, id string) *workerProc {
 	t.Helper()
+	return e.newWorkerWith(t, id, "")
+}
+
+// newWorkerWith is newWorker with extra top-level YAML sections (e.g. a
+// network section) appended to the worker's config.
+func (e *env) newWorkerWith(t *testing.T, id, extra string) *workerProc {
+	t.Helper()
 	dir := filepath.Join(e.dir, id)
 	w := &workerProc{e: e, t: t, id: id, dir: dir, runDir: filepath.Join(dir, "vms"), faultDir: filepath.Join(dir, "faults"),
 		cfgPath: filepath.Join(dir, "worker.yaml"), logPath: filepath.Join(dir, "worker.log"), ready: filepath.Join(dir, "worker.ready")}
 	require.NoError(t, os.MkdirAll(w.runDir, 0o755))
-	require.NoError(t, os.WriteFile(w.cfgPath, []byte(e.config(id, w.runDir, w.ready)), 0o600))
+	require.NoError(t, os.WriteFile(w.cfgPath, []byte(e.config(id, w.runDir, w.ready)+extra), 0o600))
 	t.Cleanup(func() {
 		if t.Failed() || os.Getenv("CHAOS_DEBUG") != "" {
 			t.Logf("worker %s log ends with:\n%s", id, tail(w.logPath, 60))
