@@ -44,8 +44,9 @@ var scenarios = []scenario{
 	{name: "s01-worker-kill-at-exec-started", run: workerKillMidExec},
 	{name: "s02-worker-sigterm-drain-timeout", run: workerTermMidExec},
 	{name: "s03-postgres-down-at-result-store", run: postgresDownAtStore},
-	{name: "s04-redis-restart-keeps-queue", run: func(t *testing.T, e *env, b string) { redisRestartQueuedCreate(t, e, b, false) }},
-	{name: "s05-redis-restart-wiped", run: func(t *testing.T, e *env, b string) { redisRestartQueuedCreate(t, e, b, true) }},
+	{name: "s04-redis-restart-keeps-queue", run: func(t *testing.T, e *env, b string) { redisRestartQueuedCreate(t, e, b, redisStop) }},
+	{name: "s04b-redis-crash-restart", run: func(t *testing.T, e *env, b string) { redisRestartQueuedCreate(t, e, b, redisKill) }},
+	{name: "s05-redis-restart-wiped", run: func(t *testing.T, e *env, b string) { redisRestartQueuedCreate(t, e, b, redisWipe) }},
 	{name: "s06-redis-down-while-streaming", run: redisDownWhileStreaming},
 	{name: "s07-worker-kill-at-create-booted", run: workerKillMidCreate},
 	{name: "s08-vmm-killed", run: vmmKilled},
@@ -54,6 +55,9 @@ var scenarios = []scenario{
 	{name: "s10-task-cancel", run: taskCancel},
 	{name: "s11a-delete-closes-create", run: deleteClosesCreate},
 	{name: "s11b-delete-closes-exec", run: deleteClosesExec},
+	{name: "s13-redis-wiped-mid-exec", run: redisWipedMidExec},
+	{name: "s14-postgres-down-mid-create", run: postgresDownMidCreate},
+	{name: "s15-worker-kill-at-task-claimed", run: workerKillAtClaim},
 	// The docker backend runs VMs without a network (it refuses nat).
 	{name: "s12-network-worker-kill-at-create-booted", run: networkKillMidCreate, only: "qemu"},
 }
@@ -222,11 +226,21 @@ func postgresDownAtStore(t *testing.T, e *env, backend string) {
 	w.AssertNoLeaks(vm)
 }
 
-// 4 and 5. Redis restarted (with or without its data) while a create is
+// How a scenario takes Redis down.
+const (
+	redisStop = iota // SIGTERM: it flushes its append-only file
+	redisKill        // SIGKILL: the last second of writes may be lost
+	redisWipe        // stopped and its data removed
+)
+
+// 4 and 5. Redis restarted (kept, crashed or wiped) while a create is
 // queued and no worker runs: the create still happens.
-func redisRestartQueuedCreate(t *testing.T, e *env, backend string, wipe bool) {
+func redisRestartQueuedCreate(t *testing.T, e *env, backend string, how int) {
 	scen, name := "s04", "redis restart with AOF while create queued"
-	if wipe {
+	switch how {
+	case redisKill:
+		scen, name = "s04b", "redis kill -9 right after create queued"
+	case redisWipe:
 		scen, name = "s05", "redis restart wiped while create queued"
 	}
 	w := e.newWorker(t, workerID(backend, scen))
@@ -235,8 +249,13 @@ func redisRestartQueuedCreate(t *testing.T, e *env, backend string, wipe bool) {
 	out, stderr, code := e.cli(ctx, "vm", "create", "--name", scen, "--network", "none")
 	require.Equal(t, 0, code, "vm create: %s", stderr)
 	vm := strings.TrimSpace(out)
-	e.redis.Stop()
-	if wipe {
+	switch how {
+	case redisStop:
+		e.redis.Stop()
+	case redisKill:
+		e.redis.Kill()
+	case redisWipe:
+		e.redis.Stop()
 		require.NoError(t, e.redis.Wipe())
 	}
 	require.NoError(t, e.redis.Start())
@@ -570,4 +589,105 @@ func networkKillMidCreate(t *testing.T, e *env, backend string) {
 	require.Empty(t, st.Leases, "the VM's lease outlived its delete")
 	w.AssertNoLeaks(vm)
 	record(t, backend, "networked VM, worker kill -9 at create.booted, restart", "create resumes; one TAP and lease; delete frees TAP, rules, lease", recovery, "")
+}
+
+// 13. Redis crashes and comes back empty while a command runs: the
+// command ran once and the task ends with its real result.
+func redisWipedMidExec(t *testing.T, e *env, backend string) {
+	w := e.newWorker(t, workerID(backend, "s13"))
+	w.Start(faults.ExecStarted)
+	vm := e.createVM(t, "s13")
+	w.AssertOneVMM(vm)
+	m := newMarker()
+	before := time.Now()
+	caller := e.cliStart(append([]string{"exec", vm, "--"}, m.Shell("sleep 1; echo out-13; exit 6")...)...)
+	w.WaitReached(faults.ExecStarted, 1)
+	task := e.execTask(t, vm, before)
+	e.redis.Kill()
+	require.NoError(t, e.redis.Wipe())
+	require.NoError(t, e.redis.Start())
+	back := time.Now()
+	w.Release(faults.ExecStarted)
+	got, at := e.waitTerminal(t, task.ID, terminalTimeout)
+	require.Equal(t, types.TaskSucceeded, got.State, "task error: %s", got.Error)
+	x := e.execution(t, task.ID)
+	require.Equal(t, 6, x.ExitCode)
+	require.Equal(t, "out-13\n", x.Stdout)
+	ctx, cancel := ctxT(cliTimeout)
+	defer cancel()
+	r := caller.Wait(ctx)
+	t.Logf("waiting CLI: exit %d after %s, stdout %q, stderr %q", r.code, r.elapsed.Round(time.Millisecond), r.stdout, r.stderr)
+	require.Equal(t, 6, r.code, "the CLI exits with the command's code: %s", r.stderr)
+	require.Equal(t, 1, m.Count(t, e, vm), "the command ran exactly once")
+	recovery := at.Sub(back)
+	require.Less(t, recovery, recoveryBound)
+	record(t, backend, "redis kill -9 and wiped while a command runs", "ran once; real result; CLI exit code", recovery, "")
+	e.deleteVM(t, vm)
+	w.AssertNoLeaks(vm)
+}
+
+// 14. PostgreSQL down when a booted VM is about to be marked running: the
+// create finishes once PostgreSQL is back, with one VMM.
+func postgresDownMidCreate(t *testing.T, e *env, backend string) {
+	w := e.newWorker(t, workerID(backend, "s14"))
+	w.Start(faults.CreateBooted)
+	ctx, cancel := ctxT(cliTimeout)
+	defer cancel()
+	out, stderr, code := e.cli(ctx, "vm", "create", "--name", "s14", "--network", "none")
+	require.Equal(t, 0, code, "vm create: %s", stderr)
+	vm := strings.TrimSpace(out)
+	w.WaitReached(faults.CreateBooted, 1)
+	e.pg.Stop()
+	w.Release(faults.CreateBooted)
+	// The outage itself.
+	time.Sleep(2 * time.Second)
+	require.NoError(t, e.pg.Start())
+	back := time.Now()
+	got, at := e.waitTerminal(t, vm, terminalTimeout)
+	require.Equal(t, types.TaskSucceeded, got.State, "task error: %s", got.Error)
+	e.waitVM(t, vm, 10*time.Second, types.VMRunning)
+	w.AssertOneVMM(vm)
+	r := e.exec(t, vm, "echo", "ok")
+	require.Equal(t, 0, r.code, "%s", r.stderr)
+	recovery := at.Sub(back)
+	require.Less(t, recovery, recoveryBound)
+	record(t, backend, "PostgreSQL down 2 s at create.booted", "create finishes; one VMM", recovery, "")
+	e.deleteVM(t, vm)
+	w.AssertNoLeaks(vm)
+}
+
+// 15. kill -9 after an exec task was claimed but before its command
+// started, restart: the command was never started, so it runs, once.
+func workerKillAtClaim(t *testing.T, e *env, backend string) {
+	w := e.newWorker(t, workerID(backend, "s15"))
+	w.Start()
+	vm := e.createVM(t, "s15")
+	w.AssertOneVMM(vm)
+	w.Stop()
+	w.Start(faults.TaskClaimed)
+	m := newMarker()
+	before := time.Now()
+	caller := e.cliStart(append([]string{"exec", vm, "--"}, m.Shell("echo out-15; exit 9")...)...)
+	w.WaitReached(faults.TaskClaimed, 1)
+	task := e.execTask(t, vm, before)
+	w.Kill()
+	restarted := time.Now()
+	w.Start()
+	got, at := e.waitTerminal(t, task.ID, terminalTimeout)
+	require.Equal(t, types.TaskSucceeded, got.State, "task error: %s", got.Error)
+	x := e.execution(t, task.ID)
+	require.Equal(t, 9, x.ExitCode)
+	require.Equal(t, "out-15\n", x.Stdout)
+	ctx, cancel := ctxT(cliTimeout)
+	defer cancel()
+	r := caller.Wait(ctx)
+	t.Logf("waiting CLI: exit %d after %s, stdout %q, stderr %q", r.code, r.elapsed.Round(time.Millisecond), r.stdout, r.stderr)
+	require.Equal(t, 9, r.code, "the CLI exits with the command's code: %s", r.stderr)
+	require.Equal(t, 1, strings.Count(r.stdout, "out-15"), "the output is printed once")
+	require.Equal(t, 1, m.Count(t, e, vm), "the command ran exactly once")
+	recovery := at.Sub(restarted)
+	require.Less(t, recovery, recoveryBound)
+	record(t, backend, "worker kill -9 at task.claimed (command not started), restart", "runs exactly once after restart", recovery, "")
+	e.deleteVM(t, vm)
+	w.AssertNoLeaks(vm)
 }
