@@ -31,6 +31,7 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/storage/postgres"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm/docker"
+	"github.com/aetherium/aetherium-core/pkg/vmm/qemu"
 )
 
 // Bounds of every wait in the suite. They are far above what a healthy
@@ -85,6 +86,14 @@ func newEnv(t *testing.T, provider string) *env {
 		t.Cleanup(func() { c.Close() })
 		e.docker = c
 	case "qemu":
+		for _, bin := range []string{qemu.DefaultBinary, qemu.DefaultVsockBinary, qemu.DefaultImgBinary} {
+			if _, err := exec.LookPath(bin); err != nil {
+				testenv.Skip(t, "%s is not installed; run ./scripts/setup.sh", bin)
+			}
+		}
+		if os.Geteuid() != 0 {
+			testenv.Skip(t, "the qemu chaos scenarios build a guest image and confine VMs, which needs root; run them as root")
+		}
 		e.img = testenv.GuestImage(t)
 		e.jailerBin = testenv.Jailer(t)
 	default:
