@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/hibiken/asynq"
@@ -215,4 +216,16 @@ func (r *Redis) ReadOutput(ctx context.Context, taskID string, fn func(OutputChu
 			}
 		}
 	}
+}
+
+// go-redis logs its connection-pool failures to standard error by default,
+// which would land in the middle of aether-cli's output (a command's
+// stderr) while Redis is down. The same failures reach callers as returned
+// errors; the log lines go to slog at debug level instead.
+func init() { redis.SetLogger(slogRedisLogger{}) }
+
+type slogRedisLogger struct{}
+
+func (slogRedisLogger) Printf(ctx context.Context, format string, v ...any) {
+	slog.Default().DebugContext(ctx, "redis: "+fmt.Sprintf(format, v...))
 }

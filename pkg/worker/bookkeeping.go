@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync/atomic"
 	"time"
 
 	"github.com/hibiken/asynq"
@@ -28,9 +29,24 @@ func permanent(err error) bool {
 // tasks without counting an attempt, so they are not failures.
 var errShutdown = errors.New("the worker stopped while the task ran; the task runs again on the next worker, and a command left running in its guest is reattached to, not run again")
 
-// interrupted reports whether an attempt ended because its worker stopped.
+// stoppingKey carries, in an attempt's context, the flag its worker sets
+// when it begins to stop (see interrupted).
+type stoppingKey struct{}
+
+// stopping reports whether the worker running the attempt of ctx is
+// stopping.
+func stopping(ctx context.Context) bool {
+	f, ok := ctx.Value(stoppingKey{}).(*atomic.Bool)
+	return ok && f.Load()
+}
+
+// interrupted reports whether an attempt ended because its worker stopped:
+// Asynq cancels the context of the attempts still running when the drain
+// time is over (with context.Canceled, the same as a cancelled task, so
+// the worker's own flag tells the two apart).
 func interrupted(ctx context.Context, err error) bool {
-	return errors.Is(err, vmm.ErrDetached) || (ctx.Err() != nil && errors.Is(context.Cause(ctx), errShutdown))
+	return errors.Is(err, vmm.ErrDetached) ||
+		(ctx.Err() != nil && (stopping(ctx) || errors.Is(context.Cause(ctx), errShutdown)))
 }
 
 // final reports whether a failing attempt is the task's last one, so the
@@ -90,6 +106,7 @@ func (w *Worker) bookkeeping(next asynq.Handler) asynq.Handler {
 func (w *Worker) track(ctx context.Context, t *asynq.Task, next asynq.Handler) error {
 	w.attempts.Add(1)
 	defer w.attempts.Done()
+	ctx = context.WithValue(ctx, stoppingKey{}, &w.stopping)
 	id, _ := asynq.GetTaskID(ctx)
 	retry, _ := asynq.GetRetryCount(ctx)
 	log := w.log.With("task_id", id, "type", t.Type())

@@ -283,7 +283,7 @@ func (w *Worker) runCommand(ctx context.Context, log *slog.Logger, vmID, execID,
 	}
 	taskID, _ := asynq.GetTaskID(ctx)
 	cmd.MaxOutputBytes = w.outputCap(cmd.MaxOutputBytes)
-	sio.ExecutionID, sio.Detach = execID, w.detach
+	sio.ExecutionID = execID
 	sio.Started = func(pid int, reattached bool) {
 		if started == nil {
 			s := &storage.ExecutionStart{ID: execID, VMID: vm.ID, TaskID: taskID, PID: pid}
@@ -300,7 +300,7 @@ func (w *Worker) runCommand(ctx context.Context, log *slog.Logger, vmID, execID,
 			log.Warn("fault point", "err", err)
 		}
 	}
-	res, err := w.vmm.ExecuteCommand(ctx, vm.ID, cmd, sio)
+	res, err := w.execute(ctx, vm.ID, cmd, sio)
 	if errors.Is(err, vmm.ErrUnknownExecution) {
 		return nil, fmt.Errorf("%w: the worker stopped while the command ran; its result is unknown (it started at %s in vm %s and was not run again)",
 			types.ErrOutcomeUnknown, started.StartedAt.Format(time.RFC3339), vm.ID)
@@ -321,6 +321,39 @@ func (w *Worker) runCommand(ctx context.Context, log *slog.Logger, vmID, execID,
 	}
 	log.Debug("command ran", "vm_id", vm.ID, "execution_id", execID, "exit_code", e.ExitCode, "took", e.Duration)
 	return e, nil
+}
+
+// execute runs the command through the backend, deciding what the end of
+// the attempt's context means: a cancelled task or a task timeout kills the
+// command, while a worker that stops (Asynq cancels every attempt still
+// running when the drain time is over) detaches from it, leaving it to run
+// on in its guest for the next attempt to reattach to.
+func (w *Worker) execute(ctx context.Context, id string, cmd types.Command, sio vmm.ExecIO) (*types.ExecResult, error) {
+	execCtx, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
+	defer cancel(nil)
+	detach, done, stop := make(chan struct{}), make(chan struct{}), w.detach
+	defer close(done)
+	go func() {
+		select {
+		case <-ctx.Done():
+			if stopping(ctx) {
+				close(detach)
+			} else {
+				cancel(context.Cause(ctx))
+			}
+		case <-stop:
+			close(detach)
+		case <-done:
+		}
+	}()
+	sio.Detach = detach
+	res, err := w.vmm.ExecuteCommand(execCtx, id, cmd, sio)
+	if err != nil && execCtx.Err() != nil {
+		// Reported as the attempt's own context ended, so that the
+		// bookkeeping sees a cancelled or timed-out task as such.
+		err = fmt.Errorf("%w (%w)", err, context.Cause(execCtx))
+	}
+	return res, err
 }
 
 // outputStream forwards a command's live output to its task's stream. A

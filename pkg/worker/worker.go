@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hibiken/asynq"
@@ -138,6 +139,9 @@ type Worker struct {
 	// attempts counts the task attempts in flight (see track), which Stop
 	// waits for so that each records its outcome while storage is open.
 	attempts sync.WaitGroup
+	// stopping is set when Stop begins: an attempt whose context ends
+	// from then on was interrupted by the stop, not cancelled.
+	stopping atomic.Bool
 
 	// inflight holds the expired VMs being deleted (zero time), so that a
 	// slow deletion is not started again by the next round, and those
@@ -245,6 +249,7 @@ func (w *Worker) Start(ctx context.Context) error {
 	base, cancelBase := context.WithCancelCause(context.WithoutCancel(ctx))
 	w.base, w.cancelBase = base, func() { cancelBase(errShutdown) }
 	w.detach = make(chan struct{})
+	w.stopping.Store(false)
 	srv := asynq.NewServer(w.cfg.Redis.ConnOpt(), asynq.Config{
 		BaseContext:              func() context.Context { return w.base },
 		RetryDelayFunc:           retryDelay,
@@ -305,6 +310,7 @@ func (w *Worker) Stop() {
 	if !w.started {
 		return
 	}
+	w.stopping.Store(true)
 	w.stopExpiry()
 	w.stopSweep()
 	w.srv.Shutdown()
