@@ -505,7 +505,7 @@ func deleteClosesCreate(t *testing.T, e *env, backend string) {
 	got, _ := e.waitTerminal(t, vm, terminalTimeout)
 	require.Equal(t, types.TaskFailed, got.State)
 	require.Contains(t, strings.ToLower(got.Error), "delet", "the create task's error names the deletion")
-	record(t, backend, "delete while create open", "create task failed naming the deletion", 0, got.Error)
+	record(t, backend, "delete while create open", "create task failed naming the deletion", 0, strings.ReplaceAll(got.Error, vm, "<vm>"))
 	w.AssertNoLeaks(vm)
 }
 
@@ -531,7 +531,7 @@ func deleteClosesExec(t *testing.T, e *env, backend string) {
 	r := caller.Wait(ctx)
 	t.Logf("waiting CLI: exit %d, stderr %q", r.code, r.stderr)
 	require.NotEqual(t, 0, r.code)
-	record(t, backend, "delete while exec open", "exec task failed naming the deletion; caller told", 0, got.Error)
+	record(t, backend, "delete while exec open", "exec task failed naming the deletion; caller told", 0, strings.ReplaceAll(got.Error, vm, "<vm>"))
 	w.AssertNoLeaks(vm)
 }
 
