@@ -142,7 +142,7 @@ func workerKillMidExec(t *testing.T, e *env, backend string) {
 	}
 	require.Equal(t, 1, m.Count(t, e, vm), "the command ran exactly once")
 	require.Less(t, recovery, recoveryBound)
-	record(t, backend, "worker kill -9 at exec.started, restart", "ran once; real exit code and output", recovery, fmt.Sprintf("CLI exit %d", r.code))
+	record(t, backend, "worker kill -9 at exec.started, restart", "ran once; real exit code and output", recovery, fmt.Sprintf("CLI exit %d; includes the rest of the command's 2 s", r.code))
 	e.deleteVM(t, vm)
 	w.AssertNoLeaks(vm)
 }
@@ -182,7 +182,7 @@ func workerTermMidExec(t *testing.T, e *env, backend string) {
 	// after it ended, which the restart cannot shorten.
 	recovery := at.Sub(restarted)
 	require.Less(t, recovery, recoveryBound)
-	record(t, backend, "worker SIGTERM at exec.started, drain timeout < command", "ran once; real result after restart", recovery, fmt.Sprintf("CLI exit %d", r.code))
+	record(t, backend, "worker SIGTERM at exec.started, drain timeout < command", "ran once; real result after restart", recovery, fmt.Sprintf("CLI exit %d; includes the rest of the command's 8 s", r.code))
 	e.deleteVM(t, vm)
 	w.AssertNoLeaks(vm)
 }
