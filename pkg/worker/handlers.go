@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -221,8 +222,10 @@ func (w *Worker) handleVMExecute(ctx context.Context, t *asynq.Task, log *slog.L
 	}
 	e, err := w.runCommand(ctx, log, p.VMID, id, "", p.Command, sio)
 	// The stream ends with the task's outcome: not after an attempt that
-	// will be retried, whose retry goes on with the output.
-	if out != nil && (err == nil || final(ctx, err)) {
+	// will be retried, whose retry goes on with the output. A cancelled
+	// task ends here too, so that its caller learns it at once.
+	cancelled := err != nil && ctx.Err() != nil && !interrupted(ctx, err)
+	if out != nil && (err == nil || cancelled || final(ctx, err)) {
 		exit := &queue.ExitInfo{}
 		if err != nil {
 			exit.Error = err.Error()
@@ -366,7 +369,15 @@ type outputStream struct {
 	ended bool
 	mu    sync.Mutex
 	skip  map[queue.OutputKind]int64
+	// broken is set when an append failed: Redis is down, and every later
+	// append would wait out its own dial retries, slowing the command's
+	// output (and its result) down for nothing. The reader learns the
+	// outcome from storage instead.
+	broken atomic.Bool
 }
+
+// appendTimeout bounds one append to the output stream.
+const appendTimeout = 2 * time.Second
 
 // openStream resumes task id's output stream where earlier attempts left
 // it.
@@ -406,8 +417,14 @@ func (s *outputStream) writer(kind queue.OutputKind) io.Writer {
 // append adds a chunk. A Redis hiccup must not kill the command: the full
 // record is stored anyway.
 func (s *outputStream) append(c queue.OutputChunk) {
-	if err := s.w.output.AppendOutput(context.Background(), s.id, c); err != nil {
-		s.w.log.Warn("streaming output", "task_id", s.id, "err", err)
+	if s.broken.Load() {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), appendTimeout)
+	defer cancel()
+	if err := s.w.output.AppendOutput(ctx, s.id, c); err != nil {
+		s.broken.Store(true)
+		s.w.log.Warn("streaming output failed; the rest of it is only stored", "task_id", s.id, "err", err)
 	}
 }
 
@@ -416,6 +433,10 @@ func (s *outputStream) end(ctx context.Context, log *slog.Logger, exit *queue.Ex
 	if s.ended {
 		return
 	}
+	// Tried even when the stream broke: Redis may be back, and a reader
+	// that still follows the stream ends at once.
+	ctx, cancel := context.WithTimeout(ctx, appendTimeout)
+	defer cancel()
 	if err := s.w.output.AppendOutput(ctx, s.id, queue.OutputChunk{Kind: queue.OutputExit, Exit: exit}); err != nil {
 		log.Warn("ending output stream", "err", err)
 	}

@@ -38,8 +38,10 @@ type queueRecovery interface {
 const sweeperLock = "aetherium-worker-sweeper"
 
 // lostGrace is how long a task row may be open before the sweeper asks
-// Asynq about it: the service records a task before it enqueues it.
-var lostGrace = 10 * time.Second
+// Asynq about it: the service records a task before it enqueues it. It can
+// be short: enqueueing a task Asynq already has is a no-op, so a sweep
+// that races a slow enqueue does no harm.
+var lostGrace = 2 * time.Second
 
 // sweepBatch bounds the tasks one sweep looks at.
 const sweepBatch = 200
