@@ -224,10 +224,14 @@ func (w *Worker) handleVMExecute(ctx context.Context, t *asynq.Task, log *slog.L
 	// The stream ends with the task's outcome: not after an attempt that
 	// will be retried, whose retry goes on with the output. A cancelled
 	// task ends here too, so that its caller learns it at once.
-	cancelled := err != nil && ctx.Err() != nil && !interrupted(ctx, err)
+	cancelled := err != nil && errors.Is(ctx.Err(), context.Canceled) && !interrupted(ctx, err)
 	if out != nil && (err == nil || cancelled || final(ctx, err)) {
 		exit := &queue.ExitInfo{}
-		if err != nil {
+		if cancelled {
+			// As the task's row says (service.CancelTask); the command
+			// was killed.
+			exit.Error = "cancelled"
+		} else if err != nil {
 			exit.Error = err.Error()
 		} else {
 			exit.ExitCode, exit.TimedOut = e.ExitCode, e.TimedOut
