@@ -24,22 +24,29 @@ const (
 	// recorded and finished by the owner when it returns, which also takes
 	// the VM back (running) if it still runs, or fails it.
 	VMLost VMState = "lost"
+	// VMPaused: its vCPUs are frozen; its VMM and memory stay.
+	VMPaused VMState = "paused"
+	// VMSuspended: its memory and device state are saved on its owner's
+	// disk and its VMM ended; resume restores it, memory intact.
+	VMSuspended VMState = "suspended"
 )
 
 // AllVMStates lists every state, in life-cycle order.
-var AllVMStates = []VMState{VMPending, VMCreating, VMRunning, VMStopping, VMStopped, VMDeleting, VMDeleted, VMFailed, VMLost}
+var AllVMStates = []VMState{VMPending, VMCreating, VMRunning, VMPaused, VMSuspended, VMStopping, VMStopped, VMDeleting, VMDeleted, VMFailed, VMLost}
 
 // vmTransitions is the one place the VM state machine is written down.
 var vmTransitions = map[VMState][]VMState{
-	VMPending:  {VMCreating, VMDeleting, VMFailed, VMLost},
-	VMCreating: {VMRunning, VMDeleting, VMFailed, VMLost},
-	VMRunning:  {VMStopping, VMDeleting, VMFailed, VMLost},
-	VMStopping: {VMStopped, VMDeleting, VMFailed, VMLost},
-	VMStopped:  {VMCreating, VMRunning, VMDeleting, VMFailed, VMLost},
-	VMDeleting: {VMDeleted, VMFailed},
-	VMFailed:   {VMDeleting},
-	VMLost:     {VMRunning, VMStopped, VMDeleting, VMFailed},
-	VMDeleted:  {},
+	VMPending:   {VMCreating, VMDeleting, VMFailed, VMLost},
+	VMCreating:  {VMRunning, VMDeleting, VMFailed, VMLost},
+	VMRunning:   {VMPaused, VMSuspended, VMStopping, VMDeleting, VMFailed, VMLost},
+	VMPaused:    {VMRunning, VMSuspended, VMStopping, VMDeleting, VMFailed, VMLost},
+	VMSuspended: {VMRunning, VMDeleting, VMFailed, VMLost},
+	VMStopping:  {VMStopped, VMDeleting, VMFailed, VMLost},
+	VMStopped:   {VMCreating, VMRunning, VMDeleting, VMFailed, VMLost},
+	VMDeleting:  {VMDeleted, VMFailed},
+	VMFailed:    {VMDeleting},
+	VMLost:      {VMRunning, VMPaused, VMSuspended, VMStopped, VMDeleting, VMFailed},
+	VMDeleted:   {},
 }
 
 // Valid reports whether s is a known state.
@@ -122,6 +129,11 @@ type VMSpec struct {
 	// Tools are the cached tool versions delivered read-only into the VM
 	// (see ToolSet for the delivery contract); nil: none.
 	Tools *ToolSet `json:",omitempty"`
+	// FromSnapshot, when set, is the directory of a snapshot this
+	// backend wrote (vmm.Snapshot.Dir): the VM is started by restoring
+	// it, with its own disk layer and identity, instead of booting. Set
+	// by the worker, never by users.
+	FromSnapshot string `json:",omitempty"`
 }
 
 // Network modes of a VM.

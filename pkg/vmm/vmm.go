@@ -30,6 +30,8 @@ type Capabilities struct {
 	// returns types.ErrNotSupported.
 	PauseResume bool `json:"pause_resume"`
 	Snapshot    bool `json:"snapshot"`
+	// Suspend reports Snapshotter.Suspend (and Resume of a suspended VM).
+	Suspend bool `json:"suspend"`
 	// Networking reports whether the backend can attach VMs to a network.
 	Networking bool `json:"networking"`
 }
@@ -164,40 +166,65 @@ type VMOrchestrator interface {
 	Close() error
 }
 
-// Snapshot is a full snapshot of a VM: its VMM state and its guest memory,
-// as host paths.
+// Snapshot describes a snapshot a backend wrote into a directory: a VM's
+// guest memory, its VMM's device state and its disk, frozen at one point.
+// The directory and everything in it belong to the caller (the worker
+// keeps them under its state directory and removes them when the snapshot
+// is deleted); the backend reads them again when a VM is started from the
+// snapshot (types.VMSpec.FromSnapshot = Dir).
 type Snapshot struct {
-	StatePath string `json:"state_path"`
-	MemPath   string `json:"mem_path"`
+	// Dir is the directory the snapshot was written into.
+	Dir string `json:"dir"`
+	// Provider is the backend that wrote it; only it can restore it.
+	Provider string `json:"provider"`
+	// Spec is the source VM's spec when the snapshot was taken: a VM
+	// started from the snapshot gets its vCPUs, memory and network mode.
+	Spec types.VMSpec `json:"spec"`
+	// SizeBytes is what the files in Dir take on disk.
+	SizeBytes int64 `json:"size_bytes"`
 }
 
-// Snapshotter is the optional interface of backends that can pause, resume
-// and snapshot VMs. Find it with AsSnapshotter, never by a type assertion
-// of your own, so that Capabilities stays the one description.
+// Snapshotter is the optional interface of backends that can pause,
+// suspend and snapshot VMs, and start VMs from snapshots. Find it with
+// AsSnapshotter, never by a type assertion of your own, so that
+// Capabilities stays the one description; a method whose capability is
+// false returns types.ErrNotSupported naming the backend.
+//
+// Every method is idempotent, and a crash or a cancelled ctx in the middle
+// leaves the VM in its state before the call or after it, which a retry
+// settles. A VM started from a snapshot (CreateVM with
+// types.VMSpec.FromSnapshot, then StartVM) gets its own disk layer over
+// the snapshot's frozen disk, never the snapshot's files, and its own
+// identity: StartVM restores it instead of booting and, before it
+// returns, gives the guest a new hostname (the spec's), machine-id, RNG
+// seed and the host's time, and its own MAC and address on a nat network.
 type Snapshotter interface {
-	// Pause freezes a running VM's vCPUs. Pausing a paused VM is a no-op.
-	// An unknown VM returns types.ErrNotFound, one that does not run
-	// types.ErrConflict. Cancelling ctx abandons the request; the VM is
-	// then paused or not, and a retry settles it.
+	// Pause freezes a running VM's vCPUs; its VMM and memory stay. Its
+	// status is then types.VMPaused. Pausing a paused VM is a no-op. An
+	// unknown VM returns types.ErrNotFound, one that is neither running
+	// nor paused types.ErrConflict. Capabilities().PauseResume.
 	Pause(ctx context.Context, id string) error
 
-	// Resume lets a paused VM run again. Resuming a running VM is a
-	// no-op; errors as for Pause.
+	// Resume lets a paused VM run again, or restores a suspended one in a
+	// new VMM from its saved state, memory intact (a process started
+	// before the suspend still runs), and returns once its agent answers,
+	// with the guest's clock stepped to the host's. Resuming a running VM
+	// is a no-op; errors as for Pause.
 	Resume(ctx context.Context, id string) error
 
-	// CreateSnapshot writes a full snapshot of a paused VM, replacing the
-	// VM's earlier one, and returns where it is. A VM that is not paused
-	// returns types.ErrConflict (pause it first, so that the snapshot is
-	// consistent). Calling it again takes a new snapshot; a cancelled one
-	// may leave a partial snapshot that the next call replaces.
-	CreateSnapshot(ctx context.Context, id string) (*Snapshot, error)
+	// Suspend saves a running or paused VM's memory and device state in
+	// its own directory and ends its VMM, freeing its memory. Its status
+	// is then types.VMSuspended, across restarts of the orchestrator;
+	// DeleteVM removes the saved state. Suspending a suspended VM is a
+	// no-op. Capabilities().Suspend.
+	Suspend(ctx context.Context, id string) error
 
-	// LoadSnapshot restores a stopped VM from snap in a fresh VMM and, when
-	// resume is set, resumes it and returns once its agent answers. A
-	// running VM returns types.ErrConflict; an unknown one
-	// types.ErrNotFound. If ctx ends, the new VMM is killed and the VM
-	// stays stopped.
-	LoadSnapshot(ctx context.Context, id string, snap Snapshot, resume bool) error
+	// Snapshot writes a snapshot of a running or paused VM into dir,
+	// which the caller made and which is empty: its memory, its device
+	// state and its disk as they are now. The VM is left as it was (a
+	// running VM is paused for the copy and resumed); its later disk
+	// writes no longer reach the snapshot. Capabilities().Snapshot.
+	Snapshot(ctx context.Context, id, dir string) (*Snapshot, error)
 }
 
 // AsSnapshotter returns o's Snapshotter when o has one and its
@@ -208,7 +235,7 @@ func AsSnapshotter(o VMOrchestrator) (s Snapshotter, ok bool) {
 	if !ok {
 		return nil, false
 	}
-	if c := o.Capabilities(); !c.PauseResume && !c.Snapshot {
+	if c := o.Capabilities(); !c.PauseResume && !c.Snapshot && !c.Suspend {
 		return nil, false
 	}
 	return s, true
