@@ -69,6 +69,17 @@ type OpenTaskFilter struct {
 	Limit         int // at most this many (0: all)
 }
 
+// SnapshotUpdate changes a snapshot. Nil fields are left as they are.
+type SnapshotUpdate struct {
+	State     *types.SnapshotState
+	Error     *string
+	Dir       *string
+	SizeBytes *int64
+	Owner     *string
+	Provider  *string
+	VMID      *string
+}
+
 // ExecutionStart records that the guest agent reported a command's start.
 type ExecutionStart struct {
 	ID        string // the execution's id
@@ -177,6 +188,24 @@ type Store interface {
 	// running, stopping or stopped to types.VMLost with msg as its error,
 	// in one statement, and returns the VMs it moved. Idempotent.
 	MarkOwnerVMsLost(ctx context.Context, owner, msg string) ([]*types.VM, error)
+	// CreateSnapshot inserts a snapshot or template. Its name must be
+	// unique among the live (not deleted) ones of its kind
+	// (types.ErrConflict otherwise).
+	CreateSnapshot(ctx context.Context, sn *types.Snapshot) error
+	// GetSnapshot returns a snapshot by id, or types.ErrNotFound.
+	GetSnapshot(ctx context.Context, id string) (*types.Snapshot, error)
+	// FindSnapshot returns the live snapshot of kind with name, or
+	// types.ErrNotFound.
+	FindSnapshot(ctx context.Context, kind types.SnapshotKind, name string) (*types.Snapshot, error)
+	// ListSnapshots returns the live snapshots of kind ("" for both) by
+	// name; tenant, when set, keeps only that tenant's.
+	ListSnapshots(ctx context.Context, kind types.SnapshotKind, tenant *string) ([]*types.Snapshot, error)
+	// UpdateSnapshot applies u and returns the snapshot as it then is.
+	UpdateSnapshot(ctx context.Context, id string, u SnapshotUpdate) (*types.Snapshot, error)
+	// ListSnapshotClones returns the VMs started from snapshot id that are
+	// not deleted.
+	ListSnapshotClones(ctx context.Context, id string) ([]*types.VM, error)
+
 	// RunExclusive runs fn unless another caller anywhere holds the lock
 	// named name, holding it while fn runs, and reports whether fn ran.
 	// The lock ends with fn or with the connection that holds it, so a

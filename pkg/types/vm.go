@@ -97,6 +97,9 @@ type VM struct {
 	// host, as recorded when it last booted; nil when the backend does not
 	// confine them (docker) or confinement is off.
 	Confinement *Confinement `json:"confinement,omitempty"`
+	// FromSnapshot is the id of the snapshot or template the VM was
+	// started from (empty for a VM that booted).
+	FromSnapshot string `json:"from_snapshot,omitempty"`
 
 	CreatedAt time.Time `json:"created_at"`
 	UpdatedAt time.Time `json:"updated_at"`

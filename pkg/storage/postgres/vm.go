@@ -15,7 +15,7 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
-const vmColumns = `id, name, vcpus, memory_mb, state, provider, owner, labels, env, error, created_at, updated_at, network, tenant, expires_at, confinement`
+const vmColumns = `id, name, vcpus, memory_mb, state, provider, owner, labels, env, error, created_at, updated_at, network, tenant, expires_at, confinement, from_snapshot`
 
 func scanVM(row pgx.Row) (*types.VM, error) {
 	var (
@@ -25,7 +25,7 @@ func scanVM(row pgx.Row) (*types.VM, error) {
 		conf        *string
 	)
 	err := row.Scan(&v.ID, &v.Name, &v.VCPUs, &v.MemoryMB, &state, &v.Provider, &v.Owner,
-		&labels, &env, &v.Error, &v.CreatedAt, &v.UpdatedAt, &v.Network, &v.Tenant, &v.ExpiresAt, &conf)
+		&labels, &env, &v.Error, &v.CreatedAt, &v.UpdatedAt, &v.Network, &v.Tenant, &v.ExpiresAt, &conf, &v.FromSnapshot)
 	if err != nil {
 		return nil, err
 	}
@@ -104,9 +104,9 @@ func (s *Store) insertVM(ctx context.Context, db execer, vm *types.VM) error {
 	}
 	stamp(&vm.CreatedAt, &vm.UpdatedAt)
 	_, err = db.Exec(ctx, `INSERT INTO vms (`+vmColumns+`)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)`,
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)`,
 		vm.ID, vm.Name, vm.VCPUs, vm.MemoryMB, string(vm.State), vm.Provider, vm.Owner,
-		labels, env, vm.Error, vm.CreatedAt, vm.UpdatedAt, cmp.Or(vm.Network, types.NetworkNone), vm.Tenant, vm.ExpiresAt, conf)
+		labels, env, vm.Error, vm.CreatedAt, vm.UpdatedAt, cmp.Or(vm.Network, types.NetworkNone), vm.Tenant, vm.ExpiresAt, conf, vm.FromSnapshot)
 	if err != nil {
 		return s.fail(err, "creating vm %s (name %q)", vm.ID, vm.Name)
 	}
@@ -321,7 +321,7 @@ func (s *Store) ClaimVM(ctx context.Context, id string, c storage.Claim) (*types
 
 // lostFrom are the states a VM leaves for types.VMLost when its owner dies.
 var lostFrom = []string{string(types.VMPending), string(types.VMCreating), string(types.VMRunning),
-	string(types.VMStopping), string(types.VMStopped)}
+	string(types.VMPaused), string(types.VMSuspended), string(types.VMStopping), string(types.VMStopped)}
 
 // MarkOwnerVMsLost is one UPDATE over the owner's VMs in lostFrom.
 func (s *Store) MarkOwnerVMsLost(ctx context.Context, owner, msg string) ([]*types.VM, error) {

@@ -78,6 +78,7 @@ func Run(t *testing.T, newStore func(t *testing.T) storage.Store) {
 		{"ExecutionStarts", testExecutionStarts},
 		{"MarkOwnerVMsLost", testMarkOwnerVMsLost},
 		{"RunExclusive", testRunExclusive},
+		{"Snapshots", testSnapshots},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -1581,7 +1582,7 @@ func testMarkOwnerVMsLost(t *testing.T, s storage.Store) {
 		_, err := s.ClaimVM(ctx, vm.ID, storage.Claim{Owner: owner, Provider: "docker"})
 		require.NoError(t, err)
 		switch st {
-		case types.VMPending, types.VMCreating, types.VMRunning, types.VMStopping, types.VMStopped:
+		case types.VMPending, types.VMCreating, types.VMRunning, types.VMPaused, types.VMSuspended, types.VMStopping, types.VMStopped:
 			want[vm.ID] = true // a VM already lost, failed or on its way out stays as it is
 		}
 	}
@@ -1644,4 +1645,70 @@ func testRunExclusive(t *testing.T, s storage.Store) {
 	ran, err = s.RunExclusive(ctx, name, func(context.Context) error { return boom })
 	require.True(t, ran)
 	require.ErrorIs(t, err, boom)
+}
+
+func testSnapshots(t *testing.T, s storage.Store) {
+	ctx := t.Context()
+	name := newID("snap")
+	sn := &types.Snapshot{ID: newID("snapid"), Name: name, Kind: types.KindSnapshot, VMID: "vm-1", Owner: "w1",
+		VCPUs: 1, MemoryMB: 256, Tools: []string{"node@22"}, Env: map[string]string{"A": "b"}, Tenant: "t1"}
+	require.NoError(t, s.CreateSnapshot(ctx, sn))
+	require.Equal(t, types.SnapshotCreating, sn.State)
+	got, err := s.GetSnapshot(ctx, sn.ID)
+	require.NoError(t, err)
+	require.Equal(t, []string{"node@22"}, got.Tools)
+	require.Equal(t, "b", got.Env["A"])
+	require.Equal(t, types.NetworkNone, got.Network)
+
+	// One live name per kind; a template may share a snapshot's name.
+	clash := *sn
+	clash.ID = newID("snapid")
+	require.ErrorIs(t, s.CreateSnapshot(ctx, &clash), types.ErrConflict)
+	tpl := clash
+	tpl.Kind = types.KindTemplate
+	require.NoError(t, s.CreateSnapshot(ctx, &tpl))
+	require.ErrorIs(t, s.CreateSnapshot(ctx, &types.Snapshot{ID: newID("x"), Name: "bad name!", Kind: types.KindSnapshot, VCPUs: 1, MemoryMB: 128}), types.ErrInvalid)
+
+	found, err := s.FindSnapshot(ctx, types.KindTemplate, name)
+	require.NoError(t, err)
+	require.Equal(t, tpl.ID, found.ID)
+	_, err = s.FindSnapshot(ctx, types.KindSnapshot, newID("none"))
+	require.ErrorIs(t, err, types.ErrNotFound)
+
+	ready, dir, size := types.SnapshotReady, "/var/lib/x", int64(42)
+	u, err := s.UpdateSnapshot(ctx, sn.ID, storage.SnapshotUpdate{State: &ready, Dir: &dir, SizeBytes: &size})
+	require.NoError(t, err)
+	require.Equal(t, types.SnapshotReady, u.State)
+	require.Equal(t, dir, u.Dir)
+	require.Equal(t, size, u.SizeBytes)
+	_, err = s.UpdateSnapshot(ctx, newID("none"), storage.SnapshotUpdate{State: &ready})
+	require.ErrorIs(t, err, types.ErrNotFound)
+
+	tenant := "t1"
+	list, err := s.ListSnapshots(ctx, types.KindSnapshot, &tenant)
+	require.NoError(t, err)
+	require.Contains(t, ids(list, func(x *types.Snapshot) string { return x.ID }), sn.ID)
+	require.NotContains(t, ids(list, func(x *types.Snapshot) string { return x.ID }), tpl.ID)
+
+	// Clones are the live VMs started from it.
+	clone := newVM(newID("clone"), types.VMRunning)
+	clone.FromSnapshot = sn.ID
+	require.NoError(t, s.CreateVM(ctx, clone))
+	clones, err := s.ListSnapshotClones(ctx, sn.ID)
+	require.NoError(t, err)
+	require.Equal(t, []string{clone.ID}, ids(clones, vmID))
+	_, err = s.UpdateVMState(ctx, clone.ID, types.VMDeleting, "")
+	require.NoError(t, err)
+	_, err = s.UpdateVMState(ctx, clone.ID, types.VMDeleted, "")
+	require.NoError(t, err)
+	clones, err = s.ListSnapshotClones(ctx, sn.ID)
+	require.NoError(t, err)
+	require.Empty(t, clones)
+
+	// A deleted snapshot frees its name.
+	gone := types.SnapshotDeleted
+	_, err = s.UpdateSnapshot(ctx, sn.ID, storage.SnapshotUpdate{State: &gone})
+	require.NoError(t, err)
+	clash.ID = newID("snapid")
+	require.NoError(t, s.CreateSnapshot(ctx, &clash))
 }
