@@ -370,6 +370,16 @@ func (m *Mise) seal(e Entry) error {
 // versions (http) answer nothing; then the version asked for is taken as
 // it is, and must therefore be exact.
 func (m *Mise) resolve(ctx context.Context, s Spec) (string, error) {
+	// mise keeps each tool's version list in one cache file, which two
+	// concurrent `mise latest` of the same tool write and remove under
+	// each other ("failed rm: .../remote_versions-N.msgpack.z"): one
+	// resolve per tool at a time, across processes.
+	sum := sha256.Sum256([]byte(s.Tool()))
+	release, err := lockFile(ctx, m.layout.lockFile(".resolve-"+hex.EncodeToString(sum[:8])), true)
+	if err != nil {
+		return "", fmt.Errorf("resolving %s: %w", s, err)
+	}
+	defer release()
 	out, err := m.run(ctx, m.layout.miseDir("resolve"), "latest", s.String())
 	if err != nil {
 		return "", fmt.Errorf("resolving %s: %w", s, err)
