@@ -3,16 +3,11 @@ package firecracker
 import (
 	"context"
 	"fmt"
-	"path/filepath"
 
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
 	"github.com/aetherium/aetherium-core/pkg/vmm/internal/vmutil"
 )
-
-// Snapshot is a full snapshot of a VM: the microVM state and the guest
-// memory, as host paths.
-type Snapshot = vmm.Snapshot
 
 // The snapshot methods are reached through vmm.AsSnapshotter.
 var _ vmm.Snapshotter = (*Orchestrator)(nil)
@@ -73,97 +68,16 @@ func (o *Orchestrator) liveInstance(ctx context.Context, id string) (*InstanceIn
 	return info, c, nil
 }
 
-// CreateSnapshot writes a full snapshot of a paused VM into its run
-// directory (its jail, with the jailer), replacing an earlier one, and
-// returns where. A running VM returns types.ErrConflict: pause it first, so
-// that the snapshot is consistent and the caller decides when the guest
-// stops.
-func (o *Orchestrator) CreateSnapshot(ctx context.Context, id string) (*Snapshot, error) {
-	unlock, err := o.enter(ctx, id)
-	if err != nil {
-		return nil, err
-	}
-	defer unlock()
-	info, c, err := o.liveInstance(ctx, id)
-	if err != nil {
-		return nil, err
-	}
-	if info.State != InstancePaused {
-		return nil, fmt.Errorf("%w: vm %s is running; pause it before taking a snapshot", types.ErrConflict, id)
-	}
-	p := o.cfg.paths(id)
-	if err := c.CreateSnapshot(ctx, SnapshotCreateParams{
-		MemFilePath:  p.vmm(snapMemName),
-		SnapshotPath: p.vmm(snapStateName),
-		SnapshotType: "Full",
-	}); err != nil {
-		return nil, fmt.Errorf("snapshotting vm %s: %w", id, err)
-	}
-	o.log.Info("created snapshot", "vm_id", id)
-	return &Snapshot{StatePath: p.host(snapStateName), MemPath: p.host(snapMemName)}, nil
+// Suspend is not built yet for this backend (issue 12, next commits):
+// Capabilities().Suspend is false and it returns types.ErrNotSupported.
+func (o *Orchestrator) Suspend(ctx context.Context, id string) error {
+	return fmt.Errorf("%w: suspend is not supported by the firecracker backend yet", types.ErrNotSupported)
 }
 
-// LoadSnapshot restores a stopped VM from snap in a fresh Firecracker
-// process, pointing its vsock at this VM's socket, and resumes it when
-// resume is set (then it returns once the agent answers). The snapshot
-// refers to the rootfs by the path it had when taken, so restore a VM's
-// own snapshots. A running VM returns types.ErrConflict.
-func (o *Orchestrator) LoadSnapshot(ctx context.Context, id string, snap Snapshot, resume bool) error {
-	unlock, err := o.enter(ctx, id)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	if o.running(id) != nil {
-		return fmt.Errorf("%w: vm %s runs; stop it before loading a snapshot", types.ErrConflict, id)
-	}
-	rec, err := o.readRecord(id)
-	if err != nil {
-		return err
-	}
-	p := o.cfg.paths(id)
-	statePath, memPath := snap.StatePath, snap.MemPath
-	if p.jailed {
-		// The jailed VMM sees only its root.
-		for _, f := range []struct{ src, name string }{{snap.StatePath, snapStateName}, {snap.MemPath, snapMemName}} {
-			if filepath.Clean(f.src) != p.host(f.name) {
-				if _, err := linkOrCopy(f.src, p.host(f.name)); err != nil {
-					return fmt.Errorf("loading a snapshot into vm %s: %w", id, err)
-				}
-			}
-		}
-		statePath, memPath = p.vmm(snapStateName), p.vmm(snapMemName)
-	}
-	pr, c, err := o.spawn(ctx, id, p, rec)
-	if err != nil {
-		return err
-	}
-	load := func() error {
-		if err := c.PutLogger(ctx, Logger{LogPath: p.vmm(logName), Level: o.cfg.LogLevel, ShowLevel: true}); err != nil {
-			return err
-		}
-		if err := c.PutMetrics(ctx, Metrics{MetricsPath: p.vmm(metricsName)}); err != nil {
-			return err
-		}
-		return c.LoadSnapshot(ctx, SnapshotLoadParams{
-			SnapshotPath:  statePath,
-			MemBackend:    &MemoryBackend{BackendType: "File", BackendPath: memPath},
-			ResumeVM:      resume,
-			VsockOverride: &VsockOverride{UDSPath: p.vmm(vsockSockName)},
-		})
-	}
-	if err := load(); err != nil {
-		o.kill(context.WithoutCancel(ctx), id, pr)
-		return fmt.Errorf("loading a snapshot into vm %s: %w", id, err)
-	}
-	o.log.Info("loaded snapshot", "vm_id", id, "resumed", resume)
-	if resume {
-		if err := o.waitAgent(ctx, id, p, pr); err != nil {
-			o.kill(context.WithoutCancel(ctx), id, pr)
-			return err
-		}
-	}
-	return o.markRunning(id)
+// Snapshot is not built yet for this backend (issue 12, next commits):
+// Capabilities().Snapshot is false and it returns types.ErrNotSupported.
+func (o *Orchestrator) Snapshot(ctx context.Context, id, dir string) (*vmm.Snapshot, error) {
+	return nil, fmt.Errorf("%w: snapshots are not supported by the firecracker backend yet", types.ErrNotSupported)
 }
 
 // enter is the life-cycle prologue (vmutil.Enter) of the snapshot steps.
