@@ -89,6 +89,9 @@ type VMCreatePayload struct {
 	// Tools are the mise tool specs to install and deliver (validated by
 	// the service).
 	Tools []string `json:"tools,omitempty"`
+	// FromSnapshot is the id of the snapshot or template the VM starts
+	// from (restored, not booted); the task is in its owner's queue.
+	FromSnapshot string `json:"from_snapshot,omitempty"`
 	// DefaultNetwork says that the creator left the VM's network mode to
 	// the worker, which records its own default when it claims the VM (it
 	// depends on the worker's backend and configuration, which the service
@@ -132,6 +135,78 @@ type ToolsInstallPayload struct {
 	VMID string `json:"vm_id"`
 	// Specs are mise tool specs (validated by the service).
 	Specs []string `json:"specs"`
+}
+
+// VMOpPayload asks the VM's owner to pause, resume or suspend it.
+type VMOpPayload struct {
+	VMID string `json:"vm_id"`
+}
+
+// VMSnapshotPayload asks the VM's owner to snapshot it into the recorded
+// snapshot SnapshotID.
+type VMSnapshotPayload struct {
+	VMID       string `json:"vm_id"`
+	SnapshotID string `json:"snapshot_id"`
+}
+
+// SnapshotDeletePayload asks the owner of a snapshot or template to remove
+// its files.
+type SnapshotDeletePayload struct {
+	SnapshotID string `json:"snapshot_id"`
+}
+
+// TemplateBuildPayload asks a worker to build template SnapshotID: create
+// its builder VM VMID, run its setup, snapshot it, remove the VM.
+type TemplateBuildPayload struct {
+	SnapshotID string `json:"snapshot_id"`
+	VMID       string `json:"vm_id"`
+	// DefaultNetwork: as VMCreatePayload's.
+	DefaultNetwork bool `json:"default_network,omitempty"`
+}
+
+func (p VMOpPayload) vmID() string           { return p.VMID }
+func (p VMSnapshotPayload) vmID() string     { return p.VMID }
+func (p SnapshotDeletePayload) vmID() string { return "" }
+func (p TemplateBuildPayload) vmID() string  { return p.VMID }
+func (p VMOpPayload) validate() error        { return nil }
+func (p VMSnapshotPayload) validate() error  { return needSnapshot(p.SnapshotID) }
+func (p TemplateBuildPayload) validate() error {
+	return needSnapshot(p.SnapshotID)
+}
+func (p SnapshotDeletePayload) validate() error { return needSnapshot(p.SnapshotID) }
+
+// vmless marks payloads of tasks that concern no VM.
+func (p SnapshotDeletePayload) vmless() {}
+
+func needSnapshot(id string) error {
+	if id == "" {
+		return fmt.Errorf("%w: snapshot_id is empty", types.ErrInvalid)
+	}
+	return nil
+}
+
+// NewVMOpTask builds a vm:pause, vm:resume or vm:suspend task.
+func NewVMOpTask(id string, typ types.TaskType, p VMOpPayload) (*types.Task, error) {
+	switch typ {
+	case types.TaskVMPause, types.TaskVMResume, types.TaskVMSuspend:
+		return newTask(id, typ, p)
+	}
+	return nil, fmt.Errorf("%w: %s is not a vm pause, resume or suspend task", types.ErrInvalid, typ)
+}
+
+// NewVMSnapshotTask builds a vm:snapshot task.
+func NewVMSnapshotTask(id string, p VMSnapshotPayload) (*types.Task, error) {
+	return newTask(id, types.TaskVMSnapshot, p)
+}
+
+// NewSnapshotDeleteTask builds a snapshot:delete task.
+func NewSnapshotDeleteTask(id string, p SnapshotDeletePayload) (*types.Task, error) {
+	return newTask(id, types.TaskSnapshotDelete, p)
+}
+
+// NewTemplateBuildTask builds a template:build task.
+func NewTemplateBuildTask(id string, p TemplateBuildPayload) (*types.Task, error) {
+	return newTask(id, types.TaskTemplateBuild, p)
 }
 
 // Payload is implemented by every payload type.
@@ -198,6 +273,9 @@ func newTask(id string, typ types.TaskType, p Payload) (*types.Task, error) {
 }
 
 func checkPayload(p Payload) error {
+	if _, ok := p.(interface{ vmless() }); ok {
+		return p.validate()
+	}
 	if p.vmID() == "" {
 		return fmt.Errorf("%w: vm_id is empty", types.ErrInvalid)
 	}

@@ -114,6 +114,13 @@ type CreateVMOptions struct {
 	// returns types.ErrInvalid naming it; an install that fails fails the
 	// VM with mise's reason.
 	Tools []string
+	// FromSnapshot (a snapshot's name or id) or Template (a template's
+	// name) starts the VM by restoring that snapshot instead of booting:
+	// it gets the snapshot's memory, disk, size, network mode and tools,
+	// with its own identity. VCPUs and MemoryMB may be left zero; given,
+	// they must match. Tools must be empty. At most one of the two.
+	FromSnapshot string
+	Template     string
 }
 
 func (s *Service) CreateVMTask(ctx context.Context, name string, vcpus, memoryMB int) (uuid.UUID, error) {
@@ -121,6 +128,10 @@ func (s *Service) CreateVMTask(ctx context.Context, name string, vcpus, memoryMB
 }
 
 func (s *Service) CreateVMTaskWithOptions(ctx context.Context, o CreateVMOptions) (uuid.UUID, error) {
+	from, err := s.cloneSource(ctx, &o)
+	if err != nil {
+		return uuid.Nil, err
+	}
 	id := uuid.New()
 	// Left to the worker, the mode is decided when it claims the VM; the
 	// row holds none until then.
@@ -142,6 +153,13 @@ func (s *Service) CreateVMTaskWithOptions(ctx context.Context, o CreateVMOptions
 	// backend it really runs on, which this process cannot know.
 	vm := &types.VM{ID: spec.ID, Name: o.Name, VCPUs: o.VCPUs, MemoryMB: o.MemoryMB, State: types.VMPending,
 		Labels: o.Labels, Env: o.Env, Network: network, Tenant: sc.Tenant, CreatedAt: now, UpdatedAt: now}
+	createQueue := queue.SharedQueue
+	payload := queue.VMCreatePayload{VMID: vm.ID, Tools: o.Tools, DefaultNetwork: workerNetwork}
+	if from != nil {
+		// Only the worker holding the snapshot's files can restore it.
+		vm.FromSnapshot, createQueue = from.ID, queue.WorkerQueue(from.Owner)
+		payload.FromSnapshot, payload.DefaultNetwork = from.ID, false
+	}
 	if o.TTL > 0 {
 		exp := now.Add(o.TTL)
 		vm.ExpiresAt = &exp
@@ -152,9 +170,9 @@ func (s *Service) CreateVMTaskWithOptions(ctx context.Context, o CreateVMOptions
 		}
 		return uuid.Nil, fmt.Errorf("recording vm %s: %w", o.Name, err)
 	}
-	t, err := queue.NewVMCreateTask(id.String(), queue.VMCreatePayload{VMID: vm.ID, Tools: o.Tools, DefaultNetwork: workerNetwork})
+	t, err := queue.NewVMCreateTask(id.String(), payload)
 	if err == nil {
-		err = s.submit(ctx, t, queue.EnqueueOptions{Queue: queue.SharedQueue, MaxRetry: createMaxRetry, Timeout: createTimeout})
+		err = s.submit(ctx, t, queue.EnqueueOptions{Queue: createQueue, MaxRetry: createMaxRetry, Timeout: createTimeout})
 	}
 	if err != nil {
 		// Nothing exists outside the database yet: retire the row so no
@@ -356,6 +374,8 @@ func (s *Service) runningVM(ctx context.Context, vmID, what string) (*types.VM, 
 		return vm, nil
 	case types.VMStopped:
 		return nil, fmt.Errorf("%w: cannot %s vm %s: it is stopped; start it with `aether-cli vm start %s`", types.ErrConflict, what, vm.ID, vm.ID)
+	case types.VMPaused, types.VMSuspended:
+		return nil, fmt.Errorf("%w: cannot %s vm %s: it is %s; resume it with `aether-cli vm resume %s`", types.ErrConflict, what, vm.ID, vm.State, vm.ID)
 	case types.VMDeleted, types.VMDeleting:
 		return nil, fmt.Errorf("%w: cannot %s vm %s: it is %s; create a new one with `aether-cli vm create`", types.ErrConflict, what, vm.ID, vm.State)
 	case types.VMFailed:

@@ -16,6 +16,13 @@ const (
 	TaskVMStop    TaskType = "vm:stop"
 	TaskVMStart   TaskType = "vm:start"
 	TaskJobRun    TaskType = "job:run"
+
+	TaskVMPause        TaskType = "vm:pause"
+	TaskVMResume       TaskType = "vm:resume"
+	TaskVMSuspend      TaskType = "vm:suspend"
+	TaskVMSnapshot     TaskType = "vm:snapshot"
+	TaskSnapshotDelete TaskType = "snapshot:delete"
+	TaskTemplateBuild  TaskType = "template:build"
 )
 
 // TaskState is where a task is in its life.

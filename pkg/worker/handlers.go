@@ -84,19 +84,36 @@ func (w *Worker) handleVMCreate(ctx context.Context, t *asynq.Task, log *slog.Lo
 			return map[string]any{"vm_id": vm.ID}, nil
 		}
 	}
+	if err := w.createVM(ctx, log, vm, p); err != nil {
+		return nil, err
+	}
+	return map[string]any{"vm_id": vm.ID}, nil
+}
+
+// createVM claims a stored VM, creates and starts it in the backend (by
+// restoring p.FromSnapshot when set) and marks it running. On the last
+// failed attempt what the backend made is removed and the VM marked
+// failed.
+func (w *Worker) createVM(ctx context.Context, log *slog.Logger, vm *types.VM, p queue.VMCreatePayload) error {
 	claim := storage.Claim{Owner: w.cfg.ID, Provider: w.cfg.Provider}
 	if p.DefaultNetwork {
 		claim.Network = w.defaultNetwork
 	}
-	if vm, err = w.store.ClaimVM(ctx, vm.ID, claim); err != nil {
-		return nil, err
+	vm, err := w.store.ClaimVM(ctx, vm.ID, claim)
+	if err != nil {
+		return err
 	}
 	if err := w.setState(ctx, vm.ID, types.VMCreating, ""); err != nil {
-		return nil, err
+		return err
 	}
 	start := time.Now()
 	spec := vm.Spec()
-	if spec.Tools, err = w.createTools(ctx, log, vm.ID, p.Tools); err == nil {
+	if p.FromSnapshot != "" {
+		spec.FromSnapshot, err = w.snapshotDir(ctx, p.FromSnapshot)
+	} else {
+		spec.Tools, err = w.createTools(ctx, log, vm.ID, p.Tools)
+	}
+	if err == nil {
 		err = w.createAndStart(ctx, spec)
 	}
 	if err == nil {
@@ -106,15 +123,15 @@ func (w *Worker) handleVMCreate(ctx context.Context, t *asynq.Task, log *slog.Lo
 		if final(ctx, err) {
 			w.discard(context.WithoutCancel(ctx), log, vm.ID, err)
 		}
-		return nil, err
+		return err
 	}
 	if err := w.setState(ctx, vm.ID, types.VMRunning, ""); err != nil {
-		return nil, w.raceLost(ctx, log, vm.ID, err)
+		return w.raceLost(ctx, log, vm.ID, err)
 	}
 	w.metrics.vmCreate.WithLabelValues(w.cfg.Provider).Observe(since(vm.CreatedAt))
 	w.recordConfinement(ctx, log, vm.ID)
-	log.Info("vm running", "took", time.Since(start))
-	return map[string]any{"vm_id": vm.ID}, nil
+	log.Info("vm running", "took", time.Since(start), "from_snapshot", p.FromSnapshot)
+	return nil
 }
 
 // handedOn is the outcome of an attempt that passed its task on to another

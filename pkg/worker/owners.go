@@ -85,6 +85,8 @@ func (w *Worker) adoptLost(ctx context.Context, seen map[string]vmm.VMStatus) er
 			switch st.State {
 			case types.VMRunning:
 				to, detail = types.VMRunning, ""
+			case types.VMPaused, types.VMSuspended:
+				to, detail = st.State, ""
 			case types.VMStopped:
 				// Stopped before its worker went away (or while): it
 				// is still whole, and can be started again.

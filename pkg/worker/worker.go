@@ -53,6 +53,10 @@ type Config struct {
 	// that the VMs it owns still run (a VM whose VMM crashed or was killed
 	// is recorded as failed). Default 5s.
 	HeartbeatInterval time.Duration
+	// SnapshotDir is where the worker keeps the files of the snapshots and
+	// templates it takes, a directory per snapshot. Empty: snapshots and
+	// templates fail with types.ErrNotSupported saying to set it.
+	SnapshotDir string
 	// DeadAfter is how long a worker may go without a heartbeat before the
 	// VMs it owns are marked types.VMLost and its queued tasks failed (by
 	// whichever live worker holds the sweeper lock). Default 60s.
@@ -221,6 +225,12 @@ func (w *Worker) Mux() *asynq.ServeMux {
 	mux.Handle(string(types.TaskVMStart), taskHandler(w.handleVMStart))
 	mux.Handle(string(types.TaskJobRun), taskHandler(w.handleJobRun))
 	mux.Handle(string(types.TaskToolsInstall), taskHandler(w.handleToolsInstall))
+	for _, op := range []types.TaskType{types.TaskVMPause, types.TaskVMResume, types.TaskVMSuspend} {
+		mux.Handle(string(op), taskHandler(w.handleVMOp))
+	}
+	mux.Handle(string(types.TaskVMSnapshot), taskHandler(w.handleVMSnapshot))
+	mux.Handle(string(types.TaskSnapshotDelete), taskHandler(w.handleSnapshotDelete))
+	mux.Handle(string(types.TaskTemplateBuild), taskHandler(w.handleTemplateBuild))
 	return mux
 }
 
@@ -240,6 +250,9 @@ func (w *Worker) Start(ctx context.Context) error {
 	}
 	if err := w.Reconcile(ctx); err != nil {
 		return fmt.Errorf("reconciling: %w", err)
+	}
+	if err := w.reconcileSnapshots(ctx); err != nil {
+		return fmt.Errorf("reconciling snapshots: %w", err)
 	}
 	// Before the task server starts: its recoverer, which runs at once,
 	// then retries what the previous run of this worker was running.
@@ -390,6 +403,14 @@ func (w *Worker) checkRunning(ctx context.Context, seen map[string]vmm.VMStatus)
 			}
 		}
 		if st != nil && st.State == types.VMRunning {
+			continue
+		}
+		if st != nil && (st.State == types.VMPaused || st.State == types.VMSuspended) {
+			// A pause or suspend went through but its worker died before
+			// recording it: the backend is right.
+			if _, err := w.store.UpdateOwnedVMState(ctx, vm.ID, w.cfg.ID, types.VMRunning, st.State, ""); err != nil {
+				w.log.Warn("recording a vm's state as the backend has it", "vm_id", vm.ID, "state", st.State, "err", err)
+			}
 			continue
 		}
 		detail := "the backend no longer has the vm; delete it"
