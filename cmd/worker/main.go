@@ -71,6 +71,7 @@ func run() error {
 		ShutdownTimeout:   cfg.Worker.ShutdownTimeout,
 		HeartbeatInterval: cfg.Worker.HeartbeatInterval,
 		DeadAfter:         cfg.Worker.DeadAfter,
+		SnapshotDir:       cfg.Worker.SnapshotDir,
 		MaxOutputBytes:    cfg.VMM.MaxOutputBytes,
 		DataListen:        cfg.Worker.DataListen,
 		DataAdvertise:     cfg.Worker.DataAdvertise,

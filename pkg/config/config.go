@@ -224,6 +224,9 @@ type Worker struct {
 	// unhealthy. The API and CLI use it too (it is checked when a call
 	// arrives). Must be longer than heartbeat_interval. Default 60s.
 	DeadAfter time.Duration `yaml:"dead_after"`
+	// SnapshotDir is where the worker keeps the files of its snapshots
+	// and templates. Default /var/lib/aetherium/snapshots.
+	SnapshotDir string `yaml:"snapshot_dir"`
 	// ReadyFile, when set, is written once the worker serves tasks (used by
 	// `make up` to know the worker is ready).
 	ReadyFile string `yaml:"ready_file"`
@@ -377,6 +380,7 @@ func (c *Config) setDefaults() {
 	c.Worker.ShutdownTimeout = cmp.Or(c.Worker.ShutdownTimeout, 30*time.Second)
 	c.Worker.HeartbeatInterval = cmp.Or(c.Worker.HeartbeatInterval, 5*time.Second)
 	c.Worker.DeadAfter = cmp.Or(c.Worker.DeadAfter, DeadAfterDefault)
+	c.Worker.SnapshotDir = cmp.Or(c.Worker.SnapshotDir, "/var/lib/aetherium/snapshots")
 	c.Worker.DataListen = cmp.Or(c.Worker.DataListen, "127.0.0.1:9465")
 	c.Worker.MetricsListen = cmp.Or(c.Worker.MetricsListen, "127.0.0.1:9464")
 	c.Worker.ExpiryInterval = cmp.Or(c.Worker.ExpiryInterval, time.Second)

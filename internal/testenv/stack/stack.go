@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -52,6 +53,9 @@ type Stack struct {
 	Token string
 
 	opts Options
+	// snapDirs are the workers' snapshot directories (snapshotDir).
+	snapMu   sync.Mutex
+	snapDirs map[string]string
 }
 
 // Options tune a stack.
@@ -172,7 +176,7 @@ func (s *Stack) NewWorker(t testing.TB, id string) *worker.Worker {
 	w, err := worker.New(worker.Config{ID: id, Provider: s.Provider, Redis: queue.RedisConfig{Addr: s.RedisAddr},
 		TaskCheckInterval: s.opts.TaskCheckInterval, MaxOutputBytes: s.opts.MaxOutputBytes, ShutdownTimeout: 20 * time.Second,
 		HeartbeatInterval: time.Second, DataListen: "127.0.0.1:0", ClusterToken: s.Token, MetricsListen: "127.0.0.1:0",
-		Tools: s.opts.Tools, Logger: logger(t)}, s.Store, orch, s.Queue, s.Queue)
+		Tools: s.opts.Tools, SnapshotDir: s.snapshotDir(id), Logger: logger(t)}, s.Store, orch, s.Queue, s.Queue)
 	require.NoError(t, err)
 	s.Workers[id] = w
 	t.Cleanup(w.Stop)
@@ -220,4 +224,20 @@ cluster:
 	path := filepath.Join(t.TempDir(), "aetherium.yaml")
 	require.NoError(t, os.WriteFile(path, []byte(body), 0o600))
 	return path
+}
+
+// snapshotDir is worker id's snapshot directory, the same for every
+// incarnation of the worker in one stack (as on a host).
+func (s *Stack) snapshotDir(id string) string {
+	s.snapMu.Lock()
+	defer s.snapMu.Unlock()
+	if s.snapDirs == nil {
+		s.snapDirs = map[string]string{}
+	}
+	if d, ok := s.snapDirs[id]; ok {
+		return d
+	}
+	d := filepath.Join(s.t.TempDir(), "snapshots-"+id)
+	s.snapDirs[id] = d
+	return d
 }
