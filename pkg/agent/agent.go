@@ -47,7 +47,9 @@ const DefaultVsockPort = bootparams.AgentPort
 //	5: ExecStart.execution_id and reattach_only (the execution journal,
 //	   ExecResponse.reattached), and killing a command kills every
 //	   process it started (ExecTokenEnv).
-const protocolRevision = 5
+//	6: SetIdentity (clone identity: clock, RNG reseed, hostname,
+//	   machine-id, network).
+const protocolRevision = 6
 
 // protocolFileUser is the first revision that honours WriteFileHeader.user.
 const protocolFileUser = 2
@@ -62,6 +64,9 @@ const protocolTools = 4
 // protocolExecJournal is the first revision that journals executions by
 // ExecStart.execution_id and kills a command's whole process tree.
 const protocolExecJournal = 5
+
+// protocolIdentity is the first revision with SetIdentity.
+const protocolIdentity = 6
 
 // chunkSize bounds every data message (output, file content, stdin): small
 // enough to stream promptly, large enough to keep per-message cost low.

@@ -72,6 +72,10 @@ type Server struct {
 	procs   *procTable
 	tools   *toolRegistry
 	journal *execJournal
+	// idsys is what SetIdentity acts on; identityMu keeps two calls from
+	// interleaving their effects.
+	idsys      identitySys
+	identityMu sync.Mutex
 
 	// stopping is cancelled by Stop; it kills every running command.
 	stopping context.Context
@@ -99,6 +103,7 @@ func NewServer(cfg ServerConfig) *Server {
 		self:    selfIdentity(),
 		procs:   newProcTable(),
 		journal: newExecJournal(cfg.MaxEndedExecs, cfg.MaxEndedExecBytes),
+		idsys:   realIdentitySys(),
 	}
 	root := cfg.ToolsRoot
 	if root != "" {

@@ -3057,6 +3057,243 @@ func (x *ListToolsResponse) GetVolumes() []*ToolVolume {
 	return nil
 }
 
+type SetIdentityRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// hostname: an RFC 1123 label; empty: keep.
+	Hostname string `protobuf:"bytes,1,opt,name=hostname,proto3" json:"hostname,omitempty"`
+	// machine_id: 32 lowercase hex digits, not all zero (machine-id(5));
+	// empty: keep.
+	MachineId string `protobuf:"bytes,2,opt,name=machine_id,json=machineId,proto3" json:"machine_id,omitempty"`
+	// entropy: at most 512 bytes from the host's RNG, mixed into the pool
+	// and credited; empty: no reseed.
+	Entropy []byte `protobuf:"bytes,3,opt,name=entropy,proto3" json:"entropy,omitempty"`
+	// unix_nano: the host's CLOCK_REALTIME when it sent the request; the
+	// guest's clock is stepped to it, so it ends behind the host by the
+	// request's one-way latency. 0: keep the clock.
+	UnixNano int64 `protobuf:"varint,4,opt,name=unix_nano,json=unixNano,proto3" json:"unix_nano,omitempty"`
+	// network: the NIC's new identity; absent: keep.
+	Network       *NetworkIdentity `protobuf:"bytes,5,opt,name=network,proto3" json:"network,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetIdentityRequest) Reset() {
+	*x = SetIdentityRequest{}
+	mi := &file_agent_proto_msgTypes[48]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetIdentityRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetIdentityRequest) ProtoMessage() {}
+
+func (x *SetIdentityRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[48]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetIdentityRequest.ProtoReflect.Descriptor instead.
+func (*SetIdentityRequest) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{48}
+}
+
+func (x *SetIdentityRequest) GetHostname() string {
+	if x != nil {
+		return x.Hostname
+	}
+	return ""
+}
+
+func (x *SetIdentityRequest) GetMachineId() string {
+	if x != nil {
+		return x.MachineId
+	}
+	return ""
+}
+
+func (x *SetIdentityRequest) GetEntropy() []byte {
+	if x != nil {
+		return x.Entropy
+	}
+	return nil
+}
+
+func (x *SetIdentityRequest) GetUnixNano() int64 {
+	if x != nil {
+		return x.UnixNano
+	}
+	return 0
+}
+
+func (x *SetIdentityRequest) GetNetwork() *NetworkIdentity {
+	if x != nil {
+		return x.Network
+	}
+	return nil
+}
+
+// NetworkIdentity moves one NIC to a new MAC and address: its other
+// addresses and its neighbour (ARP) entries go, the default route goes
+// via gateway, and a gratuitous ARP announces the new pair.
+type NetworkIdentity struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// interface names the NIC; empty: the one with current_mac, else eth0.
+	Interface string `protobuf:"bytes,1,opt,name=interface,proto3" json:"interface,omitempty"`
+	// current_mac selects the NIC by its MAC now (before the change) when
+	// interface is empty.
+	CurrentMac string `protobuf:"bytes,2,opt,name=current_mac,json=currentMac,proto3" json:"current_mac,omitempty"`
+	// mac is the NIC's new unicast MAC; empty: keep.
+	Mac string `protobuf:"bytes,3,opt,name=mac,proto3" json:"mac,omitempty"`
+	// address is the NIC's IPv4 address with the prefix length, e.g.
+	// 10.88.0.5/16 (required).
+	Address string `protobuf:"bytes,4,opt,name=address,proto3" json:"address,omitempty"`
+	// gateway is the default route, inside address's subnet; empty: no
+	// default route is set.
+	Gateway string `protobuf:"bytes,5,opt,name=gateway,proto3" json:"gateway,omitempty"`
+	// dns servers are written to /etc/resolv.conf; none: leave it.
+	Dns           []string `protobuf:"bytes,6,rep,name=dns,proto3" json:"dns,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NetworkIdentity) Reset() {
+	*x = NetworkIdentity{}
+	mi := &file_agent_proto_msgTypes[49]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NetworkIdentity) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NetworkIdentity) ProtoMessage() {}
+
+func (x *NetworkIdentity) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[49]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NetworkIdentity.ProtoReflect.Descriptor instead.
+func (*NetworkIdentity) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{49}
+}
+
+func (x *NetworkIdentity) GetInterface() string {
+	if x != nil {
+		return x.Interface
+	}
+	return ""
+}
+
+func (x *NetworkIdentity) GetCurrentMac() string {
+	if x != nil {
+		return x.CurrentMac
+	}
+	return ""
+}
+
+func (x *NetworkIdentity) GetMac() string {
+	if x != nil {
+		return x.Mac
+	}
+	return ""
+}
+
+func (x *NetworkIdentity) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *NetworkIdentity) GetGateway() string {
+	if x != nil {
+		return x.Gateway
+	}
+	return ""
+}
+
+func (x *NetworkIdentity) GetDns() []string {
+	if x != nil {
+		return x.Dns
+	}
+	return nil
+}
+
+type SetIdentityResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// clock_step_nanos is how far the clock moved (the new time minus the
+	// old); 0 when unix_nano was 0.
+	ClockStepNanos int64 `protobuf:"varint,1,opt,name=clock_step_nanos,json=clockStepNanos,proto3" json:"clock_step_nanos,omitempty"`
+	// skipped names what could not be written and was left (e.g. a
+	// read-only /etc with no /etc/hostname to mount over).
+	Skipped       []string `protobuf:"bytes,2,rep,name=skipped,proto3" json:"skipped,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetIdentityResponse) Reset() {
+	*x = SetIdentityResponse{}
+	mi := &file_agent_proto_msgTypes[50]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetIdentityResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetIdentityResponse) ProtoMessage() {}
+
+func (x *SetIdentityResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_proto_msgTypes[50]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetIdentityResponse.ProtoReflect.Descriptor instead.
+func (*SetIdentityResponse) Descriptor() ([]byte, []int) {
+	return file_agent_proto_rawDescGZIP(), []int{50}
+}
+
+func (x *SetIdentityResponse) GetClockStepNanos() int64 {
+	if x != nil {
+		return x.ClockStepNanos
+	}
+	return 0
+}
+
+func (x *SetIdentityResponse) GetSkipped() []string {
+	if x != nil {
+		return x.Skipped
+	}
+	return nil
+}
+
 var File_agent_proto protoreflect.FileDescriptor
 
 const file_agent_proto_rawDesc = "" +
@@ -3257,12 +3494,30 @@ const file_agent_proto_rawDesc = "" +
 	"\x10ListToolsRequest\"a\n" +
 	"\x11ListToolsResponse\x12\x12\n" +
 	"\x04root\x18\x01 \x01(\tR\x04root\x128\n" +
-	"\avolumes\x18\x02 \x03(\v2\x1e.aetherium.agent.v1.ToolVolumeR\avolumes*i\n" +
+	"\avolumes\x18\x02 \x03(\v2\x1e.aetherium.agent.v1.ToolVolumeR\avolumes\"\xc5\x01\n" +
+	"\x12SetIdentityRequest\x12\x1a\n" +
+	"\bhostname\x18\x01 \x01(\tR\bhostname\x12\x1d\n" +
+	"\n" +
+	"machine_id\x18\x02 \x01(\tR\tmachineId\x12\x18\n" +
+	"\aentropy\x18\x03 \x01(\fR\aentropy\x12\x1b\n" +
+	"\tunix_nano\x18\x04 \x01(\x03R\bunixNano\x12=\n" +
+	"\anetwork\x18\x05 \x01(\v2#.aetherium.agent.v1.NetworkIdentityR\anetwork\"\xa8\x01\n" +
+	"\x0fNetworkIdentity\x12\x1c\n" +
+	"\tinterface\x18\x01 \x01(\tR\tinterface\x12\x1f\n" +
+	"\vcurrent_mac\x18\x02 \x01(\tR\n" +
+	"currentMac\x12\x10\n" +
+	"\x03mac\x18\x03 \x01(\tR\x03mac\x12\x18\n" +
+	"\aaddress\x18\x04 \x01(\tR\aaddress\x12\x18\n" +
+	"\agateway\x18\x05 \x01(\tR\agateway\x12\x10\n" +
+	"\x03dns\x18\x06 \x03(\tR\x03dns\"Y\n" +
+	"\x13SetIdentityResponse\x12(\n" +
+	"\x10clock_step_nanos\x18\x01 \x01(\x03R\x0eclockStepNanos\x12\x18\n" +
+	"\askipped\x18\x02 \x03(\tR\askipped*i\n" +
 	"\bFileType\x12\x19\n" +
 	"\x15FILE_TYPE_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eFILE_TYPE_FILE\x10\x01\x12\x17\n" +
 	"\x13FILE_TYPE_DIRECTORY\x10\x02\x12\x15\n" +
-	"\x11FILE_TYPE_SYMLINK\x10\x032\xb5\f\n" +
+	"\x11FILE_TYPE_SYMLINK\x10\x032\x95\r\n" +
 	"\x05Agent\x12I\n" +
 	"\x04Info\x12\x1f.aetherium.agent.v1.InfoRequest\x1a .aetherium.agent.v1.InfoResponse\x12M\n" +
 	"\x04Exec\x12\x1f.aetherium.agent.v1.ExecRequest\x1a .aetherium.agent.v1.ExecResponse(\x010\x01\x12Z\n" +
@@ -3283,7 +3538,8 @@ const file_agent_proto_rawDesc = "" +
 	"\x04Move\x12\x1f.aetherium.agent.v1.MoveRequest\x1a .aetherium.agent.v1.MoveResponse\x12O\n" +
 	"\x06Remove\x12!.aetherium.agent.v1.RemoveRequest\x1a\".aetherium.agent.v1.RemoveResponse\x12W\n" +
 	"\bAddTools\x12#.aetherium.agent.v1.AddToolsRequest\x1a$.aetherium.agent.v1.AddToolsResponse(\x01\x12X\n" +
-	"\tListTools\x12$.aetherium.agent.v1.ListToolsRequest\x1a%.aetherium.agent.v1.ListToolsResponseB7Z5github.com/aetherium/aetherium-core/pkg/agent/agentpbb\x06proto3"
+	"\tListTools\x12$.aetherium.agent.v1.ListToolsRequest\x1a%.aetherium.agent.v1.ListToolsResponse\x12^\n" +
+	"\vSetIdentity\x12&.aetherium.agent.v1.SetIdentityRequest\x1a'.aetherium.agent.v1.SetIdentityResponseB7Z5github.com/aetherium/aetherium-core/pkg/agent/agentpbb\x06proto3"
 
 var (
 	file_agent_proto_rawDescOnce sync.Once
@@ -3298,7 +3554,7 @@ func file_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 51)
+var file_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 54)
 var file_agent_proto_goTypes = []any{
 	(FileType)(0),                 // 0: aetherium.agent.v1.FileType
 	(*InfoRequest)(nil),           // 1: aetherium.agent.v1.InfoRequest
@@ -3349,23 +3605,26 @@ var file_agent_proto_goTypes = []any{
 	(*AddToolsResponse)(nil),      // 46: aetherium.agent.v1.AddToolsResponse
 	(*ListToolsRequest)(nil),      // 47: aetherium.agent.v1.ListToolsRequest
 	(*ListToolsResponse)(nil),     // 48: aetherium.agent.v1.ListToolsResponse
-	nil,                           // 49: aetherium.agent.v1.ExecStart.EnvEntry
-	nil,                           // 50: aetherium.agent.v1.ProcessStartRequest.EnvEntry
-	nil,                           // 51: aetherium.agent.v1.ProcessInfo.EnvEntry
+	(*SetIdentityRequest)(nil),    // 49: aetherium.agent.v1.SetIdentityRequest
+	(*NetworkIdentity)(nil),       // 50: aetherium.agent.v1.NetworkIdentity
+	(*SetIdentityResponse)(nil),   // 51: aetherium.agent.v1.SetIdentityResponse
+	nil,                           // 52: aetherium.agent.v1.ExecStart.EnvEntry
+	nil,                           // 53: aetherium.agent.v1.ProcessStartRequest.EnvEntry
+	nil,                           // 54: aetherium.agent.v1.ProcessInfo.EnvEntry
 }
 var file_agent_proto_depIdxs = []int32{
-	49, // 0: aetherium.agent.v1.ExecStart.env:type_name -> aetherium.agent.v1.ExecStart.EnvEntry
+	52, // 0: aetherium.agent.v1.ExecStart.env:type_name -> aetherium.agent.v1.ExecStart.EnvEntry
 	3,  // 1: aetherium.agent.v1.ExecRequest.start:type_name -> aetherium.agent.v1.ExecStart
 	5,  // 2: aetherium.agent.v1.ExecResponse.exit:type_name -> aetherium.agent.v1.ExecExit
 	6,  // 3: aetherium.agent.v1.ExecResponse.reattached:type_name -> aetherium.agent.v1.ExecReattached
 	9,  // 4: aetherium.agent.v1.WriteFileRequest.header:type_name -> aetherium.agent.v1.WriteFileHeader
-	50, // 5: aetherium.agent.v1.ProcessStartRequest.env:type_name -> aetherium.agent.v1.ProcessStartRequest.EnvEntry
+	53, // 5: aetherium.agent.v1.ProcessStartRequest.env:type_name -> aetherium.agent.v1.ProcessStartRequest.EnvEntry
 	16, // 6: aetherium.agent.v1.ProcessConnectRequest.process:type_name -> aetherium.agent.v1.ProcessSelector
 	18, // 7: aetherium.agent.v1.ProcessEvent.start:type_name -> aetherium.agent.v1.ProcessStart
 	19, // 8: aetherium.agent.v1.ProcessEvent.data:type_name -> aetherium.agent.v1.ProcessData
 	20, // 9: aetherium.agent.v1.ProcessEvent.keepalive:type_name -> aetherium.agent.v1.ProcessKeepalive
 	21, // 10: aetherium.agent.v1.ProcessEvent.end:type_name -> aetherium.agent.v1.ProcessEnd
-	51, // 11: aetherium.agent.v1.ProcessInfo.env:type_name -> aetherium.agent.v1.ProcessInfo.EnvEntry
+	54, // 11: aetherium.agent.v1.ProcessInfo.env:type_name -> aetherium.agent.v1.ProcessInfo.EnvEntry
 	24, // 12: aetherium.agent.v1.ListProcessesResponse.processes:type_name -> aetherium.agent.v1.ProcessInfo
 	16, // 13: aetherium.agent.v1.SignalProcessRequest.process:type_name -> aetherium.agent.v1.ProcessSelector
 	16, // 14: aetherium.agent.v1.WriteStdinRequest.process:type_name -> aetherium.agent.v1.ProcessSelector
@@ -3378,47 +3637,50 @@ var file_agent_proto_depIdxs = []int32{
 	43, // 21: aetherium.agent.v1.AddToolsHeader.volume:type_name -> aetherium.agent.v1.ToolVolume
 	44, // 22: aetherium.agent.v1.AddToolsRequest.header:type_name -> aetherium.agent.v1.AddToolsHeader
 	43, // 23: aetherium.agent.v1.ListToolsResponse.volumes:type_name -> aetherium.agent.v1.ToolVolume
-	1,  // 24: aetherium.agent.v1.Agent.Info:input_type -> aetherium.agent.v1.InfoRequest
-	4,  // 25: aetherium.agent.v1.Agent.Exec:input_type -> aetherium.agent.v1.ExecRequest
-	8,  // 26: aetherium.agent.v1.Agent.WriteFile:input_type -> aetherium.agent.v1.WriteFileRequest
-	11, // 27: aetherium.agent.v1.Agent.ReadFile:input_type -> aetherium.agent.v1.ReadFileRequest
-	13, // 28: aetherium.agent.v1.Agent.Shutdown:input_type -> aetherium.agent.v1.ShutdownRequest
-	15, // 29: aetherium.agent.v1.Agent.StartProcess:input_type -> aetherium.agent.v1.ProcessStartRequest
-	17, // 30: aetherium.agent.v1.Agent.ConnectProcess:input_type -> aetherium.agent.v1.ProcessConnectRequest
-	23, // 31: aetherium.agent.v1.Agent.ListProcesses:input_type -> aetherium.agent.v1.ListProcessesRequest
-	26, // 32: aetherium.agent.v1.Agent.SignalProcess:input_type -> aetherium.agent.v1.SignalProcessRequest
-	28, // 33: aetherium.agent.v1.Agent.WriteStdin:input_type -> aetherium.agent.v1.WriteStdinRequest
-	30, // 34: aetherium.agent.v1.Agent.CloseStdin:input_type -> aetherium.agent.v1.CloseStdinRequest
-	33, // 35: aetherium.agent.v1.Agent.Stat:input_type -> aetherium.agent.v1.StatRequest
-	35, // 36: aetherium.agent.v1.Agent.ListDir:input_type -> aetherium.agent.v1.ListDirRequest
-	37, // 37: aetherium.agent.v1.Agent.MakeDir:input_type -> aetherium.agent.v1.MakeDirRequest
-	39, // 38: aetherium.agent.v1.Agent.Move:input_type -> aetherium.agent.v1.MoveRequest
-	41, // 39: aetherium.agent.v1.Agent.Remove:input_type -> aetherium.agent.v1.RemoveRequest
-	45, // 40: aetherium.agent.v1.Agent.AddTools:input_type -> aetherium.agent.v1.AddToolsRequest
-	47, // 41: aetherium.agent.v1.Agent.ListTools:input_type -> aetherium.agent.v1.ListToolsRequest
-	2,  // 42: aetherium.agent.v1.Agent.Info:output_type -> aetherium.agent.v1.InfoResponse
-	7,  // 43: aetherium.agent.v1.Agent.Exec:output_type -> aetherium.agent.v1.ExecResponse
-	10, // 44: aetherium.agent.v1.Agent.WriteFile:output_type -> aetherium.agent.v1.WriteFileResponse
-	12, // 45: aetherium.agent.v1.Agent.ReadFile:output_type -> aetherium.agent.v1.ReadFileResponse
-	14, // 46: aetherium.agent.v1.Agent.Shutdown:output_type -> aetherium.agent.v1.ShutdownResponse
-	22, // 47: aetherium.agent.v1.Agent.StartProcess:output_type -> aetherium.agent.v1.ProcessEvent
-	22, // 48: aetherium.agent.v1.Agent.ConnectProcess:output_type -> aetherium.agent.v1.ProcessEvent
-	25, // 49: aetherium.agent.v1.Agent.ListProcesses:output_type -> aetherium.agent.v1.ListProcessesResponse
-	27, // 50: aetherium.agent.v1.Agent.SignalProcess:output_type -> aetherium.agent.v1.SignalProcessResponse
-	29, // 51: aetherium.agent.v1.Agent.WriteStdin:output_type -> aetherium.agent.v1.WriteStdinResponse
-	31, // 52: aetherium.agent.v1.Agent.CloseStdin:output_type -> aetherium.agent.v1.CloseStdinResponse
-	34, // 53: aetherium.agent.v1.Agent.Stat:output_type -> aetherium.agent.v1.StatResponse
-	36, // 54: aetherium.agent.v1.Agent.ListDir:output_type -> aetherium.agent.v1.ListDirResponse
-	38, // 55: aetherium.agent.v1.Agent.MakeDir:output_type -> aetherium.agent.v1.MakeDirResponse
-	40, // 56: aetherium.agent.v1.Agent.Move:output_type -> aetherium.agent.v1.MoveResponse
-	42, // 57: aetherium.agent.v1.Agent.Remove:output_type -> aetherium.agent.v1.RemoveResponse
-	46, // 58: aetherium.agent.v1.Agent.AddTools:output_type -> aetherium.agent.v1.AddToolsResponse
-	48, // 59: aetherium.agent.v1.Agent.ListTools:output_type -> aetherium.agent.v1.ListToolsResponse
-	42, // [42:60] is the sub-list for method output_type
-	24, // [24:42] is the sub-list for method input_type
-	24, // [24:24] is the sub-list for extension type_name
-	24, // [24:24] is the sub-list for extension extendee
-	0,  // [0:24] is the sub-list for field type_name
+	50, // 24: aetherium.agent.v1.SetIdentityRequest.network:type_name -> aetherium.agent.v1.NetworkIdentity
+	1,  // 25: aetherium.agent.v1.Agent.Info:input_type -> aetherium.agent.v1.InfoRequest
+	4,  // 26: aetherium.agent.v1.Agent.Exec:input_type -> aetherium.agent.v1.ExecRequest
+	8,  // 27: aetherium.agent.v1.Agent.WriteFile:input_type -> aetherium.agent.v1.WriteFileRequest
+	11, // 28: aetherium.agent.v1.Agent.ReadFile:input_type -> aetherium.agent.v1.ReadFileRequest
+	13, // 29: aetherium.agent.v1.Agent.Shutdown:input_type -> aetherium.agent.v1.ShutdownRequest
+	15, // 30: aetherium.agent.v1.Agent.StartProcess:input_type -> aetherium.agent.v1.ProcessStartRequest
+	17, // 31: aetherium.agent.v1.Agent.ConnectProcess:input_type -> aetherium.agent.v1.ProcessConnectRequest
+	23, // 32: aetherium.agent.v1.Agent.ListProcesses:input_type -> aetherium.agent.v1.ListProcessesRequest
+	26, // 33: aetherium.agent.v1.Agent.SignalProcess:input_type -> aetherium.agent.v1.SignalProcessRequest
+	28, // 34: aetherium.agent.v1.Agent.WriteStdin:input_type -> aetherium.agent.v1.WriteStdinRequest
+	30, // 35: aetherium.agent.v1.Agent.CloseStdin:input_type -> aetherium.agent.v1.CloseStdinRequest
+	33, // 36: aetherium.agent.v1.Agent.Stat:input_type -> aetherium.agent.v1.StatRequest
+	35, // 37: aetherium.agent.v1.Agent.ListDir:input_type -> aetherium.agent.v1.ListDirRequest
+	37, // 38: aetherium.agent.v1.Agent.MakeDir:input_type -> aetherium.agent.v1.MakeDirRequest
+	39, // 39: aetherium.agent.v1.Agent.Move:input_type -> aetherium.agent.v1.MoveRequest
+	41, // 40: aetherium.agent.v1.Agent.Remove:input_type -> aetherium.agent.v1.RemoveRequest
+	45, // 41: aetherium.agent.v1.Agent.AddTools:input_type -> aetherium.agent.v1.AddToolsRequest
+	47, // 42: aetherium.agent.v1.Agent.ListTools:input_type -> aetherium.agent.v1.ListToolsRequest
+	49, // 43: aetherium.agent.v1.Agent.SetIdentity:input_type -> aetherium.agent.v1.SetIdentityRequest
+	2,  // 44: aetherium.agent.v1.Agent.Info:output_type -> aetherium.agent.v1.InfoResponse
+	7,  // 45: aetherium.agent.v1.Agent.Exec:output_type -> aetherium.agent.v1.ExecResponse
+	10, // 46: aetherium.agent.v1.Agent.WriteFile:output_type -> aetherium.agent.v1.WriteFileResponse
+	12, // 47: aetherium.agent.v1.Agent.ReadFile:output_type -> aetherium.agent.v1.ReadFileResponse
+	14, // 48: aetherium.agent.v1.Agent.Shutdown:output_type -> aetherium.agent.v1.ShutdownResponse
+	22, // 49: aetherium.agent.v1.Agent.StartProcess:output_type -> aetherium.agent.v1.ProcessEvent
+	22, // 50: aetherium.agent.v1.Agent.ConnectProcess:output_type -> aetherium.agent.v1.ProcessEvent
+	25, // 51: aetherium.agent.v1.Agent.ListProcesses:output_type -> aetherium.agent.v1.ListProcessesResponse
+	27, // 52: aetherium.agent.v1.Agent.SignalProcess:output_type -> aetherium.agent.v1.SignalProcessResponse
+	29, // 53: aetherium.agent.v1.Agent.WriteStdin:output_type -> aetherium.agent.v1.WriteStdinResponse
+	31, // 54: aetherium.agent.v1.Agent.CloseStdin:output_type -> aetherium.agent.v1.CloseStdinResponse
+	34, // 55: aetherium.agent.v1.Agent.Stat:output_type -> aetherium.agent.v1.StatResponse
+	36, // 56: aetherium.agent.v1.Agent.ListDir:output_type -> aetherium.agent.v1.ListDirResponse
+	38, // 57: aetherium.agent.v1.Agent.MakeDir:output_type -> aetherium.agent.v1.MakeDirResponse
+	40, // 58: aetherium.agent.v1.Agent.Move:output_type -> aetherium.agent.v1.MoveResponse
+	42, // 59: aetherium.agent.v1.Agent.Remove:output_type -> aetherium.agent.v1.RemoveResponse
+	46, // 60: aetherium.agent.v1.Agent.AddTools:output_type -> aetherium.agent.v1.AddToolsResponse
+	48, // 61: aetherium.agent.v1.Agent.ListTools:output_type -> aetherium.agent.v1.ListToolsResponse
+	51, // 62: aetherium.agent.v1.Agent.SetIdentity:output_type -> aetherium.agent.v1.SetIdentityResponse
+	44, // [44:63] is the sub-list for method output_type
+	25, // [25:44] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_agent_proto_init() }
@@ -3467,7 +3729,7 @@ func file_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_proto_rawDesc), len(file_agent_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   51,
+			NumMessages:   54,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -40,6 +40,7 @@ const (
 	Agent_Remove_FullMethodName         = "/aetherium.agent.v1.Agent/Remove"
 	Agent_AddTools_FullMethodName       = "/aetherium.agent.v1.Agent/AddTools"
 	Agent_ListTools_FullMethodName      = "/aetherium.agent.v1.Agent/ListTools"
+	Agent_SetIdentity_FullMethodName    = "/aetherium.agent.v1.Agent/SetIdentity"
 )
 
 // AgentClient is the client API for Agent service.
@@ -119,6 +120,19 @@ type AgentClient interface {
 	AddTools(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[AddToolsRequest, AddToolsResponse], error)
 	// ListTools lists the tool volumes whose bin directories are on PATH.
 	ListTools(ctx context.Context, in *ListToolsRequest, opts ...grpc.CallOption) (*ListToolsResponse, error)
+	// SetIdentity gives a guest restored from a snapshot its own identity:
+	// it steps the clock to unix_nano, mixes entropy into the kernel's pool
+	// and reseeds its CRNG, sets the hostname and /etc/hostname, writes
+	// /etc/machine-id (and /var/lib/dbus/machine-id) and moves the network
+	// interface to its new MAC, address and routes, in that order. An empty
+	// field leaves its part as it is, so a request with only unix_nano just
+	// steps the clock (the host's SyncClock after a resume). The whole
+	// request is checked before anything changes: a bad field ends the call
+	// with InvalidArgument and no effect. Sending the same request again is
+	// harmless. A system call that fails ends the call with Internal (or
+	// PermissionDenied when the agent lacks the privilege); the effects
+	// before it stay.
+	SetIdentity(ctx context.Context, in *SetIdentityRequest, opts ...grpc.CallOption) (*SetIdentityResponse, error)
 }
 
 type agentClient struct {
@@ -354,6 +368,16 @@ func (c *agentClient) ListTools(ctx context.Context, in *ListToolsRequest, opts 
 	return out, nil
 }
 
+func (c *agentClient) SetIdentity(ctx context.Context, in *SetIdentityRequest, opts ...grpc.CallOption) (*SetIdentityResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SetIdentityResponse)
+	err := c.cc.Invoke(ctx, Agent_SetIdentity_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AgentServer is the server API for Agent service.
 // All implementations must embed UnimplementedAgentServer
 // for forward compatibility.
@@ -431,6 +455,19 @@ type AgentServer interface {
 	AddTools(grpc.ClientStreamingServer[AddToolsRequest, AddToolsResponse]) error
 	// ListTools lists the tool volumes whose bin directories are on PATH.
 	ListTools(context.Context, *ListToolsRequest) (*ListToolsResponse, error)
+	// SetIdentity gives a guest restored from a snapshot its own identity:
+	// it steps the clock to unix_nano, mixes entropy into the kernel's pool
+	// and reseeds its CRNG, sets the hostname and /etc/hostname, writes
+	// /etc/machine-id (and /var/lib/dbus/machine-id) and moves the network
+	// interface to its new MAC, address and routes, in that order. An empty
+	// field leaves its part as it is, so a request with only unix_nano just
+	// steps the clock (the host's SyncClock after a resume). The whole
+	// request is checked before anything changes: a bad field ends the call
+	// with InvalidArgument and no effect. Sending the same request again is
+	// harmless. A system call that fails ends the call with Internal (or
+	// PermissionDenied when the agent lacks the privilege); the effects
+	// before it stay.
+	SetIdentity(context.Context, *SetIdentityRequest) (*SetIdentityResponse, error)
 	mustEmbedUnimplementedAgentServer()
 }
 
@@ -494,6 +531,9 @@ func (UnimplementedAgentServer) AddTools(grpc.ClientStreamingServer[AddToolsRequ
 }
 func (UnimplementedAgentServer) ListTools(context.Context, *ListToolsRequest) (*ListToolsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListTools not implemented")
+}
+func (UnimplementedAgentServer) SetIdentity(context.Context, *SetIdentityRequest) (*SetIdentityResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetIdentity not implemented")
 }
 func (UnimplementedAgentServer) mustEmbedUnimplementedAgentServer() {}
 func (UnimplementedAgentServer) testEmbeddedByValue()               {}
@@ -779,6 +819,24 @@ func _Agent_ListTools_Handler(srv interface{}, ctx context.Context, dec func(int
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Agent_SetIdentity_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetIdentityRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).SetIdentity(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_SetIdentity_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).SetIdentity(ctx, req.(*SetIdentityRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Agent_ServiceDesc is the grpc.ServiceDesc for Agent service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -829,6 +887,10 @@ var Agent_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListTools",
 			Handler:    _Agent_ListTools_Handler,
+		},
+		{
+			MethodName: "SetIdentity",
+			Handler:    _Agent_SetIdentity_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
