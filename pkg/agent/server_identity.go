@@ -385,35 +385,22 @@ func setRealtime(t time.Time) error {
 // the request number but not struct rand_pool_info, so the struct is
 // built here: int entropy_count, int buf_size, then the bytes.
 func addEntropy(b []byte) error {
-	f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
 	info := make([]byte, 8+len(b))
 	binary.NativeEndian.PutUint32(info[0:], uint32(len(b)*8))
 	binary.NativeEndian.PutUint32(info[4:], uint32(len(b)))
 	copy(info[8:], b)
-	conn, err := f.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var ioctlErr error
-	if err := conn.Control(func(fd uintptr) {
-		_, _, errno := unix.Syscall(unix.SYS_IOCTL, fd, unix.RNDADDENTROPY, uintptr(unsafe.Pointer(&info[0])))
-		if errno != 0 {
-			ioctlErr = fmt.Errorf("ioctl RNDADDENTROPY: %w", errno)
-		}
-	}); err != nil {
-		return err
-	}
-	return ioctlErr
+	return urandomIoctl("RNDADDENTROPY", unix.RNDADDENTROPY, unsafe.Pointer(&info[0]))
 }
 
 // reseedCRNG makes the kernel's CRNG reseed from the input pool at once
 // (RNDRESEEDCRNG, Linux 4.17+; needs CAP_SYS_ADMIN), so that two clones
 // holding the same CRNG state diverge before anything draws from it.
 func reseedCRNG() error {
+	return urandomIoctl("RNDRESEEDCRNG", unix.RNDRESEEDCRNG, nil)
+}
+
+// urandomIoctl makes the random(4) ioctl req on /dev/urandom with arg.
+func urandomIoctl(name string, req uintptr, arg unsafe.Pointer) error {
 	f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
 	if err != nil {
 		return err
@@ -423,15 +410,16 @@ func reseedCRNG() error {
 	if err != nil {
 		return err
 	}
-	var ioctlErr error
+	var errno unix.Errno
 	if err := conn.Control(func(fd uintptr) {
-		if _, _, errno := unix.Syscall(unix.SYS_IOCTL, fd, unix.RNDRESEEDCRNG, 0); errno != 0 {
-			ioctlErr = fmt.Errorf("ioctl RNDRESEEDCRNG: %w", errno)
-		}
+		_, _, errno = unix.Syscall(unix.SYS_IOCTL, fd, req, uintptr(arg))
 	}); err != nil {
 		return err
 	}
-	return ioctlErr
+	if errno != 0 {
+		return fmt.Errorf("ioctl %s on /dev/urandom: %w", name, errno)
+	}
+	return nil
 }
 
 // setNetworkIdentity moves a NIC to n: its MAC, its addresses (the others
