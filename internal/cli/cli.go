@@ -107,7 +107,7 @@ it was not run again; 1 anything else (for exec: the command could not run).`,
 	root.PersistentFlags().BoolVar(&a.json, "json", false, "print JSON with stable fields")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	root.AddCommand(a.vmCmd(), a.execCmd(), a.executionsCmd(), a.taskCmd(), a.jobCmd(), a.doctorCmd(), a.workersCmd(),
-		a.newImageCmd(), a.networkCmd(wiring.NetworkConfig), a.cpCmd(), a.apikeyCmd(), a.templateCmd(), a.toolsCmd())
+		a.newImageCmd(), a.networkCmd(wiring.NetworkConfig), a.cpCmd(), a.apikeyCmd(), a.templateCmd(), a.toolsCmd(), a.snapshotCmd())
 	return root
 }
 

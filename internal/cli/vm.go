@@ -18,7 +18,10 @@ func (a *app) vmCmd() *cobra.Command {
 	vm.AddCommand(a.vmCreateCmd(), a.vmListCmd(), a.vmGetCmd(), a.vmTTLCmd(),
 		a.vmTaskCmd("delete", "Delete a VM and everything it holds", service.TaskService.DeleteVMTask),
 		a.vmTaskCmd("stop", "Stop a running VM", service.TaskService.StopVMTask),
-		a.vmTaskCmd("start", "Start a stopped VM", service.TaskService.StartVMTask))
+		a.vmTaskCmd("start", "Start a stopped VM", service.TaskService.StartVMTask),
+		a.vmOpCmd("pause", "Pause a running VM: its vCPUs freeze, its memory stays", service.Snapshots.PauseVMTask),
+		a.vmOpCmd("resume", "Resume a paused or suspended VM", service.Snapshots.ResumeVMTask),
+		a.vmOpCmd("suspend", "Save a running or paused VM's memory to disk and end its VMM; resume restores it", service.Snapshots.SuspendVMTask))
 	return vm
 }
 
@@ -29,7 +32,7 @@ func (a *app) vmCreateCmd() *cobra.Command {
 		wait               bool
 	)
 	cmd := &cobra.Command{
-		Use:   "create --name NAME [--vcpus N] [--memory MiB] [--ttl 10m] [--tools SPEC,...] [--wait]",
+		Use:   "create --name NAME [--vcpus N] [--memory MiB] [--ttl 10m] [--tools SPEC,...] [--template T | --from-snapshot S] [--wait]",
 		Short: "Create a VM and print its id",
 		Args:  args(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -42,6 +45,15 @@ func (a *app) vmCreateCmd() *cobra.Command {
 			}
 			if o.Tools, err = toolSpecsFlag(specs); err != nil {
 				return err
+			}
+			if o.FromSnapshot != "" || o.Template != "" {
+				// The snapshot decides the size unless asked otherwise.
+				if !cmd.Flags().Changed("vcpus") {
+					o.VCPUs = 0
+				}
+				if !cmd.Flags().Changed("memory") {
+					o.MemoryMB = 0
+				}
 			}
 			svc, err := a.service(cmd.Context())
 			if err != nil {
@@ -77,6 +89,8 @@ func (a *app) vmCreateCmd() *cobra.Command {
 	f.DurationVar(&o.TTL, "ttl", 0, "delete the VM this long after its creation, e.g. 10m (default: never)")
 	f.StringArrayVar(&specs, "tools", nil, "mise tool specs to install, e.g. node@22,python@3.12 or 'http:NAME[url=URL]@1.0.0' (repeatable or comma-separated)")
 	f.StringVar(&o.Network, "network", "", "none or nat (default: nat when network.enabled is set in the config, else none)")
+	f.StringVar(&o.FromSnapshot, "from-snapshot", "", "start the VM by restoring this snapshot (a fork) instead of booting")
+	f.StringVar(&o.Template, "template", "", "start the VM by restoring a clone of this template instead of booting")
 	return cmd
 }
 
