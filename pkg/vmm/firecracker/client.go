@@ -106,12 +106,27 @@ type VsockOverride struct {
 	UDSPath string `json:"uds_path"`
 }
 
+// NetworkOverride is the spec's NetworkOverride: the TAP a restored
+// interface uses instead of the one it had when the snapshot was taken.
+type NetworkOverride struct {
+	IfaceID     string `json:"iface_id"`
+	HostDevName string `json:"host_dev_name"`
+}
+
 // SnapshotLoadParams is the spec's SnapshotLoadParams.
 type SnapshotLoadParams struct {
-	SnapshotPath  string         `json:"snapshot_path"`
-	MemBackend    *MemoryBackend `json:"mem_backend,omitempty"`
-	ResumeVM      bool           `json:"resume_vm,omitempty"`
-	VsockOverride *VsockOverride `json:"vsock_override,omitempty"`
+	SnapshotPath     string            `json:"snapshot_path"`
+	MemBackend       *MemoryBackend    `json:"mem_backend,omitempty"`
+	ResumeVM         bool              `json:"resume_vm,omitempty"`
+	NetworkOverrides []NetworkOverride `json:"network_overrides,omitempty"`
+	VsockOverride    *VsockOverride    `json:"vsock_override,omitempty"`
+}
+
+// PartialDrive is the spec's PartialDrive: a post-boot change of a
+// drive's backing file.
+type PartialDrive struct {
+	DriveID    string `json:"drive_id"`
+	PathOnHost string `json:"path_on_host,omitempty"`
 }
 
 // InstanceInfo is the spec's InstanceInfo, the answer to GET /.
@@ -264,6 +279,12 @@ func (c *Client) PutBootSource(ctx context.Context, b BootSource) error {
 // PutDrive is PUT /drives/{drive_id} (pre-boot).
 func (c *Client) PutDrive(ctx context.Context, d Drive) error {
 	return c.Do(ctx, http.MethodPut, "/drives/"+d.DriveID, d, nil)
+}
+
+// PatchDrive is PATCH /drives/{drive_id} (post-boot): the drive is
+// re-opened on a new backing file.
+func (c *Client) PatchDrive(ctx context.Context, d PartialDrive) error {
+	return c.Do(ctx, http.MethodPatch, "/drives/"+d.DriveID, d, nil)
 }
 
 // PutVsock is PUT /vsock (pre-boot).

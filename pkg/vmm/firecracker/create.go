@@ -22,10 +22,28 @@ func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (*vmm.VM
 
 // CreateVMWithOptions is CreateVM with the per-VM options of this backend.
 // It copies the rootfs (reflink when possible) and, with the jailer, builds
-// the jail's root; it does not start Firecracker.
+// the jail's root; it does not start Firecracker. With spec.FromSnapshot
+// the VM is a clone: its rootfs is its own copy of the snapshot's frozen
+// disk, the snapshot's state and memory files are hard-linked into its
+// root, and the snapshot fixes its vCPUs, memory, tools and network mode
+// (a restored machine keeps its devices); StartVM restores it. A
+// directory that holds no firecracker snapshot returns types.ErrNotFound
+// or types.ErrInvalid.
 func (o *Orchestrator) CreateVMWithOptions(ctx context.Context, spec types.VMSpec, opts VMOptions) (*vmm.VMStatus, error) {
 	if err := types.ValidateID(spec.ID); err != nil {
 		return nil, err
+	}
+	rootfs := o.cfg.RootfsPath
+	var snap *snapshotMeta
+	if spec.FromSnapshot != "" {
+		m, err := readSnapshotMeta(spec.FromSnapshot)
+		if err != nil {
+			return nil, err
+		}
+		if err := fromSnapshot(&spec, m); err != nil {
+			return nil, err
+		}
+		snap, rootfs = m, filepath.Join(spec.FromSnapshot, m.Files.Rootfs)
 	}
 	if err := spec.Validate(o.cfg.MaxVCPUs); err != nil {
 		return nil, err
@@ -80,9 +98,15 @@ func (o *Orchestrator) CreateVMWithOptions(ctx context.Context, spec types.VMSpe
 		}
 		ids = &got
 	}
-	if err := o.prepare(p, spec.ID, spec.Tools, ids); err != nil {
+	if err := o.prepare(p, spec.ID, rootfs, spec.Tools, ids); err != nil {
 		undo()
 		return nil, fmt.Errorf("creating vm %s: %w", spec.ID, err)
+	}
+	if snap != nil {
+		if err := prepareClone(p, snap, spec.FromSnapshot); err != nil {
+			undo()
+			return nil, fmt.Errorf("creating vm %s: %w", spec.ID, err)
+		}
 	}
 	if spec.Network == types.NetworkNAT && opts.TAPDevice == "" {
 		a, err := o.net.Attach(ctx, spec.ID)
@@ -97,6 +121,9 @@ func (o *Orchestrator) CreateVMWithOptions(ctx context.Context, spec types.VMSpe
 	rec := record{ID: spec.ID, Name: spec.Name, VCPUs: spec.VCPUs, MemoryMB: spec.MemoryMB,
 		Labels: spec.Labels, Env: spec.Env, Owner: o.cfg.Owner, Options: opts, Created: time.Now().UTC(), Attached: attached,
 		Tools: spec.Tools, Jail: ids}
+	if snap != nil {
+		rec.Clone = &cloneInfo{Snapshot: spec.FromSnapshot, Drives: snap.Drives, IfaceID: snap.IfaceID}
+	}
 	// state.json is written last: its presence means the VM exists.
 	if err := o.writeRecord(&rec); err != nil {
 		undo()
@@ -106,9 +133,10 @@ func (o *Orchestrator) CreateVMWithOptions(ctx context.Context, spec types.VMSpe
 	return o.status(ctx, spec.ID)
 }
 
-// prepare makes the run directory (and jail root) with the VM's rootfs
-// copy, log and metrics files. It is safe to run again after a crash.
-func (o *Orchestrator) prepare(p paths, id string, tools *types.ToolSet, ids *jail.IDs) error {
+// prepare makes the run directory (and jail root) with the VM's own copy
+// of rootfs (the configured image, or a snapshot's frozen disk), log and
+// metrics files. It is safe to run again after a crash.
+func (o *Orchestrator) prepare(p paths, id, rootfs string, tools *types.ToolSet, ids *jail.IDs) error {
 	if err := os.MkdirAll(p.run, 0o700); err != nil {
 		return err
 	}
@@ -118,9 +146,9 @@ func (o *Orchestrator) prepare(p paths, id string, tools *types.ToolSet, ids *ja
 		}
 	}
 	if _, err := os.Stat(p.host(rootfsName)); err != nil {
-		method, err := cloneFile(o.cfg.RootfsPath, p.host(rootfsName), 0o600)
+		method, err := cloneFile(rootfs, p.host(rootfsName), 0o600)
 		if err != nil {
-			return fmt.Errorf("copying the rootfs %s: %w", o.cfg.RootfsPath, err)
+			return fmt.Errorf("copying the rootfs %s: %w", rootfs, err)
 		}
 		o.log.Info("copied rootfs", "vm_id", id, "method", method)
 	}

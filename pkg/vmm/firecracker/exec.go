@@ -37,6 +37,9 @@ func (o *Orchestrator) runningRecord(ctx context.Context, id string) (*record, e
 	if err != nil {
 		return nil, err
 	}
+	if st.State == types.VMPaused || st.State == types.VMSuspended {
+		return nil, fmt.Errorf("%w: vm %s is %s; resume it first", types.ErrConflict, id, st.State)
+	}
 	if st.State != types.VMRunning {
 		what := string(st.State)
 		if st.Detail != "" {

@@ -162,7 +162,7 @@ func (o *Orchestrator) recordedIDs() []string {
 
 // Capabilities implements vmm.VMOrchestrator.
 func (o *Orchestrator) Capabilities() vmm.Capabilities {
-	return vmm.Capabilities{Provider: Provider, MaxVCPUs: o.cfg.MaxVCPUs, MaxMemoryMB: o.cfg.MaxMemoryMB, Isolation: "vm", PauseResume: true,
+	return vmm.Capabilities{Provider: Provider, MaxVCPUs: o.cfg.MaxVCPUs, MaxMemoryMB: o.cfg.MaxMemoryMB, Isolation: "vm", PauseResume: true, Snapshot: true, Suspend: true,
 		Networking: o.net.Enabled()}
 }
 

@@ -251,12 +251,10 @@ func TestPauseResume(t *testing.T) {
 	for range 2 {
 		require.NoError(t, o.Pause(ctx, id))
 	}
-	st, err := o.GetVMStatus(ctx, id)
-	require.NoError(t, err)
-	require.Equal(t, types.VMStopped, st.State)
-	require.Equal(t, "paused", st.Detail)
-	_, err = o.ExecuteCommand(ctx, id, types.Command{Cmd: "true"}, vmm.ExecIO{})
+	vmmtest.RequireState(t, o, id, types.VMPaused)
+	_, err := o.ExecuteCommand(ctx, id, types.Command{Cmd: "true"}, vmm.ExecIO{})
 	require.ErrorIs(t, err, types.ErrConflict)
+	require.ErrorContains(t, err, "paused; resume it")
 	for range 2 {
 		require.NoError(t, o.Resume(ctx, id))
 	}

@@ -36,7 +36,10 @@ func (o *Orchestrator) bootArgs(rec *record) string {
 	return args
 }
 
-// StartVM implements vmm.VMOrchestrator. A paused VM is resumed.
+// StartVM implements vmm.VMOrchestrator. A paused VM is resumed, a
+// suspended one restored (as Resume does), and a clone not yet started
+// (CreateVM with types.VMSpec.FromSnapshot) restored from its snapshot
+// with its own identity; a clone stopped since boots its own disk.
 func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 	rec, unlock, err := vmutil.Enter(ctx, &o.locks, id, o.readRecord)
 	if err != nil {
@@ -59,19 +62,14 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 		o.log.Warn("replacing a firecracker process that never started its guest", "vm_id", id, "pid", pr.Pid())
 		o.kill(ctx, id, pr)
 	}
-	if rec.Attached && o.net.Enabled() {
-		// The TAP and rules may be gone (a host reboot, a network
-		// teardown); Attach is idempotent and repairs them.
-		a, err := o.net.Attach(ctx, id)
-		if err != nil {
-			return fmt.Errorf("starting vm %s: %w", id, err)
-		}
-		if a.TAP != rec.Options.TAPDevice || a.MAC.String() != rec.Options.GuestMAC || a.KernelArg != rec.Options.KernelArg {
-			rec.Options.TAPDevice, rec.Options.GuestMAC, rec.Options.KernelArg = a.TAP, a.MAC.String(), a.KernelArg
-			if err := o.writeRecord(rec); err != nil {
-				return fmt.Errorf("starting vm %s: %w", id, err)
-			}
-		}
+	switch {
+	case rec.Suspended:
+		return o.restore(ctx, rec, restoreSuspended)
+	case rec.Clone != nil && !rec.Clone.Restored:
+		return o.restore(ctx, rec, restoreClone)
+	}
+	if err := o.repairNet(ctx, rec); err != nil {
+		return err
 	}
 	pr, c, err := o.spawn(ctx, id, p, rec)
 	if err != nil {
@@ -127,7 +125,7 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 			if rec.Options.TAPDevice == "" {
 				return nil
 			}
-			return c.PutNetworkInterface(ctx, NetworkInterface{IfaceID: "eth0", HostDevName: rec.Options.TAPDevice, GuestMAC: rec.Options.GuestMAC})
+			return c.PutNetworkInterface(ctx, NetworkInterface{IfaceID: ifaceID, HostDevName: rec.Options.TAPDevice, GuestMAC: rec.Options.GuestMAC})
 		}},
 		{"starting the instance", func() error { return c.Action(ctx, ActionInstanceStart) }},
 	}
@@ -142,6 +140,26 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 		return err
 	}
 	return o.markRunning(id)
+}
+
+// repairNet re-attaches an attached VM's network before its VMM starts:
+// the TAP and rules may be gone (a host reboot, a network teardown);
+// Attach is idempotent and repairs them.
+func (o *Orchestrator) repairNet(ctx context.Context, rec *record) error {
+	if !rec.Attached || !o.net.Enabled() {
+		return nil
+	}
+	a, err := o.net.Attach(ctx, rec.ID)
+	if err != nil {
+		return fmt.Errorf("starting vm %s: %w", rec.ID, err)
+	}
+	if a.TAP != rec.Options.TAPDevice || a.MAC.String() != rec.Options.GuestMAC || a.KernelArg != rec.Options.KernelArg {
+		rec.Options.TAPDevice, rec.Options.GuestMAC, rec.Options.KernelArg = a.TAP, a.MAC.String(), a.KernelArg
+		if err := o.writeRecord(rec); err != nil {
+			return fmt.Errorf("starting vm %s: %w", rec.ID, err)
+		}
+	}
+	return nil
 }
 
 // markRunning records that the VM runs by request, so that an exit nobody

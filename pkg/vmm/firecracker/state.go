@@ -38,6 +38,27 @@ type record struct {
 	// Jail is the uid/gid the jailer runs this VM's VMM as; nil when not
 	// jailed.
 	Jail *jail.IDs `json:"jail,omitempty"`
+	// Suspended is set once Suspend saved the VM's memory and device
+	// state in its directory (suspendMemName, suspendStateName) and ends
+	// its VMM; cleared when Resume restored it. Without a live VMM the
+	// VM is then reported types.VMSuspended.
+	Suspended bool `json:"suspended,omitempty"`
+	// Clone is set for a VM created from a snapshot (types.VMSpec.FromSnapshot).
+	Clone *cloneInfo `json:"clone,omitempty"`
+}
+
+// cloneInfo is what a VM created from a snapshot remembers of it.
+type cloneInfo struct {
+	// Snapshot is the snapshot's directory.
+	Snapshot string `json:"snapshot"`
+	// Drives maps each drive id to the path the snapshotted VMM had it
+	// at, which Firecracker re-opens on load.
+	Drives map[string]string `json:"drives"`
+	// IfaceID is the snapshotted VM's network interface, or "".
+	IfaceID string `json:"iface_id,omitempty"`
+	// Restored is set once the clone was restored: a later StartVM (after
+	// a stop) boots its own disk like any VM's.
+	Restored bool `json:"restored,omitempty"`
 }
 
 func (o *Orchestrator) readRecord(id string) (*record, error) {
@@ -61,11 +82,8 @@ func (o *Orchestrator) GetVMStatus(ctx context.Context, id string) (*vmm.VMStatu
 	return o.status(ctx, id)
 }
 
-// Detail strings of VMs whose VMM runs but whose guest does not.
-const (
-	detailPaused   = "paused"
-	detailStarting = "firecracker runs but its guest has not started"
-)
+// detailStarting explains a VM whose VMM runs but whose guest does not.
+const detailStarting = "firecracker runs but its guest has not started"
 
 func (o *Orchestrator) status(ctx context.Context, id string) (*vmm.VMStatus, error) {
 	rec, err := o.readRecord(id)
@@ -77,6 +95,10 @@ func (o *Orchestrator) status(ctx context.Context, id string) (*vmm.VMStatus, er
 		st.Jail = &vmm.JailInfo{UID: rec.Jail.UID, GID: rec.Jail.GID}
 	}
 	if o.running(id) == nil {
+		if rec.Suspended {
+			st.State = types.VMSuspended
+			return st, nil
+		}
 		run := o.cfg.paths(id).run
 		if _, err := os.Stat(filepath.Join(run, runningMarker)); err == nil {
 			st.State = types.VMFailed
@@ -98,7 +120,7 @@ func (o *Orchestrator) status(ctx context.Context, id string) (*vmm.VMStatus, er
 			st.Jail.Cgroup = "/" + cmp.Or(o.cfg.Jailer.ParentCgroup, filepath.Base(o.cfg.Binary)) + "/" + id
 		}
 	case info.State == InstancePaused:
-		st.Detail = detailPaused
+		st.State = types.VMPaused
 	default:
 		st.Detail = detailStarting
 	}

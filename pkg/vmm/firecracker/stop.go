@@ -58,13 +58,19 @@ func (o *Orchestrator) cleanupRun(id string) {
 // StopVM implements vmm.VMOrchestrator. Gracefully: fc-agent powers the
 // guest off (a reboot, which with reboot=k ends Firecracker); if the VMM is
 // still there after StopTimeout, Ctrl-Alt-Del; then SIGKILL. force skips
-// to SIGKILL.
+// to SIGKILL. A suspended VM's saved state is discarded.
 func (o *Orchestrator) StopVM(ctx context.Context, id string, force bool) error {
-	_, unlock, err := vmutil.Enter(ctx, &o.locks, id, o.readRecord)
+	rec, unlock, err := vmutil.Enter(ctx, &o.locks, id, o.readRecord)
 	if err != nil {
 		return err
 	}
 	defer unlock()
+	if rec.Suspended && o.running(id) == nil {
+		// Stopping a suspended VM discards its saved state: it ends
+		// stopped, and a start boots it.
+		o.log.Info("stopping a suspended vm discards its saved state", "vm_id", id)
+		return o.dropSuspended(rec)
+	}
 	// Asked for: the exit that follows is no crash.
 	if err := os.Remove(filepath.Join(o.cfg.paths(id).run, runningMarker)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("stopping vm %s: %w", id, err)

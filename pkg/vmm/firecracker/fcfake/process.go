@@ -34,8 +34,12 @@ const (
 	// RequestLogFile receives one Request per line.
 	RequestLogFile = "fcfake-requests.jsonl"
 	// EventLogFile receives one line per event: "ctrl-alt-del",
-	// "agent-shutdown reboot=true", "exit".
+	// "agent-shutdown reboot=true", "vsock-reset" (a snapshot reset the
+	// vsock device, closing its connections), "exit".
 	EventLogFile = "fcfake-events.log"
+	// VsockLogFile receives a line "connect" per accepted CONNECT to
+	// the agent's port.
+	VsockLogFile = "fcfake-vsock.log"
 	// JailerArgsFile is written by JailerMain into the jail directory
 	// (beside root/) with the arguments it was given, as JSON.
 	JailerArgsFile = "fcfake-jailer.json"
@@ -114,7 +118,7 @@ func Main(args []string) int {
 		default:
 		}
 	}
-	guest := &guest{log: log}
+	guest := &guest{log: log, conns: &eventLog{path: filepath.Join(dir, VsockLogFile)}}
 	srv, err := New(Options{
 		Spec:       spec,
 		ID:         *id,
@@ -125,6 +129,10 @@ func Main(args []string) int {
 			return guest.start(c.VsockPath(), beh.IgnoreShutdown, events, exit)
 		},
 		OnPause: guest.setPaused,
+		OnVsockReset: func() {
+			events.add("vsock-reset")
+			guest.resetVsock()
+		},
 		OnCtrlAltDel: func() {
 			events.add("ctrl-alt-del")
 			if !beh.IgnoreCtrlAltDel {
@@ -163,12 +171,40 @@ func Main(args []string) int {
 // guest stands in for the microVM: a hybrid vsock socket that forwards
 // CONNECT 9999 to an fc-agent running in this process.
 type guest struct {
-	log    *slog.Logger
+	log *slog.Logger
+	// conns logs accepted connections (VsockLogFile).
+	conns  *eventLog
 	paused atomic.Bool
 
 	mu    sync.Mutex
 	vsock net.Listener
 	agent *agent.Server
+	// open are the open forwarded connections, closed by a vsock reset.
+	open map[net.Conn]struct{}
+}
+
+// resetVsock closes every open vsock connection, as the guest does on
+// Firecracker's VIRTIO_VSOCK_EVENT_TRANSPORT_RESET; the listener stays.
+func (g *guest) resetVsock() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for c := range g.open {
+		c.Close()
+	}
+	clear(g.open)
+}
+
+func (g *guest) track(c net.Conn, open bool) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.open == nil {
+		g.open = map[net.Conn]struct{}{}
+	}
+	if open {
+		g.open[c] = struct{}{}
+	} else {
+		delete(g.open, c)
+	}
 }
 
 func (g *guest) setPaused(p bool) { g.paused.Store(p) }
@@ -211,6 +247,8 @@ func (g *guest) start(udsPath string, ignoreShutdown bool, events *eventLog, exi
 // (docs/vsock.md): "CONNECT <port>\n", answered "OK <host port>\n".
 func (g *guest) forward(c net.Conn, inner *bufconn.Listener) {
 	defer c.Close()
+	g.track(c, true)
+	defer g.track(c, false)
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))
 	br := bufio.NewReader(c)
 	line, err := br.ReadString('\n')
@@ -221,6 +259,9 @@ func (g *guest) forward(c net.Conn, inner *bufconn.Listener) {
 	// A paused guest does not accept; neither does a port nobody listens on.
 	if !ok || port != strconv.Itoa(guestPort) || g.paused.Load() {
 		return
+	}
+	if g.conns != nil {
+		g.conns.add("connect")
 	}
 	up, err := inner.DialContext(context.Background())
 	if err != nil {

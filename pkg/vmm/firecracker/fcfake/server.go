@@ -52,6 +52,10 @@ type Options struct {
 	OnPause func(paused bool)
 	// OnCtrlAltDel is called on SendCtrlAltDel, after the answer is sent.
 	OnCtrlAltDel func()
+	// OnVsockReset is called when Firecracker resets the vsock device:
+	// when it creates a snapshot (the guest then closes every open vsock
+	// connection; its listeners stay).
+	OnVsockReset func()
 	// RequestLog, when set, receives one JSON Request per line.
 	RequestLog io.Writer
 }
@@ -388,7 +392,29 @@ func (s *Server) apply(method string, route *routers.Route, params map[string]st
 		if s.state != StatePaused {
 			return nil, fault{"Cannot create a snapshot: the microVM must be paused first."}
 		}
-		return nil, s.writeSnapshot(in)
+		if err := s.writeSnapshot(in); err != nil {
+			return nil, err
+		}
+		if s.cfg.Vsock != nil && s.opts.OnVsockReset != nil {
+			s.opts.OnVsockReset()
+		}
+		return nil, nil
+	case "PATCH /drives/{drive_id}":
+		d, ok := s.cfg.Drives[params["drive_id"]]
+		if !ok {
+			return nil, faultf("Unable to patch the block device: drive %s does not exist", params["drive_id"])
+		}
+		if in["drive_id"] != params["drive_id"] {
+			return nil, fault{"The id from the path does not match the id from the body!"}
+		}
+		if p, ok := in["path_on_host"].(string); ok {
+			if err := s.mustExist(p, "block device"); err != nil {
+				return nil, err
+			}
+			d = maps.Clone(d)
+			d["path_on_host"] = p
+			s.cfg.Drives[params["drive_id"]] = d
+		}
 	case "PUT /snapshot/load":
 		if s.touched {
 			return nil, fault{"Loading a microVM snapshot not allowed after configuring boot-specific resources."}
@@ -512,9 +538,37 @@ func (s *Server) loadSnapshot(in map[string]any) (func(), error) {
 	if err := json.Unmarshal(b, &snap); err != nil || snap.Fake == "" {
 		return nil, faultf("Load snapshot error: the snapshot file is not a microVM state")
 	}
+	// Firecracker re-opens every drive at the path it had when the
+	// snapshot was taken.
+	for id, d := range snap.Config.Drives {
+		if p, ok := d["path_on_host"].(string); ok {
+			if err := s.mustExist(p, "block device "+id); err != nil {
+				return nil, faultf("Load snapshot error: %v", err)
+			}
+		}
+	}
 	logger, metrics := s.cfg.Logger, s.cfg.Metrics
 	s.cfg = snap.Config
 	s.cfg.Logger, s.cfg.Metrics = logger, metrics
+	if s.cfg.Net == nil {
+		s.cfg.Net = map[string]map[string]any{}
+	}
+	if s.cfg.Drives == nil {
+		s.cfg.Drives = map[string]map[string]any{}
+	}
+	if ovs, ok := in["network_overrides"].([]any); ok {
+		for _, ov := range ovs {
+			o := ov.(map[string]any)
+			iface, _ := o["iface_id"].(string)
+			n, ok := s.cfg.Net[iface]
+			if !ok {
+				return nil, faultf("Load snapshot error: the snapshot has no network interface %s to override", iface)
+			}
+			n = maps.Clone(n)
+			n["host_dev_name"] = o["host_dev_name"]
+			s.cfg.Net[iface] = n
+		}
+	}
 	if vo, ok := in["vsock_override"].(map[string]any); ok {
 		if s.cfg.Vsock == nil {
 			return nil, fault{"Cannot override the vsock: the snapshot has no vsock device."}
