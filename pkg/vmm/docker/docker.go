@@ -239,7 +239,7 @@ func (o *Orchestrator) ensureImage(ctx context.Context) error {
 
 // Capabilities implements vmm.VMOrchestrator.
 func (o *Orchestrator) Capabilities() vmm.Capabilities {
-	return vmm.Capabilities{Provider: Provider, MaxVCPUs: o.cfg.MaxVCPUs, MaxMemoryMB: o.cfg.MaxMemoryMB, Isolation: "container"}
+	return vmm.Capabilities{Provider: Provider, MaxVCPUs: o.cfg.MaxVCPUs, MaxMemoryMB: o.cfg.MaxMemoryMB, Isolation: "container", PauseResume: true}
 }
 
 // Health implements vmm.VMOrchestrator.
@@ -286,6 +286,9 @@ func (o *Orchestrator) socketPath(id string) string {
 func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (*vmm.VMStatus, error) {
 	if err := types.ValidateID(spec.ID); err != nil {
 		return nil, err
+	}
+	if spec.FromSnapshot != "" {
+		return nil, errNoSnapshots("starting a vm from a snapshot or template")
 	}
 	if err := spec.Validate(o.cfg.MaxVCPUs); err != nil {
 		return nil, err
@@ -385,7 +388,7 @@ func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (*vmm.VM
 	return o.GetVMStatus(ctx, spec.ID)
 }
 
-// StartVM implements vmm.VMOrchestrator.
+// StartVM implements vmm.VMOrchestrator. A paused VM is resumed.
 func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 	ins, unlock, err := vmutil.Enter(ctx, &o.locks, id, func(id string) (container.InspectResponse, error) { return o.inspect(ctx, id) })
 	if err != nil {
@@ -402,6 +405,10 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 			return fmt.Errorf("starting vm %s: %w", id, mapErr(err))
 		}
 		o.log.Info("started vm", "vm_id", id)
+	} else if ins.State.Paused {
+		if err := o.api.ContainerUnpause(ctx, ins.ID); err != nil {
+			return fmt.Errorf("starting vm %s: resuming its paused container: %w", id, mapErr(err))
+		}
 	}
 	// ContainerStart returns once the container runs, so waiting for "not
 	// running" from here on also catches an agent that died at once.
@@ -435,7 +442,8 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 	}
 }
 
-// StopVM implements vmm.VMOrchestrator.
+// StopVM implements vmm.VMOrchestrator. A paused VM is resumed first, so
+// that it can shut down.
 func (o *Orchestrator) StopVM(ctx context.Context, id string, force bool) error {
 	ins, unlock, err := vmutil.Enter(ctx, &o.locks, id, func(id string) (container.InspectResponse, error) { return o.inspect(ctx, id) })
 	if err != nil {
@@ -450,6 +458,13 @@ func (o *Orchestrator) StopVM(ctx context.Context, id string, force bool) error 
 	}
 	if !ins.State.Running {
 		return nil
+	}
+	if ins.State.Paused {
+		// A frozen agent cannot shut down and a frozen process takes no
+		// signal: thaw it first.
+		if err := o.api.ContainerUnpause(ctx, ins.ID); err != nil && !cerrdefs.IsConflict(err) {
+			return fmt.Errorf("stopping vm %s: resuming its paused container: %w", id, mapErr(err))
+		}
 	}
 	if force {
 		if err := o.api.ContainerKill(ctx, ins.ID, "KILL"); err != nil && !cerrdefs.IsConflict(err) && !cerrdefs.IsNotFound(err) {
@@ -546,6 +561,10 @@ func (o *Orchestrator) running(ctx context.Context, id string) (container.Inspec
 	}
 	if !ins.State.Running {
 		return ins, fmt.Errorf("%w: vm %s is %s; start it first", types.ErrConflict, id, o.mapState(ins).State)
+	}
+	if ins.State.Paused {
+		// Its agent is frozen: refuse at once rather than wait on it.
+		return ins, fmt.Errorf("%w: vm %s is paused; resume it first", types.ErrConflict, id)
 	}
 	return ins, nil
 }
@@ -663,8 +682,7 @@ func (o *Orchestrator) mapState(ins container.InspectResponse) vmm.VMStatus {
 		st.State = types.VMFailed
 		st.Detail = s.Error
 	case s.Running && s.Paused:
-		st.State = types.VMStopped
-		st.Detail = "paused"
+		st.State = types.VMPaused
 	case s.Running, s.Restarting:
 		st.State = types.VMRunning
 	case s.Status == "removing":
