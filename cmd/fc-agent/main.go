@@ -32,7 +32,7 @@ func main() {
 
 func run() int {
 	listen := flag.String("listen", cmp.Or(os.Getenv("FC_AGENT_LISTEN"), fmt.Sprintf("vsock://:%d", agent.DefaultVsockPort)),
-		"where to listen: vsock://:PORT, unix:///path or tcp://host:port (env FC_AGENT_LISTEN)")
+		"where to listen: vsock://:PORT, serial://NAME, unix:///path or tcp://host:port (env FC_AGENT_LISTEN)")
 	maxOutput := flag.Int("max-output-bytes", 0, "per-stream output cap for commands that set none (0: 1 MiB)")
 	logLevel := flag.String("log-level", "info", "debug, info, warn or error")
 	version := flag.Bool("version", false, "print the version and exit")
@@ -58,7 +58,7 @@ func run() int {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	l, err := agent.Listen(*listen)
+	l, err := agent.ListenChannel(*listen)
 	if err != nil {
 		log.Error("cannot listen", "err", err)
 		return halt(log, pid1, 1)

@@ -36,6 +36,14 @@ const AgentPort = 9999
 // line: vsock port AgentPort (a test holds the two together).
 const DefaultListen = "vsock://:9999"
 
+// AgentSerialPort is the name of the virtio-serial port the agent serves
+// on in QEMU guests (their listen address is SerialListen).
+const AgentSerialPort = "aetherium.agent"
+
+// SerialListen is the listen address of an agent on the virtio-serial
+// port AgentSerialPort.
+const SerialListen = "serial://" + AgentSerialPort
+
 // DefaultHostname is the guest's hostname when none (or no valid one) is
 // given.
 const DefaultHostname = "aetherium"

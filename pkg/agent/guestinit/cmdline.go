@@ -107,7 +107,7 @@ func ParseCmdline(cmdline string) (Config, error) {
 			cfg.Hostname = p.Value
 		case bootparams.Listen:
 			if !strings.Contains(p.Value, "://") {
-				errs = append(errs, fmt.Errorf("aetherium.listen=%q: %w: want vsock://:PORT, unix:///path or tcp://host:port; using %s",
+				errs = append(errs, fmt.Errorf("aetherium.listen=%q: %w: want vsock://:PORT, serial://NAME, unix:///path or tcp://host:port; using %s",
 					p.Value, types.ErrInvalid, DefaultListen))
 				cfg.Listen = DefaultListen
 				continue

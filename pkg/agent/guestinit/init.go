@@ -109,7 +109,7 @@ func Run(serve ServeFunc) {
 	var l net.Listener
 	deferred, err := Setup(ctx, cfg, log, func() error {
 		var err error
-		if l, err = agent.Listen(cfg.Listen); err != nil {
+		if l, err = agent.ListenChannel(cfg.Listen); err != nil {
 			return fmt.Errorf("agent: %w", err)
 		}
 		// The host starts connecting on this line, so it goes to the

@@ -223,8 +223,24 @@ var bootModules = map[string]bool{
 
 var netModules = map[string]bool{"failover": true, "net_failover": true, "virtio_net": true}
 
+// serialModules are the agent's transport when it listens on a
+// virtio-serial port (serial://, the qemu backend), in place of vsock's.
+var serialModules = map[string]bool{"virtio_console": true}
+
+// vsockModules are vsock's, which an agent on a serial port can load
+// later.
+var vsockModules = map[string]bool{"vsock": true, "vmw_vsock_virtio_transport_common": true, "vmw_vsock_virtio_transport": true}
+
 // deferModule reports whether module name can wait until the agent serves.
 func (c Config) deferModule(name string) bool {
+	if strings.HasPrefix(c.Listen, "serial://") {
+		if serialModules[name] {
+			return false
+		}
+		if vsockModules[name] {
+			return true
+		}
+	}
 	return !bootModules[name] && !(c.Net != "" && netModules[name])
 }
 
