@@ -11,8 +11,10 @@ import (
 	"time"
 
 	"github.com/aetherium/aetherium-core/pkg/agent"
+	"github.com/aetherium/aetherium-core/pkg/network"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
+	"github.com/aetherium/aetherium-core/pkg/vmm/internal/vmutil"
 )
 
 // The layout of a snapshot directory this backend writes (Snapshot) and
@@ -168,10 +170,14 @@ func readSnapshotMeta(dir string) (*snapshotMeta, error) {
 
 // fromSnapshot makes spec a clone's: the snapshot fixes its vCPUs,
 // memory, tools and network mode (a restored machine keeps its devices).
-func fromSnapshot(spec *types.VMSpec, m *snapshotMeta) error {
+func fromSnapshot(spec *types.VMSpec, m *snapshotMeta, jailed bool) error {
 	wantNIC := m.IfaceID != ""
 	if spec.Network == types.NetworkNAT && !wantNIC {
 		return fmt.Errorf("%w: snapshot %s was taken of a vm without a network; a vm started from it cannot have one (ask for network none)", types.ErrInvalid, spec.FromSnapshot)
+	}
+	if jailed != m.Jailed {
+		return fmt.Errorf("%w: snapshot %s was taken with the jailer %s and this backend runs with it %s: the snapshot's drive paths would not resolve; restore it on a backend configured alike",
+			types.ErrInvalid, spec.FromSnapshot, onOff(m.Jailed), onOff(jailed))
 	}
 	spec.VCPUs, spec.MemoryMB, spec.Tools = m.Spec.VCPUs, m.Spec.MemoryMB, m.Spec.Tools
 	spec.Network = types.NetworkNone
@@ -179,6 +185,13 @@ func fromSnapshot(spec *types.VMSpec, m *snapshotMeta) error {
 		spec.Network = types.NetworkNAT
 	}
 	return nil
+}
+
+func onOff(b bool) string {
+	if b {
+		return "on"
+	}
+	return "off"
 }
 
 // prepareClone links the snapshot's state and memory into a clone's root.
@@ -256,21 +269,14 @@ func diskUsage(path string) int64 {
 	return fi.Size()
 }
 
-// syncClock steps a guest restored from its own suspend to the host's
-// time. The call site is ready; the agent-identity helper adds
-// vmutil.SyncClock (issue 12, item 5), which replaces this body. Until
-// then the guest's clock stays where it was when it was suspended.
-func (o *Orchestrator) syncClock(_ context.Context, rec *record, _ *agent.Client) error {
-	o.log.Warn("the guest clock was not stepped after a restore: vmutil.SyncClock is not wired in yet", "vm_id", rec.ID)
-	return nil
-}
-
-// reidentify gives a clone its own identity (hostname, machine-id, RNG
-// seed, clock and, on nat networks, MAC and address). The call site is
-// ready; the agent-identity helper adds vmutil.Reidentify (issue 12, item
-// 5), which replaces this body. Until then a clone keeps its snapshot's
-// identity.
-func (o *Orchestrator) reidentify(_ context.Context, rec *record, _ *agent.Client) error {
-	o.log.Warn("the clone was not given its own identity: vmutil.Reidentify is not wired in yet", "vm_id", rec.ID, "snapshot", rec.Clone.Snapshot)
-	return nil
+// reidentify gives a restored clone its own identity: hostname (its
+// spec's), machine-id, RNG seed, the host's time and, on a nat network,
+// its own MAC and address, which its TAP's anti-spoofing rules expect (the
+// restored NIC still has the snapshot's).
+func (o *Orchestrator) reidentify(ctx context.Context, rec *record, c *agent.Client, a *network.Attachment) error {
+	var ni *agent.NetIdentity
+	if a != nil {
+		ni = &agent.NetIdentity{Interface: ifaceID, MAC: a.MAC, Addr: a.IP, Gateway: a.Gateway, DNS: a.DNS}
+	}
+	return vmutil.Reidentify(ctx, c, recordSpec(rec), ni)
 }

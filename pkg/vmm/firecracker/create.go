@@ -40,7 +40,7 @@ func (o *Orchestrator) CreateVMWithOptions(ctx context.Context, spec types.VMSpe
 		if err != nil {
 			return nil, err
 		}
-		if err := fromSnapshot(&spec, m); err != nil {
+		if err := fromSnapshot(&spec, m, o.cfg.Jailer.On()); err != nil {
 			return nil, err
 		}
 		snap, rootfs = m, filepath.Join(spec.FromSnapshot, m.Files.Rootfs)

@@ -225,7 +225,8 @@ const (
 // socket and TAP as overrides), the drives moved to the VM's own files
 // if the state names others (PATCH /drives, then PATCH /vm Resumed),
 // then it waits for the agent on a fresh connection (the vsock device
-// was reset) and gives the guest its clock or identity. Any failure kills
+// was reset) and gives the guest its clock (vmutil.SyncClock) or, a
+// clone, its own identity (vmutil.Reidentify). Any failure kills
 // the new VMM and leaves the saved state as it was. The lock is held.
 func (o *Orchestrator) restore(ctx context.Context, rec *record, kind restoreKind) error {
 	id := rec.ID
@@ -245,7 +246,20 @@ func (o *Orchestrator) restore(ctx context.Context, rec *record, kind restoreKin
 			return fmt.Errorf("restoring vm %s: its saved state is missing (%v); delete the vm", id, err)
 		}
 	}
-	if err := o.repairNet(ctx, rec); err != nil {
+	if kind == restoreClone && !p.jailed {
+		// Firecracker re-opens each drive at its snapshotted path before
+		// PATCH /drives moves it; without a jail that path is the source
+		// VM's own file. It is opened, never written: the guest is paused
+		// until the drive is moved.
+		for driveID, was := range rec.Clone.Drives {
+			if _, err := os.Stat(was); err != nil {
+				return fmt.Errorf("%w: restoring vm %s: Firecracker re-opens drive %s of the snapshot's source at %s on load, and it is gone (%v); without the jailer a snapshot's clones need its source vm to exist: enable vmm.firecracker.jailer, or keep the source vm",
+					types.ErrConflict, id, driveID, was, err)
+			}
+		}
+	}
+	att, err := o.repairNet(ctx, rec)
+	if err != nil {
 		return err
 	}
 	pr, c, err := o.spawn(ctx, id, p, rec)
@@ -298,9 +312,10 @@ func (o *Orchestrator) restore(ctx context.Context, rec *record, kind restoreKin
 	ac, err := o.client(id)
 	if err == nil {
 		if kind == restoreClone {
-			err = o.reidentify(ctx, rec, ac)
+			err = o.reidentify(ctx, rec, ac, att)
 		} else {
-			err = o.syncClock(ctx, rec, ac)
+			// The clock stood still while the VM was suspended.
+			err = vmutil.SyncClock(ctx, ac)
 		}
 	}
 	if err != nil {

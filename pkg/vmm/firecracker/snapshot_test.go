@@ -12,6 +12,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/aetherium/aetherium-core/pkg/agent/bootparams"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
 	"github.com/aetherium/aetherium-core/pkg/vmm/firecracker"
@@ -38,6 +39,24 @@ func countEvents(t *testing.T, dir, file, ev string) int {
 		}
 	}
 	return n
+}
+
+// identities returns the SetIdentity requests a VM's fake guest got.
+func identities(t *testing.T, dir string) []fcfake.IdentityRequest {
+	t.Helper()
+	var out []fcfake.IdentityRequest
+	for _, l := range readLines(t, filepath.Join(dir, fcfake.IdentityLogFile)) {
+		var r fcfake.IdentityRequest
+		require.NoError(t, json.Unmarshal([]byte(l), &r))
+		out = append(out, r)
+	}
+	return out
+}
+
+// requireRecent checks that a guest clock step was to the host's time.
+func requireRecent(t *testing.T, unixNano int64) {
+	t.Helper()
+	require.WithinDuration(t, time.Now(), time.Unix(0, unixNano), 10*time.Second, "the guest clock is stepped to the host's time")
 }
 
 func inode(t *testing.T, path string) uint64 {
@@ -89,6 +108,10 @@ func TestSuspendResume(t *testing.T) {
 	vmmtest.RequireState(t, o2, id, types.VMRunning)
 	require.Equal(t, "after\n", sh(t, o2, id, "echo after"))
 	require.NoError(t, o2.Resume(ctx, id), "resuming a running VM is a no-op")
+	ids := identities(t, run)
+	require.Len(t, ids, 1, "one clock step, after the restore")
+	requireRecent(t, ids[0].UnixNano)
+	require.Equal(t, fcfake.IdentityRequest{UnixNano: ids[0].UnixNano}, ids[0], "a resumed VM keeps its identity: only its clock is stepped")
 	require.NoFileExists(t, filepath.Join(run, "suspend.state"), "the saved state goes once restored")
 	require.NoFileExists(t, filepath.Join(run, "suspend.mem"))
 
@@ -193,8 +216,10 @@ func testSnapshotAndClone(t *testing.T, cfg firecracker.Config, jailed bool) {
 
 	// Two clones of the snapshot, each with its own files.
 	var clones []string
+	names := map[string]string{}
 	for range 2 {
 		sp := vmmtest.NewSpec(t)
+		names[sp.ID] = sp.Name
 		sp.FromSnapshot = dir
 		t.Cleanup(func() { o.DeleteVM(bg(t), sp.ID) })
 		st, err := o.CreateVM(ctx, sp)
@@ -207,6 +232,7 @@ func testSnapshotAndClone(t *testing.T, cfg firecracker.Config, jailed bool) {
 		// drive path (see restore); in a jail it is the clone's own.
 		require.NoError(t, o.DeleteVM(ctx, id), "clones do not need the source VM")
 	}
+	var machineIDs []string
 	for _, cid := range clones {
 		croot := filepath.Join(cfg.SocketDir, cid)
 		if jailed {
@@ -218,6 +244,14 @@ func testSnapshotAndClone(t *testing.T, cfg firecracker.Config, jailed bool) {
 		require.NoError(t, o.StartVM(ctx, cid))
 		vmmtest.RequireState(t, o, cid, types.VMRunning)
 		require.Equal(t, "clone\n", sh(t, o, cid, "echo clone"))
+		ids := identities(t, croot)
+		require.Len(t, ids, 1, "the clone was re-identified once")
+		require.Equal(t, bootparams.SanitizeHostname(names[cid]), ids[0].Hostname)
+		require.Regexp(t, "^[0-9a-f]{32}$", ids[0].MachineID)
+		require.NotContains(t, machineIDs, ids[0].MachineID, "each clone gets its own machine id")
+		machineIDs = append(machineIDs, ids[0].MachineID)
+		require.Equal(t, 64, ids[0].EntropyBytes)
+		requireRecent(t, ids[0].UnixNano)
 
 		reqs := requests(t, croot)
 		requireAllAccepted(t, reqs)
@@ -252,6 +286,20 @@ func testSnapshotAndClone(t *testing.T, cfg firecracker.Config, jailed bool) {
 	}
 	for _, f := range []string{"vm.state", "vm.mem", "rootfs.ext4", "snapshot.json"} {
 		require.FileExists(t, filepath.Join(dir, f), "deleting clones leaves the snapshot (the caller's) alone")
+	}
+	if !jailed {
+		// Without the jailer, a clone's load re-opens the source VM's
+		// drive: once the source is gone, the start says so.
+		sp := vmmtest.NewSpec(t)
+		sp.FromSnapshot = dir
+		t.Cleanup(func() { o.DeleteVM(bg(t), sp.ID) })
+		_, err := o.CreateVM(ctx, sp)
+		require.NoError(t, err)
+		require.NoError(t, o.DeleteVM(ctx, id))
+		err = o.StartVM(ctx, sp.ID)
+		require.ErrorIs(t, err, types.ErrConflict)
+		require.ErrorContains(t, err, "enable vmm.firecracker.jailer, or keep the source vm")
+		vmmtest.RequireState(t, o, sp.ID, types.VMStopped)
 	}
 	var meta map[string]any
 	readJSON(t, filepath.Join(dir, "snapshot.json"), &meta)
@@ -321,6 +369,12 @@ func TestSnapshotBadInput(t *testing.T) {
 	require.ErrorContains(t, err, "without a network")
 	_, err = o.GetVMStatus(ctx, clone.ID)
 	require.ErrorIs(t, err, types.ErrNotFound, "a refused clone leaves nothing")
+	// A jailed backend cannot restore a snapshot taken without the jailer.
+	jo := newOrchestrator(t, jailedConfig(t))
+	clone.Network = types.NetworkNone
+	_, err = jo.CreateVM(ctx, clone)
+	require.ErrorIs(t, err, types.ErrInvalid)
+	require.ErrorContains(t, err, "jailer off")
 }
 
 // TestSnapshotOpsFigures records, for each operation against the process

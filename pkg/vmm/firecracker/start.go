@@ -68,7 +68,7 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 	case rec.Clone != nil && !rec.Clone.Restored:
 		return o.restore(ctx, rec, restoreClone)
 	}
-	if err := o.repairNet(ctx, rec); err != nil {
+	if _, err := o.repairNet(ctx, rec); err != nil {
 		return err
 	}
 	pr, c, err := o.spawn(ctx, id, p, rec)
@@ -144,22 +144,23 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 
 // repairNet re-attaches an attached VM's network before its VMM starts:
 // the TAP and rules may be gone (a host reboot, a network teardown);
-// Attach is idempotent and repairs them.
-func (o *Orchestrator) repairNet(ctx context.Context, rec *record) error {
+// Attach is idempotent and repairs them. It returns the attachment, nil
+// for a VM without a managed network.
+func (o *Orchestrator) repairNet(ctx context.Context, rec *record) (*network.Attachment, error) {
 	if !rec.Attached || !o.net.Enabled() {
-		return nil
+		return nil, nil
 	}
 	a, err := o.net.Attach(ctx, rec.ID)
 	if err != nil {
-		return fmt.Errorf("starting vm %s: %w", rec.ID, err)
+		return nil, fmt.Errorf("starting vm %s: %w", rec.ID, err)
 	}
 	if a.TAP != rec.Options.TAPDevice || a.MAC.String() != rec.Options.GuestMAC || a.KernelArg != rec.Options.KernelArg {
 		rec.Options.TAPDevice, rec.Options.GuestMAC, rec.Options.KernelArg = a.TAP, a.MAC.String(), a.KernelArg
 		if err := o.writeRecord(rec); err != nil {
-			return fmt.Errorf("starting vm %s: %w", rec.ID, err)
+			return nil, fmt.Errorf("starting vm %s: %w", rec.ID, err)
 		}
 	}
-	return nil
+	return a, nil
 }
 
 // markRunning records that the VM runs by request, so that an exit nobody

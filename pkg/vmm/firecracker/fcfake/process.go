@@ -21,9 +21,11 @@ import (
 	"syscall"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/test/bufconn"
 
 	"github.com/aetherium/aetherium-core/pkg/agent"
+	"github.com/aetherium/aetherium-core/pkg/agent/agentpb"
 )
 
 // Files the re-executed fake reads and writes beside its API socket (in the
@@ -40,6 +42,9 @@ const (
 	// VsockLogFile receives a line "connect" per accepted CONNECT to
 	// the agent's port.
 	VsockLogFile = "fcfake-vsock.log"
+	// IdentityLogFile receives one IdentityRequest per line, for each
+	// SetIdentity the fake guest's agent was sent.
+	IdentityLogFile = "fcfake-identity.jsonl"
 	// JailerArgsFile is written by JailerMain into the jail directory
 	// (beside root/) with the arguments it was given, as JSON.
 	JailerArgsFile = "fcfake-jailer.json"
@@ -118,7 +123,8 @@ func Main(args []string) int {
 		default:
 		}
 	}
-	guest := &guest{log: log, conns: &eventLog{path: filepath.Join(dir, VsockLogFile)}}
+	guest := &guest{log: log, conns: &eventLog{path: filepath.Join(dir, VsockLogFile)},
+		identity: &eventLog{path: filepath.Join(dir, IdentityLogFile)}}
 	srv, err := New(Options{
 		Spec:       spec,
 		ID:         *id,
@@ -176,9 +182,13 @@ type guest struct {
 	conns  *eventLog
 	paused atomic.Bool
 
+	// identity logs the SetIdentity requests (IdentityLogFile).
+	identity *eventLog
+
 	mu    sync.Mutex
 	vsock net.Listener
 	agent *agent.Server
+	grpc  *grpc.Server
 	// open are the open forwarded connections, closed by a vsock reset.
 	open map[net.Conn]struct{}
 }
@@ -229,8 +239,13 @@ func (g *guest) start(udsPath string, ignoreShutdown bool, events *eventLog, exi
 			}
 		},
 	})
-	go srv.Serve(inner)
-	g.vsock, g.agent = l, srv
+	// The agent runs in this host process, not in a guest: its
+	// SetIdentity would change the host's clock, hostname and
+	// machine-id. The fake guest records the request instead.
+	gs := grpc.NewServer()
+	agentpb.RegisterAgentServer(gs, identityRecorder{Server: srv, log: g.identity})
+	go gs.Serve(inner)
+	g.vsock, g.agent, g.grpc = l, srv, gs
 	go func() {
 		for {
 			c, err := l.Accept()
@@ -287,7 +302,38 @@ func (g *guest) stop() {
 	}
 	if g.agent != nil {
 		g.agent.Stop()
+		g.grpc.Stop()
 	}
+}
+
+// IdentityRequest is what the fake guest records of a SetIdentity call.
+type IdentityRequest struct {
+	Hostname     string `json:"hostname,omitempty"`
+	MachineID    string `json:"machine_id,omitempty"`
+	EntropyBytes int    `json:"entropy_bytes,omitempty"`
+	// UnixNano is the time the guest's clock would be stepped to.
+	UnixNano int64 `json:"unix_nano,omitempty"`
+	// MAC and Address are the network identity, if any.
+	MAC     string `json:"mac,omitempty"`
+	Address string `json:"address,omitempty"`
+}
+
+// identityRecorder is the agent with SetIdentity recorded, not applied:
+// the fake's agent runs on the host, whose identity is not the guest's.
+type identityRecorder struct {
+	*agent.Server
+	log *eventLog
+}
+
+// SetIdentity records req and answers as an agent that applied it.
+func (r identityRecorder) SetIdentity(_ context.Context, req *agentpb.SetIdentityRequest) (*agentpb.SetIdentityResponse, error) {
+	rec := IdentityRequest{Hostname: req.GetHostname(), MachineID: req.GetMachineId(), EntropyBytes: len(req.GetEntropy()),
+		UnixNano: req.GetUnixNano(), MAC: req.GetNetwork().GetMac(), Address: req.GetNetwork().GetAddress()}
+	b, _ := json.Marshal(rec)
+	if r.log != nil {
+		r.log.add(string(b))
+	}
+	return &agentpb.SetIdentityResponse{}, nil
 }
 
 type eventLog struct {
