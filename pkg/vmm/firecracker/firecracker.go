@@ -11,6 +11,15 @@
 // worker finds them again from the run directories (pid file, then GET / on
 // the API socket).
 //
+// Pause, Resume, Suspend and Snapshot (snapshot.go) use Firecracker's
+// snapshot API: a suspended VM's state and memory stay in its root
+// (suspend.state, suspend.mem) with its VMM ended; a snapshot is moved
+// into a directory of the caller's with a frozen rootfs copy and
+// snapshot.json (clone.go), and a VM created from it gets its own rootfs
+// copy and hard links to the snapshot's state and memory in its root
+// (clone.state, clone.mem), which keep the memory file alive for the
+// clone's life.
+//
 // The API client is written here (client.go) rather than taken from
 // firecracker-go-sdk: the SDK's v1.0.0 is generated from an older API (it
 // predates v1.16's fields such as vsock_override), it would add go-openapi,
