@@ -146,7 +146,7 @@ func readSnapshotMeta(dir string) (*snapshotMeta, error) {
 	}
 	b, err := os.ReadFile(filepath.Join(dir, snapshotMetaName))
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("%w: no firecracker snapshot in %s (it has no %s); take one with Snapshot", types.ErrNotFound, dir, snapshotMetaName)
+		return nil, fmt.Errorf("%w: no firecracker snapshot in %s (it has no %s); take one with Snapshot", types.ErrInvalid, dir, snapshotMetaName)
 	} else if err != nil {
 		return nil, fmt.Errorf("reading snapshot %s: %w", dir, err)
 	}

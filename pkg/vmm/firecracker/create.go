@@ -27,8 +27,7 @@ func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (*vmm.VM
 // disk, the snapshot's state and memory files are hard-linked into its
 // root, and the snapshot fixes its vCPUs, memory, tools and network mode
 // (a restored machine keeps its devices); StartVM restores it. A
-// directory that holds no firecracker snapshot returns types.ErrNotFound
-// or types.ErrInvalid.
+// directory that holds no firecracker snapshot returns types.ErrInvalid.
 func (o *Orchestrator) CreateVMWithOptions(ctx context.Context, spec types.VMSpec, opts VMOptions) (*vmm.VMStatus, error) {
 	if err := types.ValidateID(spec.ID); err != nil {
 		return nil, err

@@ -351,7 +351,7 @@ func TestSnapshotBadInput(t *testing.T) {
 	clone := vmmtest.NewSpec(t)
 	clone.FromSnapshot = t.TempDir()
 	_, err = o.CreateVM(ctx, clone)
-	require.ErrorIs(t, err, types.ErrNotFound)
+	require.ErrorIs(t, err, types.ErrInvalid)
 	require.ErrorContains(t, err, "no firecracker snapshot")
 	foreign := t.TempDir()
 	b, _ := json.Marshal(map[string]any{"provider": "docker", "format": 1})
