@@ -94,8 +94,8 @@ func Version(ctx context.Context, binary string) (string, error) {
 }
 
 // Diagnose checks this host for the qemu backend without starting a VM:
-// the accelerator and why, the QEMU binary and its microvm support,
-// vhost-device-vsock, and the guest image files named in cfg.
+// the accelerator and why, the QEMU binary and its microvm support, and
+// the guest image files named in cfg.
 func Diagnose(ctx context.Context, cfg Config) []vmm.Check {
 	var out []vmm.Check
 	add := func(name string, err error, ok, fix string) {
@@ -121,11 +121,6 @@ func Diagnose(ctx context.Context, cfg Config) []vmm.Check {
 		}
 	}
 	add("qemu", err, ver+" with the microvm machine", "Worker can't create VMs: install QEMU with `./scripts/setup.sh` (Debian's qemu-system-x86) or set vmm.qemu.binary")
-
-	vbin := cmp.Or(cfg.VsockBinary, DefaultVsockBinary)
-	out2, err := exec.CommandContext(ctx, vbin, "--version").Output()
-	add("vhost-device-vsock", err, strings.TrimSpace(string(out2)),
-		"VSock connection timeout: without vhost-device-vsock the host cannot reach the guest agent; install it with `./scripts/setup.sh` or set vmm.qemu.vsock_binary")
 
 	var missing []string
 	for _, p := range []string{cfg.KernelPath, cfg.InitrdPath, cfg.RootfsPath} {

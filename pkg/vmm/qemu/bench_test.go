@@ -115,7 +115,7 @@ func BenchmarkBootVsRaw(b *testing.B) {
 	b.ReportMetric((t/r-1)*100, "overhead-%")
 }
 
-// BenchmarkExecTrue is the exec round trip over hybrid vsock: ExecuteCommand
+// BenchmarkExecTrue is the exec round trip over the serial channel: ExecuteCommand
 // of `true` on a running VM, and for scale the agent's Info RPC, the same
 // path without a process in the guest.
 func BenchmarkExecTrue(b *testing.B) {
@@ -143,7 +143,7 @@ func BenchmarkExecTrue(b *testing.B) {
 }
 
 // BenchmarkIdleMemory reports the resident memory of an idle VM's host
-// processes: QEMU plus vhost-device-vsock, 3 s after the agent answered.
+// process, QEMU, 3 s after the agent answered.
 func BenchmarkIdleMemory(b *testing.B) {
 	o := newOrchestrator(b, runDir(b))
 	b.Cleanup(func() { deleteAll(b, o) })
@@ -154,7 +154,7 @@ func BenchmarkIdleMemory(b *testing.B) {
 		id := vmmtest.StartVM(b, o, sp)
 		time.Sleep(3 * time.Second)
 		kb := 0
-		for _, f := range []string{"qemu.pid", "vsock.pid"} {
+		for _, f := range []string{"qemu.pid"} {
 			pb, err := os.ReadFile(filepath.Join(o.RunDir(id), f))
 			require.NoError(b, err)
 			kb += vmRSS(b, strings.TrimSpace(string(pb)))

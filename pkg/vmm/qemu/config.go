@@ -12,15 +12,15 @@ const Provider = "qemu"
 
 // Defaults for Config's zero values.
 const (
-	DefaultBinary       = "qemu-system-x86_64"
+	DefaultBinary = "qemu-system-x86_64"
+	// DefaultVsockBinary is vhost-device-vsock, which the backend no
+	// longer runs (its agent channel is virtio-serial); kept so that
+	// configurations naming it still load.
 	DefaultVsockBinary  = "vhost-device-vsock"
 	DefaultImgBinary    = "qemu-img"
 	DefaultRunDir       = "/var/lib/aetherium/qemu"
 	DefaultReadyTimeout = 90 * time.Second
 	DefaultStopTimeout  = 10 * time.Second
-	// guestCID is the guest's vsock context id. Each VM has its own
-	// vhost-device-vsock, so every guest can use the same one.
-	guestCID = 3
 )
 
 // Config configures the qemu backend. The zero value of every field selects
@@ -28,7 +28,9 @@ const (
 type Config struct {
 	// Binary is the QEMU system emulator. Default qemu-system-x86_64 on PATH.
 	Binary string `yaml:"binary"`
-	// VsockBinary is vhost-device-vsock. Default: on PATH.
+	// VsockBinary is ignored: the agent's channel is a virtio-serial
+	// port, which needs no helper process (vhost-user-vsock, which did,
+	// blocks migration and so suspend and snapshots).
 	VsockBinary string `yaml:"vsock_binary"`
 	// ImgBinary is qemu-img, used to make each VM's overlay. Default: on PATH.
 	ImgBinary string `yaml:"img_binary"`
@@ -60,7 +62,7 @@ type Config struct {
 	// StopTimeout bounds each step of a graceful stop (agent power-off,
 	// then QMP quit) before the next. Default 10s.
 	StopTimeout time.Duration `yaml:"stop_timeout"`
-	// Jail confines each VM's QEMU and vhost-device-vsock: own uid, jail,
+	// Jail confines each VM's QEMU: own uid, jail,
 	// seccomp, cgroup (see docs/security.md). On by default; set
 	// jail.enabled to false only to debug a VMM.
 	Jail jail.Config `yaml:"jail"`

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -18,7 +19,18 @@ import (
 
 // CreateVM implements vmm.VMOrchestrator: it writes the VM's directory and
 // its overlay disk, attaches a nat VM to the network, and boots nothing.
+//
+// With spec.FromSnapshot, the VM is a clone of that snapshot: its vCPUs,
+// memory and tool disks are the snapshot's, and its disk is a layer of
+// its own over the snapshot's frozen disk. StartVM then restores it.
 func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (_ *vmm.VMStatus, err error) {
+	var clone *cloneFile
+	var snap *snapshotFile
+	if spec.FromSnapshot != "" {
+		if clone, snap, err = prepareClone(&spec); err != nil {
+			return nil, err
+		}
+	}
 	if err := spec.Validate(o.cfg.MaxVCPUs); err != nil {
 		return nil, err
 	}
@@ -59,12 +71,16 @@ func (o *Orchestrator) CreateVM(ctx context.Context, spec types.VMSpec) (_ *vmm.
 		o.mu.Unlock()
 	}()
 	overlay := filepath.Join(tmp, fileOverlay)
-	out, err := exec.CommandContext(ctx, o.cfg.ImgBinary, "create", "-q", "-f", "qcow2",
-		"-F", "raw", "-b", o.cfg.RootfsPath, overlay).CombinedOutput()
+	args := []string{"create", "-q", "-f", "qcow2", "-F", "raw", "-b", o.cfg.RootfsPath, overlay}
+	if snap != nil {
+		// Not opened (-u): the source VM may hold it.
+		args = []string{"create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", filepath.Join(clone.Dir, snap.Top), "-u", overlay, strconv.FormatInt(snap.VirtualSize, 10)}
+	}
+	out, err := exec.CommandContext(ctx, o.cfg.ImgBinary, args...).CombinedOutput()
 	if err != nil {
 		return nil, fmt.Errorf("creating vm %s's overlay disk: %v: %s", spec.ID, err, strings.TrimSpace(string(out)))
 	}
-	vf := &vmFile{Spec: spec, Owner: o.cfg.Owner, CreatedAt: time.Now().UTC()}
+	vf := &vmFile{Spec: spec, Owner: o.cfg.Owner, CreatedAt: time.Now().UTC(), Clone: clone}
 	placed := false // the VM's directory is in place
 	if o.jail != nil {
 		// The lease names the VM's final directory; a crash before the

@@ -6,11 +6,9 @@ import (
 	"net"
 
 	"github.com/aetherium/aetherium-core/pkg/agent"
-	"github.com/aetherium/aetherium-core/pkg/agent/bootparams"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
 	"github.com/aetherium/aetherium-core/pkg/vmm/internal/vmutil"
-	"github.com/aetherium/aetherium-core/pkg/vsock"
 )
 
 // ExecuteCommand implements vmm.VMOrchestrator. The command's environment
@@ -32,6 +30,9 @@ func (o *Orchestrator) running(id string) (*vmFile, error) {
 	}
 	vf, err := o.readVM(id)
 	if err != nil {
+		return nil, err
+	}
+	if err := notRunning(id, vf); err != nil {
 		return nil, err
 	}
 	p := o.procs(id)
@@ -63,13 +64,41 @@ func (o *Orchestrator) dialerOf(ctx context.Context, id string) (agent.Dialer, e
 	return o.dialer(id), nil
 }
 
-// dialer reaches VM id's agent; the cached client and DialAgent share it.
+// dialer reaches VM id's agent through its serial channel, which the
+// cached client and DialAgent share: QEMU's chardev serves one connection,
+// and one session carries every stream.
 func (o *Orchestrator) dialer(id string) agent.Dialer {
-	sock, uid := o.path(id, fileVsock), o.sockOwner(id)
-	return func(ctx context.Context) (net.Conn, error) { return dialOwned(ctx, sock, uid) }
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.channelLocked(id).Dial
 }
 
-// dialOwned dials the agent through the hybrid vsock socket at sock, which
+// channelLocked returns VM id's serial channel, making it on first use.
+// o.mu is held.
+func (o *Orchestrator) channelLocked(id string) *agent.SerialChannel {
+	c := o.chans[id]
+	if c == nil {
+		sock, uid := o.path(id, fileAgent), o.sockOwner(id)
+		c = agent.NewSerialChannel(func(ctx context.Context) (net.Conn, error) { return dialOwned(ctx, sock, uid) })
+		o.chans[id] = c
+	}
+	return c
+}
+
+// dropChannel forgets VM id's agent client and serial channel, ending
+// their connection.
+func (o *Orchestrator) dropChannel(id string) {
+	o.clients.Drop(id)
+	o.mu.Lock()
+	c := o.chans[id]
+	delete(o.chans, id)
+	o.mu.Unlock()
+	if c != nil {
+		c.Close()
+	}
+}
+
+// dialOwned connects to the agent's serial port socket at sock, which
 // must be a socket of uid: the VM's uid owns the directory it is in, and
 // must not be able to point the root worker at another socket.
 func dialOwned(ctx context.Context, sock string, uid int) (net.Conn, error) {
@@ -78,7 +107,8 @@ func dialOwned(ctx context.Context, sock string, uid int) (net.Conn, error) {
 		return nil, err
 	}
 	defer release()
-	return vsock.Dial(ctx, p, bootparams.AgentPort)
+	var d net.Dialer
+	return d.DialContext(ctx, "unix", p)
 }
 
 // sockOwner is the uid VM id's sockets belong to: its jail uid when it
@@ -103,5 +133,5 @@ func (o *Orchestrator) client(id string) (*agent.Client, error) {
 	if o.vms[id] == nil {
 		return nil, fmt.Errorf("%w: vm %s is not running; start it first", types.ErrConflict, id)
 	}
-	return o.clients.Get(id, o.dialer(id))
+	return o.clients.Get(id, o.channelLocked(id).Dial)
 }

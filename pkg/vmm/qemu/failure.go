@@ -36,12 +36,3 @@ func (o *Orchestrator) qemuEnded(id string, p *vmProcs) string {
 	}
 	return what + "; neither QEMU's log nor the serial console got any output this boot"
 }
-
-// vsockEnded describes the end of p's vhost-device-vsock, with its log.
-func (o *Orchestrator) vsockEnded(id string, p *vmProcs) string {
-	what := "vhost-device-vsock " + p.vsock.Status() + ", so the host could no longer reach the agent"
-	if t := vmutil.TailFrom(o.path(id, fileVsockLog), p.vsockLogFrom, 10); t != "" {
-		return withTail(what, "vhost-device-vsock's log", t)
-	}
-	return what + "; its log got no output this boot"
-}

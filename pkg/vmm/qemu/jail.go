@@ -110,7 +110,7 @@ func (o *Orchestrator) prepareJail(id string, vf *vmFile) ([]string, error) {
 		return nil, fmt.Errorf("preparing vm %s's console log: %w", id, err)
 	}
 	f.Close()
-	for _, p := range []string{con, o.path(id, fileOverlay)} {
+	for _, p := range []string{con, o.path(id, vf.disk())} {
 		if err := ownPrivately(p, uid, gid); err != nil {
 			return nil, fmt.Errorf("preparing vm %s's jail: %w", id, err)
 		}
@@ -167,6 +167,8 @@ func (o *Orchestrator) jailedCommand(id string, vf *vmFile, cgroups []string, de
 		ro = append(ro, real)
 	}
 	ro = append(ro, o.cfg.KernelPath, o.cfg.InitrdPath, o.cfg.RootfsPath)
+	// A clone's disk layers below its own: the snapshots' frozen ones.
+	ro = append(ro, vf.sharedLayers()...)
 	if vf.Spec.Tools != nil {
 		for _, v := range vf.Spec.Tools.Volumes {
 			if v.Image != "" {

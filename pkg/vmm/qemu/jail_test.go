@@ -60,7 +60,7 @@ func readTrim(t testing.TB, path string) string {
 	return strings.TrimSpace(string(b))
 }
 
-// TestJailConfinesVMMs: each VM's QEMU and vhost-device-vsock run under the
+// TestJailConfinesVMMs: each VM's QEMU runs under the
 // VM's own non-zero uid, behind seccomp with no_new_privs and no
 // capabilities, in a jail root holding only what they need, in the VM's
 // cgroup with its limits; a guest spinning every vCPU stays within its
@@ -87,7 +87,7 @@ func TestJailConfinesVMMs(t *testing.T) {
 		require.NotZero(t, st.Jail.UID)
 		require.Equal(t, "/"+jail.DefaultCgroupParent+"/"+id, st.Jail.Cgroup)
 		jails[id] = st.Jail
-		for _, f := range []string{"qemu.pid", "vsock.pid"} {
+		for _, f := range []string{"qemu.pid"} {
 			pid := pidOf(t, o, id, f)
 			uid := strconv.Itoa(st.Jail.UID)
 			require.Equal(t, strings.Join([]string{uid, uid, uid, uid}, "\t"), statusField(t, pid, "Uid"), f)
@@ -146,11 +146,13 @@ func TestJailConfinesVMMs(t *testing.T) {
 	// The VM's uid owns run/, so it can swap its agent socket for a link
 	// to another VM's; the root worker must then refuse to dial, not reach
 	// the other VM's agent.
-	sock := filepath.Join(mine, "run", "vsock.sock")
+	// The channel's session is made afresh, so the dial goes to the socket.
+	o.ResetChannel(ids[0])
+	sock := filepath.Join(mine, "run", "agent.sock")
 	require.NoError(t, os.Rename(sock, sock+".real"))
-	require.NoError(t, os.Symlink(filepath.Join(theirs, "run", "vsock.sock"), sock))
+	require.NoError(t, os.Symlink(filepath.Join(theirs, "run", "agent.sock"), sock))
 	_, err := o.DialAgent(ctx, ids[0])
-	require.ErrorContains(t, err, "vsock.sock", "the worker followed a swapped socket")
+	require.ErrorContains(t, err, "agent.sock", "the worker followed a swapped socket")
 	require.NoError(t, os.Remove(sock))
 	require.NoError(t, os.Rename(sock+".real", sock))
 	conn, err := o.DialAgent(ctx, ids[0])
@@ -211,7 +213,7 @@ func TestJailReconcile(t *testing.T) {
 	require.NoError(t, err)
 	require.NotNil(t, st.Jail)
 	require.NoError(t, o1.Close())
-	for _, f := range []string{"qemu.pid", "vsock.pid"} {
+	for _, f := range []string{"qemu.pid"} {
 		pid := pidOf(t, o1, id, f)
 		require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
 		waitGone(t, pid)

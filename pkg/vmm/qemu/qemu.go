@@ -1,26 +1,27 @@
 // Package qemu is the VMOrchestrator backend that boots each VM as a QEMU
 // `microvm` machine: Debian's cloud kernel, an initramfs whose /init is
 // fc-agent, and a copy-on-write overlay of the guest image's ext4 root file
-// system on virtio-blk. The host reaches the agent over vhost-user-vsock,
-// served by one vhost-device-vsock process per VM, which speaks
-// Firecracker's hybrid vsock protocol (pkg/vsock) on its Unix socket: the
-// same host-side code the Firecracker backend uses.
+// system on virtio-blk. The host reaches the agent over a virtio-serial
+// port whose QEMU end is a Unix socket, carrying the agent's gRPC over
+// yamux (agent.SerialChannel): unlike vhost-user-vsock it survives
+// migration, so VMs can be suspended to a file, snapshotted and cloned
+// (snapshot.go), and it needs no helper process.
 //
 // Each VM owns a run directory, <RunDir>/<id>, which is the only state:
 //
 //	vm.json            the spec and the desired state
 //	overlay.qcow2      the root disk, backed by the read-only base image
 //	qemu.pid           the QEMU process
-//	vsock.pid          vhost-device-vsock
 //	run/qmp.sock       QEMU's monitor
-//	run/vhost.sock     vhost-device-vsock's vhost-user socket (QEMU side)
-//	run/vsock.sock     its hybrid vsock socket (host side)
-//	jail/              the mount point of the VMMs' jail (see jail.go)
+//	run/agent.sock     the agent's virtio-serial port (QEMU's chardev)
+//	state              a suspended VM's saved memory and device state
+//	overlay-N.qcow2    the root disk's newer layers, after snapshots
+//	jail/              the mount point of the VMM's jail (see jail.go)
 //	console.log        the guest's serial console, appended across boots
-//	qemu.log, vsock.log the two processes' own output
+//	qemu.log           QEMU's own output
 //
 // With confinement on (the default), each VM has its own uid, and its
-// VMMs run through aether-jailer: unprivileged, in a pivot_root jail that
+// VMM runs through aether-jailer: unprivileged, in a pivot_root jail that
 // holds only their own files, behind seccomp, in the VM's cgroup (see
 // jail.go and docs/security.md).
 //
@@ -48,6 +49,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/aetherium/aetherium-core/pkg/agent"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
 	"github.com/aetherium/aetherium-core/pkg/vmm/internal/jail"
@@ -56,16 +58,17 @@ import (
 
 // Files in a VM's run directory.
 const (
-	fileSpec     = "vm.json"
-	fileOverlay  = "overlay.qcow2"
-	fileQEMUPid  = "qemu.pid"
-	fileQMP      = dirSockets + "/qmp.sock"
+	fileSpec    = "vm.json"
+	fileOverlay = "overlay.qcow2"
+	fileQEMUPid = "qemu.pid"
+	fileQMP     = dirSockets + "/qmp.sock"
+	fileAgent   = dirSockets + "/agent.sock"
+	fileState   = "state"
+	fileConsole = "console.log"
+	fileQEMULog = "qemu.log"
+	// fileVsockPid is vhost-device-vsock's, which VMs started before the
+	// agent moved to virtio-serial still have; it is ended with them.
 	fileVsockPid = "vsock.pid"
-	fileVhost    = dirSockets + "/vhost.sock"
-	fileVsock    = dirSockets + "/vsock.sock"
-	fileConsole  = "console.log"
-	fileQEMULog  = "qemu.log"
-	fileVsockLog = "vsock.log"
 )
 
 // Orchestrator runs VMs as QEMU microvm machines. It implements
@@ -82,6 +85,9 @@ type Orchestrator struct {
 	net   vmutil.Net
 	// clients are the agent clients of running VMs.
 	clients vmutil.Clients
+	// chans are the serial channels to running VMs' agents, which their
+	// clients and DialAgent share (QEMU's chardev takes one connection).
+	chans map[string]*agent.SerialChannel
 
 	lock *os.File // holds the run directory's flock until Close
 
@@ -95,13 +101,12 @@ type Orchestrator struct {
 
 // vmProcs are the processes of one running VM.
 type vmProcs struct {
-	qemu, vsock *vmutil.Proc
-	// consoleFrom, qemuLogFrom and vsockLogFrom are the sizes of the
-	// console, QEMU and vhost-device-vsock logs when this boot began: the
-	// boot's own lines come after them. Zero for processes found again
-	// after a restart.
-	consoleFrom, qemuLogFrom, vsockLogFrom int64
-	stopping                               bool // set while StopVM or DeleteVM ends it on purpose
+	qemu *vmutil.Proc
+	// consoleFrom and qemuLogFrom are the sizes of the console and QEMU
+	// logs when this boot began: the boot's own lines come after them.
+	// Zero for processes found again after a restart.
+	consoleFrom, qemuLogFrom int64
+	stopping                 bool // set while StopVM, DeleteVM or Suspend ends it on purpose
 }
 
 var (
@@ -113,7 +118,6 @@ var (
 // New checks the configuration and finds the VMs of earlier runs again.
 func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
 	cfg.Binary = cmp.Or(cfg.Binary, DefaultBinary)
-	cfg.VsockBinary = cmp.Or(cfg.VsockBinary, DefaultVsockBinary)
 	cfg.ImgBinary = cmp.Or(cfg.ImgBinary, DefaultImgBinary)
 	cfg.RunDir = cmp.Or(cfg.RunDir, DefaultRunDir)
 	cfg.MaxVCPUs = cmp.Or(cfg.MaxVCPUs, runtime.NumCPU())
@@ -151,7 +155,7 @@ func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
 			cfg.RootfsPath = abs
 		}
 	}
-	for _, b := range []*string{&cfg.Binary, &cfg.VsockBinary, &cfg.ImgBinary} {
+	for _, b := range []*string{&cfg.Binary, &cfg.ImgBinary} {
 		p, err := exec.LookPath(*b)
 		if err != nil {
 			return nil, fmt.Errorf("%w: qemu backend: %v; install it with `./scripts/setup.sh`", types.ErrUnavailable, err)
@@ -163,7 +167,7 @@ func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
 		return nil, fmt.Errorf("%w: run dir %q: %v", types.ErrInvalid, cfg.RunDir, err)
 	}
 	cfg.RunDir = dir
-	if n := len(filepath.Join(dir, "01234567-89ab-cdef-0123-456789abcdef", fileVhost)); n > 107 {
+	if n := len(filepath.Join(dir, "01234567-89ab-cdef-0123-456789abcdef", fileAgent)); n > 107 {
 		return nil, fmt.Errorf("%w: run dir %q is too long for Unix socket paths (%d > 107 bytes); choose a shorter one", types.ErrInvalid, dir, n)
 	}
 	jm, err := newJail(cfg.Jail)
@@ -184,11 +188,11 @@ func New(ctx context.Context, cfg Config) (*Orchestrator, error) {
 		lock.Close()
 		return nil, fmt.Errorf("%w: run dir %s is in use by another worker (%v); give each worker its own vmm.qemu.run_dir", types.ErrConflict, dir, err)
 	}
-	o := &Orchestrator{cfg: cfg, accel: accel, jail: jm, net: vmutil.NewNet(cfg.Network), log: cfg.Logger.With("provider", Provider), vms: map[string]*vmProcs{}, creating: map[string]string{}, lock: lock}
+	o := &Orchestrator{cfg: cfg, accel: accel, jail: jm, net: vmutil.NewNet(cfg.Network), log: cfg.Logger.With("provider", Provider), vms: map[string]*vmProcs{}, chans: map[string]*agent.SerialChannel{}, creating: map[string]string{}, lock: lock}
 	o.AgentIO = vmutil.AgentIO{Agent: o.agentOf, Dialer: o.dialerOf}
 	o.log.Info("qemu backend ready", "accel", accel.Name, "why", accel.Reason, "run_dir", dir, "confined", jm != nil)
 	if jm == nil {
-		o.log.Warn("VM CONFINEMENT IS OFF: QEMU and vhost-device-vsock run as root without seccomp, jail or cgroup; set vmm.qemu.jail.enabled back to true unless you are debugging a VMM")
+		o.log.Warn("VM CONFINEMENT IS OFF: QEMU runs as root without seccomp, jail or cgroup; set vmm.qemu.jail.enabled back to true unless you are debugging a VMM")
 	}
 	if err := o.recover(ctx); err != nil {
 		lock.Close()
@@ -211,7 +215,8 @@ func (o *Orchestrator) path(id, name string) string { return filepath.Join(o.cfg
 
 // Capabilities implements vmm.VMOrchestrator.
 func (o *Orchestrator) Capabilities() vmm.Capabilities {
-	return vmm.Capabilities{Provider: Provider, MaxVCPUs: o.cfg.MaxVCPUs, MaxMemoryMB: o.cfg.MaxMemoryMB, Isolation: "vm", Networking: o.net.Enabled()}
+	return vmm.Capabilities{Provider: Provider, MaxVCPUs: o.cfg.MaxVCPUs, MaxMemoryMB: o.cfg.MaxMemoryMB, Isolation: "vm", Networking: o.net.Enabled(),
+		PauseResume: true, Suspend: true, Snapshot: true}
 }
 
 // Health implements vmm.VMOrchestrator.
@@ -223,7 +228,7 @@ func (o *Orchestrator) Health(ctx context.Context) error {
 	}
 	// Health runs at every heartbeat: it only looks the binaries up
 	// (Diagnose, for doctor, runs them).
-	for _, b := range []string{o.cfg.Binary, o.cfg.VsockBinary, o.cfg.ImgBinary} {
+	for _, b := range []string{o.cfg.Binary, o.cfg.ImgBinary} {
 		if _, err := exec.LookPath(b); err != nil {
 			return fmt.Errorf("%w: %v; reinstall it with `./scripts/setup.sh`", types.ErrUnavailable, err)
 		}
@@ -243,6 +248,10 @@ func (o *Orchestrator) Close() error {
 	o.closed = true
 	o.lock.Close() // releases the run directory's lock
 	o.clients.CloseAll()
+	for id, c := range o.chans {
+		c.Close()
+		delete(o.chans, id)
+	}
 	// cfg.Network belongs to the caller, who may share it: it stays open.
 	return nil
 }

@@ -32,10 +32,10 @@ func TestMain(m *testing.M) {
 	testenv.Main(m)
 }
 
-// requireHost skips unless QEMU and vhost-device-vsock are installed.
+// requireHost skips unless QEMU and qemu-img are installed.
 func requireHost(t testing.TB) {
 	t.Helper()
-	for _, bin := range []string{qemu.DefaultBinary, qemu.DefaultVsockBinary, qemu.DefaultImgBinary} {
+	for _, bin := range []string{qemu.DefaultBinary, qemu.DefaultImgBinary} {
 		if _, err := exec.LookPath(bin); err != nil {
 			testenv.Skip(t, "%s is not installed; run ./scripts/setup.sh", bin)
 		}
@@ -106,7 +106,7 @@ func TestConformance(t *testing.T) {
 		},
 		PIDFiles: func(o vmm.VMOrchestrator, id string) []string {
 			dir := o.(*qemu.Orchestrator).RunDir(id)
-			return []string{filepath.Join(dir, "qemu.pid"), filepath.Join(dir, "vsock.pid")}
+			return []string{filepath.Join(dir, "qemu.pid")}
 		},
 		Restart: func(t *testing.T, o vmm.VMOrchestrator) vmm.VMOrchestrator {
 			dir := filepath.Dir(o.(*qemu.Orchestrator).RunDir("x"))
@@ -162,13 +162,9 @@ func TestVMDetails(t *testing.T) {
 	require.Contains(t, string(console), "aetherium-init: start")
 
 	qpid := qemuPid(t, o, id)
-	vpidb, err := os.ReadFile(filepath.Join(dir, "vsock.pid"))
-	require.NoError(t, err)
-	vpid, _ := strconv.Atoi(strings.TrimSpace(string(vpidb)))
 	require.NoError(t, o.DeleteVM(t.Context(), id))
 	require.NoError(t, o.DeleteVM(t.Context(), id), "delete is idempotent")
 	require.False(t, alive(qpid), "QEMU outlived delete")
-	require.False(t, alive(vpid), "vhost-device-vsock outlived delete")
 	_, err = os.Stat(dir)
 	require.ErrorIs(t, err, os.ErrNotExist, "the run directory outlived delete")
 }
@@ -199,7 +195,7 @@ func TestRestartFindsVMs(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, types.VMFailed, st.State)
 	require.NotEmpty(t, st.Detail)
-	for _, f := range []string{"run/qmp.sock", "run/vsock.sock", "run/vhost.sock", "qemu.pid"} {
+	for _, f := range []string{"run/qmp.sock", "run/agent.sock", "qemu.pid"} {
 		_, err := os.Stat(filepath.Join(o2.RunDir(b), f))
 		require.ErrorIs(t, err, os.ErrNotExist, "%s of the dead VM", f)
 	}

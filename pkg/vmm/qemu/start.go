@@ -7,18 +7,15 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"slices"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/aetherium/aetherium-core/pkg/agent/bootparams"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm/internal/vmutil"
-	"github.com/aetherium/aetherium-core/pkg/vsock"
 )
 
 // StartVM implements vmm.VMOrchestrator.
@@ -30,11 +27,17 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 	defer unlock()
 	p := o.procs(id)
 	if p == nil || !p.qemu.Alive() {
-		if p, err = o.boot(ctx, id, vf); err != nil {
+		if r, err := o.pendingRestore(id, vf); err != nil || r != nil {
+			if err != nil {
+				return err
+			}
+			return o.restore(ctx, id, vf, r)
+		}
+		if p, err = o.boot(ctx, id, vf, nil); err != nil {
 			return err
 		}
 	}
-	err = o.waitAgent(ctx, id, p)
+	err = o.waitAgent(ctx, id, p, true)
 	if errors.Is(err, types.ErrUnavailable) && ctx.Err() == nil {
 		// A guest that boots but never answers is powered off, so that a
 		// retry boots it afresh instead of waiting on the same one again.
@@ -49,8 +52,9 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 	return err
 }
 
-// boot spawns vhost-device-vsock and QEMU for a VM that does not run.
-func (o *Orchestrator) boot(ctx context.Context, id string, vf *vmFile) (p *vmProcs, err error) {
+// boot spawns QEMU for a VM that does not run: booting its kernel, or,
+// with r, waiting for the state of r to be loaded (see restore).
+func (o *Orchestrator) boot(ctx context.Context, id string, vf *vmFile, r *restoreFrom) (p *vmProcs, err error) {
 	o.stopProcs(id, true) // leftovers of a crash, if any
 	o.cleanRuntime(id)
 	dir := o.RunDir(id)
@@ -76,16 +80,9 @@ func (o *Orchestrator) boot(ctx context.Context, id string, vf *vmFile) (p *vmPr
 		return nil, fmt.Errorf("starting vm %s: %w", id, err)
 	}
 
-	consoleFrom, qemuLogFrom, vsockLogFrom := logSize(o.path(id, fileConsole)), logSize(o.path(id, fileQEMULog)), logSize(o.path(id, fileVsockLog))
-	vs, err := o.spawnJailed(id, vf, cgroups, o.vmmDevices(vf, false), []string{o.cfg.VsockBinary, "--vm", fmt.Sprintf("guest-cid=%d,socket=%s,uds-path=%s",
-		guestCID, o.path(id, fileVhost), o.path(id, fileVsock))}, o.path(id, fileVsockLog), o.path(id, fileVsockPid), false)
-	if err != nil {
-		o.dropCgroup(id)
-		return nil, fmt.Errorf("starting vm %s: %w", id, err)
-	}
+	consoleFrom, qemuLogFrom := logSize(o.path(id, fileConsole)), logSize(o.path(id, fileQEMULog))
 	defer func() {
 		if err != nil {
-			vs.Stop(syscall.SIGTERM, time.Second)
 			o.cleanRuntime(id)
 			o.dropCgroup(id)
 			if vf.Running {
@@ -95,21 +92,18 @@ func (o *Orchestrator) boot(ctx context.Context, id string, vf *vmFile) (p *vmPr
 			}
 		}
 	}()
-	if err := vmutil.WaitFile(o.path(id, fileVhost), vs, 10*time.Second); err != nil {
-		return nil, fmt.Errorf("starting vm %s: %s", id, withTail("vhost-device-vsock: "+err.Error(), "vhost-device-vsock's log", cmp.Or(vmutil.TailFrom(o.path(id, fileVsockLog), vsockLogFrom, 10), "(empty)")))
-	}
-
 	vf.Running = true
 	vf.Failed = ""
+	vf.Paused = false
 	vf.Boots++
 	if err := o.writeVM(id, vf); err != nil {
 		return nil, err
 	}
-	q, err := o.spawnJailed(id, vf, cgroups, o.vmmDevices(vf, true), append([]string{o.cfg.Binary}, o.qemuArgs(id, vf)...), o.path(id, fileQEMULog), o.path(id, fileQEMUPid), vf.Net != nil)
+	q, err := o.spawnJailed(id, vf, cgroups, o.vmmDevices(vf, true), append([]string{o.cfg.Binary}, o.qemuArgs(id, vf, r)...), o.path(id, fileQEMULog), o.path(id, fileQEMUPid), vf.Net != nil)
 	if err != nil {
 		return nil, fmt.Errorf("starting vm %s: %w", id, err)
 	}
-	p = &vmProcs{qemu: q, vsock: vs, consoleFrom: consoleFrom, qemuLogFrom: qemuLogFrom, vsockLogFrom: vsockLogFrom}
+	p = &vmProcs{qemu: q, consoleFrom: consoleFrom, qemuLogFrom: qemuLogFrom}
 	o.mu.Lock()
 	o.vms[id] = p
 	o.mu.Unlock()
@@ -120,13 +114,18 @@ func (o *Orchestrator) boot(ctx context.Context, id string, vf *vmFile) (p *vmPr
 
 // qemuArgs is QEMU's command line for a VM. Every value in it comes from
 // the validated spec or the configuration; no shell is involved.
-func (o *Orchestrator) qemuArgs(id string, vf *vmFile) []string {
+//
+// With r, QEMU waits for a saved state (-incoming defer, paused after it
+// by -S), and the kernel command line is the one the state was saved
+// with: a restored VM's devices must be the saved one's exactly.
+func (o *Orchestrator) qemuArgs(id string, vf *vmFile, r *restoreFrom) []string {
 	spec := vf.Spec
 	mem := strconv.Itoa(spec.MemoryMB)
 	args := append([]string{"console=ttyS0", "reboot=t", "panic=-1"}, ClockArgs(o.accel.Name)...)
 	// The root is named by its disk's serial, so tool disks never change
 	// which one it is.
-	args = append(args, "root="+bootparams.RootBySerial(types.RootDiskSerial), "rw", bootparams.HostnameArg(spec.Name), o.cfg.KernelArgs)
+	args = append(args, "root="+bootparams.RootBySerial(types.RootDiskSerial), "rw", bootparams.HostnameArg(spec.Name),
+		bootparams.Arg(bootparams.Listen, bootparams.SerialListen), o.cfg.KernelArgs)
 	if vf.Net != nil {
 		args = append(args, vf.Net.KernelArg)
 	}
@@ -135,44 +134,49 @@ func (o *Orchestrator) qemuArgs(id string, vf *vmFile) []string {
 		args = append(args, bootparams.Arg(bootparams.ToolsRoot, spec.Tools.Root))
 	}
 	cmdline := strings.Join(slices.DeleteFunc(args, func(s string) bool { return s == "" }), " ")
-	return append([]string{
+	var incoming []string
+	if r != nil {
+		cmdline = cmp.Or(r.cmdline, cmdline)
+		incoming = []string{"-S", "-incoming", "defer"}
+	}
+	return append(append([]string{
 		"-name", "aetherium-" + id + ",process=aetherium-" + id,
-		"-M", "microvm,memory-backend=mem",
+		"-M", "microvm",
 		"-accel", o.accel.Name,
 		"-smp", strconv.Itoa(spec.VCPUs),
 		"-m", mem + "M",
-		"-object", "memory-backend-memfd,id=mem,size=" + mem + "M,share=on",
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 		"-chardev", "file,id=con,path=" + o.path(id, fileConsole) + ",append=on",
 		"-serial", "chardev:con",
 		"-kernel", o.cfg.KernelPath,
 		"-initrd", o.cfg.InitrdPath,
 		"-append", cmdline,
-		"-drive", "id=root,file=" + o.path(id, fileOverlay) + ",format=qcow2,if=none,discard=unmap",
+		"-drive", "id=root,file=" + o.path(id, vf.disk()) + ",format=qcow2,if=none,discard=unmap",
 		"-device", "virtio-blk-device,drive=root,serial=" + types.RootDiskSerial,
-		"-chardev", "socket,id=vs0,path=" + o.path(id, fileVhost),
-		"-device", "vhost-user-vsock-device,chardev=vs0",
+		// The agent's channel (see agent.SerialChannel).
+		"-device", "virtio-serial-device",
+		"-chardev", "socket,id=agent,path=" + o.path(id, fileAgent) + ",server=on,wait=off",
+		"-device", "virtserialport,chardev=agent,name=" + bootparams.AgentSerialPort,
 		"-qmp", "unix:" + o.path(id, fileQMP) + ",server=on,wait=off",
-	}, o.jailArgs(append(tools, netArgs(vf.Net)...))...)
+	}, incoming...), o.jailArgs(append(tools, netArgs(vf.Net)...))...)
 }
 
-// waitAgent waits until the agent answers over vsock, failing fast when
-// QEMU exits first.
-func (o *Orchestrator) waitAgent(ctx context.Context, id string, p *vmProcs) error {
+// waitAgent waits until the agent answers over its serial channel,
+// failing fast when QEMU exits first.
+//
+// hint waits for the console's ready line before the first handshake; a
+// restored guest prints none.
+func (o *Orchestrator) waitAgent(ctx context.Context, id string, p *vmProcs, hint bool) error {
 	readyCtx, cancel := context.WithTimeout(ctx, o.cfg.ReadyTimeout)
 	defer cancel()
 	ready := make(chan error, 1)
 	go func() {
-		// The hybrid vsock dial with retry is the readiness probe: it
-		// succeeds once the guest listens on the agent's port. It starts
-		// once the init says the agent listens (see agentReadyLine).
-		waitConsole(readyCtx, o.path(id, fileConsole), p.consoleFrom, o.cfg.ReadyTimeout/2)
-		conn, err := dialAgentRetry(readyCtx, o.path(id, fileVsock), o.sockOwner(id))
-		if err != nil {
-			ready <- err
-			return
+		// The console line is only a hint that saves handshakes with a
+		// guest that has not opened its port yet; Info over the channel
+		// is the real test.
+		if hint {
+			waitConsole(readyCtx, o.path(id, fileConsole), p.consoleFrom, o.cfg.ReadyTimeout/2)
 		}
-		conn.Close()
 		c, err := o.client(id)
 		if err == nil {
 			_, err = c.WaitReady(readyCtx)
@@ -201,12 +205,8 @@ func (o *Orchestrator) waitAgent(ctx context.Context, id string, p *vmProcs) err
 const agentReadyLine = bootparams.ReadyLine
 
 // waitConsole waits until the console log, past offset from, holds
-// agentReadyLine, or limit passes, or ctx ends. Connections over
-// vhost-device-vsock made while the guest's vsock driver is still starting
-// were seen to wedge the device for good when ten guests booted at once
-// under TCG, so the first CONNECT waits for the guest to say it is ready.
-// The line is only a hint (a guest that logs less still gets dialled after
-// limit); the vsock handshake stays the real test.
+// agentReadyLine, or limit passes, or ctx ends. The line is only a hint (a
+// guest that logs less still gets dialled after limit).
 func waitConsole(ctx context.Context, path string, from int64, limit time.Duration) {
 	ctx, cancel := context.WithTimeout(ctx, limit)
 	defer cancel()
@@ -235,28 +235,6 @@ func waitConsole(ctx context.Context, path string, from int64, limit time.Durati
 		case <-ctx.Done():
 			return
 		case <-tick.C:
-		}
-	}
-}
-
-// handshakeWindow bounds one round of vsock dial attempts while a VM boots.
-// A CONNECT that reaches the guest while its vsock driver is starting can
-// go unanswered for good (seen with ten guests booting at once under TCG),
-// and vsock.DialRetry bounds a handshake only by its context; a fresh
-// window lets a later attempt succeed instead of waiting out ReadyTimeout.
-const handshakeWindow = 5 * time.Second
-
-// dialAgentRetry dials the agent's vsock port until it answers or ctx ends,
-// through the socket at sock only while it is a socket of uid.
-func dialAgentRetry(ctx context.Context, sock string, uid int) (net.Conn, error) {
-	for {
-		wctx, cancel := context.WithTimeout(ctx, handshakeWindow)
-		conn, err := vsock.Retry(wctx, fmt.Sprintf("guest port %d via %s", bootparams.AgentPort, sock), func(ctx context.Context) (net.Conn, error) {
-			return dialOwned(ctx, sock, uid)
-		}, vsock.Backoff{Initial: 5 * time.Millisecond, Max: 50 * time.Millisecond})
-		cancel()
-		if err == nil || ctx.Err() != nil {
-			return conn, err
 		}
 	}
 }

@@ -3,7 +3,6 @@ package qemu
 import (
 	"context"
 	"fmt"
-	"syscall"
 	"time"
 
 	"github.com/aetherium/aetherium-core/pkg/types"
@@ -27,6 +26,18 @@ type vmFile struct {
 	// Jail is a confined VM's uid and gid; nil for a VM made and never
 	// booted with confinement off.
 	Jail *jailFile `json:"jail,omitempty"`
+	// Paused is set while Pause holds the VM's vCPUs.
+	Paused bool `json:"paused,omitempty"`
+	// Suspended is set once Suspend saved the VM's state (file "state")
+	// and until Resume restored it or StopVM discarded it.
+	Suspended bool `json:"suspended,omitempty"`
+	// Disk is the root disk's active layer in the run directory; empty:
+	// fileOverlay. Each Snapshot freezes the active layer and starts a
+	// new one (overlay-N.qcow2, N = Layers).
+	Disk   string `json:"disk,omitempty"`
+	Layers int    `json:"layers,omitempty"`
+	// Clone is set for a VM made from a snapshot.
+	Clone *cloneFile `json:"clone,omitempty"`
 }
 
 // recover finds the VMs of an earlier worker: those whose QEMU still runs
@@ -47,22 +58,21 @@ func (o *Orchestrator) recover(ctx context.Context) error {
 		}
 		dir := o.RunDir(id)
 		q := vmutil.Adopt(o.path(id, fileQEMUPid), vmutil.MentionsDir(dir))
-		v := vmutil.Adopt(o.path(id, fileVsockPid), vmutil.MentionsDir(dir))
 		switch {
-		case q != nil && v != nil:
-			p := &vmProcs{qemu: q, vsock: v}
+		case q != nil && vf.Suspended:
+			// Saved, and the worker died before it ended QEMU.
+			o.stopProcs(id, true)
+			o.cleanRuntime(id)
+			o.log.Info("ended the QEMU of a suspended vm", "vm_id", id)
+		case q != nil:
+			p := &vmProcs{qemu: q}
 			o.mu.Lock()
 			o.vms[id] = p
 			o.mu.Unlock()
 			go o.watch(id, p)
 			o.log.Info("found running vm again", "vm_id", id, "qemu_pid", q.Pid())
 		default:
-			if q != nil {
-				q.Stop(syscall.SIGKILL, 0)
-			}
-			if v != nil {
-				v.Stop(syscall.SIGTERM, time.Second)
-			}
+			o.stopProcs(id, true) // a leftover vhost-device-vsock
 			o.cleanRuntime(id)
 			o.dropCgroup(id)
 			if vf.Running {
@@ -96,8 +106,12 @@ func (o *Orchestrator) status(id string) (*vmm.VMStatus, error) {
 	p := o.procs(id)
 	st.Jail = o.jailInfo(id, vf, p != nil && p.qemu.Alive())
 	switch {
+	case p != nil && p.qemu.Alive() && vf.Paused:
+		st.State = types.VMPaused
 	case p != nil && p.qemu.Alive():
 		st.State = types.VMRunning
+	case vf.Suspended:
+		st.State = types.VMSuspended
 	case vf.Failed != "":
 		st.State, st.Detail = types.VMFailed, vf.Failed
 	case vf.Running && p != nil:

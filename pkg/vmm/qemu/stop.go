@@ -18,19 +18,7 @@ import (
 // watch waits for QEMU to end. An end nobody asked for marks the VM failed
 // and frees what it held, so a killed or crashed VM leaks nothing.
 func (o *Orchestrator) watch(id string, p *vmProcs) {
-	var vsockDone <-chan struct{} // nil: never
-	if p.vsock != nil {
-		vsockDone = p.vsock.Done()
-	}
-	var why func() string // read once the VM's lock is held
-	select {
-	case <-p.qemu.Done():
-		why = func() string { return o.qemuEnded(id, p) }
-	case <-vsockDone:
-		// QEMU runs on, but nothing reaches its agent any more: the VM is
-		// as good as dead, and is ended rather than reported running.
-		why = func() string { return o.vsockEnded(id, p) }
-	}
+	<-p.qemu.Done()
 	unlock := o.locks.Lock(id)
 	defer unlock()
 	o.mu.Lock()
@@ -40,7 +28,7 @@ func (o *Orchestrator) watch(id string, p *vmProcs) {
 	if stopping || !current {
 		return
 	}
-	failed := why()
+	failed := o.qemuEnded(id, p)
 	o.log.Warn("vm ended unexpectedly", "vm_id", id, "why", failed)
 	// Recorded before the processes are dropped, so a status read in
 	// between shows these words and not a generic "not running".
@@ -75,9 +63,15 @@ func (o *Orchestrator) StopVM(ctx context.Context, id string, force bool) error 
 	}
 	o.stopProcs(id, true)
 	o.cleanRuntime(id)
-	if vf.Running || vf.Failed != "" {
+	if vf.Suspended {
+		// A stopped VM boots afresh: its saved state goes.
+		if err := os.Remove(o.path(id, fileState)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("stopping vm %s: removing its saved state: %w", id, err)
+		}
+	}
+	if vf.Running || vf.Failed != "" || vf.Paused || vf.Suspended {
 		// A stopped VM is stopped, whatever ended its last run.
-		vf.Running, vf.Failed = false, ""
+		vf.Running, vf.Failed, vf.Paused, vf.Suspended = false, "", false, false
 		if err := o.writeVM(id, vf); err != nil {
 			return err
 		}
@@ -167,9 +161,9 @@ func (o *Orchestrator) stopProcs(id string, kill bool) {
 	if p == nil {
 		// Not known to this worker: a leftover from an earlier one.
 		dir := o.RunDir(id)
-		p = &vmProcs{qemu: vmutil.Adopt(o.path(id, fileQEMUPid), vmutil.MentionsDir(dir)), vsock: vmutil.Adopt(o.path(id, fileVsockPid), vmutil.MentionsDir(dir))}
+		p = &vmProcs{qemu: vmutil.Adopt(o.path(id, fileQEMUPid), vmutil.MentionsDir(dir))}
 	}
-	o.clients.Drop(id)
+	o.dropChannel(id)
 	if p.qemu != nil {
 		if kill {
 			p.qemu.Stop(syscall.SIGKILL, 0)
@@ -177,15 +171,17 @@ func (o *Orchestrator) stopProcs(id string, kill bool) {
 			p.qemu.Stop(syscall.SIGTERM, o.cfg.StopTimeout)
 		}
 	}
-	if p.vsock != nil {
-		p.vsock.Stop(syscall.SIGTERM, 2*time.Second)
+	// The vhost-device-vsock of a VM started before the agent moved to
+	// virtio-serial.
+	if v := vmutil.Adopt(o.path(id, fileVsockPid), vmutil.MentionsDir(o.RunDir(id))); v != nil {
+		v.Stop(syscall.SIGTERM, 2*time.Second)
 	}
 	o.dropCgroup(id)
 }
 
 // cleanRuntime removes what only a running VM has: sockets and pidfiles.
 func (o *Orchestrator) cleanRuntime(id string) {
-	for _, f := range []string{fileQEMUPid, fileQMP, fileVsockPid, fileVhost, fileVsock} {
+	for _, f := range []string{fileQEMUPid, fileQMP, fileAgent, fileVsockPid, "run/vhost.sock", "run/vsock.sock"} {
 		if err := os.Remove(o.path(id, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			o.log.Warn("cannot remove vm file", "vm_id", id, "file", f, "err", err)
 		}

@@ -99,6 +99,7 @@ func Run(t *testing.T, h Harness) {
 	t.Run("Exec", s.testExec)
 	t.Run("Crash", s.testCrash)
 	t.Run("Shared", s.runShared)
+	t.Run("Snapshotter", s.testSnapshotter)
 }
 
 // ctx returns a context bounded by the harness's operation timeout.
