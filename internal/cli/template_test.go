@@ -16,10 +16,10 @@ func TestTemplates(t *testing.T) {
 	s := stack.Start(t, stack.Options{})
 	cfg := s.ConfigFile(t)
 
-	r := run(t, cfg, "", "template", "create", "small", "--vcpus", "1", "--memory", "256", "--env", "A=1", "--env", "B=x=y")
+	r := run(t, cfg, "", "template", "create", "small", "--build=false", "--vcpus", "1", "--memory", "256", "--env", "A=1", "--env", "B=x=y")
 	require.Equal(t, 0, r.code, r.stderr)
 	require.Equal(t, "small\n", r.stdout)
-	r = run(t, cfg, "", "--json", "template", "create", "big")
+	r = run(t, cfg, "", "--json", "template", "create", "big", "--build=false")
 	require.Equal(t, 0, r.code, r.stderr)
 	require.Contains(t, r.stdout, `"vcpus": 2`, "defaults are the base template's size")
 
@@ -57,6 +57,16 @@ func TestTemplates(t *testing.T) {
 		require.NotEqual(t, 0, r.code, tc.args)
 		require.Contains(t, r.stderr, tc.want, tc.args)
 	}
+
+	// Building needs a backend that snapshots: docker says it cannot.
+	r = run(t, cfg, "", "template", "create", "built", "--wait")
+	require.Equal(t, 1, r.code, r.stderr)
+	require.Contains(t, r.stderr, "cannot snapshot")
+	r = run(t, cfg, "", "template", "list")
+	require.Equal(t, 0, r.code, r.stderr)
+	require.Contains(t, r.stdout, "failed: not supported")
+	r = run(t, cfg, "", "template", "delete", "built")
+	require.Equal(t, 0, r.code, r.stderr)
 
 	r = run(t, cfg, "", "template", "delete", "small")
 	require.Equal(t, 0, r.code, r.stderr)

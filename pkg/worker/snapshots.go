@@ -283,6 +283,13 @@ func (w *Worker) handleTemplateBuild(ctx context.Context, t *asynq.Task, log *sl
 	if _, err := w.snapshotter(); err != nil {
 		return nil, err
 	}
+	if !w.vmm.Capabilities().Snapshot {
+		// Before the builder VM is made: it could never be snapshotted.
+		err := fmt.Errorf("%w: the %s backend cannot snapshot vms, so it cannot build templates", types.ErrNotSupported, w.cfg.Provider)
+		w.failSnapshot(context.WithoutCancel(ctx), log, sn, err)
+		w.removeBuilder(context.WithoutCancel(ctx), log, p.VMID)
+		return nil, err
+	}
 	log = log.With("template", sn.Name, "vm_id", p.VMID)
 	start := time.Now()
 	err = w.buildTemplate(ctx, log, sn, p)
