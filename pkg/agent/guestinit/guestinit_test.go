@@ -232,6 +232,16 @@ func TestDeferModule(t *testing.T) {
 		require.False(t, nat.deferModule(m), "%s is needed for the network", m)
 	}
 	require.True(t, nat.deferModule("virtio_console"))
+
+	// An agent on a virtio-serial port (the qemu backend) needs
+	// virtio_console to boot, and vsock not at all.
+	serial := defaults()
+	serial.Listen = "serial://aetherium.agent"
+	require.False(t, serial.deferModule("virtio_console"))
+	require.False(t, serial.deferModule("virtio_blk"))
+	for _, m := range []string{"vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport", "virtio_net"} {
+		require.True(t, serial.deferModule(m), "%s can wait for an agent on a serial port", m)
+	}
 }
 
 func TestSyscallsRefuseOutsidePID1(t *testing.T) {
