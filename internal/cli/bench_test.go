@@ -1,6 +1,7 @@
 package cli_test
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"slices"
@@ -14,6 +15,7 @@ import (
 	"github.com/aetherium/aetherium-core/internal/testenv"
 	"github.com/aetherium/aetherium-core/internal/testenv/stack"
 	"github.com/aetherium/aetherium-core/pkg/apikey"
+	"github.com/aetherium/aetherium-core/pkg/vmm/qemu"
 )
 
 // BenchmarkCLIExecTrue times `aether-cli exec ID -- true` as a whole
@@ -82,4 +84,82 @@ func BenchmarkCLIExecTrue(b *testing.B) {
 		})
 	}
 	b.Logf("medians: %v", medians)
+}
+
+// BenchmarkCreateVsRaw times, side by side in one run on qemu, as whole
+// aether-cli processes: `vm create --template T --wait` then the first
+// `exec ID -- true` (a restored clone), the same with a cold boot (`vm
+// create --wait`), and a raw QEMU boot of the same kernel and initramfs
+// to /init (testenv.RawQEMUBoot). It reports the medians and each as a
+// multiple of the raw boot (x-raw), then the wall time of 10 concurrent
+// clone creates as a multiple of one (x-single).
+//
+//	go test ./internal/cli -run '^$' -bench BenchmarkCreateVsRaw -benchtime 20x
+func BenchmarkCreateVsRaw(b *testing.B) {
+	s := stack.Start(b, stack.Options{Provider: qemu.Provider})
+	cfg := s.ConfigFile(b)
+	bin := testenv.BuildBinary(b, "aether-cli")
+	img := testenv.GuestImage(b)
+	orch, ok := s.VMMs["w1"].(*qemu.Orchestrator)
+	require.True(b, ok)
+	accel := orch.Accel().Name
+	env := slices.DeleteFunc(os.Environ(), func(kv string) bool { return strings.HasPrefix(kv, "AETHERIUM_") })
+	cli := func(args ...string) (string, time.Duration) {
+		cmd := exec.Command(bin, append([]string{"--config", cfg}, args...)...)
+		cmd.Env = env
+		start := time.Now()
+		out, err := cmd.Output()
+		took := time.Since(start)
+		if err != nil {
+			var stderr []byte
+			if ee, ok := err.(*exec.ExitError); ok {
+				stderr = ee.Stderr
+			}
+			b.Fatalf("aether-cli %s: %v\n%s%s", strings.Join(args, " "), err, out, stderr)
+		}
+		return strings.TrimSpace(string(out)), took
+	}
+	cli("template", "create", "bench", "--vcpus", "1", "--memory", "256", "--wait")
+	n := 0
+	createExec := func(extra ...string) time.Duration {
+		n++
+		id, create := cli(append([]string{"vm", "create", "--name", fmt.Sprintf("bench-%d", n), "--wait"}, extra...)...)
+		_, exe := cli("exec", id, "--", "true")
+		cli("vm", "delete", id, "--wait")
+		return create + exe
+	}
+	var raw, clone, cold []time.Duration
+	for b.Loop() {
+		raw = append(raw, testenv.RawQEMUBoot(b, qemu.DefaultBinary, img.KernelPath(), img.InitrdPath(), accel, qemu.ClockArgs(accel)...))
+		clone = append(clone, createExec("--template", "bench"))
+		cold = append(cold, createExec("--vcpus", "1", "--memory", "256"))
+	}
+	med := func(d []time.Duration) time.Duration {
+		slices.Sort(d)
+		return d[(len(d)-1)/2]
+	}
+	r, c, k := med(raw), med(clone), med(cold)
+	b.ReportMetric(float64(r.Milliseconds()), "raw-ms")
+	b.ReportMetric(float64(c.Milliseconds()), "template-create+exec-ms")
+	b.ReportMetric(float64(k.Milliseconds()), "cold-create+exec-ms")
+	b.ReportMetric(float64(c)/float64(r), "template-x-raw")
+	b.ReportMetric(float64(k)/float64(r), "cold-x-raw")
+
+	// 10 clones at once against one.
+	_, single := cli("vm", "create", "--name", "bench-single", "--template", "bench", "--wait")
+	start := time.Now()
+	var wg sync.WaitGroup
+	for i := range 10 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cli("vm", "create", "--name", fmt.Sprintf("bench-many-%d", i), "--template", "bench", "--wait")
+		}()
+	}
+	wg.Wait()
+	many := time.Since(start)
+	b.ReportMetric(float64(many.Milliseconds()), "10-concurrent-ms")
+	b.ReportMetric(float64(many)/float64(single), "10-concurrent-x-single")
+	b.Logf("raw boot %v, template create+exec %v (%.2fx), cold create+exec %v (%.2fx); one clone create %v, 10 at once %v (%.2fx)",
+		r, c, float64(c)/float64(r), k, float64(k)/float64(r), single, many, float64(many)/float64(single))
 }

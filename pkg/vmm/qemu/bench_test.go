@@ -1,11 +1,9 @@
 package qemu_test
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -22,34 +20,12 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/vmm/vmmtest"
 )
 
-const initMarker = "aetherium-init: start"
+const initMarker = testenv.RawBootMarker
 
-// rawBoot boots the guest image's kernel and initramfs with nothing else
-// (no disk, no vsock) and returns the wall time from spawning QEMU until
-// fc-agent prints its first line as /init. It is the baseline that the
-// backend's create-to-ready time is compared with.
+// rawBoot is testenv.RawQEMUBoot with this backend's binary and clock
+// arguments: the baseline of the boot figures.
 func rawBoot(b *testing.B, kernel, initrd, accel string) time.Duration {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, qemu.DefaultBinary,
-		"-M", "microvm,memory-backend=mem", "-accel", accel, "-smp", "1", "-m", "256M",
-		"-object", "memory-backend-memfd,id=mem,size=256M,share=on",
-		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio",
-		"-kernel", kernel, "-initrd", initrd,
-		"-append", strings.Join(append([]string{"console=ttyS0", "reboot=t", "panic=-1"}, append(qemu.ClockArgs(accel), "aetherium.init=raw")...), " "))
-	out, err := cmd.StdoutPipe()
-	require.NoError(b, err)
-	start := time.Now()
-	require.NoError(b, cmd.Start())
-	defer func() { cmd.Process.Kill(); cmd.Wait() }()
-	sc := bufio.NewScanner(out)
-	for sc.Scan() {
-		if strings.Contains(sc.Text(), initMarker) {
-			return time.Since(start)
-		}
-	}
-	b.Fatalf("raw boot ended without %q: %v", initMarker, sc.Err())
-	return 0
+	return testenv.RawQEMUBoot(b, qemu.DefaultBinary, kernel, initrd, accel, qemu.ClockArgs(accel)...)
 }
 
 // waitFor polls until cond holds and returns when it first did.
