@@ -229,9 +229,15 @@ func (s *Server) create(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 
-	id, err := s.svc.CreateVMTaskWithOptions(ctx, service.CreateVMOptions{
-		Name: name, VCPUs: tpl.VCPUs, MemoryMB: tpl.MemoryMB, Labels: req.Metadata, Env: env, TTL: ttl,
-	})
+	o := service.CreateVMOptions{Name: name, VCPUs: tpl.VCPUs, MemoryMB: tpl.MemoryMB, Labels: req.Metadata, Env: env, TTL: ttl}
+	if tpl.Name != BaseTemplate {
+		// A template built into a snapshot starts its sandboxes by
+		// restoring a clone of a booted guest instead of booting one.
+		if sn, err := s.store.FindSnapshot(ctx, types.KindTemplate, tpl.Name); err == nil && sn.State == types.SnapshotReady {
+			o.Template, o.VCPUs, o.MemoryMB = tpl.Name, 0, 0
+		}
+	}
+	id, err := s.svc.CreateVMTaskWithOptions(ctx, o)
 	if err != nil {
 		return err
 	}

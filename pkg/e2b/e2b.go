@@ -102,6 +102,10 @@ type Store interface {
 	AddSandboxToken(ctx context.Context, vmID string, hash []byte) error
 	// GetTemplate returns a registered template, or types.ErrNotFound.
 	GetTemplate(ctx context.Context, name string) (*storage.Template, error)
+	// FindSnapshot returns the live snapshot of kind named name, or
+	// types.ErrNotFound: a template built into one starts its sandboxes
+	// by restoring it.
+	FindSnapshot(ctx context.Context, kind types.SnapshotKind, name string) (*types.Snapshot, error)
 }
 
 // Server serves the E2B API. Make one with New, mount Handler, and call
