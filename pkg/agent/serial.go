@@ -151,6 +151,18 @@ func (p *prefixed) Read(b []byte) (int, error) {
 	return p.ReadWriteCloser.Read(b)
 }
 
+// fullClose is a yamux stream whose Close also ends its reads, as
+// net.Conn's contract says and gRPC relies on: yamux's Close only
+// half-closes, so a reader would wait for the peer's FIN, which a paused
+// or stopped guest never sends.
+type fullClose struct{ *yamux.Stream }
+
+func (c fullClose) Close() error {
+	err := c.Stream.Close()
+	_ = c.Stream.SetReadDeadline(time.Unix(1, 0))
+	return err
+}
+
 func newNonce() string {
 	var b [16]byte
 	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails
@@ -200,7 +212,7 @@ func (c *SerialChannel) Dial(ctx context.Context) (net.Conn, error) {
 		}
 		st, err := sess.OpenStream()
 		if err == nil {
-			return st, nil
+			return fullClose{st}, nil
 		}
 		// A session broken since it was made: make a new one once.
 		c.drop(sess)
@@ -535,7 +547,7 @@ func (l *serialListener) run() {
 				break
 			}
 			select {
-			case l.conns <- st:
+			case l.conns <- fullClose{st}:
 			case <-l.done:
 				st.Close()
 			}

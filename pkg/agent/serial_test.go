@@ -275,3 +275,38 @@ func (o *oneByte) Read(p []byte) (int, error) {
 	o.b = o.b[1:]
 	return 1, nil
 }
+
+// TestSerialStreamCloseEndsRead: closing a stream ends a Read blocked on
+// it even though the guest never answers (a paused or stopped guest), as
+// gRPC's client, which waits for its reader when it closes, needs.
+func TestSerialStreamCloseEndsRead(t *testing.T) {
+	dev := newFakeDev()
+	l := newSerialListener("test", dev.open)
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close() // held open, never read or written
+		}
+	}()
+	ch := NewSerialChannel(func(context.Context) (net.Conn, error) { return dev.connect(), nil })
+	defer ch.Close()
+	c, err := ch.Dial(t.Context())
+	require.NoError(t, err)
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.Read(make([]byte, 1))
+		done <- err
+	}()
+	time.Sleep(50 * time.Millisecond)
+	require.NoError(t, c.Close())
+	select {
+	case err := <-done:
+		require.Error(t, err)
+	case <-time.After(2 * time.Second):
+		t.Fatal("Close left a Read blocked")
+	}
+}

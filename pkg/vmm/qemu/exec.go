@@ -88,7 +88,7 @@ func (o *Orchestrator) channelLocked(id string) *agent.SerialChannel {
 // dropChannel forgets VM id's agent client and serial channel, ending
 // their connection.
 func (o *Orchestrator) dropChannel(id string) {
-	o.clients.Drop(id)
+	// The session first: its end ends the client's streams at once.
 	o.mu.Lock()
 	c := o.chans[id]
 	delete(o.chans, id)
@@ -96,6 +96,7 @@ func (o *Orchestrator) dropChannel(id string) {
 	if c != nil {
 		c.Close()
 	}
+	o.clients.Drop(id)
 }
 
 // dialOwned connects to the agent's serial port socket at sock, which

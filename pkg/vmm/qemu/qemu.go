@@ -247,11 +247,11 @@ func (o *Orchestrator) Close() error {
 	}
 	o.closed = true
 	o.lock.Close() // releases the run directory's lock
-	o.clients.CloseAll()
 	for id, c := range o.chans {
 		c.Close()
 		delete(o.chans, id)
 	}
+	o.clients.CloseAll()
 	// cfg.Network belongs to the caller, who may share it: it stays open.
 	return nil
 }

@@ -163,7 +163,6 @@ func (o *Orchestrator) stopProcs(id string, kill bool) {
 		dir := o.RunDir(id)
 		p = &vmProcs{qemu: vmutil.Adopt(o.path(id, fileQEMUPid), vmutil.MentionsDir(dir))}
 	}
-	o.dropChannel(id)
 	if p.qemu != nil {
 		if kill {
 			p.qemu.Stop(syscall.SIGKILL, 0)
@@ -171,6 +170,9 @@ func (o *Orchestrator) stopProcs(id string, kill bool) {
 			p.qemu.Stop(syscall.SIGTERM, o.cfg.StopTimeout)
 		}
 	}
+	// After QEMU: the connection then ends at once, where a stopped guest
+	// (Suspend) would never answer the agent client's goodbyes.
+	o.dropChannel(id)
 	// The vhost-device-vsock of a VM started before the agent moved to
 	// virtio-serial.
 	if v := vmutil.Adopt(o.path(id, fileVsockPid), vmutil.MentionsDir(o.RunDir(id))); v != nil {
