@@ -270,6 +270,12 @@ func (o *Orchestrator) saveState(ctx context.Context, id string, vf *vmFile, pat
 				return err
 			}
 		}
+		// QEMU throttles migrations to 128 MiB/s by default, meant for
+		// a live migration over a shared network; this one goes to a
+		// local file with the vCPUs stopped.
+		if err := m.run("migrate-set-parameters", map[string]int64{"max-bandwidth": 1 << 40}, nil, nil); err != nil {
+			return err
+		}
 		if err := m.passFD("state", f); err != nil {
 			return err
 		}

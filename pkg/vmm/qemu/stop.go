@@ -58,6 +58,13 @@ func (o *Orchestrator) StopVM(ctx context.Context, id string, force bool) error 
 		p.stopping = true
 		o.mu.Unlock()
 		if !force {
+			if vf.Paused {
+				// A paused guest cannot power itself off: it runs again
+				// for its graceful end.
+				if err := o.cont(ctx, id); err != nil {
+					o.log.Debug("cannot resume a paused vm to stop it gracefully", "vm_id", id, "err", err)
+				}
+			}
 			o.gracefulStop(ctx, id, p)
 		}
 	}

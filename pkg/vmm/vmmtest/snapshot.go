@@ -61,6 +61,13 @@ func (s *suite) testPauseResume(t *testing.T, sn vmm.Snapshotter) {
 	require.NoError(t, sn.Resume(ctx, id))
 	RequireState(t, s.o, id, types.VMRunning)
 	require.Equal(t, "awake\n", Sh(t, s.o, id, "echo awake"))
+
+	// A paused VM stops, and starts afresh.
+	require.NoError(t, sn.Pause(ctx, id))
+	require.NoError(t, s.o.StopVM(ctx, id, false))
+	RequireState(t, s.o, id, types.VMStopped)
+	require.NoError(t, s.o.StartVM(ctx, id))
+	RequireState(t, s.o, id, types.VMRunning)
 }
 
 func (s *suite) testSuspendResume(t *testing.T, sn vmm.Snapshotter) {
