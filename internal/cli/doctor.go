@@ -209,7 +209,7 @@ func vmmFix(provider string) string {
 	case "docker":
 		return "start a Docker engine (`make up` starts a private dockerd) or set vmm.docker.host"
 	case "qemu":
-		return "fix the qemu checks above (`./scripts/setup.sh` installs QEMU and vhost-device-vsock; `make guest-image` builds the guest image)"
+		return "fix the qemu checks above (`./scripts/setup.sh` installs QEMU; `make guest-image` builds the guest image)"
 	default:
 		return "set vmm.provider to docker, or see docs/ for the " + provider + " prerequisites"
 	}

@@ -86,7 +86,7 @@ func newEnv(t *testing.T, provider string) *env {
 		t.Cleanup(func() { c.Close() })
 		e.docker = c
 	case "qemu":
-		for _, bin := range []string{qemu.DefaultBinary, qemu.DefaultVsockBinary, qemu.DefaultImgBinary} {
+		for _, bin := range []string{qemu.DefaultBinary, qemu.DefaultImgBinary} {
 			if _, err := exec.LookPath(bin); err != nil {
 				testenv.Skip(t, "%s is not installed; run ./scripts/setup.sh", bin)
 			}
