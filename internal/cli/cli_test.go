@@ -361,16 +361,19 @@ func TestDoctorBackends(t *testing.T) {
 
 	t.Setenv("AETHERIUM_VMM_PROVIDER", "qemu")
 	r := run(t, cfg, "", "doctor")
-	for _, want := range []string{"qemu accelerator", "qemu qemu", "QEMU emulator version", "vhost-device-vsock", "qemu guest image"} {
+	for _, want := range []string{"qemu accelerator", "qemu qemu", "QEMU emulator version", "qemu guest image"} {
 		require.Contains(t, r.stdout, want)
 	}
 	require.NotContains(t, r.stdout, "FAIL  qemu", "this host has everything the qemu backend needs")
 
-	t.Setenv("AETHERIUM_VMM_QEMU_VSOCK_BINARY", "/nonexistent/vhost-device-vsock")
+	// The agent rides a virtio-serial port: doctor no longer asks for
+	// vhost-device-vsock. A missing QEMU fails with its fix.
+	t.Setenv("AETHERIUM_VMM_QEMU_BINARY", "/nonexistent/qemu-system-x86_64")
 	r = run(t, cfg, "", "doctor")
 	require.Equal(t, 1, r.code)
-	require.Contains(t, r.stdout, "FAIL  qemu vhost-device-vsock")
-	require.Contains(t, r.stdout, "VSock connection timeout")
+	require.Contains(t, r.stdout, "FAIL  qemu qemu")
+	require.Contains(t, r.stdout, "Worker can't create VMs")
+	t.Setenv("AETHERIUM_VMM_QEMU_BINARY", "")
 
 	t.Setenv("AETHERIUM_VMM_PROVIDER", "firecracker")
 	t.Setenv("AETHERIUM_VMM_FIRECRACKER_BINARY", "/nonexistent/firecracker")
