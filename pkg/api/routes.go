@@ -16,6 +16,10 @@ func (s *Server) routes(mux *http.ServeMux) {
 	s.handle(mux, "DELETE /v1/vms/{id}", auth, s.deleteVM)
 	s.handle(mux, "POST /v1/vms/{id}/stop", auth, s.stopVM)
 	s.handle(mux, "POST /v1/vms/{id}/start", auth, s.startVM)
+	s.handle(mux, "POST /v1/vms/{id}/pause", auth, s.pauseVM)
+	s.handle(mux, "POST /v1/vms/{id}/resume", auth, s.resumeVM)
+	s.handle(mux, "POST /v1/vms/{id}/suspend", auth, s.suspendVM)
+	s.handle(mux, "POST /v1/vms/{id}/snapshots", auth, s.snapshotVM)
 	s.handle(mux, "POST /v1/vms/{id}/ttl", auth, s.setTTL)
 	s.handle(mux, "POST /v1/vms/{id}/exec", auth, s.exec)
 	s.handle(mux, "GET /v1/vms/{id}/executions", auth, s.listExecutions)
@@ -24,6 +28,11 @@ func (s *Server) routes(mux *http.ServeMux) {
 	s.handle(mux, "GET /v1/vms/{id}/files", auth, s.getFile)
 	s.handle(mux, "POST /v1/vms/{id}/tools", auth, s.installTools)
 	s.handle(mux, "GET /v1/vms/{id}/tools", auth, s.listVMTools)
+
+	s.handle(mux, "GET /v1/snapshots", auth, s.listSnapshots)
+	s.handle(mux, "GET /v1/snapshots/{name}", auth, s.getSnapshot)
+	s.handle(mux, "DELETE /v1/snapshots/{name}", auth, s.deleteSnapshot)
+	s.handle(mux, "POST /v1/templates", auth, s.createTemplate)
 
 	s.handle(mux, "GET /v1/tasks/{id}", auth, s.getTask)
 	s.handle(mux, "POST /v1/tasks/{id}/cancel", auth, s.cancelTask)

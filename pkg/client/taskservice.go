@@ -44,6 +44,11 @@ func (c *Client) CreateVMTaskWithOptions(ctx context.Context, o service.CreateVM
 	// The API fills in vcpus and memory left out; the TaskService
 	// contract, as the local service keeps it, refuses them instead.
 	spec := types.VMSpec{Name: o.Name, VCPUs: o.VCPUs, MemoryMB: o.MemoryMB, Labels: o.Labels, Env: o.Env, Network: cmp.Or(o.Network, types.NetworkNone)}
+	if o.FromSnapshot != "" || o.Template != "" {
+		// A clone takes its snapshot's size, which only the server
+		// knows: check the rest here.
+		spec.VCPUs, spec.MemoryMB = cmp.Or(spec.VCPUs, 1), cmp.Or(spec.MemoryMB, types.MinMemoryMB)
+	}
 	if err := spec.Validate(0); err != nil { // the host's CPU bound is the server's to check
 		return uuid.Nil, err
 	}
@@ -52,7 +57,8 @@ func (c *Client) CreateVMTaskWithOptions(ctx context.Context, o service.CreateVM
 	}
 	var vm types.VM
 	err := c.doJSON(ctx, http.MethodPost, "/v1/vms", nil, wire.CreateVMRequest{Name: o.Name, VCPUs: o.VCPUs, MemoryMB: o.MemoryMB,
-		Network: o.Network, Labels: o.Labels, Env: o.Env, TTLSeconds: wire.Seconds(o.TTL), Tools: o.Tools}, &vm)
+		Network: o.Network, Labels: o.Labels, Env: o.Env, TTLSeconds: wire.Seconds(o.TTL), Tools: o.Tools,
+		FromSnapshot: o.FromSnapshot, Template: o.Template}, &vm)
 	if err != nil {
 		return uuid.Nil, err
 	}

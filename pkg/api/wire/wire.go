@@ -46,6 +46,34 @@ type CreateVMRequest struct {
 	TTLSeconds int64             `json:"ttl_seconds,omitempty"`
 	// Tools are mise tool specs to install and deliver into the VM.
 	Tools []string `json:"tools,omitempty"`
+	// FromSnapshot (a snapshot's name or id) or Template (a template's
+	// name) starts the VM by restoring it instead of booting; vcpus and
+	// memory_mb then default to the snapshot's.
+	FromSnapshot string `json:"from_snapshot,omitempty"`
+	Template     string `json:"template,omitempty"`
+}
+
+// SnapshotRequest is the body of POST /v1/vms/{id}/snapshots.
+type SnapshotRequest struct {
+	Name string `json:"name"`
+}
+
+// TemplateRequest is the body of POST /v1/templates.
+type TemplateRequest struct {
+	Name     string `json:"name"`
+	VCPUs    int    `json:"vcpus,omitempty"`
+	MemoryMB int    `json:"memory_mb,omitempty"`
+	Network  string `json:"network,omitempty"`
+	// Tools are mise tool specs installed in the template's VM.
+	Tools []string `json:"tools,omitempty"`
+	// Setup is a shell command (sh -c) run in the VM before the snapshot.
+	Setup string            `json:"setup,omitempty"`
+	Env   map[string]string `json:"env,omitempty"`
+}
+
+// SnapshotList is the answer of GET /v1/snapshots.
+type SnapshotList struct {
+	Snapshots []*types.Snapshot `json:"snapshots"`
 }
 
 // ToolsInstallRequest is the body of POST /v1/vms/{id}/tools.
