@@ -13,8 +13,9 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
-// snapshots returns the service's snapshot operations. aether-api does
-// not serve them yet, so through api_url they are refused with a hint.
+// snapshots returns the service's snapshot operations: the local service
+// and the aether-api client (api_url) both have them. A service without
+// them is refused with a hint.
 func (a *app) snapshots(ctx context.Context) (service.TaskService, service.Snapshots, error) {
 	svc, err := a.service(ctx)
 	if err != nil {
@@ -22,7 +23,7 @@ func (a *app) snapshots(ctx context.Context) (service.TaskService, service.Snaps
 	}
 	sn, ok := svc.(service.Snapshots)
 	if !ok {
-		return nil, nil, fmt.Errorf("%w: pause, suspend, snapshots and templates are not served by aether-api yet; unset api_url (AETHERIUM_API_URL) to use PostgreSQL and Redis directly", types.ErrNotSupported)
+		return nil, nil, fmt.Errorf("%w: this service cannot pause, suspend, snapshot or build templates; unset api_url (AETHERIUM_API_URL) to use PostgreSQL and Redis directly", types.ErrNotSupported)
 	}
 	return svc, sn, nil
 }

@@ -1,11 +1,13 @@
 package client
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
+	"strings"
 
 	"github.com/google/uuid"
 
@@ -54,16 +56,25 @@ func (c *Client) ListSnapshots(ctx context.Context, kind types.SnapshotKind) ([]
 	return out.Snapshots, nil
 }
 
-// snapshotPath is the path of the snapshot or template nameOrID.
-func snapshotPath(nameOrID string) string { return "/v1/snapshots/" + url.PathEscape(nameOrID) }
+// snapshotPath is the path of the snapshot or template nameOrID (the
+// request escapes it). A name no snapshot can have, empty or holding a
+// '/', is refused as the service refuses an unknown one.
+func snapshotPath(kind types.SnapshotKind, nameOrID string) (string, error) {
+	if nameOrID == "" || strings.Contains(nameOrID, "/") {
+		kind = cmp.Or(kind, types.KindSnapshot)
+		return "", fmt.Errorf("%w: no %s named %q; list them with `aether-cli %s list` (%w)", types.ErrInvalid, kind, nameOrID, kind, types.ErrNotFound)
+	}
+	return "/v1/snapshots/" + nameOrID, nil
+}
 
 // GetSnapshot: kind "" means a snapshot, as the API's default.
 func (c *Client) GetSnapshot(ctx context.Context, kind types.SnapshotKind, nameOrID string) (*types.Snapshot, error) {
-	if nameOrID == "" {
-		return nil, fmt.Errorf("%w: no %s name given", types.ErrInvalid, cmpKind(kind))
+	path, err := snapshotPath(kind, nameOrID)
+	if err != nil {
+		return nil, err
 	}
 	var sn types.Snapshot
-	if err := c.doJSON(ctx, http.MethodGet, snapshotPath(nameOrID), kindQuery(kind), nil, &sn); err != nil {
+	if err := c.doJSON(ctx, http.MethodGet, path, kindQuery(kind), nil, &sn); err != nil {
 		return nil, unknownSnapshot(err)
 	}
 	return &sn, nil
@@ -71,21 +82,15 @@ func (c *Client) GetSnapshot(ctx context.Context, kind types.SnapshotKind, nameO
 
 // DeleteSnapshotTask: kind "" means a snapshot, as the API's default.
 func (c *Client) DeleteSnapshotTask(ctx context.Context, kind types.SnapshotKind, nameOrID string) (uuid.UUID, error) {
-	if nameOrID == "" {
-		return uuid.Nil, fmt.Errorf("%w: no %s name given", types.ErrInvalid, cmpKind(kind))
+	path, err := snapshotPath(kind, nameOrID)
+	if err != nil {
+		return uuid.Nil, err
 	}
 	var t types.Task
-	if err := c.doJSON(ctx, http.MethodDelete, snapshotPath(nameOrID), kindQuery(kind), nil, &t); err != nil {
+	if err := c.doJSON(ctx, http.MethodDelete, path, kindQuery(kind), nil, &t); err != nil {
 		return uuid.Nil, unknownSnapshot(err)
 	}
 	return parseUUID("task", t.ID)
-}
-
-func cmpKind(kind types.SnapshotKind) types.SnapshotKind {
-	if kind == "" {
-		return types.KindSnapshot
-	}
-	return kind
 }
 
 // unknownSnapshot keeps the service.Snapshots contract: the API answers a
