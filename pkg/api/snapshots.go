@@ -193,16 +193,7 @@ func (s *Server) deleteSnapshot(w http.ResponseWriter, r *http.Request) error {
 		return notFoundHere(err)
 	}
 	s.log.Info("snapshot deletion submitted", "task_id", id, "kind", kind, "snapshot", r.PathValue("name"), "tenant", infoOf(r.Context()).tenant)
-	// A snapshot:delete task names no VM, and service.GetTask shows a
-	// tenant only tasks on its VMs. The caller has just been shown the
-	// snapshot, so its task is read with the scope widened to it alone.
-	// TODO(issue 12): drop once the service lets a tenant see the tasks
-	// on its snapshots.
 	ctx := r.Context()
-	if sc, ok := service.ScopeFrom(ctx); ok && !sc.Admin {
-		sc.Admin = true
-		ctx = service.WithScope(ctx, sc)
-	}
 	if !wait {
 		t, err := s.svc.GetTask(ctx, id)
 		if err != nil {

@@ -480,10 +480,28 @@ func (s *Service) seesVM(ctx context.Context, vmID string) bool {
 
 func (s *Service) GetTask(ctx context.Context, id uuid.UUID) (*types.Task, error) {
 	t, err := s.store.GetTask(ctx, id.String())
-	if errors.Is(err, types.ErrNotFound) || (err == nil && !scopeOf(ctx).Admin && (t.VMID == "" || !s.seesVM(ctx, t.VMID))) {
+	if errors.Is(err, types.ErrNotFound) || (err == nil && !scopeOf(ctx).Admin && !s.seesTask(ctx, t)) {
 		return nil, fmt.Errorf("%w: task %s does not exist", types.ErrNotFound, id)
 	}
 	return t, err
+}
+
+// seesTask reports whether the caller's tenant may see t: a task on one
+// of its VMs, or one on one of its snapshots (snapshot:delete names no
+// VM; template:build names its builder VM).
+func (s *Service) seesTask(ctx context.Context, t *types.Task) bool {
+	if t.VMID != "" {
+		return s.seesVM(ctx, t.VMID)
+	}
+	if t.Type == types.TaskSnapshotDelete {
+		p, err := queue.Decode[queue.SnapshotDeletePayload](t.Payload)
+		if err != nil {
+			return false
+		}
+		sn, err := s.store.GetSnapshot(ctx, p.SnapshotID)
+		return err == nil && scopeOf(ctx).sees(sn.Tenant)
+	}
+	return false
 }
 
 func (s *Service) GetJob(ctx context.Context, id uuid.UUID) (*types.Job, error) {

@@ -282,7 +282,19 @@ func (s *Service) DeleteSnapshotTask(ctx context.Context, kind types.SnapshotKin
 				return uuid.Nil, err
 			}
 		}
-		return id, s.recordDone(ctx, id, types.TaskSnapshotDelete, "", string(kind)+" "+sn.Name+" had no files")
+		// Recorded with its payload, which names the snapshot whose
+		// tenant may see the task.
+		t, err := queue.NewSnapshotDeleteTask(id.String(), queue.SnapshotDeletePayload{SnapshotID: sn.ID})
+		if err != nil {
+			return uuid.Nil, err
+		}
+		now := time.Now().UTC()
+		t.State, t.FinishedAt = types.TaskSucceeded, &now
+		t.Result = []byte(`{"note":"` + string(kind) + ` had no files"}`)
+		if err := s.store.CreateTask(ctx, t); err != nil {
+			return uuid.Nil, fmt.Errorf("recording task: %w", err)
+		}
+		return id, nil
 	}
 	t, err := queue.NewSnapshotDeleteTask(id.String(), queue.SnapshotDeletePayload{SnapshotID: sn.ID})
 	if err != nil {
