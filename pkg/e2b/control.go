@@ -60,8 +60,8 @@ func (s *Server) controlRoutes() http.Handler {
 	h("POST /sandboxes/{id}/timeout", s.setTimeout)
 	h("POST /sandboxes/{id}/connect", s.connect)
 	h("POST /v2/sandboxes/{id}/connect", s.connect)
-	h("POST /sandboxes/{id}/pause", notSupported("pausing a sandbox (Aetherium has no snapshots yet)"))
-	h("POST /sandboxes/{id}/resume", notSupported("resuming a paused sandbox (Aetherium has no snapshots yet)"))
+	h("POST /sandboxes/{id}/pause", s.pause)
+	h("POST /sandboxes/{id}/resume", s.resume)
 	h("POST /sandboxes/{id}/refreshes", notSupported("refreshing a sandbox (use setTimeout)"))
 	h("GET /sandboxes/{id}/metrics", notSupported("sandbox metrics"))
 	h("GET /sandboxes/metrics", notSupported("sandbox metrics"))
@@ -197,7 +197,7 @@ func (s *Server) create(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	if req.AutoPause {
-		return errNotSupported("pausing a sandbox on timeout (autoPause; Aetherium has no snapshots yet)")
+		return errNotSupported("pausing a sandbox on timeout (autoPause)")
 	}
 	ctx := r.Context()
 	tpl, err := s.template(ctx, req.TemplateID)
@@ -342,7 +342,7 @@ func listed(vm *types.VM, sb *storage.Sandbox) listedSandbox {
 // is not running: it takes no commands until its worker returns); every
 // other live VM counts as running.
 func sandboxState(st types.VMState) string {
-	if st == types.VMStopped || st == types.VMStopping || st == types.VMLost {
+	if st == types.VMStopped || st == types.VMStopping || st == types.VMLost || st == types.VMPaused || st == types.VMSuspended {
 		return "paused"
 	}
 	return "running"
@@ -427,10 +427,16 @@ func (s *Server) connect(w http.ResponseWriter, r *http.Request) error {
 		if vm.State == types.VMLost {
 			return errStatus(http.StatusServiceUnavailable, "sandbox %s is lost: %s; wait for its worker to return, or kill it", vm.ID, vm.Error)
 		}
-		if sandboxState(vm.State) == "paused" {
-			return errNotSupported("resuming a paused sandbox (Aetherium has no snapshots yet)")
+		switch {
+		case vm.State == types.VMPaused || vm.State == types.VMSuspended:
+			if err := s.resumeVM(r.Context(), vm); err != nil {
+				return err
+			}
+		case sandboxState(vm.State) == "paused":
+			return errStatus(http.StatusConflict, "sandbox %s is %s; only a sandbox paused through the API can be resumed", vm.ID, vm.State)
+		default:
+			return errStatus(http.StatusConflict, "sandbox %s is %s, not running", vm.ID, vm.State)
 		}
-		return errStatus(http.StatusConflict, "sandbox %s is %s, not running", vm.ID, vm.State)
 	}
 	if vm.ExpiresAt != nil && time.Now().Add(ttl).After(*vm.ExpiresAt) {
 		if _, err := s.svc.SetVMTTL(r.Context(), uuid.MustParse(vm.ID), ttl); err != nil {

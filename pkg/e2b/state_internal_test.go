@@ -14,6 +14,7 @@ func TestSandboxState(t *testing.T) {
 	for st, want := range map[types.VMState]string{
 		types.VMRunning: "running", types.VMCreating: "running",
 		types.VMStopped: "paused", types.VMStopping: "paused", types.VMLost: "paused",
+		types.VMPaused: "paused", types.VMSuspended: "paused",
 	} {
 		require.Equal(t, want, sandboxState(st), st)
 	}

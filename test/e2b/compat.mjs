@@ -277,9 +277,17 @@ if (!core) {
     assert.equal(await sbx2.files.exists('/tmp'), true, 'the first token still works')
   })
 
-  await check('pause -> not supported yet', async () => {
-    const { SandboxError } = await import('e2b')
-    await rejects(() => sbx2.pause(), SandboxError, (e) => assert.match(e.message, /not supported/))
+  await check('pause, then connect resumes with files and processes intact', async () => {
+    await sbx2.files.write('/tmp/before-pause', 'kept')
+    const bg = await sbx2.commands.run('sleep 1000', { background: true })
+    assert.equal(await sbx2.pause(), true)
+    const paused = await Sandbox.list({ query: { state: ['paused'], metadata: { run: runID } } }).nextItems()
+    assert.deepEqual(paused.map((i) => i.sandboxId), [sbx2.sandboxId])
+    assert.equal(await sbx2.pause(), false, 'pausing a paused sandbox answers 409, which the SDK reports as false')
+    const again = await Sandbox.connect(sbx2.sandboxId)
+    assert.equal(await again.files.read('/tmp/before-pause'), 'kept')
+    const r = await again.commands.run(`kill -0 ${bg.pid} && echo alive`)
+    assert.equal(r.stdout, 'alive\n')
   })
 
   await check('a wrong API key -> AuthenticationError', async () => {
