@@ -175,7 +175,10 @@ func (o *Orchestrator) waitAgent(ctx context.Context, id string, p *vmProcs, hin
 		// guest that has not opened its port yet; Info over the channel
 		// is the real test.
 		if hint {
-			waitConsole(readyCtx, o.path(id, fileConsole), p.consoleFrom, o.cfg.ReadyTimeout/2)
+			// Bounded well below the ready timeout: a ready line lost in
+			// the console (split by kernel messages) must not cost half
+			// of it; dialling early only sends a few more HELLOs.
+			waitConsole(readyCtx, o.path(id, fileConsole), p.consoleFrom, min(o.cfg.ReadyTimeout/2, consoleHintMax))
 		}
 		c, err := o.client(id)
 		if err == nil {
@@ -199,6 +202,9 @@ func (o *Orchestrator) waitAgent(ctx context.Context, id string, p *vmProcs, hin
 		return fmt.Errorf("starting vm %s: it failed before its agent answered: %s", id, o.qemuEnded(id, p))
 	}
 }
+
+// consoleHintMax bounds the wait for the agent's ready line.
+const consoleHintMax = 10 * time.Second
 
 // agentReadyLine is what fc-agent as init prints on the console once the
 // agent listens.
