@@ -21,42 +21,28 @@ func (a *app) snapshots(ctx context.Context) (service.TaskService, service.Snaps
 	if err != nil {
 		return nil, nil, err
 	}
-	sn, ok := svc.(service.Snapshots)
-	if !ok {
-		return nil, nil, fmt.Errorf("%w: this service cannot pause, suspend, snapshot or build templates; unset api_url (AETHERIUM_API_URL) to use PostgreSQL and Redis directly", types.ErrNotSupported)
-	}
-	return svc, sn, nil
+	sn, err := asSnapshots(svc)
+	return svc, sn, err
 }
 
-// vmOpCmd builds vm pause, resume and suspend.
-func (a *app) vmOpCmd(name, short string, submit func(service.Snapshots, context.Context, string) (uuid.UUID, error)) *cobra.Command {
-	var wait bool
-	cmd := &cobra.Command{
-		Use:   name + " ID [--wait]",
-		Short: short,
-		Args:  args(cobra.ExactArgs(1)),
-		RunE: func(cmd *cobra.Command, argv []string) error {
-			if _, err := parseUUID("vm", argv[0]); err != nil {
-				return err
-			}
-			svc, sn, err := a.snapshots(cmd.Context())
-			if err != nil {
-				return err
-			}
-			id, err := submit(sn, cmd.Context(), argv[0])
-			if err != nil {
-				return err
-			}
-			if wait {
-				if err := a.waitOK(cmd.Context(), svc, id); err != nil {
-					return err
-				}
-			}
-			return a.printTask(cmd.Context(), svc, id)
-		},
+// asSnapshots is svc's snapshot operations, or the error saying it has none.
+func asSnapshots(svc service.TaskService) (service.Snapshots, error) {
+	sn, ok := svc.(service.Snapshots)
+	if !ok {
+		return nil, fmt.Errorf("%w: this service cannot pause, suspend, snapshot or build templates; unset api_url (AETHERIUM_API_URL) to use PostgreSQL and Redis directly", types.ErrNotSupported)
 	}
-	cmd.Flags().BoolVar(&wait, "wait", false, "return only once the task has finished")
-	return cmd
+	return sn, nil
+}
+
+// vmOp adapts a Snapshots operation on a VM to vmTaskCmd.
+func vmOp(op func(service.Snapshots, context.Context, string) (uuid.UUID, error)) func(service.TaskService, context.Context, string) (uuid.UUID, error) {
+	return func(svc service.TaskService, ctx context.Context, id string) (uuid.UUID, error) {
+		sn, err := asSnapshots(svc)
+		if err != nil {
+			return uuid.Nil, err
+		}
+		return op(sn, ctx, id)
+	}
 }
 
 // snapshotView is the --json view of a snapshot or template.
@@ -111,12 +97,7 @@ func (a *app) snapshotCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if wait {
-				if err := a.waitOK(cmd.Context(), svc, id); err != nil {
-					return err
-				}
-			}
-			return a.printTask(cmd.Context(), svc, id)
+			return a.finishTask(cmd.Context(), svc, id, wait)
 		},
 	}
 	create.Flags().StringVar(&name, "name", "", "the snapshot's name (required)")
@@ -177,12 +158,7 @@ func (a *app) snapshotDeleteCmd(kind types.SnapshotKind) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if wait {
-				if err := a.waitOK(cmd.Context(), svc, id); err != nil {
-					return err
-				}
-			}
-			return a.printTask(cmd.Context(), svc, id)
+			return a.finishTask(cmd.Context(), svc, id, wait)
 		},
 	}
 	cmd.Flags().BoolVar(&wait, "wait", false, "return only once the files are gone")

@@ -76,12 +76,7 @@ func (a *app) toolsInstallCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if wait {
-				if err := a.waitOK(cmd.Context(), svc, id); err != nil {
-					return err
-				}
-			}
-			return a.printTask(cmd.Context(), svc, id)
+			return a.finishTask(cmd.Context(), svc, id, wait)
 		},
 	}
 	cmd.Flags().BoolVar(&wait, "wait", false, "return only once the tools are in the VM")

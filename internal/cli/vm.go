@@ -19,9 +19,9 @@ func (a *app) vmCmd() *cobra.Command {
 		a.vmTaskCmd("delete", "Delete a VM and everything it holds", service.TaskService.DeleteVMTask),
 		a.vmTaskCmd("stop", "Stop a running VM", service.TaskService.StopVMTask),
 		a.vmTaskCmd("start", "Start a stopped VM", service.TaskService.StartVMTask),
-		a.vmOpCmd("pause", "Pause a running VM: its vCPUs freeze, its memory stays", service.Snapshots.PauseVMTask),
-		a.vmOpCmd("resume", "Resume a paused or suspended VM", service.Snapshots.ResumeVMTask),
-		a.vmOpCmd("suspend", "Save a running or paused VM's memory to disk and end its VMM; resume restores it", service.Snapshots.SuspendVMTask))
+		a.vmTaskCmd("pause", "Pause a running VM: its vCPUs freeze, its memory stays", vmOp(service.Snapshots.PauseVMTask)),
+		a.vmTaskCmd("resume", "Resume a paused or suspended VM", vmOp(service.Snapshots.ResumeVMTask)),
+		a.vmTaskCmd("suspend", "Save a running or paused VM's memory to disk and end its VMM; resume restores it", vmOp(service.Snapshots.SuspendVMTask)))
 	return vm
 }
 
@@ -229,16 +229,22 @@ func (a *app) vmTaskCmd(name, short string, submit func(service.TaskService, con
 			if err != nil {
 				return err
 			}
-			if wait {
-				if err := a.waitOK(cmd.Context(), svc, id); err != nil {
-					return err
-				}
-			}
-			return a.printTask(cmd.Context(), svc, id)
+			return a.finishTask(cmd.Context(), svc, id, wait)
 		},
 	}
 	cmd.Flags().BoolVar(&wait, "wait", false, "return only once the task has finished")
 	return cmd
+}
+
+// finishTask waits for a submitted task when asked (its failure is the
+// command's error), then prints it.
+func (a *app) finishTask(ctx context.Context, svc service.TaskService, id uuid.UUID, wait bool) error {
+	if wait {
+		if err := a.waitOK(ctx, svc, id); err != nil {
+			return err
+		}
+	}
+	return a.printTask(ctx, svc, id)
 }
 
 func (a *app) printTask(ctx context.Context, svc service.TaskService, id uuid.UUID) error {
