@@ -549,6 +549,17 @@ type cliResult struct {
 	elapsed        time.Duration
 }
 
+// told waits (up to cliTimeout) for the aether-cli that waited on a
+// command through a fault, logs what it said, and returns it.
+func (p *cliProc) told(t *testing.T, what string) cliResult {
+	t.Helper()
+	ctx, cancel := ctxT(cliTimeout)
+	defer cancel()
+	r := p.Wait(ctx)
+	t.Logf("%s CLI: exit %d after %s, stdout %q, stderr %q", what, r.code, r.elapsed.Round(time.Millisecond), r.stdout, r.stderr)
+	return r
+}
+
 // cli runs aether-cli with the env's config and returns its output and
 // exit code.
 func (e *env) cli(ctx context.Context, args ...string) (stdout, stderr string, code int) {
