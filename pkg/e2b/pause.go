@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/google/uuid"
@@ -93,20 +94,12 @@ func (s *Server) runOp(ctx context.Context, submit func(context.Context, string)
 		return err
 	}
 	if t.State == types.TaskFailed {
-		if errors.Is(errorOf(t.Error), types.ErrNotSupported) {
-			return fmt.Errorf("%w: %s", types.ErrNotSupported, t.Error)
+		// The stored text keeps the kind as its prefix: a backend that
+		// cannot suspend says "not supported: ...".
+		if strings.HasPrefix(t.Error, types.ErrNotSupported.Error()) {
+			return fmt.Errorf("%w: %s", types.ErrNotSupported, strings.TrimPrefix(t.Error, types.ErrNotSupported.Error()+": "))
 		}
 		return fmt.Errorf("sandbox %s: %s", vmID, t.Error)
 	}
 	return nil
-}
-
-// errorOf recognises the kind a stored task error began with.
-func errorOf(msg string) error {
-	for _, k := range []error{types.ErrNotSupported} {
-		if len(msg) >= len(k.Error()) && msg[:len(k.Error())] == k.Error() {
-			return k
-		}
-	}
-	return errors.New(msg)
 }
