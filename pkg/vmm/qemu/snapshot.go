@@ -118,11 +118,6 @@ func (o *Orchestrator) pendingRestore(id string, vf *vmFile) (*restoreFrom, erro
 	return nil, nil
 }
 
-// errNetworked is the error of a snapshot operation on a nat VM.
-func errNetworked(id string) error {
-	return fmt.Errorf("%w: vm %s has a network: snapshots of networked vms are not supported yet by the qemu backend", types.ErrNotSupported, id)
-}
-
 // live returns VM id's record and processes when its QEMU runs, or
 // types.ErrConflict naming its state. The VM's lock is held.
 func (o *Orchestrator) live(id string, vf *vmFile, op string) (*vmProcs, error) {
@@ -191,7 +186,7 @@ func (o *Orchestrator) Resume(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
-	if err := o.afterResume(ctx, id, c, vf.Spec, false); err != nil {
+	if err := o.afterResume(ctx, id, c, vf, false); err != nil {
 		return fmt.Errorf("resuming vm %s: %w", id, err)
 	}
 	o.log.Info("resumed vm", "vm_id", id)
@@ -199,17 +194,34 @@ func (o *Orchestrator) Resume(ctx context.Context, id string) error {
 }
 
 // afterResume runs once a VM's vCPUs run again after a pause or a
-// suspend, or as a snapshot's clone (meta not nil), with its agent's
-// client: the guest's clock stands where it stopped, and a clone has its
-// source's identity.
-func (o *Orchestrator) afterResume(ctx context.Context, id string, c *agent.Client, spec types.VMSpec, clone bool) error {
-	if clone {
-		// Networked snapshots are refused, so a clone has no network
-		// identity to take.
-		return vmutil.Reidentify(ctx, c, spec, nil)
+// suspend, or as a snapshot's clone, with its agent's client: the guest's
+// clock stands where it stopped, and a clone has its source's identity.
+//
+// A nat clone's NIC also has its source's MAC and address: the restored
+// virtio-net device state carries the source's MAC whatever -device
+// says, and the guest configured the source's address at boot. Its TAP's
+// anti-spoofing rules admit only the clone's own MAC and address, so
+// until the agent moves the NIC to them (the guest sets the MAC through
+// virtio-net's control queue, which QEMU's receive filter follows) the
+// clone can reach nothing and nothing can be spoofed.
+func (o *Orchestrator) afterResume(ctx context.Context, id string, c *agent.Client, vf *vmFile, clone bool) error {
+	if !clone {
+		return vmutil.SyncClock(ctx, c)
 	}
-	return vmutil.SyncClock(ctx, c)
+	var ni *agent.NetIdentity
+	if vf.Net != nil {
+		// Attach is idempotent: it returns the attachment CreateVM made.
+		a, err := o.net.Attach(ctx, id)
+		if err != nil {
+			return fmt.Errorf("reading the clone's network attachment: %w", err)
+		}
+		ni = &agent.NetIdentity{Interface: guestNIC, MAC: a.MAC, Addr: a.IP, Gateway: a.Gateway, DNS: a.DNS}
+	}
+	return vmutil.Reidentify(ctx, c, vf.Spec, ni)
 }
+
+// guestNIC is the name the guest kernel gives the VM's one virtio-net NIC.
+const guestNIC = "eth0"
 
 // Suspend implements vmm.Snapshotter: the VM's state goes to the file
 // "state" in its directory, then its QEMU ends.
@@ -225,9 +237,6 @@ func (o *Orchestrator) Suspend(ctx context.Context, id string) error {
 	}
 	if _, err := o.live(id, vf, "suspend"); err != nil {
 		return err
-	}
-	if vf.Net != nil {
-		return errNetworked(id)
 	}
 	tmp := o.path(id, fileState+".tmp")
 	if err := o.saveState(ctx, id, vf, tmp, nil); err != nil {
@@ -352,7 +361,7 @@ func (o *Orchestrator) restore(ctx context.Context, id string, vf *vmFile, r *re
 	if err != nil {
 		return fail(err)
 	}
-	if err := o.afterResume(ctx, id, c, vf.Spec, r.clone); err != nil {
+	if err := o.afterResume(ctx, id, c, vf, r.clone); err != nil {
 		return fail(err)
 	}
 	vf, err = o.readVM(id)
@@ -387,9 +396,6 @@ func (o *Orchestrator) Snapshot(ctx context.Context, id, dir string) (*vmm.Snaps
 	defer unlock()
 	if _, err := o.live(id, vf, "snapshot"); err != nil {
 		return nil, err
-	}
-	if vf.Net != nil {
-		return nil, errNetworked(id)
 	}
 	size, err := o.virtualSize(ctx, o.path(id, vf.disk()))
 	if err != nil {
@@ -598,8 +604,9 @@ func (o *Orchestrator) newLayer(ctx context.Context, path, backing string, size 
 	return nil
 }
 
-// prepareClone fills a clone's spec from its snapshot (vCPUs, memory and
-// tool disks must be the source's) and returns its record's clone part
+// prepareClone fills a clone's spec from its snapshot (vCPUs, memory, tool
+// disks and whether it has a NIC must be the source's: a restore needs the
+// same devices) and returns its record's clone part
 // and the snapshot. The clone's own layer is made by CreateVM.
 func prepareClone(spec *types.VMSpec) (*cloneFile, *snapshotFile, error) {
 	dir := spec.FromSnapshot
@@ -610,10 +617,17 @@ func prepareClone(spec *types.VMSpec) (*cloneFile, *snapshotFile, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	if spec.Network == types.NetworkNAT || meta.Spec.Network == types.NetworkNAT {
-		return nil, nil, fmt.Errorf("%w: snapshots of networked vms are not supported yet by the qemu backend", types.ErrNotSupported)
+	nic := meta.Spec.Network == types.NetworkNAT
+	if spec.Network == types.NetworkNAT && !nic {
+		return nil, nil, fmt.Errorf("%w: snapshot %s was taken of a vm without a network; a vm started from it cannot have one (ask for network none)", types.ErrInvalid, dir)
 	}
 	spec.VCPUs, spec.MemoryMB, spec.Tools = meta.Spec.VCPUs, meta.Spec.MemoryMB, meta.Spec.Tools
+	spec.Network = types.NetworkNone
+	if nic {
+		// The clone gets its own TAP, MAC and address (CreateVM attaches
+		// it); afterResume moves the guest's NIC to them.
+		spec.Network = types.NetworkNAT
+	}
 	return &cloneFile{Dir: dir, Layers: meta.Layers}, meta, nil
 }
 
