@@ -219,29 +219,37 @@ func TestDetect(t *testing.T) {
 	require.True(t, Detect([]string{"fc-agent", "-init"}))
 }
 
-func TestDeferModule(t *testing.T) {
-	none := defaults()
+func TestModuleUse(t *testing.T) {
+	vsock := defaults() // firecracker: the agent on vsock
 	nat := defaults()
 	nat.Net = "ip=10.88.0.2/16,gw=10.88.0.1"
-	for _, m := range []string{"virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport"} {
-		require.False(t, none.deferModule(m), "%s is needed to boot", m)
-		require.False(t, nat.deferModule(m), "%s is needed to boot", m)
-	}
-	for _, m := range []string{"failover", "net_failover", "virtio_net"} {
-		require.True(t, none.deferModule(m), "%s can wait without a network", m)
-		require.False(t, nat.deferModule(m), "%s is needed for the network", m)
-	}
-	require.True(t, nat.deferModule("virtio_console"))
-
-	// An agent on a virtio-serial port (the qemu backend) needs
-	// virtio_console to boot, and vsock not at all.
-	serial := defaults()
+	serial := defaults() // qemu: the agent on a virtio-serial port
 	serial.Listen = "serial://aetherium.agent"
-	require.False(t, serial.deferModule("virtio_console"))
-	require.False(t, serial.deferModule("virtio_blk"))
-	for _, m := range []string{"vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport", "virtio_net"} {
-		require.True(t, serial.deferModule(m), "%s can wait for an agent on a serial port", m)
+	serialNat := serial
+	serialNat.Net = nat.Net
+	for _, tc := range []struct {
+		cfg   Config
+		what  string
+		now   []string
+		never []string
+	}{
+		{vsock, "vsock, no network", []string{"virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport"},
+			[]string{"virtio_console", "failover", "net_failover", "virtio_net"}},
+		{nat, "vsock, nat", []string{"virtio_blk", "vsock", "vmw_vsock_virtio_transport", "failover", "net_failover", "virtio_net"},
+			[]string{"virtio_console"}},
+		{serial, "serial, no network", []string{"virtio_mmio", "virtio_blk", "virtio_console"},
+			[]string{"vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport", "failover", "net_failover", "virtio_net"}},
+		{serialNat, "serial, nat", []string{"virtio_blk", "virtio_console", "failover", "net_failover", "virtio_net"},
+			[]string{"vsock", "vmw_vsock_virtio_transport"}},
+	} {
+		for _, m := range tc.now {
+			require.Equal(t, loadNow, tc.cfg.moduleUse(m), "%s: %s is needed to boot", tc.what, m)
+		}
+		for _, m := range tc.never {
+			require.Equal(t, skipModule, tc.cfg.moduleUse(m), "%s: %s drives a device the vm cannot have", tc.what, m)
+		}
 	}
+	require.Equal(t, loadDeferred, serial.moduleUse("some_future_module"), "an unknown module waits for the agent")
 }
 
 func TestSyscallsRefuseOutsidePID1(t *testing.T) {

@@ -79,8 +79,9 @@ var movedMounts = []string{"/dev", "/proc", "/sys", "/run", "/tmp"}
 // as PID 1: anywhere else it would remount the machine's /dev, /proc and
 // /tmp. Cancelling ctx stops the wait for the root device.
 //
-// Modules the boot does not need (Config.deferModule) are not loaded but
-// returned open, for LoadDeferred once the agent serves. afterModules, if
+// Modules the boot does not need (Config.moduleUse) are not loaded but
+// returned open, for LoadDeferred once the agent serves; modules of
+// devices the VM cannot have are not loaded at all. afterModules, if
 // not nil, runs once the boot modules are loaded, before the root switch:
 // the agent listens there, so the host's connection overlaps the rest of
 // the boot (connections wait in the backlog until the agent serves).
@@ -91,7 +92,7 @@ func Setup(ctx context.Context, cfg Config, log *slog.Logger, afterModules func(
 	if err := mountEarly(log); err != nil {
 		return nil, err
 	}
-	later, err := loadModules(ModulesOrder, ModulesDir, log, cfg.deferModule)
+	later, err := loadModules(ModulesOrder, ModulesDir, log, cfg.moduleUse)
 	if err != nil {
 		return nil, err
 	}
@@ -189,9 +190,10 @@ func isMountPoint(path string) bool {
 // order. A missing order file means no modules; a module built into the
 // kernel or already loaded is fine.
 //
-// Modules for which later(name) is true are not loaded but returned, in
-// order, for loadLater: the boot does not wait for what it does not need.
-func loadModules(order, dir string, log *slog.Logger, later func(name string) bool) (deferred []string, err error) {
+// Modules use puts off (loadDeferred) are not loaded but returned, in order,
+// for loadLater: the boot does not wait for what it does not need. Those it
+// skips are not loaded at all; nil use loads every module now.
+func loadModules(order, dir string, log *slog.Logger, use func(name string) moduleUse) (deferred []string, err error) {
 	names, err := readModulesOrder(order)
 	if errors.Is(err, os.ErrNotExist) {
 		log.Info("no module list; loading no modules", "path", order)
@@ -201,8 +203,16 @@ func loadModules(order, dir string, log *slog.Logger, later func(name string) bo
 		return nil, err
 	}
 	for _, name := range names {
-		if later != nil && later(name) {
+		u := loadNow
+		if use != nil {
+			u = use(name)
+		}
+		switch u {
+		case loadDeferred:
 			deferred = append(deferred, name)
+			continue
+		case skipModule:
+			log.Debug("module not loaded: its device is not in this vm", "module", name)
 			continue
 		}
 		if err := loadModule(filepath.Join(dir, name+".ko"), log); err != nil {
@@ -212,36 +222,57 @@ func loadModules(order, dir string, log *slog.Logger, later func(name string) bo
 	return deferred, nil
 }
 
-// bootModules are what the boot itself needs: the virtio-mmio bus, the
-// root disk and vsock (the agent's transport). The network driver joins
-// them when the VM has a network; the rest (virtio_console, and the
-// network driver of a VM without one) are loaded after the agent answers.
-var bootModules = map[string]bool{
-	"virtio_ring": true, "virtio": true, "virtio_mmio": true, "virtio_blk": true,
-	"vsock": true, "vmw_vsock_virtio_transport_common": true, "vmw_vsock_virtio_transport": true,
-}
+// bootModules are what the boot itself needs: the virtio-mmio bus and the
+// root disk. The agent's transport and the network driver join them as
+// the VM's configuration says (Config.moduleUse).
+var bootModules = map[string]bool{"virtio_ring": true, "virtio": true, "virtio_mmio": true, "virtio_blk": true}
 
 var netModules = map[string]bool{"failover": true, "net_failover": true, "virtio_net": true}
 
 // serialModules are the agent's transport when it listens on a
-// virtio-serial port (serial://, the qemu backend), in place of vsock's.
+// virtio-serial port (serial://, the qemu backend).
 var serialModules = map[string]bool{"virtio_console": true}
 
-// vsockModules are vsock's, which an agent on a serial port can load
-// later.
+// vsockModules are the agent's transport when it listens on vsock (the
+// firecracker backend).
 var vsockModules = map[string]bool{"vsock": true, "vmw_vsock_virtio_transport_common": true, "vmw_vsock_virtio_transport": true}
 
-// deferModule reports whether module name can wait until the agent serves.
-func (c Config) deferModule(name string) bool {
-	if strings.HasPrefix(c.Listen, "serial://") {
-		if serialModules[name] {
-			return false
-		}
-		if vsockModules[name] {
-			return true
-		}
+// moduleUse is what the boot does with a kernel module.
+type moduleUse int
+
+const (
+	loadNow      moduleUse = iota // before the agent listens
+	loadDeferred                  // once the agent serves (LoadDeferred)
+	skipModule                    // never: its device cannot be in this VM
+)
+
+// moduleUse says when module name is loaded. The modules of the agent's
+// transport and, with aetherium.net, of the network are loaded at boot.
+// Those of the other transport, and the network's without aetherium.net,
+// are skipped: neither backend hot-plugs devices, so the device they drive
+// never appears, and loading them (tens of milliseconds under TCG) would
+// compete for the guest's vCPU with the host's first requests. Modules
+// this code does not know are loaded once the agent serves.
+func (c Config) moduleUse(name string) moduleUse {
+	serial := strings.HasPrefix(c.Listen, "serial://")
+	switch {
+	case bootModules[name]:
+		return loadNow
+	case serialModules[name]:
+		return pick(serial, loadNow, skipModule)
+	case vsockModules[name]:
+		return pick(serial, skipModule, loadNow)
+	case netModules[name]:
+		return pick(c.Net != "", loadNow, skipModule)
 	}
-	return !bootModules[name] && !(c.Net != "" && netModules[name])
+	return loadDeferred
+}
+
+func pick(cond bool, yes, no moduleUse) moduleUse {
+	if cond {
+		return yes
+	}
+	return no
 }
 
 // openLater opens the deferred modules while the initramfs still holds
