@@ -109,9 +109,12 @@ func TestSuspendResume(t *testing.T) {
 	require.Equal(t, "after\n", sh(t, o2, id, "echo after"))
 	require.NoError(t, o2.Resume(ctx, id), "resuming a running VM is a no-op")
 	ids := identities(t, run)
-	require.Len(t, ids, 1, "one clock step, after the restore")
+	require.Len(t, ids, 2, "the boot's seed, then one clock step after the restore")
 	requireRecent(t, ids[0].UnixNano)
-	require.Equal(t, fcfake.IdentityRequest{UnixNano: ids[0].UnixNano}, ids[0], "a resumed VM keeps its identity: only its clock is stepped")
+	require.Equal(t, fcfake.IdentityRequest{EntropyBytes: 64, UnixNano: ids[0].UnixNano}, ids[0],
+		"a booted VM gets the host's entropy and time (SeedBoot), nothing else")
+	requireRecent(t, ids[1].UnixNano)
+	require.Equal(t, fcfake.IdentityRequest{UnixNano: ids[1].UnixNano}, ids[1], "a resumed VM keeps its identity: only its clock is stepped")
 	require.NoFileExists(t, filepath.Join(run, "suspend.state"), "the saved state goes once restored")
 	require.NoFileExists(t, filepath.Join(run, "suspend.mem"))
 

@@ -14,6 +14,7 @@ import (
 
 	"github.com/aetherium/aetherium-core/pkg/vmm/internal/jail"
 
+	"github.com/aetherium/aetherium-core/pkg/agent"
 	"github.com/aetherium/aetherium-core/pkg/agent/bootparams"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm/internal/vmutil"
@@ -135,7 +136,14 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 		}
 	}
 	o.log.Info("started vm", "vm_id", id, "pid", pr.Pid())
-	if err := o.waitAgent(ctx, id, p, pr); err != nil {
+	err = o.waitAgent(ctx, id, p, pr)
+	if err == nil {
+		var ac *agent.Client
+		if ac, err = o.client(id); err == nil {
+			err = vmutil.SeedBoot(ctx, ac, o.log, id)
+		}
+	}
+	if err != nil {
 		o.kill(context.WithoutCancel(ctx), id, pr)
 		return err
 	}

@@ -144,6 +144,16 @@ func TestVMDetails(t *testing.T) {
 	id := vmmtest.StartVM(t, o, sp)
 	dir := o.RunDir(id)
 
+	// The host seeded the guest's RNG before StartVM returned
+	// (vmutil.SeedBoot): the input pool holds its full 256 credited bits,
+	// so the CRNG is initialised and getrandom(2) no longer blocks. Read
+	// through the agent's file call, not a command: the agent's start of a
+	// process would itself wait for the CRNG.
+	c, err := o.Agent(id)
+	require.NoError(t, err)
+	avail, err := c.ReadFile(t.Context(), "/proc/sys/kernel/random/entropy_avail", 64)
+	require.NoError(t, err)
+	require.Equal(t, "256", strings.TrimSpace(string(avail)), "the guest's entropy when StartVM returned")
 	require.Equal(t, "web-server-1\n", vmmtest.Sh(t, o, id, "hostname"))
 	require.Equal(t, img.Kernel.Release+"\n", vmmtest.Sh(t, o, id, "uname -r"))
 	require.Contains(t, vmmtest.Sh(t, o, id, "cat /proc/mounts"), "/dev/vda / ext4")

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/aetherium/aetherium-core/pkg/agent"
 	"github.com/aetherium/aetherium-core/pkg/agent/bootparams"
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm/internal/vmutil"
@@ -26,6 +27,7 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 	}
 	defer unlock()
 	p := o.procs(id)
+	booted := false
 	if p == nil || !p.qemu.Alive() {
 		if r, err := o.pendingRestore(id, vf); err != nil || r != nil {
 			if err != nil {
@@ -36,8 +38,15 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 		if p, err = o.boot(ctx, id, vf, nil); err != nil {
 			return err
 		}
+		booted = true
 	}
 	err = o.waitAgent(ctx, id, p, true)
+	if err == nil && booted {
+		var c *agent.Client
+		if c, err = o.client(id); err == nil {
+			err = vmutil.SeedBoot(ctx, c, o.log, id)
+		}
+	}
 	if errors.Is(err, types.ErrUnavailable) && ctx.Err() == nil {
 		// A guest that boots but never answers is powered off, so that a
 		// retry boots it afresh instead of waiting on the same one again.

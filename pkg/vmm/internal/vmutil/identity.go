@@ -3,7 +3,9 @@ package vmutil
 import (
 	"context"
 	"crypto/rand"
+	"errors"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/aetherium/aetherium-core/pkg/agent"
@@ -43,6 +45,31 @@ func Reidentify(ctx context.Context, c *agent.Client, spec types.VMSpec, net *ag
 	}
 	if err := c.SetIdentity(ctx, id); err != nil {
 		return fmt.Errorf("giving clone %q its own identity: %w", spec.Name, err)
+	}
+	return nil
+}
+
+// SeedBoot gives a guest that has just booted CloneEntropyBytes of the
+// host's randomness (credited, so the guest's CRNG is initialised at once)
+// and the host's time (its RTC gave it whole seconds), through its agent,
+// before the VM is reported ready.
+//
+// Without it, a guest kernel with no hardware RNG (the qemu microvm and
+// Firecracker give none, and TCG's CPU model has no RDRAND) initialises its
+// CRNG from timing jitter about a second after boot, and until then every
+// getrandom(2) blocks: the first command of a freshly booted VM (and the
+// agent's own start of it) waited for that second. A guest agent older
+// than protocol 6 cannot take it; that is logged and the boot goes on.
+func SeedBoot(ctx context.Context, c *agent.Client, log *slog.Logger, id string) error {
+	entropy := make([]byte, CloneEntropyBytes)
+	rand.Read(entropy) // never fails (crypto/rand)
+	err := c.SetIdentity(ctx, agent.Identity{Entropy: entropy, Time: time.Now()})
+	if errors.Is(err, types.ErrNotSupported) {
+		log.Warn("the guest agent cannot take the host's entropy; its first commands may wait for its RNG", "vm_id", id, "err", err)
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("seeding the guest's RNG from the host: %w", err)
 	}
 	return nil
 }
