@@ -121,29 +121,37 @@ func BenchmarkCreateVsRaw(b *testing.B) {
 	}
 	cli("template", "create", "bench", "--vcpus", "1", "--memory", "256", "--wait")
 	n := 0
-	createExec := func(extra ...string) time.Duration {
+	// createExec returns the create's time and the create's and the first
+	// exec's together.
+	createExec := func(extra ...string) (time.Duration, time.Duration) {
 		n++
 		id, create := cli(append([]string{"vm", "create", "--name", fmt.Sprintf("bench-%d", n), "--wait"}, extra...)...)
 		_, exe := cli("exec", id, "--", "true")
 		cli("vm", "delete", id, "--wait")
-		return create + exe
+		return create, create + exe
 	}
-	var raw, clone, cold []time.Duration
+	var raw, clone, cloneCreate, cold, coldCreate []time.Duration
 	for b.Loop() {
 		raw = append(raw, testenv.RawQEMUBoot(b, qemu.DefaultBinary, img.KernelPath(), img.InitrdPath(), accel, qemu.ClockArgs(accel)...))
-		clone = append(clone, createExec("--template", "bench"))
-		cold = append(cold, createExec("--vcpus", "1", "--memory", "256"))
+		cc, c := createExec("--template", "bench")
+		clone, cloneCreate = append(clone, c), append(cloneCreate, cc)
+		kc, k := createExec("--vcpus", "1", "--memory", "256")
+		cold, coldCreate = append(cold, k), append(coldCreate, kc)
 	}
 	med := func(d []time.Duration) time.Duration {
 		slices.Sort(d)
 		return d[(len(d)-1)/2]
 	}
 	r, c, k := med(raw), med(clone), med(cold)
+	cc, kc := med(cloneCreate), med(coldCreate)
 	b.ReportMetric(float64(r.Milliseconds()), "raw-ms")
 	b.ReportMetric(float64(c.Milliseconds()), "template-create+exec-ms")
+	b.ReportMetric(float64(cc.Milliseconds()), "template-create-ms")
 	b.ReportMetric(float64(k.Milliseconds()), "cold-create+exec-ms")
+	b.ReportMetric(float64(kc.Milliseconds()), "cold-create-ms")
 	b.ReportMetric(float64(c)/float64(r), "template-x-raw")
-	b.ReportMetric(float64(k)/float64(r), "cold-x-raw")
+	b.ReportMetric(float64(kc)/float64(r), "cold-create-x-raw")
+	b.ReportMetric(float64(k)/float64(r), "cold+exec-x-raw")
 
 	// 10 clones at once against one.
 	_, single := cli("vm", "create", "--name", "bench-single", "--template", "bench", "--wait")
@@ -160,6 +168,6 @@ func BenchmarkCreateVsRaw(b *testing.B) {
 	many := time.Since(start)
 	b.ReportMetric(float64(many.Milliseconds()), "10-concurrent-ms")
 	b.ReportMetric(float64(many)/float64(single), "10-concurrent-x-single")
-	b.Logf("raw boot %v, template create+exec %v (%.2fx), cold create+exec %v (%.2fx); one clone create %v, 10 at once %v (%.2fx)",
-		r, c, float64(c)/float64(r), k, float64(k)/float64(r), single, many, float64(many)/float64(single))
+	b.Logf("raw boot %v, template create+exec %v (%.2fx), cold create %v (%.2fx), cold create+exec %v (%.2fx); one clone create %v, 10 at once %v (%.2fx)",
+		r, c, float64(c)/float64(r), kc, float64(kc)/float64(r), k, float64(k)/float64(r), single, many, float64(many)/float64(single))
 }
