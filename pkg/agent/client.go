@@ -94,21 +94,36 @@ func (c *Client) Info(ctx context.Context) (*agentpb.InfoResponse, error) {
 // backoff from 5ms up to 200ms while it is unreachable. Errors other than
 // types.ErrUnavailable end the wait at once.
 func (c *Client) WaitReady(ctx context.Context) (*agentpb.InfoResponse, error) {
+	var info *agentpb.InfoResponse
+	err := UntilReachable(ctx, func(ctx context.Context) (err error) {
+		info, err = c.Info(ctx)
+		return err
+	})
+	return info, err
+}
+
+// UntilReachable calls call until it returns anything but an error
+// wrapping types.ErrUnavailable (the agent cannot be reached yet), or ctx
+// ends, with a backoff from 5ms up to 200ms between calls. It is how a
+// caller makes its first call to a guest whose agent may still be
+// starting its readiness test, sparing a separate Info round trip: call
+// must be safe to repeat. An error from ctx's end names the last attempt's.
+func UntilReachable(ctx context.Context, call func(ctx context.Context) error) error {
 	delay := readyBaseDelay
 	var last error
 	for {
-		info, err := c.Info(ctx)
+		err := call(ctx)
 		if err == nil {
-			return info, nil
+			return nil
 		}
 		if ctx.Err() != nil {
 			if last == nil {
-				return nil, fmt.Errorf("waiting for the guest agent: %w", ctx.Err())
+				return fmt.Errorf("waiting for the guest agent: %w", ctx.Err())
 			}
-			return nil, fmt.Errorf("waiting for the guest agent: %w; last attempt: %w", ctx.Err(), last)
+			return fmt.Errorf("waiting for the guest agent: %w; last attempt: %w", ctx.Err(), last)
 		}
 		if !errors.Is(err, types.ErrUnavailable) {
-			return nil, err
+			return err
 		}
 		last = err
 		t := time.NewTimer(delay)

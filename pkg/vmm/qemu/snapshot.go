@@ -354,14 +354,12 @@ func (o *Orchestrator) restore(ctx context.Context, id string, vf *vmFile, r *re
 		}
 		return fail(err)
 	}
-	if err := o.waitAgent(ctx, id, p, false); err != nil {
-		return fail(err)
-	}
-	c, err := o.client(id)
+	// The clone's identity (or the resumed guest's clock) is the first
+	// call: its answer is the agent's.
+	err = o.waitAgent(ctx, id, p, false, func(ctx context.Context, c *agent.Client) error {
+		return o.afterResume(ctx, id, c, vf, r.clone)
+	})
 	if err != nil {
-		return fail(err)
-	}
-	if err := o.afterResume(ctx, id, c, vf, r.clone); err != nil {
 		return fail(err)
 	}
 	vf, err = o.readVM(id)

@@ -40,13 +40,11 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 		}
 		booted = true
 	}
-	err = o.waitAgent(ctx, id, p, true)
-	if err == nil && booted {
-		var c *agent.Client
-		if c, err = o.client(id); err == nil {
-			err = vmutil.SeedBoot(ctx, c, o.log, id)
-		}
+	var first func(context.Context, *agent.Client) error
+	if booted {
+		first = func(ctx context.Context, c *agent.Client) error { return vmutil.SeedBoot(ctx, c, o.log, id) }
 	}
+	err = o.waitAgent(ctx, id, p, true, first)
 	if errors.Is(err, types.ErrUnavailable) && ctx.Err() == nil {
 		// A guest that boots but never answers is powered off, so that a
 		// retry boots it afresh instead of waiting on the same one again.
@@ -171,11 +169,15 @@ func (o *Orchestrator) qemuArgs(id string, vf *vmFile, r *restoreFrom) []string 
 }
 
 // waitAgent waits until the agent answers over its serial channel,
-// failing fast when QEMU exits first.
+// failing fast when QEMU exits first. The answer waited for is first's
+// (the first call the VM needs: it must be safe to repeat, and it is
+// retried while the agent cannot be reached), or Info's when first is nil;
+// first spares a separate Info round trip, which under TCG costs tens of
+// milliseconds of code the restored guest translates afresh.
 //
 // hint waits for the console's ready line before the first handshake; a
 // restored guest prints none.
-func (o *Orchestrator) waitAgent(ctx context.Context, id string, p *vmProcs, hint bool) error {
+func (o *Orchestrator) waitAgent(ctx context.Context, id string, p *vmProcs, hint bool, first func(context.Context, *agent.Client) error) error {
 	readyCtx, cancel := context.WithTimeout(ctx, o.cfg.ReadyTimeout)
 	defer cancel()
 	ready := make(chan error, 1)
@@ -190,8 +192,12 @@ func (o *Orchestrator) waitAgent(ctx context.Context, id string, p *vmProcs, hin
 			waitConsole(readyCtx, o.path(id, fileConsole), p.consoleFrom, min(o.cfg.ReadyTimeout/2, consoleHintMax))
 		}
 		c, err := o.client(id)
-		if err == nil {
+		switch {
+		case err != nil:
+		case first == nil:
 			_, err = c.WaitReady(readyCtx)
+		default:
+			err = agent.UntilReachable(readyCtx, func(ctx context.Context) error { return first(ctx, c) })
 		}
 		ready <- err
 	}()
