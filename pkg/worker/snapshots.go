@@ -334,6 +334,7 @@ func (w *Worker) buildTemplate(ctx context.Context, log *slog.Logger, sn *types.
 			return fmt.Errorf("%w: template %s's setup exited %d%s: %s", types.ErrInvalid, sn.Name, e.ExitCode, timedOutNote(e.TimedOut), tail(e.Stderr, 400))
 		}
 	}
+	w.warmExec(ctx, log, vm.ID)
 	got, err := w.takeSnapshot(ctx, vm.ID, sn.ID)
 	if err != nil {
 		return err
@@ -342,6 +343,26 @@ func (w *Worker) buildTemplate(ctx context.Context, log *slog.Logger, sn *types.
 	_, err = w.store.UpdateSnapshot(ctx, sn.ID, storage.SnapshotUpdate{State: ptr(types.SnapshotReady), Dir: &got.Dir,
 		SizeBytes: &got.SizeBytes, Owner: &w.cfg.ID, Provider: &w.cfg.Provider, VMID: &vm.ID})
 	return err
+}
+
+// warmCommand is what a template's VM runs just before its snapshot.
+const warmCommand = "/usr/bin/true; if [ -x /bin/bash ]; then /bin/bash -c /usr/bin/true; fi; exit 0"
+
+// warmExec runs warmCommand in a template's VM before its snapshot, so
+// that the files every first command needs (the dynamic loader, libc, the
+// shells) are in the guest's page cache each clone restores with, instead
+// of being read through the clone's disk chain on its first exec (under
+// TCG its first `exec true` took ~120 ms without this, ~70 ms with it).
+// A failure is logged: the template still works, its clones' first
+// command is only slower.
+func (w *Worker) warmExec(ctx context.Context, log *slog.Logger, vmID string) {
+	res, err := w.vmm.ExecuteCommand(ctx, vmID, types.Command{Cmd: "/bin/sh", Args: []string{"-c", warmCommand}, Timeout: time.Minute}, vmm.ExecIO{})
+	if err == nil && res.ExitCode != 0 {
+		err = fmt.Errorf("exit code %d: %s", res.ExitCode, tail(string(res.Stderr), 200))
+	}
+	if err != nil {
+		log.Warn("warming the template's exec path failed; its clones' first command will be slower", "err", err)
+	}
 }
 
 func timedOutNote(timedOut bool) string {
