@@ -4,7 +4,9 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -153,8 +155,12 @@ func BenchmarkCreateVsRaw(b *testing.B) {
 	b.ReportMetric(float64(kc)/float64(r), "cold-create-x-raw")
 	b.ReportMetric(float64(k)/float64(r), "cold+exec-x-raw")
 
-	// 10 clones at once against one.
+	// 10 clones at once against one. The host's CPU use over each says
+	// whether the wall time is bound by its CPUs: the 10 clones cannot
+	// finish sooner than their CPU time over the host's CPUs.
+	cpu0 := hostCPU(b)
 	_, single := cli("vm", "create", "--name", "bench-single", "--template", "bench", "--wait")
+	cpu1 := hostCPU(b)
 	start := time.Now()
 	var wg sync.WaitGroup
 	for i := range 10 {
@@ -166,8 +172,48 @@ func BenchmarkCreateVsRaw(b *testing.B) {
 	}
 	wg.Wait()
 	many := time.Since(start)
+	cpu2 := hostCPU(b)
+	singleCPU, manyCPU := cpu1.sub(cpu0), cpu2.sub(cpu1)
 	b.ReportMetric(float64(many.Milliseconds()), "10-concurrent-ms")
 	b.ReportMetric(float64(many)/float64(single), "10-concurrent-x-single")
-	b.Logf("raw boot %v, template create+exec %v (%.2fx), cold create %v (%.2fx), cold create+exec %v (%.2fx); one clone create %v, 10 at once %v (%.2fx)",
-		r, c, float64(c)/float64(r), kc, float64(kc)/float64(r), k, float64(k)/float64(r), single, many, float64(many)/float64(single))
+	b.ReportMetric(manyCPU.busyFraction()*100, "10-concurrent-host-cpu-busy-%")
+	b.ReportMetric(float64(manyCPU.busy.Milliseconds())/10, "cpu-ms-per-concurrent-clone")
+	b.ReportMetric(float64(singleCPU.busy.Milliseconds()), "cpu-ms-single-clone")
+	b.Logf("raw boot %v, template create+exec %v (%.2fx), cold create %v (%.2fx), cold create+exec %v (%.2fx); one clone create %v using %v of host CPU, 10 at once %v (%.2fx) using %v of CPU (%.0f%% of the host's %d CPUs busy)",
+		r, c, float64(c)/float64(r), kc, float64(kc)/float64(r), k, float64(k)/float64(r), single, singleCPU.busy, many, float64(many)/float64(single),
+		manyCPU.busy, manyCPU.busyFraction()*100, runtime.NumCPU())
+}
+
+// cpuTimes are the host's CPU times since boot, all CPUs summed.
+type cpuTimes struct{ busy, total time.Duration }
+
+func (c cpuTimes) sub(o cpuTimes) cpuTimes { return cpuTimes{c.busy - o.busy, c.total - o.total} }
+
+func (c cpuTimes) busyFraction() float64 {
+	if c.total <= 0 {
+		return 0
+	}
+	return float64(c.busy) / float64(c.total)
+}
+
+// hostCPU reads the host's CPU times from /proc/stat's "cpu" line (in
+// USER_HZ, 100 a second on Linux): busy is all but idle and iowait.
+func hostCPU(tb testing.TB) cpuTimes {
+	tb.Helper()
+	b, err := os.ReadFile("/proc/stat")
+	require.NoError(tb, err)
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	require.True(tb, len(f) > 5 && f[0] == "cpu", "unexpected /proc/stat: %q", line)
+	var t cpuTimes
+	for i, v := range f[1:] {
+		n, err := strconv.ParseInt(v, 10, 64)
+		require.NoError(tb, err)
+		d := time.Duration(n) * 10 * time.Millisecond
+		t.total += d
+		if i != 3 && i != 4 { // idle, iowait
+			t.busy += d
+		}
+	}
+	return t
 }
