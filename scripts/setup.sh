@@ -26,37 +26,6 @@ have cpio || need+=(cpio)
 # Node runs the e2b SDK compatibility tests (test/e2b, docs/e2b.md).
 have node || need+=(nodejs npm)
 
-# vhost-device-vsock serves vsock to QEMU guests (see docs/architecture.md).
-# Only Debian's sid suite packages it, so it is fetched with a private apt
-# configuration that reads sid's index into our own cache and unpacked
-# beside the system, without mixing suites system-wide.
-install_vhost_device_vsock() {
-  local cache=/var/cache/aetherium/apt-sid dest=/usr/local/lib/aetherium/vhost-device-vsock
-  if [ -x "$dest/usr/bin/vhost-device-vsock" ] && "$dest/usr/bin/vhost-device-vsock" --version >/dev/null 2>&1; then
-    ln -sf "$dest/usr/bin/vhost-device-vsock" /usr/local/bin/vhost-device-vsock
-    return 0
-  fi
-  local uri
-  uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
-  [ -n "$uri" ] || uri=$(awk '$1 == "deb" && $0 ~ /debian/ {for (i = 2; i <= NF; i++) if ($i ~ /^https?:/) {print $i; exit}}' /etc/apt/sources.list 2>/dev/null || true)
-  [ -n "$uri" ] || die "cannot find a Debian mirror in /etc/apt/sources.list.d/debian.sources or /etc/apt/sources.list"
-  log "fetching vhost-device-vsock from Debian sid ($uri)"
-  mkdir -p "$cache/lists/partial" "$cache/archives/partial" "$cache/debs"
-  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $uri sid main" > "$cache/sources.list"
-  local opts=(-o "Dir::Etc::sourcelist=$cache/sources.list" -o Dir::Etc::sourceparts=- \
-    -o "Dir::State::Lists=$cache/lists" -o "Dir::Cache=$cache" -o APT::Get::List-Cleanup=0)
-  apt-get "${opts[@]}" update -qq
-  (cd "$cache/debs" && rm -f vhost-device-vsock_*.deb && apt-get "${opts[@]}" download vhost-device-vsock 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
-  local deb
-  deb=$(ls "$cache"/debs/vhost-device-vsock_*.deb 2>/dev/null | head -n1)
-  [ -n "$deb" ] || die "could not download vhost-device-vsock from sid"
-  rm -rf "$dest.tmp" && mkdir -p "$dest.tmp" && dpkg -x "$deb" "$dest.tmp"
-  "$dest.tmp/usr/bin/vhost-device-vsock" --version >/dev/null || die "the vhost-device-vsock from $deb does not run here"
-  rm -rf "$dest" && mv "$dest.tmp" "$dest"
-  ln -sf "$dest/usr/bin/vhost-device-vsock" /usr/local/bin/vhost-device-vsock
-  log "installed $("$dest/usr/bin/vhost-device-vsock" --version)"
-}
-
 if [ ${#need[@]} -gt 0 ]; then
   log "installing ${need[*]}"
   # Keep postinst scripts from starting system services (PostgreSQL's main
@@ -73,8 +42,6 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-
-install_vhost_device_vsock
 
 # The e2b SDK 2.51.0 needs Node 20.18.1 or newer; Debian 12's nodejs is 18.
 node_version=$(node --version 2>/dev/null | sed 's/^v//')

@@ -3,8 +3,10 @@
 // program reaches guest port P by connecting to that socket and sending
 // "CONNECT P\n"; the VMM answers "OK <host port>\n" and from then on the
 // stream is the guest connection. Firecracker implements it natively
-// (docs/vsock.md) and vhost-device-vsock implements it for QEMU, so both
-// backends share this dialer.
+// (docs/vsock.md); the firecracker backend reaches its guest agent with
+// this dialer. (The qemu backend reaches its agent over a virtio-serial
+// port instead, agent.SerialChannel, because vhost-user-vsock blocks
+// QEMU's migration and so its snapshots.)
 //
 // No library implements the host side of this handshake (mdlayher/vsock
 // speaks AF_VSOCK, which the host never sees here), so it is written here.
