@@ -273,6 +273,19 @@ func (o *Orchestrator) saveState(ctx context.Context, id string, vf *vmFile, pat
 			if err := m.run("stop", nil, nil, nil); err != nil {
 				return err
 			}
+		} else if st, err := m.status(); err != nil {
+			return err
+		} else if st == "postmigrate" {
+			// A paused VM whose state was saved before (a snapshot): QEMU
+			// refuses to migrate it again, and QEMU 7.2 reactivates its
+			// disks only on cont (block-set-active came in 10.0). So it
+			// runs between this cont and stop, about a millisecond.
+			if err := m.run("cont", nil, nil, nil); err != nil {
+				return err
+			}
+			if err := m.run("stop", nil, nil, nil); err != nil {
+				return err
+			}
 		}
 		if between != nil {
 			if err := between(m); err != nil {

@@ -36,6 +36,30 @@ func (s *suite) testSnapshotter(t *testing.T) {
 	if caps.Snapshot {
 		t.Run("SnapshotClone", func(t *testing.T) { s.testSnapshotClone(t, sn) })
 	}
+	if caps.Snapshot && caps.Suspend && caps.PauseResume {
+		t.Run("SnapshotsOfPausedVM", func(t *testing.T) { s.testSnapshotsOfPaused(t, sn) })
+	}
+}
+
+// testSnapshotsOfPaused: a paused VM is snapshotted twice, then suspended
+// and resumed; its files survive and its disk is writable again. (QEMU
+// refused a second save of a paused VM whose state it had saved.)
+func (s *suite) testSnapshotsOfPaused(t *testing.T, sn vmm.Snapshotter) {
+	t.Parallel()
+	ctx := s.ctx(t)
+	id := StartVM(t, s.o, s.spec(t))
+	Sh(t, s.o, id, "echo one > /root/paused-snap && sync")
+	require.NoError(t, sn.Pause(ctx, id))
+	for i := range 2 {
+		_, err := sn.Snapshot(ctx, id, t.TempDir())
+		require.NoError(t, err, "snapshot %d of a paused VM", i+1)
+		RequireState(t, s.o, id, types.VMPaused)
+	}
+	require.NoError(t, sn.Suspend(ctx, id), "suspending a paused VM after its snapshots")
+	RequireState(t, s.o, id, types.VMSuspended)
+	require.NoError(t, sn.Resume(ctx, id))
+	RequireState(t, s.o, id, types.VMRunning)
+	require.Equal(t, "one\ntwo\n", Sh(t, s.o, id, "echo two >> /root/paused-snap && sync && cat /root/paused-snap"))
 }
 
 func (s *suite) testPauseResume(t *testing.T, sn vmm.Snapshotter) {
