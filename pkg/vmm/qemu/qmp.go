@@ -60,6 +60,30 @@ func (m monitor) status() (string, error) {
 	return st.Status, err
 }
 
+// rootSize is the size in bytes of the root disk (the drive "root") as
+// QEMU has it open (query-block). It is read from QEMU, not by running
+// qemu-img as root on the active layer, whose header the VM's uid can
+// write.
+func (m monitor) rootSize() (int64, error) {
+	var blocks []struct {
+		Device   string `json:"device"`
+		Inserted *struct {
+			Image struct {
+				VirtualSize int64 `json:"virtual-size"`
+			} `json:"image"`
+		} `json:"inserted"`
+	}
+	if err := m.run("query-block", nil, &blocks, nil); err != nil {
+		return 0, err
+	}
+	for _, b := range blocks {
+		if b.Device == "root" && b.Inserted != nil && b.Inserted.Image.VirtualSize > 0 {
+			return b.Inserted.Image.VirtualSize, nil
+		}
+	}
+	return 0, fmt.Errorf("QMP query-block: no root drive with a size in QEMU's answer")
+}
+
 // passFD gives QEMU f under name (getfd), for an fd: migration URI.
 func (m monitor) passFD(name string, f *os.File) error {
 	return m.run("getfd", map[string]string{"fdname": name}, nil, f)

@@ -408,7 +408,11 @@ func (o *Orchestrator) Snapshot(ctx context.Context, id, dir string) (*vmm.Snaps
 	if _, err := o.live(id, vf, "snapshot"); err != nil {
 		return nil, err
 	}
-	size, err := o.virtualSize(ctx, o.path(id, vf.disk()))
+	var size int64
+	err = o.withMonitor(ctx, id, func(m monitor) (err error) {
+		size, err = m.rootSize()
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("snapshotting vm %s: %w", id, err)
 	}
@@ -583,21 +587,6 @@ func linkOrCopy(src, dst string) error {
 		return err
 	}
 	return out.Close()
-}
-
-// virtualSize is a qcow2 image's disk size, read while QEMU holds it.
-func (o *Orchestrator) virtualSize(ctx context.Context, path string) (int64, error) {
-	out, err := exec.CommandContext(ctx, o.cfg.ImgBinary, "info", "-U", "--output=json", path).Output()
-	if err != nil {
-		return 0, fmt.Errorf("qemu-img info %s: %w", path, err)
-	}
-	var info struct {
-		VirtualSize int64 `json:"virtual-size"`
-	}
-	if err := json.Unmarshal(out, &info); err != nil || info.VirtualSize <= 0 {
-		return 0, fmt.Errorf("qemu-img info %s: no virtual size in %q", path, out)
-	}
-	return info.VirtualSize, nil
 }
 
 // newLayer makes a qcow2 layer at path standing on backing (a name
