@@ -24,9 +24,10 @@ import (
 //	                 replace them (vm.json names the uid and the jail's
 //	                 contents, so a VMM able to rewrite it would choose its
 //	                 next jail; this is why the directory is not the uid's)
-//	  vm.json, *.pid, qemu.log, vsock.log   root 0600
-//	  overlay.qcow2, console.log            the uid's, 0600
-//	  run/           the uid's, 0700: the sockets its VMMs make
+//	  vm.json, *.pid, qemu.log, state       root 0600
+//	  overlay*.qcow2 (active layer), console.log   the uid's, 0600
+//	  overlay*.qcow2 (frozen by a snapshot)        root 0644
+//	  run/           the uid's, 0700: the sockets its QEMU makes (QMP, agent)
 //	  jail/          root 0700: the mount point of the jail's root, used
 //	                 only inside each jailer's private mount namespace
 

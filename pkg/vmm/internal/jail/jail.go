@@ -56,14 +56,16 @@ const (
 	DefaultMemoryOverheadMB = 384
 	// DefaultCPUOverheadMillis is the CPU, in thousandths, a VM's quota
 	// gets beyond its vCPUs for the VMM's own threads (device emulation,
-	// the main loop, vhost-device-vsock). Measured here: with a quota of
-	// exactly one CPU, a 1-vCPU TCG guest was throttled in 14–20 of ~33
-	// periods while it booted, and cold create took ~3.7% longer than
-	// unconfined; a quarter CPU covers those threads.
+	// the main loop). Measured when the qemu backend also ran
+	// vhost-device-vsock in the same cgroup: with a quota of exactly one
+	// CPU, a 1-vCPU TCG guest was throttled in 14–20 of ~33 periods while
+	// it booted, and cold create took ~3.7% longer than unconfined; a
+	// quarter CPU covered those threads (BenchmarkJailColdStart measures
+	// the current cost).
 	DefaultCPUOverheadMillis = 250
 	// DefaultPidsMax bounds the tasks (threads included) of one VM's
 	// cgroup. QEMU runs one thread per vCPU plus I/O and RCU threads and a
-	// worker pool of up to 64; vhost-device-vsock a few.
+	// worker pool of up to 64.
 	DefaultPidsMax = 512
 )
 
@@ -300,8 +302,8 @@ type Spec struct {
 	// NoNetwork starts the VMM in a network namespace of its own, holding
 	// only a loopback that is down, so a taken-over VMM cannot reach the
 	// host's services (PostgreSQL, Redis, the API, metadata endpoints) or
-	// abstract unix sockets. Path-based unix sockets (QMP, vhost-user,
-	// hybrid vsock) work across namespaces. Set it for every VMM that does
+	// abstract unix sockets. Path-based unix sockets (QMP, the agent's
+	// serial chardev, hybrid vsock) work across namespaces. Set it for every VMM that does
 	// not open a TAP. It is how the jailer is started, not one of its
 	// arguments.
 	NoNetwork bool `json:"-"`

@@ -13,8 +13,7 @@ import (
 // deniedSyscalls are refused (EPERM) to every jailed VMM: what changes
 // mounts, namespaces, credentials, the kernel or other processes, which a
 // VMM never needs once it runs. It is a deny-list, not an allow-list,
-// because QEMU's and vhost-device-vsock's needs vary with their versions
-// and devices; QEMU adds its own allow-list style filter on top
+// because a VMM's needs vary with its version and devices; QEMU adds its own allow-list style filter on top
 // (-sandbox).
 var deniedSyscalls = []string{
 	// mounts and the root

@@ -15,8 +15,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Proc is a VMM-side process of one VM (QEMU, vhost-device-vsock,
-// Firecracker), started by this worker or found again from its pidfile
+// Proc is a VMM-side process of one VM (QEMU, Firecracker, or the
+// vhost-device-vsock of a qemu VM started before the serial channel), started by this worker or found again from its pidfile
 // after a restart. Its end is watched in both cases: through Wait for a
 // child, through a pidfd for an adopted process, so nobody polls kill(0).
 type Proc struct {
