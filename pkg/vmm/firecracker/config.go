@@ -128,7 +128,9 @@ type JailerConfig struct {
 	StateDir string `yaml:"state_dir"`
 	// ChrootBaseDir is where jails are built. Default /srv/jailer.
 	ChrootBaseDir string `yaml:"chroot_base_dir"`
-	// CgroupVersion is 1 or 2. Default 2.
+	// CgroupVersion is 1 or 2: the hierarchy in which the jailer makes
+	// each VM's cgroup and writes its CPU, memory and pids limits. It must
+	// be the host's (doctor checks). Default 2.
 	CgroupVersion int `yaml:"cgroup_version"`
 	// ParentCgroup places each VM's cgroup under this relative path.
 	// Empty: the jailer's default (the firecracker binary's name).

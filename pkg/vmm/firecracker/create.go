@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"time"
 
 	"github.com/aetherium/aetherium-core/pkg/types"
@@ -238,15 +239,20 @@ func (o *Orchestrator) DeleteVM(ctx context.Context, id string) error {
 }
 
 // removeCgroup removes the empty cgroup the jailer made for the VM; the
-// jailer leaves it behind (docs/jailer.md). Best effort, cgroup v2 only.
+// jailer leaves it behind (docs/jailer.md). On cgroup v1 that is one
+// directory in each hierarchy a --cgroup named (cpu, memory, pids). Best
+// effort: a host without the configured version has none to remove.
 func (o *Orchestrator) removeCgroup(id string) {
-	if o.cfg.Jailer.CgroupVersion != 2 {
+	parent := cmp.Or(o.cfg.Jailer.ParentCgroup, filepath.Base(o.cfg.Binary))
+	cg, err := jail.NewCgroups(jail.DefaultCgroupRoot, strconv.Itoa(o.cfg.Jailer.CgroupVersion), parent)
+	if err != nil {
+		o.log.Debug("cannot remove the vm's cgroup", "vm_id", id, "err", err)
 		return
 	}
-	parent := cmp.Or(o.cfg.Jailer.ParentCgroup, filepath.Base(o.cfg.Binary))
-	dir := filepath.Join("/sys/fs/cgroup", parent, id)
-	if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
-		o.log.Debug("cannot remove the vm's cgroup", "vm_id", id, "dir", dir, "err", err)
+	for _, dir := range cg.Dirs(id) {
+		if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+			o.log.Debug("cannot remove the vm's cgroup", "vm_id", id, "dir", dir, "err", err)
+		}
 	}
 }
 

@@ -9,12 +9,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/aetherium/aetherium-core/pkg/types"
 	"github.com/aetherium/aetherium-core/pkg/vmm"
+	"github.com/aetherium/aetherium-core/pkg/vmm/internal/jail"
 )
 
 // Check is one line of `aether-cli doctor`'s report on this backend; its
@@ -28,8 +30,9 @@ const (
 )
 
 // Diagnose checks, without starting anything, what this host needs to run
-// Firecracker VMs with cfg: the binaries, /dev/kvm, hardware virtualization,
-// the guest images and the vsock socket directory. It never fails; each
+// Firecracker VMs with cfg: the binaries, the jailer's cgroup version,
+// /dev/kvm, hardware virtualization, the guest images and the vsock socket
+// directory. It never fails; each
 // check says what it found.
 func Diagnose(ctx context.Context, cfg Config) []vmm.Check {
 	cfg.setDefaults()
@@ -49,6 +52,13 @@ func Diagnose(ctx context.Context, cfg Config) []vmm.Check {
 		jb, err := exec.LookPath(cfg.Jailer.Binary)
 		add("jailer binary", err, jb,
 			symptomNoVMs+": install the jailer of the same Firecracker release and set vmm.firecracker.jailer.binary, or set vmm.firecracker.jailer.enabled to false")
+		// The jailer writes each VM's limits (--cgroup) into the
+		// configured version's hierarchy and fails the start when the
+		// host does not have it; the check is the jail package's.
+		v := strconv.Itoa(cfg.Jailer.CgroupVersion)
+		_, err = jail.NewCgroups(jail.DefaultCgroupRoot, v, jail.DefaultCgroupParent)
+		add("jailer cgroups", err, "cgroup v"+v+" with the cpu, memory and pids controllers",
+			symptomNoVMs+": set vmm.firecracker.jailer.cgroup_version to the host's cgroup version (2 when /sys/fs/cgroup/cgroup.controllers exists, else 1) and make the cpu, memory and pids controllers available")
 	}
 
 	kvmErr := openKVM()

@@ -320,6 +320,9 @@ func TestJailer(t *testing.T) {
 	require.Equal(t, fcfake.JailerArgs{
 		ID: id, ExecFile: cfg.Binary, UID: 910000, GID: 910000, ChrootBaseDir: base,
 		CgroupVersion: "2", NetNS: "/proc/self/ns/net", Extra: []string{"--api-sock", "/api.sock"},
+		// 1 vCPU and 128 MiB plus the jail package's overheads (see
+		// TestJailerCgroupLimits).
+		Cgroups: []string{"cpu.max=125000 100000", "memory.max=536870912", "pids.max=512"},
 	}, args, "the first VM gets the first uid of the range")
 	fi, err := os.Stat(filepath.Join(root, "rootfs.ext4"))
 	require.NoError(t, err)

@@ -211,7 +211,7 @@ func (o *Orchestrator) spawn(ctx context.Context, id string, p paths, rec *recor
 				return nil, nil, fmt.Errorf("starting vm %s: %w", id, err)
 			}
 		}
-		cmd = exec.Command(jailer, o.jailerArgs(id, bin, ids)...)
+		cmd = exec.Command(jailer, o.jailerArgs(id, bin, ids, rec.VCPUs, rec.MemoryMB)...)
 	} else {
 		cmd = exec.Command(bin, "--api-sock", p.host(apiSockName), "--id", id)
 	}
@@ -260,20 +260,32 @@ func (o *Orchestrator) spawn(ctx context.Context, id string, p paths, rec *recor
 	}
 }
 
-// jailerArgs builds the jailer's command line (docs/jailer.md). The API
-// socket is put at /api.sock in the jail, beside the VM's other files.
-func (o *Orchestrator) jailerArgs(id, execFile string, ids jail.IDs) []string {
+// jailerArgs builds the jailer's command line (docs/jailer.md) for a VM
+// with vcpus and memoryMB of guest memory. The API socket is put at
+// /api.sock in the jail, beside the VM's other files.
+//
+// The jailer makes the VM's cgroup, <parent>/<id>, and writes each
+// --cgroup file=value into it before it drops privileges; without them
+// the cgroup would have no limits. They are the qemu backend's limits
+// (jail.VMLimits at its defaults): a CPU quota of the vCPUs plus
+// jail.DefaultCPUOverheadMillis, the guest memory plus
+// jail.DefaultMemoryOverheadMB, and jail.DefaultPidsMax tasks.
+func (o *Orchestrator) jailerArgs(id, execFile string, ids jail.IDs, vcpus, memoryMB int) []string {
 	j := o.cfg.Jailer
+	version := strconv.Itoa(j.CgroupVersion)
 	args := []string{
 		"--id", id,
 		"--exec-file", execFile,
 		"--uid", strconv.Itoa(ids.UID),
 		"--gid", strconv.Itoa(ids.GID),
 		"--chroot-base-dir", j.ChrootBaseDir,
-		"--cgroup-version", strconv.Itoa(j.CgroupVersion),
+		"--cgroup-version", version,
 	}
 	if j.ParentCgroup != "" {
 		args = append(args, "--parent-cgroup", j.ParentCgroup)
+	}
+	for _, f := range jail.VMLimits(jail.Config{}, vcpus, memoryMB).Files(version) {
+		args = append(args, "--cgroup", f.Name+"="+f.Value)
 	}
 	if j.NetNS != "" {
 		args = append(args, "--netns", j.NetNS)

@@ -361,6 +361,7 @@ type JailerArgs struct {
 	ChrootBaseDir string   `json:"chroot_base_dir"`
 	CgroupVersion string   `json:"cgroup_version"`
 	ParentCgroup  string   `json:"parent_cgroup,omitempty"`
+	Cgroups       []string `json:"cgroups,omitempty"`
 	NetNS         string   `json:"netns,omitempty"`
 	Daemonize     bool     `json:"daemonize,omitempty"`
 	Extra         []string `json:"extra,omitempty"`
@@ -369,7 +370,8 @@ type JailerArgs struct {
 var jailerIDRE = regexp.MustCompile(`^[A-Za-z0-9-]{1,64}$`)
 
 // JailerMain runs the fake as the jailer: it checks its arguments as
-// docs/jailer.md describes them, builds <chroot_base>/<exec_file_name>/<id>/root
+// docs/jailer.md and the jailer's argument parsing (src/jailer/src/env.rs,
+// cgroup.rs) check them, builds <chroot_base>/<exec_file_name>/<id>/root
 // with a copy of the exec file, records its arguments, and execs that copy
 // with --id and the arguments after "--". It does not chroot, switch
 // users, join cgroups or the network namespace: the exec'd fake resolves
@@ -384,6 +386,10 @@ func JailerMain(args []string) int {
 	fs.StringVar(&a.ChrootBaseDir, "chroot-base-dir", "/srv/jailer", "")
 	fs.StringVar(&a.CgroupVersion, "cgroup-version", "1", "")
 	fs.StringVar(&a.ParentCgroup, "parent-cgroup", "", "")
+	fs.Func("cgroup", "", func(v string) error {
+		a.Cgroups = append(a.Cgroups, v)
+		return nil
+	})
 	fs.StringVar(&a.NetNS, "netns", "", "")
 	fs.BoolVar(&a.Daemonize, "daemonize", false, "")
 	if err := fs.Parse(args); err != nil {
@@ -406,6 +412,14 @@ func JailerMain(args []string) int {
 	}
 	if a.CgroupVersion != "1" && a.CgroupVersion != "2" {
 		return fail("invalid --cgroup-version %q", a.CgroupVersion)
+	}
+	if err := checkParentCgroup(a.ParentCgroup); err != nil {
+		return fail("%v", err)
+	}
+	for _, cg := range a.Cgroups {
+		if err := checkCgroupArg(cg); err != nil {
+			return fail("%v", err)
+		}
 	}
 	if !filepath.IsAbs(a.ExecFile) || !strings.Contains(filepath.Base(a.ExecFile), "firecracker") {
 		return fail("--exec-file %q must be an absolute path whose name contains \"firecracker\"", a.ExecFile)
@@ -452,6 +466,38 @@ func JailerMain(args []string) int {
 	argv := append([]string{exe, "--id=" + a.ID, "--start-time-us=0", "--start-time-cpu-us=0"}, a.Extra...)
 	err = syscall.Exec(exe, argv, env)
 	return fail("exec %s: %v", exe, err)
+}
+
+// checkParentCgroup refuses what the jailer refuses in --parent-cgroup:
+// an absolute path or one with . or .. components.
+func checkParentCgroup(p string) error {
+	if p == "" {
+		return nil
+	}
+	if strings.HasPrefix(p, "/") {
+		return fmt.Errorf("invalid --parent-cgroup %q: must be a relative path", p)
+	}
+	for _, c := range strings.Split(p, "/") {
+		if c == "." || c == ".." {
+			return fmt.Errorf("invalid --parent-cgroup %q: no . or .. components", p)
+		}
+	}
+	return nil
+}
+
+// checkCgroupArg refuses a --cgroup value the jailer refuses: it must be
+// <controller>.<property>=<value>, with exactly one "=", a non-empty
+// value and a file name of two non-empty parts.
+func checkCgroupArg(cg string) error {
+	parts := strings.Split(cg, "=")
+	if len(parts) != 2 || parts[1] == "" {
+		return fmt.Errorf("invalid --cgroup %q: the format is <cgroup_file>=<value>", cg)
+	}
+	file := strings.Split(parts[0], ".")
+	if len(file) != 2 || file[0] == "" || file[1] == "" {
+		return fmt.Errorf("invalid --cgroup %q: the file must be <controller>.<property>", cg)
+	}
+	return nil
 }
 
 func copyFile(src, dst string) error {

@@ -45,6 +45,42 @@ type Limits struct {
 // quotaUsec is the CFS quota per cpuPeriod.
 func (l Limits) quotaUsec() int { return l.CPUMillis * cpuPeriod / 1000 }
 
+// CgroupFile is one cgroup control file, named as in the VM's cgroup
+// directory (cpu.max), and the value written to it.
+type CgroupFile struct {
+	Name, Value string
+}
+
+// Files returns the control files that set l's CPU, memory and pids
+// limits on a cgroup of version ("1" or "2"), in the order Create writes
+// them; unset limits are left out. IOWeight is not among them: its file
+// depends on the host's I/O scheduler. A backend whose VMMs' cgroups are
+// made by another program (Firecracker's jailer, --cgroup file=value)
+// passes these.
+func (l Limits) Files(version string) []CgroupFile {
+	var files []CgroupFile
+	if version == CgroupV2 {
+		if l.CPUMillis > 0 {
+			files = append(files, CgroupFile{"cpu.max", fmt.Sprintf("%d %d", l.quotaUsec(), cpuPeriod)})
+		}
+		if l.MemoryBytes > 0 {
+			files = append(files, CgroupFile{"memory.max", strconv.FormatInt(l.MemoryBytes, 10)})
+		}
+	} else {
+		if l.CPUMillis > 0 {
+			files = append(files, CgroupFile{"cpu.cfs_period_us", strconv.Itoa(cpuPeriod)},
+				CgroupFile{"cpu.cfs_quota_us", strconv.Itoa(l.quotaUsec())})
+		}
+		if l.MemoryBytes > 0 {
+			files = append(files, CgroupFile{"memory.limit_in_bytes", strconv.FormatInt(l.MemoryBytes, 10)})
+		}
+	}
+	if l.PidsMax > 0 {
+		files = append(files, CgroupFile{"pids.max", strconv.Itoa(l.PidsMax)})
+	}
+	return files
+}
+
 // Usage is what a VM's cgroup has used.
 type Usage struct {
 	// CPUNanos is the CPU time used by every task of the cgroup since it
@@ -215,14 +251,8 @@ func (c *Cgroups) createV2(name string, lim Limits) ([]string, error) {
 		return nil, fmt.Errorf("making cgroup %s: %w", dir, err)
 	}
 	files := [][2]string{}
-	if lim.CPUMillis > 0 {
-		files = append(files, [2]string{"cpu.max", fmt.Sprintf("%d %d", lim.quotaUsec(), cpuPeriod)})
-	}
-	if lim.MemoryBytes > 0 {
-		files = append(files, [2]string{"memory.max", strconv.FormatInt(lim.MemoryBytes, 10)})
-	}
-	if lim.PidsMax > 0 {
-		files = append(files, [2]string{"pids.max", strconv.Itoa(lim.PidsMax)})
+	for _, f := range lim.Files(CgroupV2) {
+		files = append(files, [2]string{f.Name, f.Value})
 	}
 	if lim.IOWeight > 0 {
 		f := "io.weight"
@@ -256,15 +286,10 @@ func (c *Cgroups) createV1(name string, lim Limits) ([]string, error) {
 	}
 	in := func(ctl string) string { return filepath.Join(c.v1[ctl], c.parent, name) }
 	files := [][2]string{}
-	if lim.CPUMillis > 0 {
-		files = append(files, [2]string{filepath.Join(in("cpu"), "cpu.cfs_period_us"), strconv.Itoa(cpuPeriod)},
-			[2]string{filepath.Join(in("cpu"), "cpu.cfs_quota_us"), strconv.Itoa(lim.quotaUsec())})
-	}
-	if lim.MemoryBytes > 0 {
-		files = append(files, [2]string{filepath.Join(in("memory"), "memory.limit_in_bytes"), strconv.FormatInt(lim.MemoryBytes, 10)})
-	}
-	if lim.PidsMax > 0 {
-		files = append(files, [2]string{filepath.Join(in("pids"), "pids.max"), strconv.Itoa(lim.PidsMax)})
+	for _, f := range lim.Files(CgroupV1) {
+		// A v1 file is named <controller>.<property>.
+		ctl, _, _ := strings.Cut(f.Name, ".")
+		files = append(files, [2]string{filepath.Join(in(ctl), f.Name), f.Value})
 	}
 	if lim.IOWeight > 0 {
 		f := filepath.Join(in("blkio"), "blkio.weight")

@@ -250,8 +250,17 @@ func (m *Manager) Cgroups() *Cgroups { return m.cg }
 
 // Limits returns the cgroup limits of a VM with vcpus and memoryMB of
 // guest memory, from the configuration.
-func (m *Manager) Limits(vcpus, memoryMB int) Limits {
-	return Limits{CPUMillis: vcpus*1000 + max(m.cfg.CPUOverheadMillis, 0), MemoryBytes: int64(memoryMB+m.cfg.MemoryOverheadMB) << 20, PidsMax: m.cfg.PidsMax, IOWeight: m.cfg.IOWeight}
+func (m *Manager) Limits(vcpus, memoryMB int) Limits { return VMLimits(m.cfg, vcpus, memoryMB) }
+
+// VMLimits returns the cgroup limits of a VM with vcpus and memoryMB of
+// guest memory under cfg, whose zero values take the defaults: a CPU
+// quota of the vCPUs plus CPUOverheadMillis, the guest memory plus
+// MemoryOverheadMB, PidsMax and IOWeight. A backend that does not run
+// its VMMs through a Manager (Firecracker's own jailer sets the cgroup)
+// uses it to give its VMs the same limits.
+func VMLimits(cfg Config, vcpus, memoryMB int) Limits {
+	cfg = cfg.withDefaults()
+	return Limits{CPUMillis: vcpus*1000 + max(cfg.CPUOverheadMillis, 0), MemoryBytes: int64(memoryMB+cfg.MemoryOverheadMB) << 20, PidsMax: cfg.PidsMax, IOWeight: cfg.IOWeight}
 }
 
 // Command returns the command that runs spec's VMM through the jailer: as
