@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"cmp"
 	"time"
 
 	"github.com/aetherium/aetherium-core/pkg/types"
@@ -23,11 +24,13 @@ type vmView struct {
 	Tenant string `json:"tenant"`
 	// ExpiresAt is null for a VM that lives until deleted.
 	ExpiresAt *time.Time `json:"expires_at"`
+	// OnExpiry is what happens at ExpiresAt: delete or pause.
+	OnExpiry string `json:"on_expiry"`
 }
 
 func newVMView(v *types.VM) vmView {
 	return vmView{ID: v.ID, Name: v.Name, State: v.State, VCPUs: v.VCPUs, MemoryMB: v.MemoryMB, Provider: v.Provider, Error: v.Error, Owner: v.Owner, Network: v.Network,
-		Tenant: v.Tenant, ExpiresAt: v.ExpiresAt}
+		Tenant: v.Tenant, ExpiresAt: v.ExpiresAt, OnExpiry: cmp.Or(v.OnExpiry, types.ExpiryDelete)}
 }
 
 type taskView struct {

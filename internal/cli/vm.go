@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"text/tabwriter"
@@ -86,7 +87,8 @@ func (a *app) vmCreateCmd() *cobra.Command {
 	f.StringArrayVar(&labels, "label", nil, "label KEY=VALUE (repeatable)")
 	f.StringArrayVar(&env, "env", nil, "default environment KEY=VALUE of every command (repeatable)")
 	f.BoolVar(&wait, "wait", false, "return only once the VM's agent answers")
-	f.DurationVar(&o.TTL, "ttl", 0, "delete the VM this long after its creation, e.g. 10m (default: never)")
+	f.DurationVar(&o.TTL, "ttl", 0, "delete the VM this long after its creation, e.g. 10m (default: never); see --on-expiry")
+	f.StringVar(&o.OnExpiry, "on-expiry", "", "what happens when the TTL runs out: delete (default) or pause (suspend to disk where the backend can, and clear the expiry)")
 	f.StringArrayVar(&specs, "tools", nil, "mise tool specs to install, e.g. node@22,python@3.12 or 'http:NAME[url=URL]@1.0.0' (repeatable or comma-separated)")
 	f.StringVar(&o.Network, "network", "", "none or nat (default: nat when network.enabled is set in the config, else none)")
 	f.StringVar(&o.FromSnapshot, "from-snapshot", "", "start the VM by restoring this snapshot (a fork) instead of booting")
@@ -166,7 +168,7 @@ func (a *app) vmGetCmd() *cobra.Command {
 				fmt.Fprintf(tw, "tenant\t%s\n", v.Tenant)
 			}
 			if v.ExpiresAt != nil {
-				fmt.Fprintf(tw, "expires\t%s\n", v.ExpiresAt.Format("2006-01-02 15:04:05Z07:00"))
+				fmt.Fprintf(tw, "expires\t%s (then %s)\n", v.ExpiresAt.Format("2006-01-02 15:04:05Z07:00"), cmp.Or(v.OnExpiry, types.ExpiryDelete))
 			}
 			if v.Error != "" {
 				fmt.Fprintf(tw, "error\t%s\n", v.Error)

@@ -63,7 +63,7 @@ func (s *Server) createVM(w http.ResponseWriter, r *http.Request) error {
 		return fmt.Errorf("%w: ttl_seconds %d is negative; use 0 for no expiry", types.ErrInvalid, req.TTLSeconds)
 	}
 	o := service.CreateVMOptions{Name: req.Name, VCPUs: req.VCPUs, MemoryMB: req.MemoryMB, Network: req.Network,
-		Labels: req.Labels, Env: req.Env, TTL: ttl, Tools: req.Tools, FromSnapshot: req.FromSnapshot, Template: req.Template}
+		Labels: req.Labels, Env: req.Env, TTL: ttl, OnExpiry: req.OnExpiry, Tools: req.Tools, FromSnapshot: req.FromSnapshot, Template: req.Template}
 	if o.FromSnapshot == "" && o.Template == "" {
 		// A clone takes its snapshot's size: only a boot gets defaults.
 		o.VCPUs, o.MemoryMB = cmp.Or(o.VCPUs, DefaultVCPUs), cmp.Or(o.MemoryMB, DefaultMemoryMB)

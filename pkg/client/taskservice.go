@@ -57,7 +57,7 @@ func (c *Client) CreateVMTaskWithOptions(ctx context.Context, o service.CreateVM
 	}
 	var vm types.VM
 	err := c.doJSON(ctx, http.MethodPost, "/v1/vms", nil, wire.CreateVMRequest{Name: o.Name, VCPUs: o.VCPUs, MemoryMB: o.MemoryMB,
-		Network: o.Network, Labels: o.Labels, Env: o.Env, TTLSeconds: wire.Seconds(o.TTL), Tools: o.Tools,
+		Network: o.Network, Labels: o.Labels, Env: o.Env, TTLSeconds: wire.Seconds(o.TTL), OnExpiry: o.OnExpiry, Tools: o.Tools,
 		FromSnapshot: o.FromSnapshot, Template: o.Template}, &vm)
 	if err != nil {
 		return uuid.Nil, err

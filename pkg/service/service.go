@@ -107,6 +107,10 @@ type CreateVMOptions struct {
 	// TTL, when positive, makes the owning worker delete the VM that long
 	// after its creation (VM.ExpiresAt). Zero: the VM lives until deleted.
 	TTL time.Duration
+	// OnExpiry is what happens when the TTL (this one or a later
+	// SetVMTTL's) runs out: types.ExpiryDelete (empty: the same) or
+	// types.ExpiryPause (suspend or pause, and clear the expiry).
+	OnExpiry string
 	// Tools are mise tool specs (node@22, npm:prettier@3,
 	// http:NAME[url=URL]@VERSION) that the worker installs on its host and
 	// delivers read-only into the VM, on PATH for every command, together
@@ -144,6 +148,9 @@ func (s *Service) CreateVMTaskWithOptions(ctx context.Context, o CreateVMOptions
 	if err := s.checkTTL(o.TTL); err != nil {
 		return uuid.Nil, err
 	}
+	if err := types.CheckOnExpiry(o.OnExpiry); err != nil {
+		return uuid.Nil, err
+	}
 	if err := checkToolSpecs(o.Tools); err != nil {
 		return uuid.Nil, err
 	}
@@ -152,7 +159,7 @@ func (s *Service) CreateVMTaskWithOptions(ctx context.Context, o CreateVMOptions
 	// Provider stays empty: the worker that claims the VM records the
 	// backend it really runs on, which this process cannot know.
 	vm := &types.VM{ID: spec.ID, Name: o.Name, VCPUs: o.VCPUs, MemoryMB: o.MemoryMB, State: types.VMPending,
-		Labels: o.Labels, Env: o.Env, Network: network, Tenant: sc.Tenant, CreatedAt: now, UpdatedAt: now}
+		Labels: o.Labels, Env: o.Env, Network: network, Tenant: sc.Tenant, OnExpiry: o.OnExpiry, CreatedAt: now, UpdatedAt: now}
 	createQueue := queue.SharedQueue
 	payload := queue.VMCreatePayload{VMID: vm.ID, Tools: o.Tools, DefaultNetwork: workerNetwork}
 	if from != nil {

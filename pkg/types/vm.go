@@ -75,6 +75,28 @@ func CheckTransition(from, to VMState) error {
 	return fmt.Errorf("%w: vm cannot go from %s to %s", ErrConflict, from, to)
 }
 
+// What the owning worker does with a VM when its ExpiresAt passes.
+const (
+	// ExpiryDelete deletes it, the default.
+	ExpiryDelete = "delete"
+	// ExpiryPause pauses it as E2B's autoPause does: a running VM is
+	// suspended to disk where the backend can (its memory freed), its
+	// vCPUs paused elsewhere; then its ExpiresAt is cleared, so it waits
+	// until it is resumed (and given a new TTL) or deleted. A VM that is
+	// not running then only loses its ExpiresAt.
+	ExpiryPause = "pause"
+)
+
+// CheckOnExpiry checks an on-expiry action: empty, ExpiryDelete or
+// ExpiryPause.
+func CheckOnExpiry(a string) error {
+	switch a {
+	case "", ExpiryDelete, ExpiryPause:
+		return nil
+	}
+	return fmt.Errorf("%w: on-expiry action %q is unknown; use %q (the default) or %q", ErrInvalid, a, ExpiryDelete, ExpiryPause)
+}
+
 // VM is a machine as recorded in storage.
 type VM struct {
 	ID       string            `json:"id"`
@@ -91,8 +113,12 @@ type VM struct {
 	// Tenant owns the VM: API keys of another tenant cannot see it. Empty
 	// for VMs made without a tenant (the local CLI acting as admin).
 	Tenant string `json:"tenant,omitempty"`
-	// ExpiresAt is when the owning worker deletes the VM; nil: never.
+	// ExpiresAt is when the owning worker deletes the VM (or, with
+	// OnExpiry ExpiryPause, pauses it); nil: never.
 	ExpiresAt *time.Time `json:"expires_at,omitempty"`
+	// OnExpiry is what happens at ExpiresAt: ExpiryDelete (empty means
+	// the same) or ExpiryPause.
+	OnExpiry string `json:"on_expiry,omitempty"`
 	// Confinement is how the VM's VMM processes are confined on their
 	// host, as recorded when it last booted; nil when the backend does not
 	// confine them (docker) or confinement is off.

@@ -3,6 +3,7 @@ package worker
 import (
 	"context"
 	"encoding/json"
+	"log/slog"
 	"time"
 
 	"github.com/google/uuid"
@@ -82,28 +83,82 @@ func (w *Worker) expire(ctx context.Context) {
 
 // expireVM deletes one expired VM the way a vm:delete task would, and
 // records it as such a task, so that the VM's history says what happened.
-// It reports whether the VM is gone.
+// It reports whether the VM is gone. A VM whose OnExpiry is
+// types.ExpiryPause is paused instead (expirePause).
 func (w *Worker) expireVM(ctx context.Context, vm *types.VM) bool {
-	id := uuid.New().String()
-	log := w.log.With("task_id", id, "type", types.TaskVMDelete, "vm_id", vm.ID)
-	now := time.Now().UTC()
-	payload, _ := json.Marshal(map[string]string{"vm_id": vm.ID})
-	task := &types.Task{ID: id, Type: types.TaskVMDelete, VMID: vm.ID, Payload: payload, State: types.TaskRunning,
-		Attempts: 1, CreatedAt: now, UpdatedAt: now}
-	if err := w.store.CreateTask(ctx, task); err != nil {
-		log.Warn("recording the deletion of an expired vm", "err", err)
+	if vm.OnExpiry == types.ExpiryPause {
+		return w.expirePause(ctx, vm)
+	}
+	return w.expiryTask(ctx, vm, types.TaskVMDelete, "deleting", func(log *slog.Logger) (map[string]any, error) {
+		return w.moveVM(ctx, log, vm.ID, types.VMDeleting, types.VMDeleted, "deleting", w.vmm.DeleteVM)
+	})
+}
+
+// expirePause pauses an expired VM whose OnExpiry is types.ExpiryPause, as
+// E2B's autoPause does: a running VM is suspended to disk where the
+// backend can (freeing its memory), its vCPUs paused elsewhere, recorded
+// as a vm:suspend or vm:pause task; then its expiry is cleared, so it
+// waits to be resumed (and given a new TTL) or deleted. A VM that is not
+// running only loses its expiry. It reports whether that is done.
+func (w *Worker) expirePause(ctx context.Context, vm *types.VM) bool {
+	if vm.State == types.VMRunning {
+		typ, to := types.TaskVMSuspend, types.VMSuspended
+		if !w.vmm.Capabilities().Suspend {
+			typ, to = types.TaskVMPause, types.VMPaused
+		}
+		ok := w.expiryTask(ctx, vm, typ, "pausing", func(*slog.Logger) (map[string]any, error) {
+			snap, err := w.snapshotter()
+			if err != nil {
+				return nil, err
+			}
+			op := snap.Pause
+			if to == types.VMSuspended {
+				op = snap.Suspend
+			}
+			start := time.Now()
+			if err := op(ctx, vm.ID); err != nil {
+				return nil, err
+			}
+			if err := w.setState(ctx, vm.ID, to, ""); err != nil {
+				return nil, err
+			}
+			return map[string]any{"vm_id": vm.ID, "state": to, "took_ms": time.Since(start).Milliseconds()}, nil
+		})
+		if !ok {
+			return false
+		}
+	}
+	if _, err := w.store.SetVMExpiry(ctx, vm.ID, nil); err != nil {
+		w.log.Warn("clearing the expiry of a paused vm", "vm_id", vm.ID, "err", err)
 		return false
 	}
-	log.Info("vm expired; deleting it", "expired_at", vm.ExpiresAt)
-	res, err := w.moveVM(ctx, log, vm.ID, types.VMDeleting, types.VMDeleted, "deleting", w.vmm.DeleteVM)
+	return true
+}
+
+// expiryTask runs op on an expired VM, recorded as a task of type typ
+// (what names it in the log: "deleting", "pausing"), and reports whether
+// it succeeded. The task's result is op's, noted as an expiry's.
+func (w *Worker) expiryTask(ctx context.Context, vm *types.VM, typ types.TaskType, what string, op func(log *slog.Logger) (map[string]any, error)) bool {
+	id := uuid.New().String()
+	log := w.log.With("task_id", id, "type", typ, "vm_id", vm.ID)
+	now := time.Now().UTC()
+	payload, _ := json.Marshal(map[string]string{"vm_id": vm.ID})
+	task := &types.Task{ID: id, Type: typ, VMID: vm.ID, Payload: payload, State: types.TaskRunning,
+		Attempts: 1, CreatedAt: now, UpdatedAt: now}
+	if err := w.store.CreateTask(ctx, task); err != nil {
+		log.Warn("recording the "+what+" of an expired vm", "err", err)
+		return false
+	}
+	log.Info("vm expired; "+what+" it", "expired_at", vm.ExpiresAt)
+	res, err := op(log)
 	if err != nil {
-		log.Warn("deleting expired vm", "err", err)
+		log.Warn(what+" expired vm", "err", err)
 		w.update(ctx, id, storage.TaskUpdate{State: ptr(types.TaskFailed), Error: ptr(err.Error())})
-		w.metrics.taskEnded(string(types.TaskVMDelete), types.TaskFailed)
+		w.metrics.taskEnded(string(typ), types.TaskFailed)
 		return false
 	}
 	res["note"], res["worker_id"] = "expired", w.cfg.ID
 	w.update(ctx, id, storage.TaskUpdate{State: ptr(types.TaskSucceeded), Result: result(res), Error: ptr("")})
-	w.metrics.taskEnded(string(types.TaskVMDelete), types.TaskSucceeded)
+	w.metrics.taskEnded(string(typ), types.TaskSucceeded)
 	return true
 }

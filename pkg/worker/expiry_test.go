@@ -11,6 +11,7 @@ import (
 	"github.com/aetherium/aetherium-core/internal/testenv/stack"
 	"github.com/aetherium/aetherium-core/pkg/service"
 	"github.com/aetherium/aetherium-core/pkg/types"
+	"github.com/aetherium/aetherium-core/pkg/vmm/qemu"
 )
 
 // expiryDeadline is how soon after its expiry a VM must be gone.
@@ -97,3 +98,60 @@ func TestTTLExpiryAcrossRestart(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// testExpiryPause: a VM made with OnExpiry pause is, at its expiry,
+// suspended (a backend that can) or paused (docker), recorded as a task
+// noted "expired"; its expiry is cleared, so it is not deleted later; a
+// resume brings it back with its files and a process it ran.
+func testExpiryPause(t *testing.T, s *stack.Stack, want types.VMState, taskType types.TaskType) {
+	ctx := t.Context()
+	id, err := s.Service.CreateVMTaskWithOptions(ctx, service.CreateVMOptions{Name: "autopause", VCPUs: 1, MemoryMB: 256,
+		TTL: 4 * time.Second, OnExpiry: types.ExpiryPause})
+	require.NoError(t, err)
+	waitOK(t, s.Service, id)
+	vm, err := s.Service.GetVM(ctx, id)
+	require.NoError(t, err)
+	require.Equal(t, types.ExpiryPause, vm.OnExpiry)
+	require.NotNil(t, vm.ExpiresAt)
+	sh(t, s, id, "echo kept > /tmp/autopause && (sleep 600 & echo $! > /tmp/sleeper)")
+
+	paused := func() bool {
+		got, err := s.Store.GetVM(ctx, vm.ID)
+		return err == nil && got.State == want && got.ExpiresAt == nil
+	}
+	require.Eventually(t, paused, time.Until(vm.ExpiresAt.Add(expiryDeadline)), 50*time.Millisecond,
+		"vm %s expired at %s and is not %s with its expiry cleared %s later", vm.ID, vm.ExpiresAt, want, expiryDeadline)
+	tasks, err := s.Store.ListTasks(ctx, vm.ID)
+	require.NoError(t, err)
+	var ops []*types.Task
+	for _, task := range tasks {
+		require.NotEqual(t, types.TaskVMDelete, task.Type, "an autopause VM is not deleted")
+		if task.Type == taskType {
+			ops = append(ops, task)
+		}
+	}
+	require.Len(t, ops, 1, "one %s, recorded once", taskType)
+	require.Equal(t, types.TaskSucceeded, ops[0].State, ops[0].Error)
+	var res map[string]any
+	require.NoError(t, json.Unmarshal(ops[0].Result, &res))
+	require.Equal(t, "expired", res["note"])
+
+	// Past two more expiry rounds it is still there, paused.
+	time.Sleep(2 * time.Second)
+	got, err := s.Store.GetVM(ctx, vm.ID)
+	require.NoError(t, err)
+	require.Equal(t, want, got.State)
+
+	rid, err := service.Snapshots(s.Service).ResumeVMTask(ctx, vm.ID)
+	require.NoError(t, err)
+	waitOK(t, s.Service, rid)
+	require.Equal(t, "kept\nalive\n", sh(t, s, id, "cat /tmp/autopause; kill -0 $(cat /tmp/sleeper) && echo alive"))
+}
+
+func TestTTLExpiryPauseDocker(t *testing.T) {
+	testExpiryPause(t, stack.Start(t, stack.Options{}), types.VMPaused, types.TaskVMPause)
+}
+
+func TestTTLExpiryPauseQemu(t *testing.T) {
+	testExpiryPause(t, stack.Start(t, stack.Options{Provider: qemu.Provider}), types.VMSuspended, types.TaskVMSuspend)
+}

@@ -44,6 +44,9 @@ type CreateVMRequest struct {
 	Labels     map[string]string `json:"labels,omitempty"`
 	Env        map[string]string `json:"env,omitempty"`
 	TTLSeconds int64             `json:"ttl_seconds,omitempty"`
+	// OnExpiry is what happens when the TTL runs out: "delete" (the
+	// default) or "pause" (suspend, or pause, and clear the expiry).
+	OnExpiry string `json:"on_expiry,omitempty"`
 	// Tools are mise tool specs to install and deliver into the VM.
 	Tools []string `json:"tools,omitempty"`
 	// FromSnapshot (a snapshot's name or id) or Template (a template's

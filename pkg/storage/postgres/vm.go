@@ -15,7 +15,7 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
-const vmColumns = `id, name, vcpus, memory_mb, state, provider, owner, labels, env, error, created_at, updated_at, network, tenant, expires_at, confinement, from_snapshot`
+const vmColumns = `id, name, vcpus, memory_mb, state, provider, owner, labels, env, error, created_at, updated_at, network, tenant, expires_at, confinement, from_snapshot, on_expiry`
 
 func scanVM(row pgx.Row) (*types.VM, error) {
 	var (
@@ -25,7 +25,7 @@ func scanVM(row pgx.Row) (*types.VM, error) {
 		conf        *string
 	)
 	err := row.Scan(&v.ID, &v.Name, &v.VCPUs, &v.MemoryMB, &state, &v.Provider, &v.Owner,
-		&labels, &env, &v.Error, &v.CreatedAt, &v.UpdatedAt, &v.Network, &v.Tenant, &v.ExpiresAt, &conf, &v.FromSnapshot)
+		&labels, &env, &v.Error, &v.CreatedAt, &v.UpdatedAt, &v.Network, &v.Tenant, &v.ExpiresAt, &conf, &v.FromSnapshot, &v.OnExpiry)
 	if err != nil {
 		return nil, err
 	}
@@ -47,7 +47,8 @@ func scanVM(row pgx.Row) (*types.VM, error) {
 	return &v, nil
 }
 
-// CreateVM inserts vm. Zero CreatedAt and UpdatedAt are set to now in vm.
+// CreateVM inserts vm. Zero CreatedAt and UpdatedAt are set to now in vm,
+// and an empty OnExpiry to types.ExpiryDelete.
 func (s *Store) CreateVM(ctx context.Context, vm *types.VM) error {
 	return s.insertVM(ctx, s.pool, vm)
 }
@@ -90,6 +91,10 @@ func (s *Store) insertVM(ctx context.Context, db execer, vm *types.VM) error {
 	if err := required("vm", "id", vm.ID); err != nil {
 		return fmt.Errorf("creating vm: %w", err)
 	}
+	if err := types.CheckOnExpiry(vm.OnExpiry); err != nil {
+		return fmt.Errorf("creating vm %s: %w", vm.ID, err)
+	}
+	vm.OnExpiry = cmp.Or(vm.OnExpiry, types.ExpiryDelete)
 	labels, err := toJSON(vm.Labels)
 	if err != nil {
 		return fmt.Errorf("creating vm %s: %w", vm.ID, err)
@@ -104,9 +109,9 @@ func (s *Store) insertVM(ctx context.Context, db execer, vm *types.VM) error {
 	}
 	stamp(&vm.CreatedAt, &vm.UpdatedAt)
 	_, err = db.Exec(ctx, `INSERT INTO vms (`+vmColumns+`)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)`,
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)`,
 		vm.ID, vm.Name, vm.VCPUs, vm.MemoryMB, string(vm.State), vm.Provider, vm.Owner,
-		labels, env, vm.Error, vm.CreatedAt, vm.UpdatedAt, cmp.Or(vm.Network, types.NetworkNone), vm.Tenant, vm.ExpiresAt, conf, vm.FromSnapshot)
+		labels, env, vm.Error, vm.CreatedAt, vm.UpdatedAt, cmp.Or(vm.Network, types.NetworkNone), vm.Tenant, vm.ExpiresAt, conf, vm.FromSnapshot, vm.OnExpiry)
 	if err != nil {
 		return s.fail(err, "creating vm %s (name %q)", vm.ID, vm.Name)
 	}

@@ -12,6 +12,7 @@
 package storagetest
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -208,6 +209,7 @@ func testVMRoundTrip(t *testing.T, s storage.Store) {
 			Env:       map[string]string{"GREETING": "héllo wörld", "EMPTY": ""},
 			Error:     "an old error",
 			Network:   types.NetworkNAT,
+			OnExpiry:  types.ExpiryPause,
 			CreatedAt: at(0), UpdatedAt: at(time.Second),
 		}},
 		{"nil maps", newVM("nil-maps", types.VMPending)},
@@ -219,6 +221,7 @@ func testVMRoundTrip(t *testing.T, s storage.Store) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			want := *tc.vm
+			want.OnExpiry = cmp.Or(want.OnExpiry, types.ExpiryDelete) // CreateVM's default
 			require.NoError(t, s.CreateVM(ctx, tc.vm))
 			got, err := s.GetVM(ctx, tc.vm.ID)
 			require.NoError(t, err)
@@ -1197,6 +1200,17 @@ func testVMExpiry(t *testing.T, s storage.Store) {
 	require.NoError(t, err)
 	require.NotNil(t, got.ExpiresAt)
 	require.Equal(t, micro(exp), *got.ExpiresAt)
+	require.Equal(t, types.ExpiryDelete, got.OnExpiry, "the default action")
+
+	pausing := newVM("pausing", types.VMRunning)
+	pausing.OnExpiry = types.ExpiryPause
+	require.NoError(t, s.CreateVM(ctx, pausing))
+	got, err = s.GetVM(ctx, pausing.ID)
+	require.NoError(t, err)
+	require.Equal(t, types.ExpiryPause, got.OnExpiry)
+	bad := newVM("bad-expiry", types.VMRunning)
+	bad.OnExpiry = "explode"
+	require.ErrorIs(t, s.CreateVM(ctx, bad), types.ErrInvalid)
 
 	other := newVM("forever", types.VMRunning)
 	other.Owner = "w1"
