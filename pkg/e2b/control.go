@@ -129,7 +129,29 @@ type newSandboxRequest struct {
 	Timeout    *int64            `json:"timeout"`
 	Metadata   map[string]string `json:"metadata"`
 	EnvVars    map[string]string `json:"envVars"`
-	AutoPause  bool              `json:"autoPause"`
+	// AutoPause (the SDKs' lifecycle.onTimeout "pause") pauses the
+	// sandbox at its timeout instead of killing it (types.ExpiryPause).
+	AutoPause bool `json:"autoPause"`
+	// AutoPauseMemory false asks for a filesystem-only pause; AutoResume
+	// for a resume on traffic. Neither is supported.
+	AutoPauseMemory *bool `json:"autoPauseMemory"`
+	AutoResume      *struct {
+		Enabled bool `json:"enabled"`
+	} `json:"autoResume"`
+}
+
+// onExpiry is the VM's on-expiry action for req, or why it cannot be had.
+func (req newSandboxRequest) onExpiry() (string, error) {
+	if req.AutoResume != nil && req.AutoResume.Enabled {
+		return "", errNotSupported("resuming a paused sandbox when traffic reaches it (lifecycle.autoResume); resume it with Sandbox.connect()")
+	}
+	if !req.AutoPause {
+		return types.ExpiryDelete, nil
+	}
+	if req.AutoPauseMemory != nil && !*req.AutoPauseMemory {
+		return "", errNotSupported("a filesystem-only pause on timeout (onTimeout.keepMemory false); the pause keeps memory, so leave keepMemory unset or true")
+	}
+	return types.ExpiryPause, nil
 }
 
 // sandboxResponse is E2B's Sandbox, the answer of create and connect.
@@ -164,8 +186,23 @@ type listedSandbox struct {
 
 type sandboxDetail struct {
 	listedSandbox
-	Domain              *string `json:"domain"`
-	AllowInternetAccess *bool   `json:"allowInternetAccess"`
+	Domain              *string           `json:"domain"`
+	AllowInternetAccess *bool             `json:"allowInternetAccess"`
+	Lifecycle           *sandboxLifecycle `json:"lifecycle"`
+}
+
+// sandboxLifecycle is E2B's SandboxLifecycle.
+type sandboxLifecycle struct {
+	AutoResume bool   `json:"autoResume"`
+	OnTimeout  string `json:"onTimeout"` // kill or pause
+}
+
+func lifecycleOf(vm *types.VM) *sandboxLifecycle {
+	l := &sandboxLifecycle{OnTimeout: "kill"}
+	if vm.OnExpiry == types.ExpiryPause {
+		l.OnTimeout = "pause"
+	}
+	return l
 }
 
 // template resolves a templateID: the built-in base or a registered one.
@@ -196,8 +233,9 @@ func (s *Server) create(w http.ResponseWriter, r *http.Request) error {
 	if err := decodeBody(r, &req); err != nil {
 		return err
 	}
-	if req.AutoPause {
-		return errNotSupported("pausing a sandbox on timeout (autoPause)")
+	onExpiry, err := req.onExpiry()
+	if err != nil {
+		return err
 	}
 	ctx := r.Context()
 	tpl, err := s.template(ctx, req.TemplateID)
@@ -229,7 +267,7 @@ func (s *Server) create(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 
-	o := service.CreateVMOptions{Name: name, VCPUs: tpl.VCPUs, MemoryMB: tpl.MemoryMB, Labels: req.Metadata, Env: env, TTL: ttl}
+	o := service.CreateVMOptions{Name: name, VCPUs: tpl.VCPUs, MemoryMB: tpl.MemoryMB, Labels: req.Metadata, Env: env, TTL: ttl, OnExpiry: onExpiry}
 	if tpl.Name != BaseTemplate {
 		// A template built into a snapshot starts its sandboxes by
 		// restoring a clone of a booted guest instead of booting one.
@@ -319,7 +357,7 @@ func (s *Server) get(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	yes := true
-	writeJSON(w, http.StatusOK, sandboxDetail{listedSandbox: listed(vm, sb), Domain: s.domain(), AllowInternetAccess: &yes})
+	writeJSON(w, http.StatusOK, sandboxDetail{listedSandbox: listed(vm, sb), Domain: s.domain(), AllowInternetAccess: &yes, Lifecycle: lifecycleOf(vm)})
 	return nil
 }
 
@@ -432,13 +470,16 @@ func (s *Server) connect(w http.ResponseWriter, r *http.Request) error {
 			if err := s.resumeVM(r.Context(), vm); err != nil {
 				return err
 			}
+			// A paused sandbox had no expiry; it runs again with the
+			// timeout connect asks for.
+			vm.ExpiresAt = nil
 		case sandboxState(vm.State) == "paused":
 			return errStatus(http.StatusConflict, "sandbox %s is %s; only a sandbox paused through the API can be resumed", vm.ID, vm.State)
 		default:
 			return errStatus(http.StatusConflict, "sandbox %s is %s, not running", vm.ID, vm.State)
 		}
 	}
-	if vm.ExpiresAt != nil && time.Now().Add(ttl).After(*vm.ExpiresAt) {
+	if vm.ExpiresAt == nil || time.Now().Add(ttl).After(*vm.ExpiresAt) {
 		if _, err := s.svc.SetVMTTL(r.Context(), uuid.MustParse(vm.ID), ttl); err != nil {
 			return err
 		}

@@ -106,6 +106,9 @@ type Store interface {
 	// types.ErrNotFound: a template built into one starts its sandboxes
 	// by restoring it.
 	FindSnapshot(ctx context.Context, kind types.SnapshotKind, name string) (*types.Snapshot, error)
+	// SetVMExpiry sets (nil: clears) when a VM expires: a paused sandbox
+	// does not time out, as in E2B.
+	SetVMExpiry(ctx context.Context, id string, at *time.Time) (*types.VM, error)
 }
 
 // Server serves the E2B API. Make one with New, mount Handler, and call

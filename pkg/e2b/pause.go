@@ -54,6 +54,11 @@ func (s *Server) pause(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	// A paused sandbox does not time out (E2B keeps it until it is
+	// resumed or killed); connect gives it a timeout again.
+	if _, err := s.store.SetVMExpiry(ctx, vm.ID, nil); err != nil {
+		return fmt.Errorf("sandbox %s is paused, but its timeout could not be cleared: %w", vm.ID, err)
+	}
 	s.clients.drop(vm.ID)
 	s.log.Info("e2b: sandbox paused", "vm_id", vm.ID)
 	w.WriteHeader(http.StatusNoContent)

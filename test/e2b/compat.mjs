@@ -290,6 +290,36 @@ if (!core) {
     assert.equal(r.stdout, 'alive\n')
   })
 
+  await check("lifecycle onTimeout 'pause': the timeout pauses, connect resumes with files intact", async () => {
+    const ap = await Sandbox.create({ timeoutMs: 4000, lifecycle: { onTimeout: 'pause' }, metadata: { suite: 'e2b-autopause' } })
+    try {
+      assert.equal((await Sandbox.getInfo(ap.sandboxId)).lifecycle?.onTimeout, 'pause')
+      await ap.files.write('/tmp/auto', 'kept')
+      const deadline = Date.now() + 30000
+      let state
+      while (Date.now() < deadline) {
+        state = (await Sandbox.getInfo(ap.sandboxId)).state
+        if (state === 'paused') break
+        await new Promise((r) => setTimeout(r, 250))
+      }
+      assert.equal(state, 'paused', 'paused at its timeout, not killed')
+      await new Promise((r) => setTimeout(r, 1500))
+      assert.equal((await Sandbox.getInfo(ap.sandboxId)).state, 'paused', 'a paused sandbox does not time out')
+      const again = await Sandbox.connect(ap.sandboxId, { timeoutMs: 60000 })
+      assert.equal(await again.files.read('/tmp/auto'), 'kept')
+      assert.equal((await Sandbox.getInfo(ap.sandboxId)).state, 'running')
+    } finally {
+      await Sandbox.kill(ap.sandboxId)
+    }
+  })
+
+  await check('lifecycle keepMemory false or autoResume -> not supported, with the reason', async () => {
+    await rejects(() => Sandbox.create({ lifecycle: { onTimeout: { action: 'pause', keepMemory: false } } }), Error,
+      (e) => assert.match(e.message, /keepMemory/))
+    await rejects(() => Sandbox.create({ lifecycle: { onTimeout: 'pause', autoResume: true } }), Error,
+      (e) => assert.match(e.message, /autoResume/))
+  })
+
   await check('a wrong API key -> AuthenticationError', async () => {
     const apiKey = 'aek_0123456789abcdef_' + 'x'.repeat(43)
     await rejects(() => Sandbox.create({ apiKey }), AuthenticationError)
