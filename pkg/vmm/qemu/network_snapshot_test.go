@@ -17,8 +17,8 @@ import (
 	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
-// TestNetworkClones snapshots a running nat VM and starts clones of it at
-// once. Each clone's guest must end with its own MAC and address (the
+// TestNetworkClones snapshots a running nat VM and starts 5 clones of it
+// at once. Each clone's guest must end with its own MAC and address (the
 // restored NIC had the source's), reach the outside through NAT with
 // them, have its spoofed packets dropped (the source's address included:
 // the rules follow the clone, not the snapshot), and be known to the
@@ -34,7 +34,7 @@ func TestNetworkClones(t *testing.T) {
 	_, err := b.o.Snapshot(ctx, src.id, dir)
 	require.NoError(t, err)
 
-	const n = 3
+	const n = 5
 	clones := make([]vm, n)
 	errs := make([]error, n)
 	var wg sync.WaitGroup
@@ -63,6 +63,12 @@ func TestNetworkClones(t *testing.T) {
 		seen[clones[i].ip] = true
 	}
 
+	macs := map[string]string{}
+	for _, v := range append([]vm{src}, clones...) {
+		mac := out(run(t, b.o, v.id, "cat", "/sys/class/net/eth0/address"))
+		require.Empty(t, macs[mac], "vms %s and %s have the same MAC %s", macs[mac], v.id, mac)
+		macs[mac] = v.id
+	}
 	for _, v := range append([]vm{src}, clones...) {
 		require.Equal(t, netip.PrefixFrom(v.ip, 24).String(), out(run(t, b.o, v.id, "nettool", "addr", "eth0")), "vm %s", v.id)
 		require.Equal(t, network.MAC(v.id).String(), out(run(t, b.o, v.id, "cat", "/sys/class/net/eth0/address")), "vm %s", v.id)
@@ -77,14 +83,14 @@ func TestNetworkClones(t *testing.T) {
 	require.NoError(t, err)
 	neigh, err := b.host.NeighList(br.Attrs().Index, netlink.FAMILY_V4)
 	require.NoError(t, err)
-	macs := map[netip.Addr]net.HardwareAddr{}
+	hostARP := map[netip.Addr]net.HardwareAddr{}
 	for _, nb := range neigh {
 		if a, ok := netip.AddrFromSlice(nb.IP); ok {
-			macs[a.Unmap()] = nb.HardwareAddr
+			hostARP[a.Unmap()] = nb.HardwareAddr
 		}
 	}
 	for _, v := range clones {
-		require.Equal(t, network.MAC(v.id).String(), macs[v.ip].String(), "the host's neighbour entry for clone %s", v.ip)
+		require.Equal(t, network.MAC(v.id).String(), hostARP[v.ip].String(), "the host's neighbour entry for clone %s", v.ip)
 	}
 
 	// The anti-spoofing rules are bound to the clone's address: the one
