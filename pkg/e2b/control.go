@@ -470,15 +470,15 @@ func (s *Server) connect(w http.ResponseWriter, r *http.Request) error {
 			if err := s.resumeVM(r.Context(), vm); err != nil {
 				return err
 			}
-			// A paused sandbox had no expiry; it runs again with the
-			// timeout connect asks for.
-			vm.ExpiresAt = nil
 		case sandboxState(vm.State) == "paused":
 			return errStatus(http.StatusConflict, "sandbox %s is %s; only a sandbox paused through the API can be resumed", vm.ID, vm.State)
 		default:
 			return errStatus(http.StatusConflict, "sandbox %s is %s, not running", vm.ID, vm.State)
 		}
 	}
+	// A sandbox paused through this API (or on its timeout) has no
+	// expiry and runs again with the timeout connect asks for; one with
+	// a later expiry keeps it.
 	if vm.ExpiresAt == nil || time.Now().Add(ttl).After(*vm.ExpiresAt) {
 		if _, err := s.svc.SetVMTTL(r.Context(), uuid.MustParse(vm.ID), ttl); err != nil {
 			return err

@@ -47,17 +47,26 @@ func (s *Server) pause(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	ctx := r.Context()
+	// A paused sandbox does not time out (E2B keeps it until it is
+	// resumed or killed; connect gives it a timeout again). The expiry
+	// goes first, whatever happens to this request, so that it cannot
+	// fall during a slow suspend and delete what is being paused; a
+	// failed pause puts it back.
+	bg := context.WithoutCancel(ctx)
+	if _, err := s.store.SetVMExpiry(bg, vm.ID, nil); err != nil {
+		return fmt.Errorf("pausing sandbox %s: clearing its timeout: %w", vm.ID, err)
+	}
 	err = s.runOp(ctx, sn.SuspendVMTask, vm.ID)
 	if errors.Is(err, types.ErrNotSupported) {
 		err = s.runOp(ctx, sn.PauseVMTask, vm.ID)
 	}
 	if err != nil {
+		if vm.ExpiresAt != nil {
+			if _, rerr := s.store.SetVMExpiry(bg, vm.ID, vm.ExpiresAt); rerr != nil {
+				s.log.Warn("e2b: restoring the timeout of a sandbox whose pause failed", "vm_id", vm.ID, "err", rerr)
+			}
+		}
 		return err
-	}
-	// A paused sandbox does not time out (E2B keeps it until it is
-	// resumed or killed); connect gives it a timeout again.
-	if _, err := s.store.SetVMExpiry(ctx, vm.ID, nil); err != nil {
-		return fmt.Errorf("sandbox %s is paused, but its timeout could not be cleared: %w", vm.ID, err)
 	}
 	s.clients.drop(vm.ID)
 	s.log.Info("e2b: sandbox paused", "vm_id", vm.ID)

@@ -89,6 +89,11 @@ func (w *Worker) expireVM(ctx context.Context, vm *types.VM) bool {
 	if vm.OnExpiry == types.ExpiryPause {
 		return w.expirePause(ctx, vm)
 	}
+	return w.expireDelete(ctx, vm)
+}
+
+// expireDelete deletes an expired VM, recorded as a vm:delete task.
+func (w *Worker) expireDelete(ctx context.Context, vm *types.VM) bool {
 	return w.expiryTask(ctx, vm, types.TaskVMDelete, "deleting", func(log *slog.Logger) (map[string]any, error) {
 		return w.moveVM(ctx, log, vm.ID, types.VMDeleting, types.VMDeleted, "deleting", w.vmm.DeleteVM)
 	})
@@ -98,10 +103,25 @@ func (w *Worker) expireVM(ctx context.Context, vm *types.VM) bool {
 // E2B's autoPause does: a running VM is suspended to disk where the
 // backend can (freeing its memory), its vCPUs paused elsewhere, recorded
 // as a vm:suspend or vm:pause task; then its expiry is cleared, so it
-// waits to be resumed (and given a new TTL) or deleted. A VM that is not
-// running only loses its expiry. It reports whether that is done.
-func (w *Worker) expirePause(ctx context.Context, vm *types.VM) bool {
-	if vm.State == types.VMRunning {
+// waits to be resumed (and given a new TTL) or deleted. A paused,
+// suspended or stopped VM only loses its expiry; a failed one (or one
+// being deleted) is deleted, as it would be without the option: there is
+// nothing to keep. It reports whether that is done.
+//
+// vm is re-read first and its expiry cleared only if nobody changed it
+// meanwhile: a TTL extended (or a resume with a new TTL) between the
+// listing and the pause wins.
+func (w *Worker) expirePause(ctx context.Context, listed *types.VM) bool {
+	vm, err := w.store.GetVM(ctx, listed.ID)
+	if err != nil {
+		w.log.Warn("re-reading an expired vm", "vm_id", listed.ID, "err", err)
+		return false
+	}
+	if vm.ExpiresAt == nil || time.Now().Before(*vm.ExpiresAt) {
+		return true // extended or cleared meanwhile
+	}
+	switch vm.State {
+	case types.VMRunning:
 		typ, to := types.TaskVMSuspend, types.VMSuspended
 		if !w.vmm.Capabilities().Suspend {
 			typ, to = types.TaskVMPause, types.VMPaused
@@ -127,6 +147,14 @@ func (w *Worker) expirePause(ctx context.Context, vm *types.VM) bool {
 		if !ok {
 			return false
 		}
+	case types.VMPaused, types.VMSuspended, types.VMStopped:
+	default:
+		return w.expireDelete(ctx, vm)
+	}
+	// Cleared only if it is still the expiry acted on.
+	cur, err := w.store.GetVM(ctx, vm.ID)
+	if err == nil && (cur.ExpiresAt == nil || !cur.ExpiresAt.Equal(*vm.ExpiresAt)) {
+		return true
 	}
 	if _, err := w.store.SetVMExpiry(ctx, vm.ID, nil); err != nil {
 		w.log.Warn("clearing the expiry of a paused vm", "vm_id", vm.ID, "err", err)

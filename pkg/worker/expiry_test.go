@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/stretchr/testify/require"
 
 	"github.com/aetherium/aetherium-core/internal/testenv/stack"
@@ -154,4 +155,40 @@ func TestTTLExpiryPauseDocker(t *testing.T) {
 
 func TestTTLExpiryPauseQemu(t *testing.T) {
 	testExpiryPause(t, stack.Start(t, stack.Options{Provider: qemu.Provider}), types.VMSuspended, types.TaskVMSuspend)
+}
+
+// TestTTLExpiryPauseNotRunning: at its expiry, an on-expiry-pause VM that
+// is stopped only loses its expiry (its disk is kept), and one whose TTL
+// was extended meanwhile keeps the new one.
+func TestTTLExpiryPauseNotRunning(t *testing.T) {
+	s := stack.Start(t, stack.Options{})
+	ctx := t.Context()
+	mk := func(name string) *types.VM {
+		id, err := s.Service.CreateVMTaskWithOptions(ctx, service.CreateVMOptions{Name: name, VCPUs: 1, MemoryMB: 128,
+			TTL: 3 * time.Second, OnExpiry: types.ExpiryPause})
+		require.NoError(t, err)
+		waitOK(t, s.Service, id)
+		vm, err := s.Service.GetVM(ctx, id)
+		require.NoError(t, err)
+		return vm
+	}
+	stopped, extended := mk("stopped-autopause"), mk("extended-autopause")
+	sid, err := s.Service.StopVMTask(ctx, stopped.ID)
+	require.NoError(t, err)
+	waitOK(t, s.Service, sid)
+	_, err = s.Service.SetVMTTL(ctx, uuid.MustParse(extended.ID), time.Hour)
+	require.NoError(t, err)
+
+	require.Eventually(t, func() bool {
+		got, err := s.Store.GetVM(ctx, stopped.ID)
+		return err == nil && got.ExpiresAt == nil
+	}, time.Until(stopped.ExpiresAt.Add(expiryDeadline)), 50*time.Millisecond, "the stopped vm's expiry was not cleared")
+	got, err := s.Store.GetVM(ctx, stopped.ID)
+	require.NoError(t, err)
+	require.Equal(t, types.VMStopped, got.State, "a stopped vm is kept, not deleted")
+	got, err = s.Store.GetVM(ctx, extended.ID)
+	require.NoError(t, err)
+	require.Equal(t, types.VMRunning, got.State)
+	require.NotNil(t, got.ExpiresAt, "the extended TTL stays")
+	require.True(t, got.ExpiresAt.After(time.Now().Add(50*time.Minute)))
 }

@@ -248,11 +248,14 @@ const (
 
 // moduleUse says when module name is loaded. The modules of the agent's
 // transport and, with aetherium.net, of the network are loaded at boot.
-// Those of the other transport, and the network's without aetherium.net,
-// are skipped: neither backend hot-plugs devices, so the device they drive
-// never appears, and loading them (tens of milliseconds under TCG) would
-// compete for the guest's vCPU with the host's first requests. Modules
-// this code does not know are loaded once the agent serves.
+// Those of the other transport are skipped, and so is the network's on a
+// serial agent (the qemu backend) without aetherium.net: neither backend
+// hot-plugs devices, so the device they drive never appears, and loading
+// them (tens of milliseconds under TCG) would compete for the guest's vCPU
+// with the host's first requests. A vsock agent (firecracker) without
+// aetherium.net may still have a NIC its caller configures itself
+// (firecracker.Options.TAPDevice alone), so its network driver loads once
+// the agent serves, as do modules this code does not know.
 func (c Config) moduleUse(name string) moduleUse {
 	serial := strings.HasPrefix(c.Listen, "serial://")
 	switch {
@@ -262,8 +265,10 @@ func (c Config) moduleUse(name string) moduleUse {
 		return pick(serial, loadNow, skipModule)
 	case vsockModules[name]:
 		return pick(serial, skipModule, loadNow)
+	case netModules[name] && c.Net != "":
+		return loadNow
 	case netModules[name]:
-		return pick(c.Net != "", loadNow, skipModule)
+		return pick(serial, skipModule, loadDeferred)
 	}
 	return loadDeferred
 }

@@ -27,7 +27,6 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 	}
 	defer unlock()
 	p := o.procs(id)
-	booted := false
 	if p == nil || !p.qemu.Alive() {
 		if r, err := o.pendingRestore(id, vf); err != nil || r != nil {
 			if err != nil {
@@ -38,13 +37,12 @@ func (o *Orchestrator) StartVM(ctx context.Context, id string) error {
 		if p, err = o.boot(ctx, id, vf, nil); err != nil {
 			return err
 		}
-		booted = true
 	}
-	var first func(context.Context, *agent.Client) error
-	if booted {
-		first = func(ctx context.Context, c *agent.Client) error { return vmutil.SeedBoot(ctx, c, o.log, id) }
-	}
-	err = o.waitAgent(ctx, id, p, true, first)
+	// Seeded also when QEMU was found running: an earlier StartVM may
+	// have been cancelled before its seed, and a second one is harmless.
+	err = o.waitAgent(ctx, id, p, true, func(ctx context.Context, c *agent.Client) error {
+		return vmutil.SeedBoot(ctx, c, o.log, id)
+	})
 	if errors.Is(err, types.ErrUnavailable) && ctx.Err() == nil {
 		// A guest that boots but never answers is powered off, so that a
 		// retry boots it afresh instead of waiting on the same one again.
@@ -205,6 +203,12 @@ func (o *Orchestrator) waitAgent(ctx context.Context, id string, p *vmProcs, hin
 	case err := <-ready:
 		if err == nil {
 			return nil
+		}
+		if !errors.Is(err, types.ErrUnavailable) && readyCtx.Err() == nil {
+			// The agent answered, and first's call failed for its own
+			// reason (an old agent, a refused identity): that is the
+			// error, with its kind, not a guest that did not answer.
+			return err
 		}
 		// Without ctx's end this is ErrUnavailable, on which StartVM
 		// powers the VM off: the message says so before the tail.
