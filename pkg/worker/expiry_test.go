@@ -106,15 +106,17 @@ func ptr[T any](v T) *T { return &v }
 // resume brings it back with its files and a process it ran.
 func testExpiryPause(t *testing.T, s *stack.Stack, want types.VMState, taskType types.TaskType) {
 	ctx := t.Context()
+	// A long TTL first, so that a slow create or exec under load cannot
+	// meet the expiry; then a short one.
 	id, err := s.Service.CreateVMTaskWithOptions(ctx, service.CreateVMOptions{Name: "autopause", VCPUs: 1, MemoryMB: 256,
-		TTL: 4 * time.Second, OnExpiry: types.ExpiryPause})
+		TTL: time.Hour, OnExpiry: types.ExpiryPause})
 	require.NoError(t, err)
 	waitOK(t, s.Service, id)
-	vm, err := s.Service.GetVM(ctx, id)
+	sh(t, s, id, "echo kept > /tmp/autopause && (sleep 600 & echo $! > /tmp/sleeper)")
+	vm, err := s.Service.SetVMTTL(ctx, id, 2*time.Second)
 	require.NoError(t, err)
 	require.Equal(t, types.ExpiryPause, vm.OnExpiry)
 	require.NotNil(t, vm.ExpiresAt)
-	sh(t, s, id, "echo kept > /tmp/autopause && (sleep 600 & echo $! > /tmp/sleeper)")
 
 	paused := func() bool {
 		got, err := s.Store.GetVM(ctx, vm.ID)
@@ -165,7 +167,7 @@ func TestTTLExpiryPauseNotRunning(t *testing.T) {
 	ctx := t.Context()
 	mk := func(name string) *types.VM {
 		id, err := s.Service.CreateVMTaskWithOptions(ctx, service.CreateVMOptions{Name: name, VCPUs: 1, MemoryMB: 128,
-			TTL: 3 * time.Second, OnExpiry: types.ExpiryPause})
+			TTL: time.Hour, OnExpiry: types.ExpiryPause})
 		require.NoError(t, err)
 		waitOK(t, s.Service, id)
 		vm, err := s.Service.GetVM(ctx, id)
@@ -176,7 +178,7 @@ func TestTTLExpiryPauseNotRunning(t *testing.T) {
 	sid, err := s.Service.StopVMTask(ctx, stopped.ID)
 	require.NoError(t, err)
 	waitOK(t, s.Service, sid)
-	_, err = s.Service.SetVMTTL(ctx, uuid.MustParse(extended.ID), time.Hour)
+	stopped, err = s.Service.SetVMTTL(ctx, uuid.MustParse(stopped.ID), 2*time.Second)
 	require.NoError(t, err)
 
 	require.Eventually(t, func() bool {

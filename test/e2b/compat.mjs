@@ -291,10 +291,13 @@ if (!core) {
   })
 
   await check("lifecycle onTimeout 'pause': the timeout pauses, connect resumes with files intact", async () => {
-    const ap = await Sandbox.create({ timeoutMs: 4000, lifecycle: { onTimeout: 'pause' }, metadata: { suite: 'e2b-autopause' } })
+    // A long timeout first, so a slow host cannot reach it before the
+    // file is written; then a short one.
+    const ap = await Sandbox.create({ timeoutMs: 120000, lifecycle: { onTimeout: 'pause' }, metadata: { suite: 'e2b-autopause' } })
     try {
       assert.equal((await Sandbox.getInfo(ap.sandboxId)).lifecycle?.onTimeout, 'pause')
       await ap.files.write('/tmp/auto', 'kept')
+      await ap.setTimeout(2000)
       const deadline = Date.now() + 30000
       let state
       while (Date.now() < deadline) {
