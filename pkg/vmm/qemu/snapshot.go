@@ -284,6 +284,11 @@ func (o *Orchestrator) saveState(ctx context.Context, id string, vf *vmFile, pat
 				return err
 			}
 			if err := m.run("stop", nil, nil, nil); err != nil {
+				// It runs now: recorded so, not left "paused".
+				vf.Paused = false
+				if werr := o.writeVM(id, vf); werr != nil {
+					o.log.Warn("cannot record a vm running again after a failed stop", "vm_id", id, "err", werr)
+				}
 				return err
 			}
 		}
