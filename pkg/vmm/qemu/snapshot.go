@@ -146,11 +146,7 @@ func (o *Orchestrator) Pause(ctx context.Context, id string) error {
 	if vf.Paused {
 		return nil
 	}
-	if err := o.withMonitor(ctx, id, func(m monitor) error { return m.run("stop", nil, nil, nil) }); err != nil {
-		return fmt.Errorf("pausing vm %s: %w", id, err)
-	}
-	vf.Paused = true
-	if err := o.writeVM(id, vf); err != nil {
+	if err := o.setPaused(ctx, id, vf, true); err != nil {
 		return err
 	}
 	o.log.Info("paused vm", "vm_id", id)
@@ -175,11 +171,7 @@ func (o *Orchestrator) Resume(ctx context.Context, id string) error {
 	if !vf.Paused {
 		return nil
 	}
-	if err := o.withMonitor(ctx, id, func(m monitor) error { return m.run("cont", nil, nil, nil) }); err != nil {
-		return fmt.Errorf("resuming vm %s: %w", id, err)
-	}
-	vf.Paused = false
-	if err := o.writeVM(id, vf); err != nil {
+	if err := o.setPaused(ctx, id, vf, false); err != nil {
 		return err
 	}
 	c, err := o.client(id)
@@ -191,6 +183,20 @@ func (o *Orchestrator) Resume(ctx context.Context, id string) error {
 	}
 	o.log.Info("resumed vm", "vm_id", id)
 	return nil
+}
+
+// setPaused stops (paused) or continues VM id's vCPUs through QMP and
+// records it in vm.json.
+func (o *Orchestrator) setPaused(ctx context.Context, id string, vf *vmFile, paused bool) error {
+	cmd, what := "cont", "resuming"
+	if paused {
+		cmd, what = "stop", "pausing"
+	}
+	if err := o.withMonitor(ctx, id, func(m monitor) error { return m.run(cmd, nil, nil, nil) }); err != nil {
+		return fmt.Errorf("%s vm %s: %w", what, id, err)
+	}
+	vf.Paused = paused
+	return o.writeVM(id, vf)
 }
 
 // afterResume runs once a VM's vCPUs run again after a pause or a
