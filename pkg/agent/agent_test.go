@@ -41,6 +41,19 @@ func startAgent(t testing.TB, cfg ServerConfig) (*Client, *Server) {
 	return c, srv
 }
 
+// TestServeAfterStop: Serve on a server already stopped returns nil, as
+// after a Stop that came later, and closes its listener.
+func TestServeAfterStop(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "agent.sock")
+	l, err := Listen("unix://" + sock)
+	require.NoError(t, err)
+	srv := NewServer(ServerConfig{})
+	srv.Stop()
+	require.NoError(t, srv.Serve(l))
+	_, err = l.Accept()
+	require.Error(t, err, "the listener is closed")
+}
+
 // alive reports whether pid runs; a zombie has ended, whoever its parent is
 // and however fast it reaps.
 func alive(pid int) bool {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -123,11 +124,11 @@ func NewServer(cfg ServerConfig) *Server {
 	return s
 }
 
-// Serve accepts connections on l until Stop is called, then returns nil.
-// It closes l.
+// Serve accepts connections on l until Stop is called, then returns nil
+// (also when Stop came first). It closes l.
 func (s *Server) Serve(l net.Listener) error {
 	s.log.Info("agent serving", "addr", l.Addr().String(), "version", Version, "pid1", os.Getpid() == 1)
-	if err := s.grpc.Serve(l); err != nil {
+	if err := s.grpc.Serve(l); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
 		return fmt.Errorf("serving the agent on %s: %w", l.Addr(), err)
 	}
 	return nil
