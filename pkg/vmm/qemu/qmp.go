@@ -3,8 +3,10 @@ package qemu
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
+	"syscall"
 	"time"
 
 	"github.com/digitalocean/go-qemu/qmp"
@@ -126,12 +128,35 @@ func (m monitor) waitMigration(ctx context.Context) error {
 // is given up when ctx ends or after qmpTimeout; the session then closes,
 // which fails fn's next command.
 func (o *Orchestrator) withMonitor(ctx context.Context, id string, fn func(m monitor) error) error {
+	return o.monitorSession(ctx, id, nil, fn)
+}
+
+// withNewMonitor is withMonitor for a QEMU that was just started: its
+// socket file can exist before QEMU listens on it (bind, then listen),
+// so a refused connection is tried again while starting lives, for up
+// to monitorStartTimeout.
+func (o *Orchestrator) withNewMonitor(ctx context.Context, id string, starting *vmutil.Proc, fn func(m monitor) error) error {
+	return o.monitorSession(ctx, id, starting, fn)
+}
+
+const monitorStartTimeout = 10 * time.Second
+
+func (o *Orchestrator) monitorSession(ctx context.Context, id string, starting *vmutil.Proc, fn func(m monitor) error) error {
 	p, release, err := vmutil.OwnedSocket(o.path(id, fileQMP), o.sockOwner(id))
 	if err != nil {
 		return err
 	}
 	defer release()
-	m, err := qmp.NewSocketMonitor("unix", p, 2*time.Second)
+	deadline := time.Now().Add(monitorStartTimeout)
+	var m *qmp.SocketMonitor
+	for delay := time.Millisecond; ; delay = min(delay*2, 20*time.Millisecond) {
+		m, err = qmp.NewSocketMonitor("unix", p, 2*time.Second)
+		if err == nil || starting == nil || !errors.Is(err, syscall.ECONNREFUSED) ||
+			!starting.Alive() || time.Now().After(deadline) || ctx.Err() != nil {
+			break
+		}
+		time.Sleep(delay)
+	}
 	if err != nil {
 		return fmt.Errorf("connecting to vm %s's QEMU monitor: %w", id, err)
 	}

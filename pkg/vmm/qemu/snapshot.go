@@ -350,7 +350,7 @@ func (o *Orchestrator) restore(ctx context.Context, id string, vf *vmFile, r *re
 	if err := vmutil.WaitFile(o.path(id, fileQMP), p.qemu, 10*time.Second); err != nil {
 		return fail(fmt.Errorf("%s", withTail(err.Error(), "QEMU's log", vmutil.TailFrom(o.path(id, fileQEMULog), p.qemuLogFrom, 10))))
 	}
-	err = o.withMonitor(ctx, id, func(m monitor) error {
+	err = o.withNewMonitor(ctx, id, p.qemu, func(m monitor) error {
 		if err := m.passFD("state", state); err != nil {
 			return err
 		}
