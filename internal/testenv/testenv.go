@@ -70,6 +70,12 @@ func BuildBinary(t testing.TB, name string) string {
 		if err != nil {
 			t.Fatalf("making a build directory: %v", err)
 		}
+		defer func() {
+			if buildDir == "" { // AtExit panicked
+				os.RemoveAll(d)
+			}
+		}()
+		AtExit(func() { os.RemoveAll(d) })
 		buildDir = d
 	}
 	out := filepath.Join(buildDir, name)
@@ -89,19 +95,30 @@ func BuildBinary(t testing.TB, name string) string {
 var (
 	cleanupMu sync.Mutex
 	cleanups  []func()
+	inMain    bool // Main runs the tests
 )
 
 // AtExit registers f to run when Main returns, for services shared by every
 // test of one test binary. Later registrations run first.
+//
+// It panics in a test binary whose TestMain does not call Main: nothing
+// would run f, and the service's process and directory would outlive the
+// tests.
 func AtExit(f func()) {
 	cleanupMu.Lock()
 	defer cleanupMu.Unlock()
+	if !inMain {
+		panic("testenv: a shared service or build was asked for, but this package's TestMain does not call testenv.Main, which stops and removes it; add `func TestMain(m *testing.M) { testenv.Main(m) }`")
+	}
 	cleanups = append(cleanups, f)
 }
 
 // Main runs the tests, then stops the shared services they started. Packages
 // that use shared services call it from TestMain.
 func Main(m *testing.M) {
+	cleanupMu.Lock()
+	inMain = true
+	cleanupMu.Unlock()
 	code := m.Run()
 	cleanupMu.Lock()
 	for i := len(cleanups) - 1; i >= 0; i-- {
@@ -109,8 +126,5 @@ func Main(m *testing.M) {
 	}
 	cleanups = nil
 	cleanupMu.Unlock()
-	if buildDir != "" {
-		os.RemoveAll(buildDir)
-	}
 	os.Exit(code)
 }

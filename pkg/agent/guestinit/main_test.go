@@ -1,0 +1,9 @@
+package guestinit_test
+
+import (
+	"testing"
+
+	"github.com/aetherium/aetherium-core/internal/testenv"
+)
+
+func TestMain(m *testing.M) { testenv.Main(m) }
