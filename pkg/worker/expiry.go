@@ -171,8 +171,10 @@ func (w *Worker) expiryTask(ctx context.Context, vm *types.VM, typ types.TaskTyp
 	log := w.log.With("task_id", id, "type", typ, "vm_id", vm.ID)
 	now := time.Now().UTC()
 	payload, _ := json.Marshal(map[string]string{"vm_id": vm.ID})
+	// WorkerID lets this worker's next run fail the row if it dies first
+	// (reclaim): no queue holds it.
 	task := &types.Task{ID: id, Type: typ, VMID: vm.ID, Payload: payload, State: types.TaskRunning,
-		Attempts: 1, CreatedAt: now, UpdatedAt: now}
+		Attempts: 1, WorkerID: w.cfg.ID, CreatedAt: now, UpdatedAt: now}
 	if err := w.store.CreateTask(ctx, task); err != nil {
 		log.Warn("recording the "+what+" of an expired vm", "err", err)
 		return false

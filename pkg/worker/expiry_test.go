@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/stretchr/testify/require"
 
 	"github.com/aetherium/aetherium-core/internal/testenv/stack"
@@ -180,4 +181,37 @@ func TestTTLExpiryPauseNotRunning(t *testing.T) {
 	got, err := s.Store.GetVM(ctx, stopped.ID)
 	require.NoError(t, err)
 	require.Equal(t, types.VMStopped, got.State, "a stopped vm is kept, not deleted")
+}
+
+// TestExpiryTaskOfDeadRun: an expiry's task runs in the worker, outside
+// the queue, so if the worker dies during it nothing retries that row.
+// The worker's next run fails it with the reason, instead of leaving it
+// running forever; the expiry then acts again under a new task.
+func TestExpiryTaskOfDeadRun(t *testing.T) {
+	s := stack.Start(t, stack.Options{})
+	ctx := t.Context()
+	vm := createVM(t, s, "expiry-dead-run").String()
+	got, err := s.Store.GetVM(ctx, vm)
+	require.NoError(t, err)
+	owner := got.Owner
+	s.Workers[owner].Stop()
+
+	// The row the expiry of the killed run left (see expiryTask).
+	now := time.Now().UTC()
+	row := &types.Task{ID: uuid.NewString(), Type: types.TaskVMDelete, VMID: vm, Payload: json.RawMessage(`{"vm_id":"` + vm + `"}`),
+		State: types.TaskRunning, Attempts: 1, WorkerID: owner, CreatedAt: now, UpdatedAt: now}
+	require.NoError(t, s.Store.CreateTask(ctx, row))
+
+	w := s.NewWorker(t, owner)
+	sctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	require.NoError(t, w.Start(sctx))
+	task, err := s.Store.GetTask(ctx, row.ID)
+	require.NoError(t, err)
+	require.Equal(t, types.TaskFailed, task.State, "a dead run's expiry task is failed as the worker starts")
+	require.Contains(t, task.Error, "stopped before this task finished")
+
+	got, err = s.Store.GetVM(ctx, vm)
+	require.NoError(t, err)
+	require.Equal(t, types.VMRunning, got.State, "the VM is not touched: it had no expiry")
 }

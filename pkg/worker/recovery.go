@@ -132,6 +132,21 @@ func (w *Worker) reclaim(ctx context.Context) error {
 	for _, t := range mine {
 		q := t.Queue
 		if q == "" {
+			// No queue: a task this worker ran in-process (an expiry's
+			// delete or pause), which died with the previous run and
+			// nothing retries under this id (the expiry makes a new
+			// task), or one recorded before tasks carried their queue.
+			known, _, err := w.recovery.Known(ctx, w.Queue(), t.ID)
+			if err != nil {
+				return err
+			}
+			if !known {
+				msg := fmt.Sprintf("worker %s stopped before this task finished; it ran outside the queue (an expiry's), so it is not retried as this task: the expiry acts again if the VM is still due", w.cfg.ID)
+				w.update(ctx, t.ID, storage.TaskUpdate{State: ptr(types.TaskFailed), Error: &msg})
+				w.metrics.taskEnded(string(t.Type), types.TaskFailed)
+				w.log.Warn("failed a task the previous run ran outside the queue", "task_id", t.ID, "type", t.Type, "vm_id", t.VMID)
+				continue
+			}
 			q = w.Queue()
 		}
 		byQueue[q] = append(byQueue[q], t.ID)
