@@ -359,7 +359,7 @@ func (c *Config) setDefaults() {
 	c.VMM.Firecracker.SocketDir = cmp.Or(c.VMM.Firecracker.SocketDir, firecracker.DefaultSocketDir)
 	c.VMM.Firecracker.Jailer.Binary = cmp.Or(c.VMM.Firecracker.Jailer.Binary, firecracker.DefaultJailerBinary)
 	c.VMM.Firecracker.Jailer.ChrootBaseDir = cmp.Or(c.VMM.Firecracker.Jailer.ChrootBaseDir, firecracker.DefaultChrootBaseDir)
-	c.VMM.Firecracker.Jailer.CgroupVersion = cmp.Or(c.VMM.Firecracker.Jailer.CgroupVersion, firecracker.DefaultCgroupVersion)
+	c.VMM.Firecracker.Jailer.CgroupVersion = cmp.Or(c.VMM.Firecracker.Jailer.CgroupVersion, firecracker.HostCgroupVersion())
 	c.Network.Bridge = cmp.Or(c.Network.Bridge, "aeth0")
 	c.Network.Subnet = cmp.Or(c.Network.Subnet, "10.88.0.0/16")
 	c.Network.Table = cmp.Or(c.Network.Table, "aetherium")

@@ -131,7 +131,7 @@ func TestExampleIsTheBackendsDefaults(t *testing.T) {
 	require.Equal(t, firecracker.DefaultStopTimeout, f.StopTimeout)
 	require.Equal(t, firecracker.DefaultJailerBinary, f.Jailer.Binary)
 	require.Equal(t, firecracker.DefaultChrootBaseDir, f.Jailer.ChrootBaseDir)
-	require.Equal(t, firecracker.DefaultCgroupVersion, f.Jailer.CgroupVersion)
+	require.Equal(t, firecracker.HostCgroupVersion(), f.Jailer.CgroupVersion)
 	require.Equal(t, docker.DefaultBusyboxPath, d.BusyboxPath)
 	require.Equal(t, docker.DefaultSocketDir, d.SocketDir)
 	require.Equal(t, docker.DefaultReadyTimeout, d.ReadyTimeout)

@@ -22,7 +22,6 @@ const (
 	DefaultJailerBinary  = "jailer"
 	DefaultSocketDir     = "/var/lib/aetherium/firecracker"
 	DefaultChrootBaseDir = "/srv/jailer"
-	DefaultCgroupVersion = 2
 	DefaultLogLevel      = "Warning"
 	DefaultReadyTimeout  = 30 * time.Second
 	DefaultStopTimeout   = 10 * time.Second
@@ -130,7 +129,8 @@ type JailerConfig struct {
 	ChrootBaseDir string `yaml:"chroot_base_dir"`
 	// CgroupVersion is 1 or 2: the hierarchy in which the jailer makes
 	// each VM's cgroup and writes its CPU, memory and pids limits. It must
-	// be the host's (doctor checks). Default 2.
+	// be the host's (doctor checks). Default (0): the host's, as
+	// HostCgroupVersion finds it.
 	CgroupVersion int `yaml:"cgroup_version"`
 	// ParentCgroup places each VM's cgroup under this relative path.
 	// Empty: the jailer's default (the firecracker binary's name).
@@ -154,7 +154,7 @@ func (c *Config) setDefaults() {
 	c.Binary = cmp.Or(c.Binary, DefaultBinary)
 	c.Jailer.Binary = cmp.Or(c.Jailer.Binary, DefaultJailerBinary)
 	c.Jailer.ChrootBaseDir = cmp.Or(c.Jailer.ChrootBaseDir, DefaultChrootBaseDir)
-	c.Jailer.CgroupVersion = cmp.Or(c.Jailer.CgroupVersion, DefaultCgroupVersion)
+	c.Jailer.CgroupVersion = cmp.Or(c.Jailer.CgroupVersion, HostCgroupVersion())
 	c.SocketDir = cmp.Or(c.SocketDir, DefaultSocketDir)
 	c.LogLevel = cmp.Or(c.LogLevel, DefaultLogLevel)
 	c.MaxVCPUs = cmp.Or(c.MaxVCPUs, min(runtime.NumCPU(), MaxFirecrackerVCPUs))
@@ -214,4 +214,14 @@ type VMOptions struct {
 	// KernelArg is the guest's network configuration for its init
 	// (aetherium.net=...), appended to the boot arguments.
 	KernelArg string `json:"kernel_arg,omitempty"`
+}
+
+// HostCgroupVersion is the default jailer cgroup version: 2 on a host
+// whose /sys/fs/cgroup is a cgroup v2 mount, else 1 (a v1 or hybrid host,
+// where the jailer's v2 would find no controllers).
+func HostCgroupVersion() int {
+	if jail.HostCgroupVersion(jail.DefaultCgroupRoot) == jail.CgroupV2 {
+		return 2
+	}
+	return 1
 }

@@ -114,19 +114,25 @@ type Cgroups struct {
 	rmdir func(string) error
 }
 
+// HostCgroupVersion is what "auto" picks for the cgroup file systems
+// mounted at root: CgroupV2 when root is itself a v2 mount, CgroupV1 when
+// it is not (a v1 or hybrid host).
+func HostCgroupVersion(root string) string {
+	if _, err := os.Stat(filepath.Join(root, "cgroup.controllers")); err == nil {
+		return CgroupV2
+	}
+	return CgroupV1
+}
+
 // NewCgroups returns the VM cgroups under parent, on the cgroup file
 // systems mounted at root, of version "1", "2" or "auto" (v2 when root is
 // itself a v2 mount, which a hybrid host's root is not).
 func NewCgroups(root, version, parent string) (*Cgroups, error) {
 	c := &Cgroups{root: root, parent: parent, v1: map[string]string{}, rmdir: unix.Rmdir}
-	_, err := os.Stat(filepath.Join(root, "cgroup.controllers"))
-	pureV2 := err == nil
+	pureV2 := HostCgroupVersion(root) == CgroupV2
 	switch version {
 	case CgroupAuto, "":
-		version = CgroupV1
-		if pureV2 {
-			version = CgroupV2
-		}
+		version = HostCgroupVersion(root)
 	case CgroupV1, CgroupV2:
 	default:
 		return nil, fmt.Errorf("%w: cgroup version %q: use auto, 1 or 2", types.ErrInvalid, version)

@@ -141,3 +141,15 @@ func TestCgroupsReal(t *testing.T) {
 		require.NoDirExists(t, d)
 	}
 }
+
+// TestHostCgroupVersion: auto is v2 only where the root is a v2 mount; a
+// hybrid host (v1 controllers, v2 at unified/) is v1.
+func TestHostCgroupVersion(t *testing.T) {
+	hybrid := t.TempDir()
+	require.NoError(t, os.MkdirAll(filepath.Join(hybrid, "unified"), 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(hybrid, "unified", "cgroup.controllers"), nil, 0o644))
+	require.Equal(t, CgroupV1, HostCgroupVersion(hybrid))
+	v2 := t.TempDir()
+	require.NoError(t, os.WriteFile(filepath.Join(v2, "cgroup.controllers"), []byte("cpu memory pids\n"), 0o644))
+	require.Equal(t, CgroupV2, HostCgroupVersion(v2))
+}
