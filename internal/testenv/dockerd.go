@@ -44,6 +44,7 @@ func Dockerd(t testing.TB) string {
 	dockerdMu.Lock()
 	defer dockerdMu.Unlock()
 	if dockerdHost == "" && dockerdErr == nil {
+		requireMain(t)
 		dockerdHost, dockerdStop, dockerdErr = startDockerd(bin)
 		if dockerdErr == nil {
 			AtExit(stopDockerd)

@@ -38,6 +38,7 @@ var (
 func Postgres(t testing.TB) string {
 	t.Helper()
 	bin, cred := lookPostgres(t)
+	requireMain(t)
 	postgresMu.Lock()
 	if postgresShared == nil && postgresErr == nil {
 		postgresShared, postgresErr = startPostgresServer(bin, cred, FreePort(t))

@@ -66,15 +66,11 @@ func BuildBinary(t testing.TB, name string) string {
 		return p
 	}
 	if buildDir == "" {
+		requireMain(t)
 		d, err := os.MkdirTemp("", "aetherium-bin-")
 		if err != nil {
 			t.Fatalf("making a build directory: %v", err)
 		}
-		defer func() {
-			if buildDir == "" { // AtExit panicked
-				os.RemoveAll(d)
-			}
-		}()
 		AtExit(func() { os.RemoveAll(d) })
 		buildDir = d
 	}
@@ -100,17 +96,23 @@ var (
 
 // AtExit registers f to run when Main returns, for services shared by every
 // test of one test binary. Later registrations run first.
-//
-// It panics in a test binary whose TestMain does not call Main: nothing
-// would run f, and the service's process and directory would outlive the
-// tests.
 func AtExit(f func()) {
 	cleanupMu.Lock()
 	defer cleanupMu.Unlock()
-	if !inMain {
-		panic("testenv: a shared service or build was asked for, but this package's TestMain does not call testenv.Main, which stops and removes it; add `func TestMain(m *testing.M) { testenv.Main(m) }`")
-	}
 	cleanups = append(cleanups, f)
+}
+
+// requireMain fails t in a test binary whose TestMain does not call Main:
+// nothing would stop the shared service or remove the build t asks for,
+// and its process and directory would outlive the tests.
+func requireMain(t testing.TB) {
+	t.Helper()
+	cleanupMu.Lock()
+	ok := inMain
+	cleanupMu.Unlock()
+	if !ok {
+		t.Fatal("testenv: a shared service or build was asked for, but this package's TestMain does not call testenv.Main, which stops and removes it; add `func TestMain(m *testing.M) { testenv.Main(m) }`")
+	}
 }
 
 // Main runs the tests, then stops the shared services they started. Packages
