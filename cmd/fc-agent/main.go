@@ -83,6 +83,11 @@ func serve(ctx context.Context, l net.Listener, log *slog.Logger, maxOutput int,
 		// The docker backend sets it in the container; as init, the
 		// kernel parameter bootparams.ToolsRoot (guestinit.Setup).
 		ToolsRoot: os.Getenv(types.ToolsRootEnv),
+		// As the guest's init, commands get cgroups (guestinit mounts
+		// cgroup v2; a container's is read-only, and the agent then
+		// says so and kills by token). An agent run as an ordinary
+		// process leaves the host's cgroups alone.
+		ExecCgroupRoot: execCgroupRoot(),
 		OnShutdown: func(reboot bool) {
 			req.Store(true)
 			log.Info("shut down by request", "reboot", reboot)
@@ -105,4 +110,13 @@ func halt(log *slog.Logger, pid1 bool, code int) int {
 		log.Error("cannot power off", "err", err)
 	}
 	return code
+}
+
+// execCgroupRoot is agent.DefaultExecCgroupRoot when the agent is PID 1,
+// else none.
+func execCgroupRoot() string {
+	if os.Getpid() == 1 {
+		return agent.DefaultExecCgroupRoot
+	}
+	return ""
 }

@@ -53,6 +53,13 @@ type ServerConfig struct {
 	// together; past it the oldest are forgotten. 0:
 	// DefaultMaxEndedExecBytes.
 	MaxEndedExecBytes int64
+	// ExecCgroupRoot, if set, is a directory on a cgroup v2 file system
+	// (made if missing) under which each command gets a cgroup of its
+	// own, so that killing it reaches every process it started (see
+	// execCgroups). Where it cannot serve (no cgroup v2, read-only, no
+	// cgroup.kill) the agent logs why and kills trees by token alone.
+	// fc-agent sets DefaultExecCgroupRoot.
+	ExecCgroupRoot string
 }
 
 // stopGrace is how long Stop waits for RPCs to end after killing commands
@@ -73,6 +80,7 @@ type Server struct {
 	procs   *procTable
 	tools   *toolRegistry
 	journal *execJournal
+	cgroups *execCgroups // nil: none (see ServerConfig.ExecCgroupRoot)
 	// idsys is what SetIdentity acts on; identityMu keeps two calls from
 	// interleaving their effects.
 	idsys      identitySys
@@ -116,6 +124,14 @@ func NewServer(cfg ServerConfig) *Server {
 		}
 	}
 	s.tools = newToolRegistry(root, s.log)
+	if r := cfg.ExecCgroupRoot; r != "" {
+		c, err := openExecCgroups(r)
+		if err != nil {
+			s.log.Info("commands get no cgroups; killing a command finds its processes by token", "root", r, "reason", err)
+		} else {
+			s.cgroups = c
+		}
+	}
 	if needsReaper() {
 		s.waiter = sharedReaper()
 	}

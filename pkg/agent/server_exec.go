@@ -167,14 +167,17 @@ func (s *Server) startExec(stream execStream, start *agentpb.ExecStart, rec *exe
 		rec:    rec,
 		start:  start,
 		cmd:    cmd,
-		token:  newExecToken(),
 		limit:  start.GetMaxOutputBytes(),
 	}
 	if e.limit <= 0 {
 		e.limit = int64(s.cfg.MaxOutputBytes)
 	}
-	cmd.Env = withExecToken(cmd.Env, e.token)
-	if err := e.launch(); err != nil {
+	var started func()
+	e.token, started = s.markTree(cmd)
+	err = e.launch()
+	started()
+	if err != nil {
+		s.endTree(e.token)
 		return s.settleRefused(stream, start, rec, err)
 	}
 	// Started goes out before any output: the client waits for it.
@@ -295,12 +298,12 @@ wait:
 			stopping = nil
 		}
 		killed = true
-		killTree(pid, e.token)
+		e.killTree(pid, e.token)
 	}
 	finishedAt := time.Now()
 	if killed {
 		// Processes forked while the first kill was under way.
-		killTree(pid, e.token)
+		e.killTree(pid, e.token)
 	}
 	// Frees the pidfd now rather than at garbage collection: the reaper
 	// took the status, so Wait, which would free it, is never called.
@@ -308,6 +311,7 @@ wait:
 	e.closeStdin()
 
 	awaitPumps(&wg, log, outR, errR)
+	e.endTree(e.token)
 
 	if res.err != nil {
 		rec.fail(status.Errorf(codes.Internal, "collecting the exit status of pid %d: %v", pid, res.err))

@@ -54,9 +54,6 @@ func tagInUse(tag string) error {
 // starting stream before any output is read, so that it misses none. A
 // goroutine waits for the process; it does not depend on the stream.
 func (s *Server) startTableProc(req *agentpb.ProcessStartRequest, cmd *exec.Cmd, cwd string) (*tableProc, *subscriber, error) {
-	// Marks the process's tree so that a timeout or Stop kills all of it.
-	token := newExecToken()
-	cmd.Env = withExecToken(cmd.Env, token)
 	var parentEnds, childEnds []*os.File
 	closeAll := func(fs []*os.File) {
 		for _, f := range fs {
@@ -92,6 +89,8 @@ func (s *Server) startTableProc(req *agentpb.ProcessStartRequest, cmd *exec.Cmd,
 		cmd.Stdin, stdin = inR, inW
 	}
 
+	// Marks the process's tree so that a timeout or Stop kills all of it.
+	token, started := s.markTree(cmd)
 	var (
 		waitc <-chan waitResult
 		serr  error
@@ -101,8 +100,10 @@ func (s *Server) startTableProc(req *agentpb.ProcessStartRequest, cmd *exec.Cmd,
 	} else {
 		waitc, serr = s.waiter.start(cmd)
 	}
+	started()
 	closeAll(childEnds)
 	if serr != nil {
+		s.endTree(token)
 		closeAll(parentEnds)
 		if errors.Is(serr, errStopping) {
 			return nil, nil, status.Error(codes.Unavailable, "the agent is shutting down")
@@ -168,16 +169,17 @@ wait:
 			stopping = nil
 		}
 		killed = true
-		killTree(pid, token)
+		s.killTree(pid, token)
 	}
 	if killed {
 		// Processes forked while the first kill was under way.
-		killTree(pid, token)
+		s.killTree(pid, token)
 	}
 	// The reaper, or directWaiter, took the status; see execution.supervise.
 	_ = cmd.Process.Release()
 	p.closeStdin()
 	awaitPumps(&wg, log, outR, errR)
+	s.endTree(token)
 
 	end := processEnd(res)
 	log.Debug("process ended", "status", end.GetStatus())

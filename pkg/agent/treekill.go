@@ -20,9 +20,11 @@ import (
 // its environment (env -i) is still found while its parent lives, through
 // the parent links.
 //
-// No cgroup per command: the agent must work as PID 1 of a microVM and
-// inside a container whose cgroup file system is read-only, and the scan
-// of /proc needs neither. Nor is the agent made a child subreaper: in
+// Where the agent can make cgroups (a microVM's guest), each command also
+// gets a cgroup of its own (execCgroups), which finds even a process
+// that cleared its environment and whose parent exited; the scan of
+// /proc remains for a container, whose cgroup file system is read-only.
+// The agent is not made a child subreaper: in
 // every backend it is PID 1 already, so orphans are re-parented to it and
 // its reaper collects them; elsewhere (an agent run in-process by tests)
 // the killed orphans go to the nearest subreaper or init, which reaps

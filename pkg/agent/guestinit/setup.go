@@ -49,19 +49,25 @@ type mountSpec struct {
 	source, target, fstype string
 	flags                  uintptr
 	data                   string
+	// optional: a failure is logged, not the boot's; the guest works
+	// without it, with less.
+	optional bool
 }
 
 // earlyMounts are the kernel file systems every guest needs, parents
 // first. /dev, /proc, /sys, /run and /tmp move into the root file system
 // at the switch (their submounts move along).
 var earlyMounts = []mountSpec{
-	{"proc", "/proc", "proc", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, ""},
-	{"sysfs", "/sys", "sysfs", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, ""},
-	{"devtmpfs", "/dev", "devtmpfs", unix.MS_NOSUID, "mode=0755"},
-	{"devpts", "/dev/pts", "devpts", unix.MS_NOSUID | unix.MS_NOEXEC, "gid=5,mode=620,ptmxmode=666"},
-	{"tmpfs", "/dev/shm", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=1777"},
-	{"tmpfs", "/run", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=0755"},
-	{"tmpfs", "/tmp", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=1777"},
+	{"proc", "/proc", "proc", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, "", false},
+	{"sysfs", "/sys", "sysfs", unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, "", false},
+	// The agent gives each command a cgroup there, to kill its whole tree
+	// (agent.DefaultExecCgroupRoot).
+	{source: "cgroup2", target: "/sys/fs/cgroup", fstype: "cgroup2", flags: unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC, optional: true},
+	{"devtmpfs", "/dev", "devtmpfs", unix.MS_NOSUID, "mode=0755", false},
+	{"devpts", "/dev/pts", "devpts", unix.MS_NOSUID | unix.MS_NOEXEC, "gid=5,mode=620,ptmxmode=666", false},
+	{"tmpfs", "/dev/shm", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=1777", false},
+	{"tmpfs", "/run", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=0755", false},
+	{"tmpfs", "/tmp", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, "mode=1777", false},
 }
 
 // movedMounts are the mounts carried into the root file system.
@@ -162,11 +168,17 @@ func mountOnce(m mountSpec, log *slog.Logger) error {
 		log.Debug("already mounted", "target", m.target)
 		return nil
 	}
-	if err := os.MkdirAll(m.target, 0o755); err != nil {
-		return fmt.Errorf("creating mount point %s: %w", m.target, err)
-	}
 	start := time.Now()
-	err := unix.Mount(m.source, m.target, m.fstype, m.flags, m.data)
+	err := os.MkdirAll(m.target, 0o755)
+	if err == nil {
+		err = unix.Mount(m.source, m.target, m.fstype, m.flags, m.data)
+	} else {
+		err = fmt.Errorf("creating mount point %s: %w", m.target, err)
+	}
+	if err != nil && !errors.Is(err, unix.EBUSY) && m.optional {
+		log.Warn("not mounted; the guest goes on without it", "fstype", m.fstype, "target", m.target, "err", err)
+		return nil
+	}
 	if err != nil && !errors.Is(err, unix.EBUSY) {
 		return fmt.Errorf("mounting %s on %s: %w; the guest kernel needs %s support", m.fstype, m.target, err, m.fstype)
 	}

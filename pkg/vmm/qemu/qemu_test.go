@@ -158,6 +158,15 @@ func TestVMDetails(t *testing.T) {
 	require.Equal(t, img.Kernel.Release+"\n", vmmtest.Sh(t, o, id, "uname -r"))
 	require.Contains(t, vmmtest.Sh(t, o, id, "cat /proc/mounts"), "/dev/vda / ext4")
 	require.Contains(t, vmmtest.Sh(t, o, id, "cat /etc/os-release"), "Debian")
+	// Each command runs in a cgroup of its own (agent.execCgroups), so a
+	// timeout kills also what cleared its environment and lost its
+	// parent, which no token or parent link finds.
+	require.Regexp(t, `^0::/aetherium-exec/[A-Z0-9]+\n$`, vmmtest.Sh(t, o, id, "cat /proc/self/cgroup"))
+	res := vmmtest.Exec(t, o, id, types.Command{Cmd: "sh", Args: []string{"-c", `(env -i setsid sh -c "exec sleep 333" &); sleep 600`},
+		Timeout: 2 * time.Second})
+	require.True(t, res.TimedOut)
+	require.Equal(t, "0\n", vmmtest.Sh(t, o, id, `n=0; for p in /proc/[0-9]*; do case "$(tr '\0' ' ' < $p/cmdline 2>/dev/null)" in "sleep 333 ") n=$((n+1));; esac; done; echo $n`),
+		"a process of the timed-out command survived")
 	// The guest writes to its root disk; the base image must not change.
 	vmmtest.Sh(t, o, id, "dd if=/dev/urandom of=/var/tmp/blob bs=1M count=8 2>/dev/null && sync && echo done")
 	require.Equal(t, before, fileHash(t, img.RootfsPath()), "a VM wrote to the base image")
