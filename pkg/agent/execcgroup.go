@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -48,6 +49,15 @@ func openExecCgroups(root string) (*execCgroups, error) {
 	if st.Type != unix.CGROUP2_SUPER_MAGIC {
 		return nil, fmt.Errorf("%s is not a cgroup v2 file system", filepath.Dir(root))
 	}
+	if st.Flags&unix.ST_RDONLY != 0 {
+		return nil, fmt.Errorf("%s is mounted read-only", filepath.Dir(root))
+	}
+	// A command starts in its cgroup through clone3 (CLONE_INTO_CGROUP).
+	// A NULL argument of size 0 is EINVAL where clone3 exists; ENOSYS or
+	// EPERM where the kernel lacks it or a seccomp filter refuses it.
+	if _, _, errno := unix.Syscall(unix.SYS_CLONE3, 0, 0, 0); errno != unix.EINVAL {
+		return nil, fmt.Errorf("clone3 is not available: %v", errno)
+	}
 	if err := os.Mkdir(root, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
 		return nil, err
 	}
@@ -67,18 +77,26 @@ func (c *execCgroups) dir(token string) string { return filepath.Join(c.root, to
 // once cmd started or failed to.
 func (c *execCgroups) enter(cmd *exec.Cmd, token string) (func(), error) {
 	c.sweep()
-	d := c.dir(token)
-	if err := os.Mkdir(d, 0o755); err != nil {
-		return nil, err
-	}
-	fd, err := unix.Open(d, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		_ = unix.Rmdir(d)
-		return nil, err
-	}
+	// Live before it exists: a concurrent sweep must not take it between
+	// its mkdir and the command's start (clone3 into a removed cgroup
+	// fails, and the command with it).
 	c.mu.Lock()
 	c.live[token] = true
 	c.mu.Unlock()
+	d := c.dir(token)
+	err := os.Mkdir(d, 0o755)
+	fd := -1
+	if err == nil {
+		if fd, err = unix.Open(d, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0); err != nil {
+			_ = unix.Rmdir(d)
+		}
+	}
+	if err != nil {
+		c.mu.Lock()
+		delete(c.live, token)
+		c.mu.Unlock()
+		return nil, err
+	}
 	cmd.SysProcAttr.UseCgroupFD, cmd.SysProcAttr.CgroupFD = true, fd
 	return func() { _ = unix.Close(fd) }, nil
 }
@@ -88,25 +106,41 @@ func (c *execCgroups) kill(token string) error {
 	return os.WriteFile(filepath.Join(c.dir(token), "cgroup.kill"), []byte("1"), 0)
 }
 
+// releaseWait bounds how long release waits for a killed command's
+// processes to leave its cgroup: cgroup.kill is asynchronous, and a
+// process closes its files (ending the output the agent waited for)
+// before it leaves its cgroup.
+const releaseWait = time.Second
+
 // release ends the command's claim on its cgroup and removes it if it is
 // empty; processes the command left running (a background server) keep
-// it, and a later sweep removes it once they are gone.
-func (c *execCgroups) release(token string) {
+// it, and a later sweep removes it once they are gone. After a kill it
+// waits, up to releaseWait, for the killed processes to leave.
+func (c *execCgroups) release(token string, killed bool) {
 	c.mu.Lock()
 	delete(c.live, token)
 	c.mu.Unlock()
-	_ = unix.Rmdir(c.dir(token))
+	d := c.dir(token)
+	deadline := time.Now().Add(releaseWait)
+	for {
+		err := unix.Rmdir(d)
+		if err != unix.EBUSY || !killed || time.Now().After(deadline) {
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 // sweep removes the empty cgroups of ended commands (rmdir fails on a
-// populated one).
+// populated one). It holds mu throughout, so that no cgroup becomes live
+// between the listing and its removal.
 func (c *execCgroups) sweep() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	entries, err := os.ReadDir(c.root)
 	if err != nil {
 		return
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
 	for _, e := range entries {
 		if e.IsDir() && !c.live[e.Name()] {
 			_ = unix.Rmdir(filepath.Join(c.root, e.Name()))
@@ -145,10 +179,29 @@ func (s *Server) killTree(leader int, token string) {
 	killTree(leader, token)
 }
 
-// endTree is called when the command with token has ended and its
-// output is read: its cgroup goes once empty.
-func (s *Server) endTree(token string) {
+// endTree is called when the command with token has ended (killed: by
+// killTree) and its output is read: its cgroup goes once empty.
+func (s *Server) endTree(token string, killed bool) {
 	if s.cgroups != nil {
-		s.cgroups.release(token)
+		s.cgroups.release(token, killed)
 	}
+}
+
+// startTree starts cmd, marked by markTree, with s.waiter. Should the
+// start into its cgroup fail, it is tried once without: clone3 can be
+// refused where the probe passed (a cgroup made invalid meanwhile), and
+// the token still finds the tree. A start that failed ran nothing (the
+// program was never executed), so trying again cannot run it twice; a
+// command that cannot run fails the same way the second time.
+func (s *Server) startTree(cmd *exec.Cmd) (<-chan waitResult, error) {
+	waitc, err := s.waiter.start(cmd)
+	if err == nil || !cmd.SysProcAttr.UseCgroupFD {
+		return waitc, err
+	}
+	cmd.SysProcAttr.UseCgroupFD = false
+	waitc, err2 := s.waiter.start(cmd)
+	if err2 == nil {
+		s.log.Warn("the command could not start in its cgroup; started it without (its tree is found by its token)", "err", err)
+	}
+	return waitc, err2
 }

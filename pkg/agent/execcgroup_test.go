@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -129,4 +131,35 @@ func TestExecCgroupKeepsBackground(t *testing.T) {
 		}
 		return true
 	}, 3*time.Second, 20*time.Millisecond, "cgroups are left in %s", root)
+}
+
+// TestExecCgroupsConcurrent: commands started at once each start in a
+// cgroup of their own; one's sweep never takes another's cgroup before
+// its command is in it (which failed such starts with ENOENT).
+func TestExecCgroupsConcurrent(t *testing.T) {
+	root := testCgroupRoot(t)
+	c, _ := startAgent(t, ServerConfig{ExecCgroupRoot: root})
+	rel := "/" + strings.TrimPrefix(strings.TrimPrefix(root, "/sys/fs/cgroup/unified"), "/sys/fs/cgroup") + "/"
+	var wg sync.WaitGroup
+	errs := make(chan error, 8*25)
+	for range 8 {
+		wg.Go(func() {
+			for range 25 {
+				res, err := c.Exec(t.Context(), sh("cat /proc/self/cgroup"), nil, nil)
+				switch {
+				case err != nil:
+					errs <- err
+				case res.ExitCode != 0:
+					errs <- fmt.Errorf("exit %d: %s", res.ExitCode, res.Stderr)
+				case !strings.Contains(string(res.Stdout), "0::"+strings.ReplaceAll(rel, "//", "/")):
+					errs <- fmt.Errorf("the command ran outside its cgroup: %s", res.Stdout)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
 }

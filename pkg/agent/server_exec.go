@@ -177,7 +177,7 @@ func (s *Server) startExec(stream execStream, start *agentpb.ExecStart, rec *exe
 	err = e.launch()
 	started()
 	if err != nil {
-		s.endTree(e.token)
+		s.endTree(e.token, false)
 		return s.settleRefused(stream, start, rec, err)
 	}
 	// Started goes out before any output: the client waits for it.
@@ -234,7 +234,7 @@ func (e *execution) launch() error {
 	if e.stopping.Err() != nil {
 		serr = errStopping
 	} else {
-		waitc, serr = e.waiter.start(e.cmd)
+		waitc, serr = e.startTree(e.cmd)
 	}
 	startedAt := time.Now()
 	for _, f := range childEnds {
@@ -311,7 +311,7 @@ wait:
 	e.closeStdin()
 
 	awaitPumps(&wg, log, outR, errR)
-	e.endTree(e.token)
+	e.endTree(e.token, killed)
 
 	if res.err != nil {
 		rec.fail(status.Errorf(codes.Internal, "collecting the exit status of pid %d: %v", pid, res.err))

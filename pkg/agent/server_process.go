@@ -98,12 +98,12 @@ func (s *Server) startTableProc(req *agentpb.ProcessStartRequest, cmd *exec.Cmd,
 	if s.stopping.Err() != nil {
 		serr = errStopping
 	} else {
-		waitc, serr = s.waiter.start(cmd)
+		waitc, serr = s.startTree(cmd)
 	}
 	started()
 	closeAll(childEnds)
 	if serr != nil {
-		s.endTree(token)
+		s.endTree(token, false)
 		closeAll(parentEnds)
 		if errors.Is(serr, errStopping) {
 			return nil, nil, status.Error(codes.Unavailable, "the agent is shutting down")
@@ -179,7 +179,7 @@ wait:
 	_ = cmd.Process.Release()
 	p.closeStdin()
 	awaitPumps(&wg, log, outR, errR)
-	s.endTree(token)
+	s.endTree(token, killed)
 
 	end := processEnd(res)
 	log.Debug("process ended", "status", end.GetStatus())
