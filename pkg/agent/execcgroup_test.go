@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -14,12 +15,13 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/aetherium/aetherium-core/internal/testenv"
+	"github.com/aetherium/aetherium-core/pkg/types"
 )
 
 // testCgroupRoot returns a fresh ExecCgroupRoot on the host's cgroup v2
 // hierarchy (/sys/fs/cgroup on a pure v2 host, /sys/fs/cgroup/unified on
 // a hybrid one), removed when t ends.
-func testCgroupRoot(t *testing.T) string {
+func testCgroupRoot(t testing.TB) string {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		testenv.Skip(t, "making cgroups needs root; run the tests as root")
@@ -162,4 +164,35 @@ func TestExecCgroupsConcurrent(t *testing.T) {
 	for err := range errs {
 		t.Error(err)
 	}
+}
+
+// BenchmarkExecCgroup: `exec true` through an agent that gives each
+// command a cgroup, against one that does not, alternating in one loop;
+// it reports both medians and their ratio.
+func BenchmarkExecCgroup(b *testing.B) {
+	root := testCgroupRoot(b)
+	with, _ := startAgent(b, ServerConfig{ExecCgroupRoot: root})
+	without, _ := startAgent(b, ServerConfig{})
+	cmd := types.Command{Cmd: "true"}
+	run := func(c *Client) time.Duration {
+		start := time.Now()
+		res, err := c.Exec(b.Context(), cmd, nil, nil)
+		if err != nil || res.ExitCode != 0 {
+			b.Fatalf("exec true: %v %+v", err, res)
+		}
+		return time.Since(start)
+	}
+	var dw, dn []time.Duration
+	for b.Loop() {
+		dw = append(dw, run(with))
+		dn = append(dn, run(without))
+	}
+	median := func(d []time.Duration) time.Duration {
+		slices.Sort(d)
+		return d[len(d)/2]
+	}
+	mw, mn := median(dw), median(dn)
+	b.ReportMetric(float64(mw.Microseconds())/1000, "cgroup-ms")
+	b.ReportMetric(float64(mn.Microseconds())/1000, "token-only-ms")
+	b.ReportMetric(float64(mw)/float64(mn), "ratio")
 }
