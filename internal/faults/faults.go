@@ -40,6 +40,12 @@ const (
 	// TaskClaimed: an attempt of any task was recorded running, before its
 	// handler runs.
 	TaskClaimed = "task.claimed"
+	// VMOpDone: a pause, resume or suspend is done in the backend, before
+	// the VM's new state is stored.
+	VMOpDone = "vmop.done"
+	// SnapshotTaken: a snapshot's files are written, before the snapshot
+	// is recorded ready.
+	SnapshotTaken = "snapshot.taken"
 )
 
 var (

@@ -13,6 +13,7 @@ import (
 	"github.com/google/uuid"
 	"github.com/hibiken/asynq"
 
+	"github.com/aetherium/aetherium-core/internal/faults"
 	"github.com/aetherium/aetherium-core/pkg/queue"
 	"github.com/aetherium/aetherium-core/pkg/storage"
 	"github.com/aetherium/aetherium-core/pkg/types"
@@ -90,6 +91,9 @@ func (w *Worker) handleVMOp(ctx context.Context, t *asynq.Task, log *slog.Logger
 	if err := op(ctx, vm.ID); err != nil {
 		return nil, fmt.Errorf("%s vm %s: %w", strings.TrimPrefix(t.Type(), "vm:"), vm.ID, err)
 	}
+	if err := faults.Reach(ctx, faults.VMOpDone); err != nil {
+		return nil, err
+	}
 	if err := w.setState(ctx, vm.ID, to, ""); err != nil {
 		return nil, err
 	}
@@ -134,6 +138,9 @@ func (w *Worker) handleVMSnapshot(ctx context.Context, t *asynq.Task, log *slog.
 		if final(ctx, err) {
 			w.failSnapshot(context.WithoutCancel(ctx), log, sn, err)
 		}
+		return nil, err
+	}
+	if err := faults.Reach(ctx, faults.SnapshotTaken); err != nil {
 		return nil, err
 	}
 	if _, err := w.store.UpdateSnapshot(ctx, sn.ID, storage.SnapshotUpdate{State: ptr(types.SnapshotReady), Dir: &got.Dir,

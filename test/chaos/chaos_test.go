@@ -18,6 +18,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -60,6 +61,8 @@ var scenarios = []scenario{
 	{name: "s15-worker-kill-at-task-claimed", run: workerKillAtClaim},
 	// The docker backend runs VMs without a network (it refuses nat).
 	{name: "s12-network-worker-kill-at-create-booted", run: networkKillMidCreate, only: "qemu"},
+	{name: "s16-worker-kill-at-suspend-done", run: workerKillMidSuspend, only: "qemu"},
+	{name: "s17-worker-kill-at-snapshot-taken", run: workerKillMidSnapshot, only: "qemu"},
 }
 
 // TestChaos runs every scenario on docker, then on qemu.
@@ -672,4 +675,83 @@ func workerKillAtClaim(t *testing.T, e *env, backend string) {
 	record(t, backend, "worker kill -9 at task.claimed (command not started), restart", "runs exactly once after restart", recovery, "")
 	e.deleteVM(t, vm)
 	w.AssertNoLeaks(vm)
+}
+
+// 16. The worker is killed after a suspend saved the VM and ended its
+// VMM, before the new state is stored. The restarted worker finishes the
+// task; the VM is suspended with no VMM, and a resume brings back its
+// file and its running process.
+func workerKillMidSuspend(t *testing.T, e *env, backend string) {
+	w := e.newWorker(t, workerID(backend, "s16"))
+	w.Start(faults.VMOpDone)
+	vm := e.createVM(t, "s16")
+	r := e.exec(t, vm, "sh", "-c", "echo kept > /tmp/s16 && (sleep 600 >/dev/null 2>&1 </dev/null & echo $! > /tmp/s16.pid)")
+	require.Equal(t, 0, r.code, "%s", r.stderr)
+	ctx, cancel := ctxT(cliTimeout)
+	defer cancel()
+	out, stderr, code := e.cli(ctx, "vm", "suspend", vm)
+	require.Equal(t, 0, code, "vm suspend: %s", stderr)
+	task := strings.TrimSpace(out)
+	w.WaitReached(faults.VMOpDone, 1)
+	w.Kill()
+	restarted := time.Now()
+	w.Start()
+	got, at := e.waitTerminal(t, task, terminalTimeout)
+	require.Equal(t, types.TaskSucceeded, got.State, "task error: %s", got.Error)
+	e.waitVM(t, vm, 10*time.Second, types.VMSuspended)
+	require.Empty(t, w.vmmProcesses(vm), "a suspended VM has no VMM")
+	recovery := at.Sub(restarted)
+	require.Less(t, recovery, recoveryBound)
+
+	_, stderr, code = e.cli(ctx, "vm", "resume", vm, "--wait")
+	require.Equal(t, 0, code, "vm resume: %s", stderr)
+	w.AssertOneVMM(vm)
+	r = e.exec(t, vm, "sh", "-c", "cat /tmp/s16; kill -0 $(cat /tmp/s16.pid) && echo alive")
+	require.Equal(t, 0, r.code, "%s", r.stderr)
+	require.Equal(t, "kept\nalive\n", r.stdout)
+	record(t, backend, "worker kill -9 after a suspend, before its state is stored", "suspend finished by the restart; resume keeps files and processes", recovery, "")
+	e.deleteVM(t, vm)
+	w.AssertNoLeaks(vm)
+}
+
+// 17. The worker is killed after a snapshot's files were written, before
+// the snapshot is recorded ready. The restarted worker takes it again
+// from an empty directory; it ends ready, a clone of it sees the source's
+// file, and deleting the VMs and the snapshot leaves no file.
+func workerKillMidSnapshot(t *testing.T, e *env, backend string) {
+	w := e.newWorker(t, workerID(backend, "s17"))
+	w.Start(faults.SnapshotTaken)
+	vm := e.createVM(t, "s17")
+	r := e.exec(t, vm, "sh", "-c", "echo from-source > /tmp/s17")
+	require.Equal(t, 0, r.code, "%s", r.stderr)
+	ctx, cancel := ctxT(cliTimeout)
+	defer cancel()
+	out, stderr, code := e.cli(ctx, "snapshot", "create", vm, "--name", "s17snap")
+	require.Equal(t, 0, code, "snapshot create: %s", stderr)
+	task := strings.TrimSpace(out)
+	w.WaitReached(faults.SnapshotTaken, 1)
+	w.Kill()
+	restarted := time.Now()
+	w.Start()
+	got, at := e.waitTerminal(t, task, terminalTimeout)
+	require.Equal(t, types.TaskSucceeded, got.State, "task error: %s", got.Error)
+	recovery := at.Sub(restarted)
+	require.Less(t, recovery, recoveryBound)
+
+	out, stderr, code = e.cli(ctx, "vm", "create", "--name", "s17clone", "--from-snapshot", "s17snap", "--wait")
+	require.Equal(t, 0, code, "vm create --from-snapshot: %s", stderr)
+	clone := strings.TrimSpace(out)
+	r = e.exec(t, clone, "cat", "/tmp/s17")
+	require.Equal(t, 0, r.code, "%s", r.stderr)
+	require.Equal(t, "from-source\n", r.stdout)
+	record(t, backend, "worker kill -9 after a snapshot's files, before it is ready", "snapshot retaken by the restart; clones start from it; no leak", recovery, "")
+
+	e.deleteVM(t, clone)
+	e.deleteVM(t, vm)
+	_, stderr, code = e.cli(ctx, "snapshot", "delete", "s17snap", "--wait")
+	require.Equal(t, 0, code, "snapshot delete: %s", stderr)
+	w.AssertNoLeaks(vm, clone)
+	left, err := os.ReadDir(filepath.Join(w.dir, "snapshots"))
+	require.NoError(t, err)
+	require.Empty(t, left, "snapshot files left")
 }

@@ -141,6 +141,8 @@ func (e *env) config(id, runDir, readyFile string) string {
 	if readyFile != "" {
 		fmt.Fprintf(&b, "  ready_file: %q\n", readyFile)
 	}
+	// Beside the run dir, not the machine's default.
+	fmt.Fprintf(&b, "  snapshot_dir: %q\n", filepath.Join(filepath.Dir(runDir), "snapshots"))
 	b.WriteString("log:\n  level: debug\n")
 	return b.String()
 }
