@@ -63,6 +63,7 @@ var scenarios = []scenario{
 	{name: "s12-network-worker-kill-at-create-booted", run: networkKillMidCreate, only: "qemu"},
 	{name: "s16-worker-kill-at-suspend-done", run: workerKillMidSuspend, only: "qemu"},
 	{name: "s17-worker-kill-at-snapshot-taken", run: workerKillMidSnapshot, only: "qemu"},
+	{name: "s18-worker-kill-at-template-setup", run: workerKillMidTemplateSetup, only: "qemu"},
 }
 
 // TestChaos runs every scenario on docker, then on qemu.
@@ -754,4 +755,41 @@ func workerKillMidSnapshot(t *testing.T, e *env, backend string) {
 	left, err := os.ReadDir(filepath.Join(w.dir, "snapshots"))
 	require.NoError(t, err)
 	require.Empty(t, left, "snapshot files left")
+}
+
+// 18. The worker is killed while a template's setup command runs in its
+// builder VM. The restarted worker reattaches to the setup instead of
+// running it again, snapshots the VM and removes it; the waiting
+// `template create --wait` exits 0; a clone of the template shows the
+// setup ran exactly once.
+func workerKillMidTemplateSetup(t *testing.T, e *env, backend string) {
+	w := e.newWorker(t, workerID(backend, "s18"))
+	w.Start(faults.ExecStarted)
+	ctx, cancel := ctxT(cliTimeout)
+	defer cancel()
+	p := e.cliStart("template", "create", "s18", "--memory", "256", "--network", "none",
+		"--setup", "echo s >> /var/tmp/s18marks; sleep 3", "--wait")
+	w.WaitReached(faults.ExecStarted, 1)
+	w.Kill()
+	restarted := time.Now()
+	w.Start()
+	r := p.Wait(ctx)
+	require.Equal(t, 0, r.code, "template create --wait across the kill: %s", r.stderr)
+	recovery := time.Since(restarted)
+	require.Less(t, recovery, recoveryBound+3*time.Second, "recovery includes the setup's own 3 s")
+
+	out, stderr, code := e.cli(ctx, "vm", "create", "--name", "s18clone", "--template", "s18", "--wait")
+	require.Equal(t, 0, code, "vm create --template: %s", stderr)
+	clone := strings.TrimSpace(out)
+	require.Equal(t, 1, e.countLines(t, clone, "/var/tmp/s18marks"), "the template's setup ran more than once")
+	record(t, backend, "worker kill -9 while a template's setup runs", "setup runs once; template built; --wait exits 0", recovery, "includes the setup's 3 s")
+
+	e.deleteVM(t, clone)
+	_, stderr, code = e.cli(ctx, "template", "delete", "s18")
+	require.Equal(t, 0, code, "template delete: %s", stderr)
+	w.AssertNoLeaks(clone)
+	require.Eventually(t, func() bool {
+		left, err := os.ReadDir(filepath.Join(w.dir, "snapshots"))
+		return err == nil && len(left) == 0
+	}, 30*time.Second, 100*time.Millisecond, "template files left")
 }
