@@ -36,6 +36,9 @@ type execCgroups struct {
 	// live are the cgroups of commands not yet ended; a sweep leaves them
 	// alone, even empty (a cgroup is made before its command starts in it).
 	live map[string]bool
+	// kept counts the cgroups of ended commands release could not remove
+	// (background processes live on in them); a sweep runs only then.
+	kept int
 }
 
 // openExecCgroups makes root, a directory on a cgroup v2 file system
@@ -64,8 +67,9 @@ func openExecCgroups(root string) (*execCgroups, error) {
 	if _, err := os.Stat(filepath.Join(root, "cgroup.kill")); err != nil {
 		return nil, fmt.Errorf("the kernel has no cgroup.kill (Linux 5.14 or later): %w", err)
 	}
-	c := &execCgroups{root: root, live: map[string]bool{}}
-	c.sweep() // left by an agent that ran before
+	// kept: whatever an agent that ran before left is swept first.
+	c := &execCgroups{root: root, live: map[string]bool{}, kept: 1}
+	c.sweep()
 	return c, nil
 }
 
@@ -124,7 +128,13 @@ func (c *execCgroups) release(token string, killed bool) {
 	deadline := time.Now().Add(releaseWait)
 	for {
 		err := unix.Rmdir(d)
-		if err != unix.EBUSY || !killed || time.Now().After(deadline) {
+		if err == unix.EBUSY && (!killed || time.Now().After(deadline)) {
+			c.mu.Lock()
+			c.kept++
+			c.mu.Unlock()
+			return
+		}
+		if err != unix.EBUSY {
 			return
 		}
 		time.Sleep(5 * time.Millisecond)
@@ -137,13 +147,19 @@ func (c *execCgroups) release(token string, killed bool) {
 func (c *execCgroups) sweep() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.kept == 0 {
+		return
+	}
 	entries, err := os.ReadDir(c.root)
 	if err != nil {
 		return
 	}
+	c.kept = 0
 	for _, e := range entries {
 		if e.IsDir() && !c.live[e.Name()] {
-			_ = unix.Rmdir(filepath.Join(c.root, e.Name()))
+			if err := unix.Rmdir(filepath.Join(c.root, e.Name())); err != nil && err != unix.ENOENT {
+				c.kept++
+			}
 		}
 	}
 }
