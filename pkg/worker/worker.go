@@ -380,10 +380,12 @@ func (w *Worker) heartbeat(ctx context.Context) {
 }
 
 // checkRunning records as failed every VM this worker owns that storage
-// says is running but the backend does not run, with the backend's reason.
-// seen is the backend's list when the caller has it (nil: ask per VM).
+// says is running or paused but the backend has lost (its VMM died), with
+// the backend's reason; a VM the backend has running, paused or suspended
+// is recorded so. seen is the backend's list when the caller has it (nil:
+// ask per VM).
 func (w *Worker) checkRunning(ctx context.Context, seen map[string]vmm.VMStatus) error {
-	mine, err := w.store.ListVMs(ctx, storage.VMFilter{Owner: w.cfg.ID, States: []types.VMState{types.VMRunning}})
+	mine, err := w.store.ListVMs(ctx, storage.VMFilter{Owner: w.cfg.ID, States: []types.VMState{types.VMRunning, types.VMPaused}})
 	if err != nil {
 		return err
 	}
@@ -402,13 +404,14 @@ func (w *Worker) checkRunning(ctx context.Context, seen map[string]vmm.VMStatus)
 				return fmt.Errorf("vm %s: %w", vm.ID, err)
 			}
 		}
-		if st != nil && st.State == types.VMRunning {
+		if st != nil && st.State == vm.State {
 			continue
 		}
-		if st != nil && (st.State == types.VMPaused || st.State == types.VMSuspended) {
-			// A pause or suspend went through but its worker died before
-			// recording it: the backend is right.
-			if _, err := w.store.UpdateOwnedVMState(ctx, vm.ID, w.cfg.ID, types.VMRunning, st.State, ""); err != nil {
+		if st != nil && (st.State == types.VMRunning || st.State == types.VMPaused || st.State == types.VMSuspended) {
+			// A pause, resume or suspend went through but its worker died
+			// before recording it (or a paused VM's second save ran it and
+			// could not stop it again): the backend is right.
+			if _, err := w.store.UpdateOwnedVMState(ctx, vm.ID, w.cfg.ID, vm.State, st.State, ""); err != nil {
 				w.log.Warn("recording a vm's state as the backend has it", "vm_id", vm.ID, "state", st.State, "err", err)
 			}
 			continue
@@ -424,14 +427,14 @@ func (w *Worker) checkRunning(ctx context.Context, seen map[string]vmm.VMStatus)
 		// Only a row still running and still this worker's is changed, in
 		// one conditional update: a stop or delete that began since the list
 		// was read moved it on, and wins.
-		moved, err := w.store.UpdateOwnedVMState(ctx, vm.ID, w.cfg.ID, types.VMRunning, types.VMFailed, detail)
+		moved, err := w.store.UpdateOwnedVMState(ctx, vm.ID, w.cfg.ID, vm.State, types.VMFailed, detail)
 		if err != nil {
 			// One VM's failed write must not keep the others unchecked.
 			w.log.Warn("cannot mark a lost vm failed; the next check retries", "vm_id", vm.ID, "err", err)
 			continue
 		}
 		if moved {
-			w.log.Warn("running vm lost by the backend", "vm_id", vm.ID, "detail", detail)
+			w.log.Warn(string(vm.State)+" vm lost by the backend", "vm_id", vm.ID, "detail", detail)
 		}
 	}
 	return nil

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/docker/docker/api/types/container"
 	"github.com/google/uuid"
 	"github.com/hibiken/asynq"
 	"github.com/stretchr/testify/require"
@@ -534,4 +535,38 @@ func TestProviderFromBackend(t *testing.T) {
 	vm, err := s.Service.GetVM(context.Background(), id)
 	require.NoError(t, err)
 	require.Equal(t, orch.Capabilities().Provider, vm.Provider)
+}
+
+// TestPausedVMChecked: the worker's periodic check covers paused VMs too.
+// A paused VM the backend runs again (a resume whose worker died before
+// recording it) is recorded running; a paused VM whose container died is
+// recorded failed with the reason.
+func TestPausedVMChecked(t *testing.T) {
+	s := stack.Start(t, stack.Options{})
+	ctx := t.Context()
+	sn := service.Snapshots(s.Service)
+	pause := func(id uuid.UUID) {
+		tid, err := sn.PauseVMTask(ctx, id.String())
+		require.NoError(t, err)
+		waitOK(t, s.Service, tid)
+	}
+	orch := s.VMMs["w1"].(*docker.Orchestrator)
+
+	resumed := createVM(t, s, "resumed-behind")
+	pause(resumed)
+	require.NoError(t, orch.Resume(ctx, resumed.String()))
+	require.Eventually(t, func() bool {
+		vm, err := s.Service.GetVM(ctx, resumed)
+		return err == nil && vm.State == types.VMRunning
+	}, 15*time.Second, 50*time.Millisecond, "a paused VM the backend runs must be recorded running")
+
+	// A frozen container's processes cannot die until thawed, so the
+	// container is removed behind the worker's back instead.
+	killed := createVM(t, s, "killed-paused")
+	pause(killed)
+	require.NoError(t, orch.Client().ContainerRemove(ctx, "aetherium-"+killed.String(), container.RemoveOptions{Force: true}))
+	require.Eventually(t, func() bool {
+		vm, err := s.Service.GetVM(ctx, killed)
+		return err == nil && vm.State == types.VMFailed && vm.Error != ""
+	}, 15*time.Second, 50*time.Millisecond, "a paused VM whose container is gone must be recorded failed")
 }
