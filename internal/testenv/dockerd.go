@@ -107,6 +107,15 @@ func startDockerd(bin string) (host string, stop func(), err error) {
 		"--ip-forward=false",
 	)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
+	// Its temporary files, and its containerd's (which dumps its stacks
+	// to $TMPDIR/containerd.PID.stacks.log on some shutdowns), go below
+	// its directory, removed with it.
+	tmp := filepath.Join(dir, "tmp")
+	if err := os.Mkdir(tmp, 0o700); err != nil {
+		os.RemoveAll(dir)
+		return "", nil, fmt.Errorf("making its temporary directory: %w", err)
+	}
+	cmd.Env = append(os.Environ(), "TMPDIR="+tmp)
 	// SIGTERM rather than SIGKILL on our death, so that dockerd still stops
 	// its containers and its containerd on the way out.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM, Setpgid: true}
