@@ -51,6 +51,22 @@ func testCgroupRoot(t testing.TB) string {
 	return root
 }
 
+// noCgroupsIn reports whether root holds no command cgroup.
+func noCgroupsIn(root string) func() bool {
+	return func() bool {
+		entries, err := os.ReadDir(root)
+		if err != nil {
+			return false
+		}
+		for _, e := range entries {
+			if e.IsDir() {
+				return false
+			}
+		}
+		return true
+	}
+}
+
 // TestExecKillsEscapedTree: a process that cleared its environment (so
 // it has no token), left the command's session and whose parent exited
 // (so no parent link leads to it) is still killed with the command,
@@ -84,18 +100,7 @@ func TestExecKillsEscapedTree(t *testing.T) {
 	require.True(t, res.TimedOut)
 	require.Eventually(t, func() bool { return len(sleepers(args...)) == 0 }, 3*time.Second, 20*time.Millisecond,
 		"processes of the command survived")
-	require.Eventually(t, func() bool {
-		entries, err := os.ReadDir(root)
-		if err != nil {
-			return false
-		}
-		for _, e := range entries {
-			if e.IsDir() {
-				return false
-			}
-		}
-		return true
-	}, 3*time.Second, 20*time.Millisecond, "the command's cgroup is left in %s", root)
+	require.Eventually(t, noCgroupsIn(root), 3*time.Second, 20*time.Millisecond, "the command's cgroup is left in %s", root)
 }
 
 // TestExecCgroupKeepsBackground: a command that leaves a process running
@@ -124,15 +129,7 @@ func TestExecCgroupKeepsBackground(t *testing.T) {
 	// The next command's start sweeps the empty cgroup.
 	_, err = c.Exec(t.Context(), sh("true"), nil, nil)
 	require.NoError(t, err)
-	require.Eventually(t, func() bool {
-		entries, _ := os.ReadDir(root)
-		for _, e := range entries {
-			if e.IsDir() {
-				return false
-			}
-		}
-		return true
-	}, 3*time.Second, 20*time.Millisecond, "cgroups are left in %s", root)
+	require.Eventually(t, noCgroupsIn(root), 3*time.Second, 20*time.Millisecond, "cgroups are left in %s", root)
 }
 
 // TestExecCgroupsConcurrent: commands started at once each start in a
